@@ -1,0 +1,70 @@
+//! hookbridge turns the provider's best-effort task callbacks into durable,
+//! deduplicated, per-task ordered events on Kafka or NATS JetStream.
+//!
+//! # The data path
+//!
+//! ```text
+//! provider --POST /webhooks/kinovi--> http::webhook
+//!     event::parse        any documented payload shape -> TaskEvent (pure)
+//!     outbox::append      dedup + state guard + insert, one redb transaction,
+//!                         fsync shared by concurrent requests (group commit)
+//!   <-- 200 {"message":"ok"}   only after that commit
+//! outbox::Relay            oldest first, one entry per task per batch
+//!     publish::Publisher   Kafka (key = taskId, acks=all, idempotent) |
+//!                          JetStream (Nats-Msg-Id = eventId, PubAck) | file
+//!     outbox::complete     delete on ack, dead-letter on permanent refusal
+//! ```
+//!
+//! # The guarantees, and where each lives
+//!
+//! - **Nothing accepted is lost** ([`outbox`]): a 2xx means the event is on
+//!   disk; the relay retries transient broker errors with capped backoff
+//!   for as long as it takes and deletes an entry only after the broker
+//!   acknowledged it. A restart resumes what is pending. Permanent refusals
+//!   are kept whole as dead letters, never dropped.
+//! - **One event per task state** ([`outbox`], [`event::event_id`]): the
+//!   (taskId, state) key is checked and recorded in the same transaction as
+//!   the insert, persistently, for `outbox.dedup_window_secs`. The event id
+//!   is a UUIDv5 of that key, so consumers and JetStream can dedupe the rare
+//!   republish after a crash (delivery to the broker is at least once).
+//! - **Per-task order** ([`outbox::Relay`]): entries are relayed in commit
+//!   order with at most one in flight per task; Kafka keys by taskId, so a
+//!   task stays on one partition.
+//! - **Fast answers**: the broker is never on the request path; the answer
+//!   waits for one shared fsync.
+//! - **Untrusted input**: bodies are size-limited and parsed strictly; a bad
+//!   one gets a 4xx JSON error naming the problem and is kept (capped) for
+//!   inspection under `/admin/rejected`.
+
+pub mod app;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod outbox;
+pub mod publish;
+pub mod telemetry;
+
+pub use app::App;
+pub use config::Config;
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,48 @@
+//! `hookbridge`: parse the command line, load the configuration, run until
+//! SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hookbridge::{App, Config};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Reliable Kinovi webhook callbacks on Kafka or NATS JetStream"
+)]
+struct Cli {
+    /// TOML configuration file; `HOOKBRIDGE_<SECTION>__<KEY>` variables override it.
+    #[arg(long, short, env = "HOOKBRIDGE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve callbacks (the default).
+    Run,
+    /// Validate the configuration and print it (secrets masked).
+    Check,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+    hookbridge::telemetry::init(&config.log);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            println!("{config:#?}");
+            Ok(())
+        }
+        Command::Run => {
+            App::build(config)
+                .await?
+                .run(hookbridge::shutdown_signal())
+                .await
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The durable outbox between the ingress and the broker.
+//!
+//! Invariants (each one is what a 2xx from the ingress promises):
+//!
+//! 1. **Durable before answered.** [`Outbox::append`] returns `New` only
+//!    after the redb transaction that holds the event committed with
+//!    `Durability::Immediate` (fsync). One writer thread commits whatever
+//!    requests are queued at that moment in one transaction (group commit),
+//!    so concurrent callbacks share a sync.
+//! 2. **Deduplicated in the same step.** The per-task record (which states
+//!    were accepted when, and the furthest state) is read and written in the
+//!    transaction that inserts the event: two concurrent copies of one
+//!    callback are serialized by the single writer and only one is accepted.
+//!    Records older than the dedup window are pruned, so memory and disk do
+//!    not grow with the number of tasks ever seen.
+//! 3. **Deleted only when acknowledged.** An entry leaves `pending` only when
+//!    the publisher reported it acknowledged by the broker, or moves to
+//!    `dead` (with the reason) when the broker refused it permanently.
+//!    Transient failures leave it in place to be retried, with no deadline.
+//! 4. **Order.** Sequence numbers follow commit order. The relay always
+//!    starts from the oldest pending entry and puts at most one entry per
+//!    task in a batch, so a task's later event is never published before an
+//!    earlier one has been acknowledged, whatever is retried.
+//! 5. **Bounded.** Past `max_pending` entries or `max_pending_bytes`, appends
+//!    are refused (`Full`) instead of growing without bound.
+//!
+//! Delivery to the broker is at least once: a crash between the broker's
+//! ack and the delete republishes that batch. The deterministic `eventId`
+//! (and JetStream's `Nats-Msg-Id` window) let consumers drop such repeats.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::config::OutboxConfig;
+use crate::event::{State, TaskEvent};
+use crate::publish::Outgoing;
+
+mod relay;
+mod store;
+
+pub use relay::{Relay, RelayStep};
+pub use store::TaskRecord;
+
+/// What became of an appended event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored durably; the relay will publish it.
+    New { seq: u64 },
+    /// A different terminal state after a terminal one: stored and published
+    /// with `conflictsWith` naming the earlier terminal state.
+    Conflict { seq: u64, previous: State },
+    /// This (taskId, state) was already accepted within the dedup window.
+    Duplicate,
+    /// The task already reached a later state; not published.
+    Stale { furthest: State },
+}
+
+impl Appended {
+    /// Whether the event will be published.
+    pub fn is_stored(self) -> bool {
+        matches!(self, Self::New { .. } | Self::Conflict { .. })
+    }
+}
+
+/// Why an event could not be stored. Never answered with 2xx.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    #[error("the outbox is full ({0})")]
+    Full(&'static str),
+    #[error("the outbox cannot store events: {0}")]
+    Storage(String),
+    #[error("the outbox is shutting down")]
+    Closed,
+}
+
+/// Errors of the outbox's own operations (open, read, admin).
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("cannot use data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("outbox database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("the outbox is shutting down")]
+    Closed,
+}
+
+macro_rules! redb_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for OutboxError {
+            fn from(e: $t) -> Self { Self::Db(e.into()) }
+        }
+    )*};
+}
+redb_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Counters for every decision the bridge takes, for logs, the admin
+/// endpoint and metrics.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub stale: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub rejected: AtomicU64,
+    pub refused_full: AtomicU64,
+    pub storage_errors: AtomicU64,
+    pub published: AtomicU64,
+    pub publish_retries: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub pending: AtomicU64,
+    pub pending_bytes: AtomicU64,
+    pub dead: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot for the admin endpoint.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub pending: u64,
+    pub pending_bytes: u64,
+    pub oldest_pending_age_ms: Option<i64>,
+    pub dead_letters: u64,
+    pub tasks_tracked: u64,
+    pub counters: serde_json::Value,
+}
+
+/// An event the broker refused permanently, kept whole with the reason.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub reason: String,
+    pub failed_at: i64,
+    pub event: serde_json::Value,
+}
+
+/// A request body that failed validation, kept for inspection.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rejected {
+    pub received_at: i64,
+    pub reason: String,
+    pub body: String,
+    pub body_truncated: bool,
+}
+
+/// Handle to the outbox; cheap to clone. The writer thread stops when the
+/// last handle is dropped.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<redb::Database>,
+    tx: mpsc::Sender<store::Command>,
+    stats: Arc<Stats>,
+    notify: Arc<Notify>,
+    config: OutboxConfig,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `config.data_dir` and starts its
+    /// writer thread. Whatever an earlier run left pending is relayed again.
+    pub fn open(config: &OutboxConfig) -> Result<Self, OutboxError> {
+        let dir = &config.data_dir;
+        let io_err = |source| OutboxError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        check_writable(dir).map_err(io_err)?;
+        let db = Arc::new(redb::Database::create(dir.join("outbox.redb"))?);
+        let stats = Arc::new(Stats::default());
+        let notify = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::channel(16 * 1024);
+        store::Writer::start(
+            db.clone(),
+            config.clone(),
+            stats.clone(),
+            notify.clone(),
+            rx,
+        )?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                tx,
+                stats,
+                notify,
+                config: config.clone(),
+            }),
+        })
+    }
+
+    /// Stores `event` durably unless it is a duplicate or stale. Returns only
+    /// after the decision is on disk.
+    pub async fn append(&self, event: TaskEvent) -> Result<Appended, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(store::Command::Append {
+            event: Box::new(event),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Keeps a rejected request body for inspection (best effort, capped).
+    pub fn reject(&self, body: &[u8], reason: &str) {
+        Stats::add(&self.inner.stats.rejected, 1);
+        const KEEP: usize = 64 * 1024;
+        let rejected = Rejected {
+            received_at: now_ms(),
+            reason: reason.to_string(),
+            body: String::from_utf8_lossy(&body[..body.len().min(KEEP)]).into_owned(),
+            body_truncated: body.len() > KEEP,
+        };
+        // Never wait for this: a flood of bad requests must not slow good ones.
+        let _ = self.inner.tx.try_send(store::Command::Reject(rejected));
+    }
+
+    /// Oldest pending entries, at most `limit`, in sequence order.
+    pub fn read_pending(&self, limit: usize) -> Result<Vec<Outgoing>, OutboxError> {
+        store::read_pending(&self.inner.db, limit)
+    }
+
+    /// Records the outcome of a publish: `delivered` are deleted, `dead` move
+    /// to the dead letters with their reason. Durable when it returns.
+    pub async fn complete(
+        &self,
+        delivered: Vec<u64>,
+        dead: Vec<(u64, String)>,
+    ) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(store::Command::Complete {
+            delivered,
+            dead,
+            reply,
+        })
+        .await
+        .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Moves every dead letter back to the end of the pending queue.
+    pub async fn requeue_dead(&self) -> Result<u64, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(store::Command::Requeue { reply })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Deletes dedup records older than the window (also done periodically).
+    pub async fn prune(&self) -> Result<u64, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(store::Command::Prune { reply: Some(reply) })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    async fn send(&self, command: store::Command) -> Result<(), AppendError> {
+        self.inner
+            .tx
+            .send(command)
+            .await
+            .map_err(|_| AppendError::Closed)
+    }
+
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+        store::dead_letters(&self.inner.db, limit)
+    }
+
+    pub fn rejected(&self, limit: usize) -> Result<Vec<Rejected>, OutboxError> {
+        store::rejected(&self.inner.db, limit)
+    }
+
+    /// The task's dedup/guard record, if still within the window.
+    pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, OutboxError> {
+        store::task(&self.inner.db, task_id)
+    }
+
+    pub fn status(&self) -> Result<Status, OutboxError> {
+        let s = &self.inner.stats;
+        let (oldest, tasks) = store::oldest_and_tasks(&self.inner.db)?;
+        Ok(Status {
+            pending: s.pending.load(Ordering::Relaxed),
+            pending_bytes: s.pending_bytes.load(Ordering::Relaxed),
+            oldest_pending_age_ms: oldest.map(|at| (now_ms() - at).max(0)),
+            dead_letters: s.dead.load(Ordering::Relaxed),
+            tasks_tracked: tasks,
+            counters: serde_json::to_value(&**s).unwrap_or_default(),
+        })
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.inner.stats
+    }
+
+    /// Whether the backlog is at its cap (a cheap pre-check for the ingress;
+    /// the writer enforces the cap exactly).
+    pub fn is_full(&self) -> bool {
+        let s = &self.inner.stats;
+        s.pending.load(Ordering::Relaxed) >= self.inner.config.max_pending
+            || s.pending_bytes.load(Ordering::Relaxed) >= self.inner.config.max_pending_bytes
+    }
+
+    pub(crate) fn notified(&self) -> Arc<Notify> {
+        self.inner.notify.clone()
+    }
+
+    pub fn config(&self) -> &OutboxConfig {
+        &self.inner.config
+    }
+}
+
+/// An unwritable data dir must fail at start-up, not on the first callback.
+fn check_writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok")?;
+    std::fs::remove_file(probe)
+}

@@ -1,0 +1,598 @@
+//! The redb tables and the single writer thread that owns every write.
+//!
+//! All mutations (appends, deletes after publish, dead letters, pruning)
+//! go through one thread, which commits whatever is queued in one
+//! transaction: one fsync serves many requests, and the dedup check and the
+//! insert it guards can never interleave with another writer. Replies are
+//! sent only after the commit succeeded; if it fails, every request of the
+//! group gets the error (never a success for something not on disk).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Rejected, Stats};
+use crate::config::OutboxConfig;
+use crate::event::{State, TaskEvent};
+use crate::publish::Outgoing;
+
+/// seq -> serialized TaskEvent (the exact bytes that will be published).
+const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
+/// seq -> serialized DeadLetter.
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
+/// taskId -> encoded TaskRecord.
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+/// (last_seen ms, taskId): TASKS in expiry order, for pruning.
+const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("task_expiry");
+/// seq -> serialized Rejected.
+const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");
+
+/// Most commands committed in one transaction.
+const MAX_GROUP: usize = 4096;
+/// Most task records pruned per transaction, so pruning never stalls appends.
+const PRUNE_BATCH: usize = 10_000;
+
+pub(super) enum Command {
+    Append {
+        event: Box<TaskEvent>,
+        reply: oneshot::Sender<Result<Appended, AppendError>>,
+    },
+    Reject(Rejected),
+    Complete {
+        delivered: Vec<u64>,
+        dead: Vec<(u64, String)>,
+        reply: oneshot::Sender<Result<(), OutboxError>>,
+    },
+    Requeue {
+        reply: oneshot::Sender<Result<u64, OutboxError>>,
+    },
+    Prune {
+        reply: Option<oneshot::Sender<Result<u64, OutboxError>>>,
+    },
+}
+
+/// What hookbridge remembers of one task within the dedup window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TaskRecord {
+    /// The furthest state accepted (the first terminal one wins).
+    pub furthest: Option<State>,
+    /// When each state was accepted (ms), indexed by [`slot`]; 0 = never.
+    pub accepted_at: [i64; 5],
+    pub last_seen: i64,
+}
+
+const STATES: [State; 5] = [
+    State::Pending,
+    State::Waiting,
+    State::Generating,
+    State::Success,
+    State::Fail,
+];
+
+fn slot(state: State) -> usize {
+    STATES.iter().position(|s| *s == state).unwrap_or(0)
+}
+
+impl TaskRecord {
+    fn encode(&self) -> [u8; 49] {
+        let mut out = [0u8; 49];
+        out[0] = self.furthest.map_or(255, |s| slot(s) as u8);
+        for (i, at) in self.accepted_at.iter().enumerate() {
+            out[1 + i * 8..9 + i * 8].copy_from_slice(&at.to_le_bytes());
+        }
+        out[41..49].copy_from_slice(&self.last_seen.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Self {
+        if bytes.len() != 49 {
+            return Self::default();
+        }
+        let int = |at: usize| i64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+        let mut accepted_at = [0; 5];
+        for (i, a) in accepted_at.iter_mut().enumerate() {
+            *a = int(1 + i * 8);
+        }
+        Self {
+            furthest: STATES.get(bytes[0] as usize).copied(),
+            accepted_at,
+            last_seen: int(41),
+        }
+    }
+
+    /// The state guard and the dedup check, in that order of precedence.
+    fn decide(&self, state: State, now: i64, window_ms: i64) -> Appended {
+        let at = self.accepted_at[slot(state)];
+        if at > 0 && now - at < window_ms {
+            return Appended::Duplicate;
+        }
+        match self.furthest {
+            Some(f) if f.is_terminal() && state.is_terminal() && f != state => Appended::Conflict {
+                seq: 0,
+                previous: f,
+            },
+            Some(f) if state.rank() < f.rank() => Appended::Stale { furthest: f },
+            _ => Appended::New { seq: 0 },
+        }
+    }
+}
+
+pub(super) struct Writer {
+    db: Arc<Database>,
+    config: OutboxConfig,
+    stats: Arc<Stats>,
+    notify: Arc<Notify>,
+    next_seq: u64,
+    next_rejected: u64,
+}
+
+/// Changes to the in-memory counters, applied only once a commit succeeded.
+#[derive(Default)]
+struct Delta {
+    pending: i64,
+    pending_bytes: i64,
+    dead: i64,
+    accepted: u64,
+    duplicates: u64,
+    stale: u64,
+    conflicts: u64,
+    refused_full: u64,
+    published: u64,
+    dead_lettered: u64,
+}
+
+type Reply = Box<dyn FnOnce(Option<&OutboxError>) + Send>;
+
+impl Writer {
+    pub(super) fn start(
+        db: Arc<Database>,
+        config: OutboxConfig,
+        stats: Arc<Stats>,
+        notify: Arc<Notify>,
+        rx: mpsc::Receiver<Command>,
+    ) -> Result<(), OutboxError> {
+        let (next_seq, next_rejected);
+        let txn = db.begin_write()?;
+        {
+            let pending = txn.open_table(PENDING)?;
+            let dead = txn.open_table(DEAD)?;
+            txn.open_table(TASKS)?;
+            txn.open_table(EXPIRY)?;
+            let rejected = txn.open_table(REJECTED)?;
+            let (mut count, mut bytes) = (0u64, 0u64);
+            for entry in pending.iter()? {
+                let (_, v) = entry?;
+                count += 1;
+                bytes += v.value().len() as u64;
+            }
+            stats.pending.store(count, Ordering::Relaxed);
+            stats.pending_bytes.store(bytes, Ordering::Relaxed);
+            stats.dead.store(dead.len()?, Ordering::Relaxed);
+            let last_pending = pending.last()?.map_or(0, |(k, _)| k.value());
+            let last_dead = dead.last()?.map_or(0, |(k, _)| k.value());
+            next_seq = last_pending.max(last_dead) + 1;
+            next_rejected = rejected.last()?.map_or(1, |(last, _)| last.value() + 1);
+        }
+        txn.commit()?;
+        let writer = Writer {
+            db,
+            config,
+            stats,
+            notify,
+            next_seq,
+            next_rejected,
+        };
+        std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| OutboxError::DataDir {
+                path: "outbox writer thread".into(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut group = Vec::with_capacity(MAX_GROUP);
+        while let Some(first) = rx.blocking_recv() {
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(command) => group.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.apply(&mut group);
+        }
+    }
+
+    fn apply(&mut self, group: &mut Vec<Command>) {
+        let (seq_before, rej_before) = (self.next_seq, self.next_rejected);
+        let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+        let mut delta = Delta::default();
+        let result = self.transaction(group.drain(..), &mut replies, &mut delta);
+        let error = result.err();
+        if let Some(e) = &error {
+            tracing::error!(error = %e, "outbox commit failed; the group is refused");
+            // Nothing of the group is on disk: reuse its sequence numbers.
+            (self.next_seq, self.next_rejected) = (seq_before, rej_before);
+            Stats::add(&self.stats.storage_errors, 1);
+        } else {
+            self.apply_delta(&delta);
+        }
+        for reply in replies {
+            reply(error.as_ref());
+        }
+    }
+
+    fn apply_delta(&self, d: &Delta) {
+        let s = &self.stats;
+        let shift = |c: &std::sync::atomic::AtomicU64, by: i64| {
+            if by >= 0 {
+                c.fetch_add(by as u64, Ordering::Relaxed);
+            } else {
+                c.fetch_sub(by.unsigned_abs(), Ordering::Relaxed);
+            }
+        };
+        shift(&s.pending, d.pending);
+        shift(&s.pending_bytes, d.pending_bytes);
+        shift(&s.dead, d.dead);
+        Stats::add(&s.accepted, d.accepted);
+        Stats::add(&s.duplicates, d.duplicates);
+        Stats::add(&s.stale, d.stale);
+        Stats::add(&s.conflicts, d.conflicts);
+        Stats::add(&s.refused_full, d.refused_full);
+        Stats::add(&s.published, d.published);
+        Stats::add(&s.dead_lettered, d.dead_lettered);
+        if d.accepted > 0 || d.pending > 0 {
+            self.notify.notify_one();
+        }
+    }
+
+    fn transaction(
+        &mut self,
+        group: impl Iterator<Item = Command>,
+        replies: &mut Vec<Reply>,
+        delta: &mut Delta,
+    ) -> Result<(), OutboxError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate).map_err(|e| {
+            OutboxError::Db(redb::Error::from(redb::StorageError::from(
+                std::io::Error::other(e),
+            )))
+        })?;
+        {
+            let mut pending = txn.open_table(PENDING)?;
+            let mut dead = txn.open_table(DEAD)?;
+            let mut tasks = txn.open_table(TASKS)?;
+            let mut expiry = txn.open_table(EXPIRY)?;
+            let mut rejected = txn.open_table(REJECTED)?;
+            let now = now_ms();
+            let window_ms = (self.config.dedup_window_secs as i64).saturating_mul(1000);
+            for command in group {
+                match command {
+                    Command::Append { mut event, reply } => {
+                        let count =
+                            self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending;
+                        let bytes = self.stats.pending_bytes.load(Ordering::Relaxed) as i64
+                            + delta.pending_bytes;
+                        let outcome = if count >= self.config.max_pending as i64 {
+                            Err(AppendError::Full("max_pending"))
+                        } else if bytes >= self.config.max_pending_bytes as i64 {
+                            Err(AppendError::Full("max_pending_bytes"))
+                        } else {
+                            let old = tasks
+                                .get(event.task_id.as_str())?
+                                .map(|v| TaskRecord::decode(v.value()));
+                            let mut record = old.unwrap_or_default();
+                            let decision = if self.config.dedup {
+                                record.decide(event.state, now, window_ms)
+                            } else {
+                                Appended::New { seq: 0 }
+                            };
+                            let decision = match decision {
+                                Appended::New { .. } | Appended::Conflict { .. } => {
+                                    let seq = self.next_seq;
+                                    self.next_seq += 1;
+                                    if let Appended::Conflict { previous, .. } = decision {
+                                        event.conflicts_with = Some(previous);
+                                        delta.conflicts += 1;
+                                    }
+                                    let payload = serde_json::to_vec(&event).unwrap_or_default();
+                                    pending.insert(seq, payload.as_slice())?;
+                                    delta.pending += 1;
+                                    delta.pending_bytes += payload.len() as i64;
+                                    delta.accepted += 1;
+                                    if self.config.dedup {
+                                        if let Some(old) = old {
+                                            expiry.remove((
+                                                old.last_seen as u64,
+                                                event.task_id.as_str(),
+                                            ))?;
+                                        }
+                                        record.accepted_at[slot(event.state)] = now;
+                                        if record
+                                            .furthest
+                                            .is_none_or(|f| event.state.rank() > f.rank())
+                                        {
+                                            record.furthest = Some(event.state);
+                                        }
+                                        record.last_seen = now;
+                                        tasks.insert(
+                                            event.task_id.as_str(),
+                                            record.encode().as_slice(),
+                                        )?;
+                                        expiry.insert((now as u64, event.task_id.as_str()), ())?;
+                                    }
+                                    match decision {
+                                        Appended::Conflict { previous, .. } => {
+                                            Appended::Conflict { seq, previous }
+                                        }
+                                        _ => Appended::New { seq },
+                                    }
+                                }
+                                Appended::Duplicate => {
+                                    delta.duplicates += 1;
+                                    Appended::Duplicate
+                                }
+                                Appended::Stale { furthest } => {
+                                    delta.stale += 1;
+                                    Appended::Stale { furthest }
+                                }
+                            };
+                            tracing::debug!(task_id = %event.task_id, state = event.state.as_str(), ?decision, "append");
+                            Ok(decision)
+                        };
+                        if outcome.is_err() {
+                            delta.refused_full += 1;
+                        }
+                        replies.push(Box::new(move |err| {
+                            let _ = reply.send(match err {
+                                Some(e) => Err(AppendError::Storage(e.to_string())),
+                                None => outcome,
+                            });
+                        }));
+                    }
+                    Command::Reject(r) => {
+                        let bytes = serde_json::to_vec(&r).unwrap_or_default();
+                        rejected.insert(self.next_rejected, bytes.as_slice())?;
+                        self.next_rejected += 1;
+                        while rejected.len()? > self.config.keep_rejected {
+                            rejected.pop_first()?;
+                        }
+                    }
+                    Command::Complete {
+                        delivered,
+                        dead: failed,
+                        reply,
+                    } => {
+                        for seq in delivered {
+                            if let Some(v) = pending.remove(seq)? {
+                                delta.pending -= 1;
+                                delta.pending_bytes -= v.value().len() as i64;
+                                delta.published += 1;
+                            }
+                        }
+                        for (seq, reason) in failed {
+                            let Some(v) = pending.remove(seq)? else {
+                                continue;
+                            };
+                            let bytes = v.value().to_vec();
+                            drop(v);
+                            let letter = DeadLetter {
+                                seq,
+                                reason,
+                                failed_at: now,
+                                event: serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                                    String::from_utf8_lossy(&bytes).into_owned().into()
+                                }),
+                            };
+                            dead.insert(
+                                seq,
+                                serde_json::to_vec(&letter).unwrap_or_default().as_slice(),
+                            )?;
+                            delta.pending -= 1;
+                            delta.pending_bytes -= bytes.len() as i64;
+                            delta.dead += 1;
+                            delta.dead_lettered += 1;
+                        }
+                        replies.push(Box::new(move |err| {
+                            let _ = reply
+                                .send(err.map_or(Ok(()), |e| Err(OutboxError::Db(redb_copy(e)))));
+                        }));
+                    }
+                    Command::Requeue { reply } => {
+                        let mut moved = 0;
+                        while let Some((_, v)) = dead.pop_first()? {
+                            let letter: Option<DeadLetter> = serde_json::from_slice(v.value()).ok();
+                            drop(v);
+                            let Some(letter) = letter else { continue };
+                            let payload = serde_json::to_vec(&letter.event).unwrap_or_default();
+                            pending.insert(self.next_seq, payload.as_slice())?;
+                            self.next_seq += 1;
+                            delta.pending += 1;
+                            delta.pending_bytes += payload.len() as i64;
+                            delta.dead -= 1;
+                            moved += 1;
+                        }
+                        replies.push(Box::new(move |err| {
+                            let _ = reply.send(
+                                err.map_or(Ok(moved), |e| Err(OutboxError::Db(redb_copy(e)))),
+                            );
+                        }));
+                    }
+                    Command::Prune { reply } => {
+                        let cutoff = (now - window_ms).max(0) as u64;
+                        let mut expired = Vec::new();
+                        for entry in expiry
+                            .range::<(u64, &str)>(..(cutoff, ""))?
+                            .take(PRUNE_BATCH)
+                        {
+                            let (k, _) = entry?;
+                            let (at, task) = k.value();
+                            expired.push((at, task.to_string()));
+                        }
+                        for (at, task) in &expired {
+                            expiry.remove((*at, task.as_str()))?;
+                            tasks.remove(task.as_str())?;
+                        }
+                        let pruned = expired.len() as u64;
+                        if pruned > 0 {
+                            tracing::debug!(pruned, "pruned expired task records");
+                        }
+                        replies.push(Box::new(move |err| {
+                            if let Some(reply) = reply {
+                                let _ =
+                                    reply.send(err.map_or(Ok(pruned), |e| {
+                                        Err(OutboxError::Db(redb_copy(e)))
+                                    }));
+                            }
+                        }));
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// `OutboxError` is not `Clone`; every request of a failed group gets the
+/// same message.
+fn redb_copy(e: &OutboxError) -> redb::Error {
+    redb::Error::from(redb::StorageError::from(std::io::Error::other(
+        e.to_string(),
+    )))
+}
+
+pub(super) fn read_pending(db: &Database, limit: usize) -> Result<Vec<Outgoing>, OutboxError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(PENDING)?;
+    let mut out = Vec::with_capacity(limit.min(4096));
+    for entry in table.iter()?.take(limit) {
+        let (k, v) = entry?;
+        let payload = bytes::Bytes::copy_from_slice(v.value());
+        match serde_json::from_slice::<TaskEvent>(&payload) {
+            Ok(event) => out.push(Outgoing {
+                seq: k.value(),
+                event,
+                payload,
+            }),
+            // Only a foreign write could cause this; keep it visible, never block on it.
+            Err(e) => {
+                tracing::error!(seq = k.value(), error = %e, "unreadable outbox entry skipped")
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn dead_letters(db: &Database, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(DEAD)?;
+    let mut out = Vec::new();
+    for entry in table.iter()?.take(limit) {
+        let (_, v) = entry?;
+        if let Ok(letter) = serde_json::from_slice(v.value()) {
+            out.push(letter);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn rejected(db: &Database, limit: usize) -> Result<Vec<Rejected>, OutboxError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(REJECTED)?;
+    let mut out = Vec::new();
+    for entry in table.iter()?.rev().take(limit) {
+        let (_, v) = entry?;
+        if let Ok(r) = serde_json::from_slice(v.value()) {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn task(db: &Database, task_id: &str) -> Result<Option<TaskRecord>, OutboxError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(TASKS)?;
+    Ok(table.get(task_id)?.map(|v| TaskRecord::decode(v.value())))
+}
+
+/// The oldest pending entry's receive time, and how many tasks are tracked.
+pub(super) fn oldest_and_tasks(db: &Database) -> Result<(Option<i64>, u64), OutboxError> {
+    let txn = db.begin_read()?;
+    let pending = txn.open_table(PENDING)?;
+    let oldest = match pending.first()? {
+        Some((_, v)) => serde_json::from_slice::<TaskEvent>(v.value())
+            .ok()
+            .map(|e| e.received_at),
+        None => None,
+    };
+    Ok((oldest, txn.open_table(TASKS)?.len()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_record_round_trips() {
+        let r = TaskRecord {
+            furthest: Some(State::Generating),
+            accepted_at: [0, 5, 7, 0, 0],
+            last_seen: 7,
+        };
+        assert_eq!(TaskRecord::decode(&r.encode()), r);
+        assert_eq!(
+            TaskRecord::decode(&TaskRecord::default().encode()),
+            TaskRecord::default()
+        );
+    }
+
+    #[test]
+    fn guard_rules() {
+        let w = 1000;
+        let mut r = TaskRecord::default();
+        assert_eq!(r.decide(State::Waiting, 10, w), Appended::New { seq: 0 });
+        r.accepted_at[slot(State::Generating)] = 10;
+        r.furthest = Some(State::Generating);
+        assert_eq!(r.decide(State::Generating, 20, w), Appended::Duplicate);
+        assert_eq!(
+            r.decide(State::Generating, 2000, w),
+            Appended::New { seq: 0 },
+            "after the window"
+        );
+        assert_eq!(
+            r.decide(State::Waiting, 20, w),
+            Appended::Stale {
+                furthest: State::Generating
+            }
+        );
+        assert_eq!(r.decide(State::Success, 20, w), Appended::New { seq: 0 });
+        r.furthest = Some(State::Success);
+        r.accepted_at[slot(State::Success)] = 30;
+        assert_eq!(
+            r.decide(State::Pending, 40, w),
+            Appended::Stale {
+                furthest: State::Success
+            }
+        );
+        assert_eq!(
+            r.decide(State::Generating, 40, w),
+            Appended::Duplicate,
+            "dedup wins over the guard"
+        );
+        assert_eq!(
+            r.decide(State::Fail, 40, w),
+            Appended::Conflict {
+                seq: 0,
+                previous: State::Success
+            }
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! Kafka backend (librdkafka through rdkafka).
+//!
+//! Key = taskId, so a task stays on one partition; `acks=all` with the
+//! idempotent producer, so librdkafka's own retries neither duplicate nor
+//! reorder within a partition. A message counts as published only when its
+//! delivery report comes back without error. `message.timeout.ms` bounds one
+//! attempt; the outbox keeps the event and the relay tries again, so no timer
+//! ever drops an accepted event.
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use futures::future::{join_all, BoxFuture};
+use futures::FutureExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use super::{render, CloudEvent, Outgoing, PublishError, Publisher, CONTENT_TYPE};
+use crate::config::KafkaConfig;
+use crate::event::SCHEMA_VERSION;
+
+pub struct KafkaPublisher {
+    config: KafkaConfig,
+    /// Replaced when librdkafka reports a fatal (idempotence) error, after
+    /// which the old instance refuses every message.
+    producer: RwLock<FutureProducer>,
+}
+
+impl KafkaPublisher {
+    pub async fn new(config: KafkaConfig) -> anyhow::Result<Self> {
+        let producer = create(&config).await?;
+        Ok(Self {
+            config,
+            producer: RwLock::new(producer),
+        })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The librdkafka settings hookbridge relies on, then the user's options.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", config.message_timeout_ms.to_string())
+        .set("linger.ms", "5")
+        .set("client.id", "hookbridge");
+    for (key, value) in &config.options {
+        cc.set(key, value.expose());
+    }
+    cc
+}
+
+async fn create(config: &KafkaConfig) -> anyhow::Result<FutureProducer> {
+    let cc = client_config(config);
+    // Client creation resolves names and starts threads: keep it off the runtime.
+    let producer = tokio::task::spawn_blocking(move || cc.create::<FutureProducer>()).await??;
+    Ok(producer)
+}
+
+/// Permanent means the broker will refuse this message however often it is
+/// sent; everything else (connectivity, leadership, timeouts) is retried.
+pub fn classify(err: &KafkaError) -> PublishError {
+    use RDKafkaErrorCode as C;
+    let permanent = matches!(
+        err.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidTopic
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidRecord
+                | C::PolicyViolation
+                | C::InvalidMessage
+        )
+    );
+    if permanent {
+        PublishError::Permanent(err.to_string())
+    } else {
+        PublishError::Transient(err.to_string())
+    }
+}
+
+fn headers(o: &Outgoing) -> OwnedHeaders {
+    let ce = CloudEvent::of(&o.event);
+    let version = SCHEMA_VERSION.to_string();
+    let pairs: [(&str, &str); 8] = [
+        ("content-type", CONTENT_TYPE),
+        ("event-id", &ce.id),
+        ("schema-version", &version),
+        ("ce_specversion", "1.0"),
+        ("ce_id", &ce.id),
+        ("ce_source", ce.source),
+        ("ce_type", &ce.ty),
+        ("ce_subject", &ce.subject),
+    ];
+    let mut h = OwnedHeaders::new_with_capacity(pairs.len() + 1);
+    for (key, value) in pairs {
+        h = h.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    h.insert(Header {
+        key: "ce_time",
+        value: Some(&ce.time),
+    })
+}
+
+impl KafkaPublisher {
+    async fn send_one(&self, producer: &FutureProducer, o: &Outgoing) -> Result<(), PublishError> {
+        let topic = render(&self.config.topic, &o.event);
+        let mut record = FutureRecord::to(&topic)
+            .key(o.event.task_id.as_str())
+            .payload(o.payload.as_ref())
+            .headers(headers(o));
+        // Enqueue; when librdkafka's local queue is full, wait for deliveries
+        // to make room rather than failing the event.
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(classify(&e)),
+            }
+        };
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(classify(&e)),
+            Err(_canceled) => Err(PublishError::Transient(
+                "producer dropped the message".into(),
+            )),
+        }
+    }
+}
+
+impl Publisher for KafkaPublisher {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn publish<'a>(
+        &'a self,
+        batch: &'a [Outgoing],
+    ) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+        async move {
+            let producer = self.producer();
+            // All sends are enqueued before any is awaited: librdkafka batches
+            // them, and per-partition order is kept by the idempotent producer.
+            let results = join_all(batch.iter().map(|o| self.send_one(&producer, o))).await;
+            if producer.client().fatal_error().is_some() {
+                tracing::warn!("kafka producer hit a fatal error; creating a new one");
+                match create(&self.config).await {
+                    Ok(fresh) => *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh,
+                    Err(e) => tracing::error!(error = %e, "cannot recreate the kafka producer"),
+                }
+            }
+            results
+        }
+        .boxed()
+    }
+
+    fn flush(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        let producer = self.producer();
+        async move {
+            let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        }
+        .boxed()
+    }
+}
