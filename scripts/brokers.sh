@@ -43,6 +43,7 @@ NATS_START_TIMEOUT=15
 STOP_TIMEOUT=30
 
 log() { printf 'brokers.sh: %s\n' "$*" >&2; }
+now_ms() { date +%s%3N; }
 die() {
   log "error: $*"
   exit 1
@@ -442,7 +443,8 @@ cmd_up() {
   ((${#ports[@]} == 4)) || die "could not find free ports"
   local kport=${ports[0]} kcport=${ports[1]} nport=${ports[2]} mport=${ports[3]}
 
-  local t0=$SECONDS
+  local t0
+  t0=$(now_ms)
   start_bg "$state/kafka/kafka.log" kafka "$state/kafka" "$kport" "$kcport"
   local kpid=$BG_PID
   echo "$kpid" >"$state/kafka.pid"
@@ -455,9 +457,9 @@ cmd_up() {
   echo "$mport" >"$state/nats.monitor-port"
 
   wait_ready nats "$nport" "$NATS_START_TIMEOUT" "$npid" || fail_up "$state" "$state/nats/nats.log"
-  log "NATS ready on 127.0.0.1:$nport after $((SECONDS - t0))s (monitoring: http://127.0.0.1:$mport)"
+  log "NATS ready on 127.0.0.1:$nport after $(($(now_ms) - t0)) ms (monitoring: http://127.0.0.1:$mport)"
   wait_ready kafka "$kport" "$KAFKA_START_TIMEOUT" "$kpid" || fail_up "$state" "$state/kafka/kafka.log"
-  log "Kafka ready on 127.0.0.1:$kport after $((SECONDS - t0))s (log: $state/kafka/kafka.log)"
+  log "Kafka ready on 127.0.0.1:$kport after $(($(now_ms) - t0)) ms (log: $state/kafka/kafka.log)"
 
   {
     printf 'export HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP=%q\n' "127.0.0.1:$kport"

@@ -1,1 +1,10 @@
+//! hookbridge's integration tests: one binary, real brokers.
+//!
+//! Run them with `scripts/test.sh`, which starts Kafka and NATS on loopback
+//! and sets the variables `support::brokers` reads.
 
+mod support;
+
+mod ingress;
+mod kafka;
+mod nats;

@@ -1,0 +1,225 @@
+//! The bridge under test: in-process (`TestApp`) or as the real binary in a
+//! child process (`ChildApp`, for crash tests), plus a small HTTP client.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hookbridge::config::{Config, PublisherConfig};
+use hookbridge::outbox::Outbox;
+use hookbridge::App;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A configuration for tests: port 0, the given data dir and publisher,
+/// quick retries.
+pub fn config(data_dir: &Path, publisher: PublisherConfig) -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.outbox.data_dir = data_dir.to_path_buf();
+    config.outbox.retry_initial_ms = 50;
+    config.outbox.retry_max_ms = 1000;
+    config.outbox.shutdown_grace_ms = 5000;
+    config.publisher = publisher;
+    config
+}
+
+/// A tiny keep-alive HTTP/1 client.
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl Http {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, Value) {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(30), self.client.request(request))
+            .await
+            .expect("answer within 30 s")
+            .expect("request sent");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, json)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.request("POST", path, serde_json::to_vec(body).unwrap())
+            .await
+    }
+
+    /// Posts a callback and returns the status code.
+    pub async fn callback(&self, body: &Value) -> StatusCode {
+        self.post_json("/webhooks/kinovi", body).await.0
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.request("GET", path, Bytes::new()).await
+    }
+
+    /// Fails if the service stopped answering.
+    pub async fn assert_healthy(&self) {
+        let (status, _) = self.get("/healthz").await;
+        assert_eq!(status, StatusCode::OK, "service must stay healthy");
+    }
+}
+
+/// hookbridge running inside the test process.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub outbox: Outbox,
+    pub http: Http,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn start(config: Config) -> Self {
+        // A previous instance on the same data dir may still be closing its
+        // database in the background.
+        let mut tries = 0;
+        let app = loop {
+            match App::build(config.clone()).await {
+                Ok(app) => break app,
+                Err(e) if tries < 50 && format!("{e:#}").contains("already open") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("app builds: {e:#}"),
+            }
+        };
+        let addr = app.local_addr();
+        let outbox = app.outbox().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            outbox,
+            http: Http::new(addr),
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
+    /// Graceful shutdown, as on SIGTERM; waits until the app has stopped.
+    pub async fn stop(mut self) {
+        self.stop.take().map(|s| s.send(()));
+        let handle = self.handle.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("app stops within 30 s")
+            .unwrap()
+            .unwrap();
+        // The writer thread lets go of the database once every handle is
+        // gone; a restart on the same data dir waits for that (see `start`).
+        self.handle = None;
+    }
+
+    pub async fn callback(&self, body: &Value) -> StatusCode {
+        self.http.callback(body).await
+    }
+
+    /// Waits until the relay has emptied the outbox.
+    pub async fn drained(&self, limit: Duration) {
+        let outbox = self.outbox.clone();
+        super::eventually(limit, "the outbox to drain", || {
+            let outbox = outbox.clone();
+            async move {
+                let status = outbox.status().unwrap();
+                (status.pending == 0).then_some(())
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real `hookbridge` binary in a child process, configured through
+/// `HOOKBRIDGE_*` variables only.
+pub struct ChildApp {
+    pub addr: SocketAddr,
+    pub http: Http,
+    child: tokio::process::Child,
+}
+
+impl ChildApp {
+    pub async fn start(data_dir: &Path, port: u16, env: &[(&str, String)]) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"));
+        cmd.env("HOOKBRIDGE_SERVER__LISTEN", addr.to_string())
+            .env("HOOKBRIDGE_OUTBOX__DATA_DIR", data_dir)
+            .env("HOOKBRIDGE_OUTBOX__RETRY_INITIAL_MS", "50")
+            .env("HOOKBRIDGE_OUTBOX__RETRY_MAX_MS", "1000")
+            .env("HOOKBRIDGE_LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("hookbridge binary starts");
+        let http = Http::new(addr);
+        super::eventually(
+            Duration::from_secs(30),
+            "the child hookbridge to listen",
+            || async { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+        )
+        .await;
+        Self { addr, http, child }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// A temp dir that lives as long as the test.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}

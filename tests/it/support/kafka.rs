@@ -1,0 +1,121 @@
+//! Reading back what hookbridge put on Kafka, with a real consumer.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use serde_json::Value;
+
+/// One record as a consumer sees it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: String,
+    pub headers: HashMap<String, String>,
+    pub value: Value,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Record {
+    pub fn event_id(&self) -> &str {
+        self.value["eventId"].as_str().unwrap()
+    }
+    pub fn state(&self) -> &str {
+        self.value["state"].as_str().unwrap()
+    }
+}
+
+/// Creates `topic` with `partitions` partitions and extra topic configs.
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32, configs: &[(&str, &str)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        new = new.set(k, v);
+    }
+    let results = admin
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("create_topics answered");
+    for r in results {
+        r.expect("topic created");
+    }
+}
+
+/// Consumes `topic` from the beginning until `expected` records arrived,
+/// then keeps listening for `quiet` more so that extra copies would show.
+/// Panics if fewer than `expected` arrive within `limit`.
+pub async fn consume(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    limit: Duration,
+    quiet: Duration,
+) -> Vec<Record> {
+    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", super::unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let deadline = std::time::Instant::now() + limit;
+        let mut out = Vec::new();
+        let mut quiet_until: Option<std::time::Instant> = None;
+        loop {
+            let now = std::time::Instant::now();
+            if let Some(q) = quiet_until {
+                if now >= q {
+                    break;
+                }
+            } else if now >= deadline {
+                panic!(
+                    "only {} of {expected} records arrived on {topic} within {limit:?}",
+                    out.len()
+                );
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let mut headers = HashMap::new();
+                    if let Some(h) = m.headers() {
+                        for header in h.iter() {
+                            let value = header
+                                .value
+                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                                .unwrap_or_default();
+                            headers.insert(header.key.to_string(), value);
+                        }
+                    }
+                    out.push(Record {
+                        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                        headers,
+                        value: serde_json::from_slice(m.payload().unwrap_or_default())
+                            .expect("value is JSON"),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                    });
+                    if out.len() >= expected && quiet_until.is_none() {
+                        quiet_until = Some(std::time::Instant::now() + quiet);
+                    }
+                }
+                Some(Err(e)) => eprintln!("consumer: {e}"),
+                None => {}
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
