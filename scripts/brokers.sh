@@ -24,6 +24,15 @@
 #
 # Apart from the export lines of `up` and the ports of `free-port`, everything
 # this script prints goes to stderr, so `eval "$(brokers.sh up DIR)"` is safe.
+#
+# Notes for tests that run private brokers through $HOOKBRIDGE_TEST_BROKERS_SCRIPT:
+# - `kafka` and `nats` exec the broker, so the PID you spawn is the broker's; SIGKILL
+#   it to simulate a crash, and run the same command again (same DATA_DIR and ports)
+#   to bring the same broker back with its data.
+# - A Kafka restarted after SIGKILL is ready after about 6 s here: it cannot register
+#   until its old session expires (broker.session.timeout.ms=4000). A fresh one takes ~3 s.
+# - Use `wait-kafka`/`wait-nats` (or client retries) rather than fixed sleeps; the Kafka
+#   port accepts connections before the broker can serve requests.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -51,7 +60,7 @@ die() {
 
 usage() {
   sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$SCRIPT_PATH" >&2
-  exit 2
+  exit "${1:-2}"
 }
 
 # ---------------------------------------------------------------------------
@@ -491,7 +500,7 @@ main() {
     free-port) cmd_free_port "$@" ;;
     wait-kafka) wait_ready kafka "${1:?PORT}" "${2:-$KAFKA_START_TIMEOUT}" "${3:-}" ;;
     wait-nats) wait_ready nats "${1:?PORT}" "${2:-$NATS_START_TIMEOUT}" "${3:-}" ;;
-    -h | --help | help) usage ;;
+    -h | --help | help) usage 0 ;;
     *) usage ;;
   esac
 }

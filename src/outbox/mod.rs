@@ -277,6 +277,20 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// Stores `event` straight in the dead letters with `reason`, without
+    /// publishing it (for example a callback the provider did not confirm).
+    pub async fn bury(&self, event: TaskEvent, reason: String) -> Result<u64, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(store::Command::Bury {
+            event: Box::new(event),
+            reason,
+            reply,
+        })
+        .await
+        .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
     /// Deletes dedup records older than the window (also done periodically).
     pub async fn prune(&self) -> Result<u64, OutboxError> {
         let (reply, rx) = oneshot::channel();

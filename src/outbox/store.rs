@@ -50,6 +50,11 @@ pub(super) enum Command {
     Requeue {
         reply: oneshot::Sender<Result<u64, OutboxError>>,
     },
+    Bury {
+        event: Box<TaskEvent>,
+        reason: String,
+        reply: oneshot::Sender<Result<u64, OutboxError>>,
+    },
     Prune {
         reply: Option<oneshot::Sender<Result<u64, OutboxError>>>,
     },
@@ -423,6 +428,22 @@ impl Writer {
                             let _ = reply.send(
                                 err.map_or(Ok(moved), |e| Err(OutboxError::Db(redb_copy(e)))),
                             );
+                        }));
+                    }
+                    Command::Bury { event, reason, reply } => {
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        let letter = DeadLetter {
+                            seq,
+                            reason,
+                            failed_at: now,
+                            event: serde_json::to_value(&*event).unwrap_or_default(),
+                        };
+                        dead.insert(seq, serde_json::to_vec(&letter).unwrap_or_default().as_slice())?;
+                        delta.dead += 1;
+                        delta.dead_lettered += 1;
+                        replies.push(Box::new(move |err| {
+                            let _ = reply.send(err.map_or(Ok(seq), |e| Err(OutboxError::Db(redb_copy(e)))));
                         }));
                     }
                     Command::Prune { reply } => {
