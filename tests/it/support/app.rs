@@ -83,11 +83,63 @@ impl Http {
         self.request("GET", path, Bytes::new()).await
     }
 
+    /// Like [`Http::request`], but keeps the headers and returns an error
+    /// instead of panicking when no answer comes (connection refused or
+    /// reset, 30 s timeout): for tests that kill the service mid-request.
+    pub async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Answer, String> {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(30), self.client.request(request))
+            .await
+            .map_err(|_| "no answer within 30 s".to_string())?
+            .map_err(|e| format!("request failed: {e}"))?;
+        let (parts, body) = response.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| format!("answer cut off: {e}"))?
+            .to_bytes();
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            json,
+        })
+    }
+
+    /// Posts a callback through [`Http::try_request`].
+    pub async fn try_callback(&self, body: &Value) -> Result<Answer, String> {
+        self.try_request(
+            "POST",
+            "/webhooks/kinovi",
+            serde_json::to_vec(body).unwrap(),
+        )
+        .await
+    }
+
     /// Fails if the service stopped answering.
     pub async fn assert_healthy(&self) {
         let (status, _) = self.get("/healthz").await;
         assert_eq!(status, StatusCode::OK, "service must stay healthy");
     }
+}
+
+/// A whole answer: status, headers and the body as JSON (or as a string).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub json: Value,
 }
 
 /// hookbridge running inside the test process.

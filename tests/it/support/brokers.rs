@@ -135,10 +135,17 @@ impl PrivateBroker {
     }
 
     fn new(kind: &'static str) -> Self {
+        let port = free_port();
+        let controller_port = loop {
+            let p = free_port();
+            if p != port {
+                break p;
+            }
+        };
         Self {
             kind,
-            port: free_port(),
-            controller_port: free_port(),
+            port,
+            controller_port,
             dir: tempfile::tempdir().unwrap(),
             child: None,
         }
