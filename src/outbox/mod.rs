@@ -89,6 +89,8 @@ pub enum OutboxError {
     Db(#[from] redb::Error),
     #[error("the outbox is shutting down")]
     Closed,
+    #[error("the outbox database is being re-opened after a storage error")]
+    Reopening,
 }
 
 macro_rules! redb_errors {
@@ -172,7 +174,7 @@ pub struct Outbox {
 }
 
 struct Inner {
-    db: Arc<redb::Database>,
+    db: Arc<store::DbCell>,
     tx: mpsc::Sender<store::Command>,
     stats: Arc<Stats>,
     notify: Arc<Notify>,
@@ -197,7 +199,7 @@ impl Outbox {
         };
         std::fs::create_dir_all(dir).map_err(io_err)?;
         check_writable(dir).map_err(io_err)?;
-        let db = Arc::new(redb::Database::create(dir.join("outbox.redb"))?);
+        let db = Arc::new(store::DbCell::open(dir.join("outbox.redb"))?);
         let stats = Arc::new(Stats::default());
         let notify = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(16 * 1024);
@@ -247,7 +249,7 @@ impl Outbox {
 
     /// Oldest pending entries, at most `limit`, in sequence order.
     pub fn read_pending(&self, limit: usize) -> Result<Vec<Outgoing>, OutboxError> {
-        store::read_pending(&self.inner.db, limit)
+        store::read_pending(&*self.inner.db.get()?, limit)
     }
 
     /// Records the outcome of a publish: `delivered` are deleted, `dead` move
@@ -309,21 +311,21 @@ impl Outbox {
     }
 
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
-        store::dead_letters(&self.inner.db, limit)
+        store::dead_letters(&*self.inner.db.get()?, limit)
     }
 
     pub fn rejected(&self, limit: usize) -> Result<Vec<Rejected>, OutboxError> {
-        store::rejected(&self.inner.db, limit)
+        store::rejected(&*self.inner.db.get()?, limit)
     }
 
     /// The task's dedup/guard record, if still within the window.
     pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, OutboxError> {
-        store::task(&self.inner.db, task_id)
+        store::task(&*self.inner.db.get()?, task_id)
     }
 
     pub fn status(&self) -> Result<Status, OutboxError> {
         let s = &self.inner.stats;
-        let (oldest, tasks) = store::oldest_and_tasks(&self.inner.db)?;
+        let (oldest, tasks) = store::oldest_and_tasks(&*self.inner.db.get()?)?;
         Ok(Status {
             pending: s.pending.load(Ordering::Relaxed),
             pending_bytes: s.pending_bytes.load(Ordering::Relaxed),

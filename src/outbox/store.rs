@@ -7,8 +7,10 @@
 //! sent only after the commit succeeded; if it fails, every request of the
 //! group gets the error (never a success for something not on disk).
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -33,6 +35,8 @@ const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");
 
 /// Most commands committed in one transaction.
 const MAX_GROUP: usize = 4096;
+/// Least time between two attempts to re-open a failing database.
+const REOPEN_EVERY: Duration = Duration::from_millis(250);
 /// Most task records pruned per transaction, so pruning never stalls appends.
 const PRUNE_BATCH: usize = 10_000;
 
@@ -126,8 +130,50 @@ impl TaskRecord {
     }
 }
 
+/// The database, re-openable in place: after an I/O error (a full disk,
+/// say) redb refuses every later write until it is closed and opened again,
+/// which also recovers it to its last commit.
+pub(super) struct DbCell {
+    path: PathBuf,
+    db: RwLock<Option<Arc<Database>>>,
+}
+
+impl DbCell {
+    pub(super) fn open(path: PathBuf) -> Result<Self, OutboxError> {
+        let db = Database::create(&path)?;
+        Ok(Self {
+            path,
+            db: RwLock::new(Some(Arc::new(db))),
+        })
+    }
+
+    pub(super) fn get(&self) -> Result<Arc<Database>, OutboxError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        guard.clone().ok_or(OutboxError::Reopening)
+    }
+
+    /// Closes and re-opens the file. Readers hold the database only for one
+    /// short transaction, so waiting for them is bounded.
+    fn reopen(&self) -> Result<(), OutboxError> {
+        let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(old) = old {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let db = Database::create(&self.path)?;
+        *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+        tracing::info!(path = %self.path.display(), "outbox database re-opened");
+        Ok(())
+    }
+}
+
 pub(super) struct Writer {
-    db: Arc<Database>,
+    db: Arc<DbCell>,
+    /// A commit failed: re-open before the next one.
+    broken: bool,
+    last_reopen: Option<Instant>,
     config: OutboxConfig,
     stats: Arc<Stats>,
     notify: Arc<Notify>,
@@ -154,14 +200,14 @@ type Reply = Box<dyn FnOnce(Option<&OutboxError>) + Send>;
 
 impl Writer {
     pub(super) fn start(
-        db: Arc<Database>,
+        db: Arc<DbCell>,
         config: OutboxConfig,
         stats: Arc<Stats>,
         notify: Arc<Notify>,
         rx: mpsc::Receiver<Command>,
     ) -> Result<(), OutboxError> {
         let (next_seq, next_rejected);
-        let txn = db.begin_write()?;
+        let txn = db.get()?.begin_write()?;
         {
             let pending = txn.open_table(PENDING)?;
             let dead = txn.open_table(DEAD)?;
@@ -185,6 +231,8 @@ impl Writer {
         txn.commit()?;
         let writer = Writer {
             db,
+            broken: false,
+            last_reopen: None,
             config,
             stats,
             notify,
@@ -219,10 +267,20 @@ impl Writer {
         let (seq_before, rej_before) = (self.next_seq, self.next_rejected);
         let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
         let mut delta = Delta::default();
-        let result = self.transaction(group.drain(..), &mut replies, &mut delta);
+        let result = self
+            .repair()
+            .and_then(|()| self.transaction(group.drain(..), &mut replies, &mut delta));
+        // Requests of a group that failed before the transaction ran still
+        // need their answer.
+        for command in group.drain(..) {
+            replies.push(command.into_reply());
+        }
         let error = result.err();
+        self.broken = error.is_some();
         if let Some(e) = &error {
-            tracing::error!(error = %e, "outbox commit failed; the group is refused");
+            if !matches!(e, OutboxError::Reopening) {
+                tracing::error!(error = %e, "outbox commit failed; the group is refused");
+            }
             // Nothing of the group is on disk: reuse its sequence numbers.
             (self.next_seq, self.next_rejected) = (seq_before, rej_before);
             Stats::add(&self.stats.storage_errors, 1);
@@ -232,6 +290,22 @@ impl Writer {
         for reply in replies {
             reply(error.as_ref());
         }
+    }
+
+    /// Re-opens a database that failed, at most every `REOPEN_EVERY`, so a
+    /// disk that stays full costs little; requests meanwhile fail at once.
+    fn repair(&mut self) -> Result<(), OutboxError> {
+        if !self.broken {
+            return Ok(());
+        }
+        if self
+            .last_reopen
+            .is_some_and(|at| at.elapsed() < REOPEN_EVERY)
+        {
+            return Err(OutboxError::Reopening);
+        }
+        self.last_reopen = Some(Instant::now());
+        self.db.reopen()
     }
 
     fn apply_delta(&self, d: &Delta) {
@@ -264,7 +338,8 @@ impl Writer {
         replies: &mut Vec<Reply>,
         delta: &mut Delta,
     ) -> Result<(), OutboxError> {
-        let mut txn = self.db.begin_write()?;
+        let db = self.db.get()?;
+        let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate).map_err(|e| {
             OutboxError::Db(redb::Error::from(redb::StorageError::from(
                 std::io::Error::other(e),
@@ -430,7 +505,11 @@ impl Writer {
                             );
                         }));
                     }
-                    Command::Bury { event, reason, reply } => {
+                    Command::Bury {
+                        event,
+                        reason,
+                        reply,
+                    } => {
                         let seq = self.next_seq;
                         self.next_seq += 1;
                         let letter = DeadLetter {
@@ -439,11 +518,15 @@ impl Writer {
                             failed_at: now,
                             event: serde_json::to_value(&*event).unwrap_or_default(),
                         };
-                        dead.insert(seq, serde_json::to_vec(&letter).unwrap_or_default().as_slice())?;
+                        dead.insert(
+                            seq,
+                            serde_json::to_vec(&letter).unwrap_or_default().as_slice(),
+                        )?;
                         delta.dead += 1;
                         delta.dead_lettered += 1;
                         replies.push(Box::new(move |err| {
-                            let _ = reply.send(err.map_or(Ok(seq), |e| Err(OutboxError::Db(redb_copy(e)))));
+                            let _ = reply
+                                .send(err.map_or(Ok(seq), |e| Err(OutboxError::Db(redb_copy(e)))));
                         }));
                     }
                     Command::Prune { reply } => {
@@ -479,6 +562,32 @@ impl Writer {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+impl Command {
+    /// The reply of a command that never reached a transaction; it is only
+    /// ever called with the group's error.
+    fn into_reply(self) -> Reply {
+        fn fail<T: Send + 'static>(reply: oneshot::Sender<Result<T, OutboxError>>) -> Reply {
+            Box::new(move |err| {
+                let e = err.map_or(OutboxError::Reopening, |e| OutboxError::Db(redb_copy(e)));
+                let _ = reply.send(Err(e));
+            })
+        }
+        match self {
+            Command::Append { reply, .. } => Box::new(move |err| {
+                let message = err.map_or_else(|| "not stored".to_string(), |e| e.to_string());
+                let _ = reply.send(Err(AppendError::Storage(message)));
+            }),
+            Command::Reject(_) => Box::new(|_| {}),
+            Command::Complete { reply, .. } => fail(reply),
+            Command::Requeue { reply } | Command::Bury { reply, .. } => fail(reply),
+            Command::Prune { reply } => match reply {
+                Some(reply) => fail(reply),
+                None => Box::new(|_| {}),
+            },
+        }
     }
 }
 

@@ -184,3 +184,19 @@ async fn admin_endpoints_require_the_token_when_set() {
     );
     app.stop().await;
 }
+
+/// A data dir that cannot be used stops the start-up with a message that
+/// names it, instead of failing on the first callback.
+#[tokio::test]
+async fn unusable_data_dir_fails_at_start_naming_it() {
+    let dir = temp_dir();
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"a file where the data dir should be").unwrap();
+    let (mut config, _) = file_app_config(dir.path());
+    config.outbox.data_dir = blocker.join("data");
+    let err = match hookbridge::App::build(config).await {
+        Ok(_) => panic!("start-up must fail"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("not-a-dir"), "error names the path: {err}");
+}
