@@ -293,13 +293,22 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
-    /// Deletes dedup records older than the window (also done periodically).
+    /// Deletes every task record older than the dedup window, in batches of
+    /// bounded size so appends are never held up for long (also runs
+    /// periodically). Returns how many were deleted.
     pub async fn prune(&self) -> Result<u64, OutboxError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(store::Command::Prune { reply: Some(reply) })
-            .await
-            .map_err(|_| OutboxError::Closed)?;
-        rx.await.map_err(|_| OutboxError::Closed)?
+        let mut total = 0;
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.send(store::Command::Prune { reply: Some(reply) })
+                .await
+                .map_err(|_| OutboxError::Closed)?;
+            let pruned = rx.await.map_err(|_| OutboxError::Closed)??;
+            total += pruned;
+            if pruned < store::PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     async fn send(&self, command: store::Command) -> Result<(), AppendError> {

@@ -38,7 +38,7 @@ const MAX_GROUP: usize = 4096;
 /// Least time between two attempts to re-open a failing database.
 const REOPEN_EVERY: Duration = Duration::from_millis(250);
 /// Most task records pruned per transaction, so pruning never stalls appends.
-const PRUNE_BATCH: usize = 10_000;
+pub(super) const PRUNE_BATCH: usize = 10_000;
 
 pub(super) enum Command {
     Append {
@@ -167,6 +167,14 @@ impl DbCell {
         tracing::info!(path = %self.path.display(), "outbox database re-opened");
         Ok(())
     }
+}
+
+/// The tables one append touches, open in the current write transaction.
+struct Tables<'t> {
+    pending: redb::Table<'t, u64, &'static [u8]>,
+    dead: redb::Table<'t, u64, &'static [u8]>,
+    tasks: redb::Table<'t, &'static str, &'static [u8]>,
+    expiry: redb::Table<'t, (u64, &'static str), ()>,
 }
 
 pub(super) struct Writer {
@@ -332,6 +340,76 @@ impl Writer {
         }
     }
 
+    fn window_ms(&self) -> i64 {
+        (self.config.dedup_window_secs as i64).saturating_mul(1000)
+    }
+
+    /// Dedup and state guard first (a repeat is answered 200 even when the
+    /// backlog is full), then the backlog cap, then the insert.
+    fn append(
+        &mut self,
+        t: &mut Tables<'_>,
+        mut event: TaskEvent,
+        now: i64,
+        delta: &mut Delta,
+    ) -> Result<Result<Appended, AppendError>, OutboxError> {
+        let task_id = event.task_id.clone();
+        let old = if self.config.dedup {
+            t.tasks.get(task_id.as_str())?.map(|v| TaskRecord::decode(v.value()))
+        } else {
+            None
+        };
+        let mut record = old.unwrap_or_default();
+        let decision = record.decide(event.state, now, self.window_ms());
+        tracing::debug!(%task_id, state = event.state.as_str(), ?decision, "append");
+        let previous = match decision {
+            Appended::Duplicate => {
+                delta.duplicates += 1;
+                return Ok(Ok(decision));
+            }
+            Appended::Stale { .. } => {
+                delta.stale += 1;
+                return Ok(Ok(decision));
+            }
+            Appended::Conflict { previous, .. } => Some(previous),
+            Appended::New { .. } => None,
+        };
+        let count = self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending;
+        let bytes = self.stats.pending_bytes.load(Ordering::Relaxed) as i64 + delta.pending_bytes;
+        if count >= self.config.max_pending as i64 || bytes >= self.config.max_pending_bytes as i64 {
+            delta.refused_full += 1;
+            let which = if count >= self.config.max_pending as i64 { "max_pending" } else { "max_pending_bytes" };
+            return Ok(Err(AppendError::Full(which)));
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        event.conflicts_with = previous;
+        let payload = serde_json::to_vec(&event).unwrap_or_default();
+        t.pending.insert(seq, payload.as_slice())?;
+        delta.pending += 1;
+        delta.pending_bytes += payload.len() as i64;
+        delta.accepted += 1;
+        if previous.is_some() {
+            delta.conflicts += 1;
+        }
+        if self.config.dedup {
+            if let Some(old) = old {
+                t.expiry.remove((old.last_seen as u64, task_id.as_str()))?;
+            }
+            record.accepted_at[slot(event.state)] = now;
+            if record.furthest.is_none_or(|f| event.state.rank() > f.rank()) {
+                record.furthest = Some(event.state);
+            }
+            record.last_seen = now;
+            t.tasks.insert(task_id.as_str(), record.encode().as_slice())?;
+            t.expiry.insert((now as u64, task_id.as_str()), ())?;
+        }
+        Ok(Ok(match previous {
+            Some(previous) => Appended::Conflict { seq, previous },
+            None => Appended::New { seq },
+        }))
+    }
+
     fn transaction(
         &mut self,
         group: impl Iterator<Item = Command>,
@@ -346,90 +424,19 @@ impl Writer {
             )))
         })?;
         {
-            let mut pending = txn.open_table(PENDING)?;
-            let mut dead = txn.open_table(DEAD)?;
-            let mut tasks = txn.open_table(TASKS)?;
-            let mut expiry = txn.open_table(EXPIRY)?;
+            let mut tables = Tables {
+                pending: txn.open_table(PENDING)?,
+                dead: txn.open_table(DEAD)?,
+                tasks: txn.open_table(TASKS)?,
+                expiry: txn.open_table(EXPIRY)?,
+            };
             let mut rejected = txn.open_table(REJECTED)?;
             let now = now_ms();
-            let window_ms = (self.config.dedup_window_secs as i64).saturating_mul(1000);
+            let window_ms = self.window_ms();
             for command in group {
                 match command {
-                    Command::Append { mut event, reply } => {
-                        let count =
-                            self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending;
-                        let bytes = self.stats.pending_bytes.load(Ordering::Relaxed) as i64
-                            + delta.pending_bytes;
-                        let outcome = if count >= self.config.max_pending as i64 {
-                            Err(AppendError::Full("max_pending"))
-                        } else if bytes >= self.config.max_pending_bytes as i64 {
-                            Err(AppendError::Full("max_pending_bytes"))
-                        } else {
-                            let old = tasks
-                                .get(event.task_id.as_str())?
-                                .map(|v| TaskRecord::decode(v.value()));
-                            let mut record = old.unwrap_or_default();
-                            let decision = if self.config.dedup {
-                                record.decide(event.state, now, window_ms)
-                            } else {
-                                Appended::New { seq: 0 }
-                            };
-                            let decision = match decision {
-                                Appended::New { .. } | Appended::Conflict { .. } => {
-                                    let seq = self.next_seq;
-                                    self.next_seq += 1;
-                                    if let Appended::Conflict { previous, .. } = decision {
-                                        event.conflicts_with = Some(previous);
-                                        delta.conflicts += 1;
-                                    }
-                                    let payload = serde_json::to_vec(&event).unwrap_or_default();
-                                    pending.insert(seq, payload.as_slice())?;
-                                    delta.pending += 1;
-                                    delta.pending_bytes += payload.len() as i64;
-                                    delta.accepted += 1;
-                                    if self.config.dedup {
-                                        if let Some(old) = old {
-                                            expiry.remove((
-                                                old.last_seen as u64,
-                                                event.task_id.as_str(),
-                                            ))?;
-                                        }
-                                        record.accepted_at[slot(event.state)] = now;
-                                        if record
-                                            .furthest
-                                            .is_none_or(|f| event.state.rank() > f.rank())
-                                        {
-                                            record.furthest = Some(event.state);
-                                        }
-                                        record.last_seen = now;
-                                        tasks.insert(
-                                            event.task_id.as_str(),
-                                            record.encode().as_slice(),
-                                        )?;
-                                        expiry.insert((now as u64, event.task_id.as_str()), ())?;
-                                    }
-                                    match decision {
-                                        Appended::Conflict { previous, .. } => {
-                                            Appended::Conflict { seq, previous }
-                                        }
-                                        _ => Appended::New { seq },
-                                    }
-                                }
-                                Appended::Duplicate => {
-                                    delta.duplicates += 1;
-                                    Appended::Duplicate
-                                }
-                                Appended::Stale { furthest } => {
-                                    delta.stale += 1;
-                                    Appended::Stale { furthest }
-                                }
-                            };
-                            tracing::debug!(task_id = %event.task_id, state = event.state.as_str(), ?decision, "append");
-                            Ok(decision)
-                        };
-                        if outcome.is_err() {
-                            delta.refused_full += 1;
-                        }
+                    Command::Append { event, reply } => {
+                        let outcome = self.append(&mut tables, *event, now, delta)?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
                                 Some(e) => Err(AppendError::Storage(e.to_string())),
@@ -451,14 +458,14 @@ impl Writer {
                         reply,
                     } => {
                         for seq in delivered {
-                            if let Some(v) = pending.remove(seq)? {
+                            if let Some(v) = tables.pending.remove(seq)? {
                                 delta.pending -= 1;
                                 delta.pending_bytes -= v.value().len() as i64;
                                 delta.published += 1;
                             }
                         }
                         for (seq, reason) in failed {
-                            let Some(v) = pending.remove(seq)? else {
+                            let Some(v) = tables.pending.remove(seq)? else {
                                 continue;
                             };
                             let bytes = v.value().to_vec();
@@ -471,7 +478,7 @@ impl Writer {
                                     String::from_utf8_lossy(&bytes).into_owned().into()
                                 }),
                             };
-                            dead.insert(
+                            tables.dead.insert(
                                 seq,
                                 serde_json::to_vec(&letter).unwrap_or_default().as_slice(),
                             )?;
@@ -487,12 +494,12 @@ impl Writer {
                     }
                     Command::Requeue { reply } => {
                         let mut moved = 0;
-                        while let Some((_, v)) = dead.pop_first()? {
+                        while let Some((_, v)) = tables.dead.pop_first()? {
                             let letter: Option<DeadLetter> = serde_json::from_slice(v.value()).ok();
                             drop(v);
                             let Some(letter) = letter else { continue };
                             let payload = serde_json::to_vec(&letter.event).unwrap_or_default();
-                            pending.insert(self.next_seq, payload.as_slice())?;
+                            tables.pending.insert(self.next_seq, payload.as_slice())?;
                             self.next_seq += 1;
                             delta.pending += 1;
                             delta.pending_bytes += payload.len() as i64;
@@ -518,7 +525,7 @@ impl Writer {
                             failed_at: now,
                             event: serde_json::to_value(&*event).unwrap_or_default(),
                         };
-                        dead.insert(
+                        tables.dead.insert(
                             seq,
                             serde_json::to_vec(&letter).unwrap_or_default().as_slice(),
                         )?;
@@ -532,7 +539,7 @@ impl Writer {
                     Command::Prune { reply } => {
                         let cutoff = (now - window_ms).max(0) as u64;
                         let mut expired = Vec::new();
-                        for entry in expiry
+                        for entry in tables.expiry
                             .range::<(u64, &str)>(..(cutoff, ""))?
                             .take(PRUNE_BATCH)
                         {
@@ -541,8 +548,8 @@ impl Writer {
                             expired.push((at, task.to_string()));
                         }
                         for (at, task) in &expired {
-                            expiry.remove((*at, task.as_str()))?;
-                            tasks.remove(task.as_str())?;
+                            tables.expiry.remove((*at, task.as_str()))?;
+                            tables.tasks.remove(task.as_str())?;
                         }
                         let pruned = expired.len() as u64;
                         if pruned > 0 {

@@ -55,7 +55,7 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         .set("linger.ms", "5")
         .set("client.id", "hookbridge");
     for (key, value) in &config.options {
-        cc.set(key, value.expose());
+        cc.set(crate::config::librdkafka_key(key), value.expose());
     }
     cc
 }
