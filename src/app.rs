@@ -1,5 +1,6 @@
-//! Wiring: config -> outbox + publisher + relay + router, and the ordered
-//! shutdown (stop accepting, finish the batch in flight, flush, exit).
+//! Wiring: config -> outbox + publisher + relay + router (+ the task
+//! registry, reconciler and verifier), and the ordered shutdown (stop
+//! accepting, finish the batch in flight, flush, exit).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::http::{router, AppState};
 use crate::outbox::{Outbox, Relay};
+use crate::poll::{Reconciler, Tasks, Verifier};
 use crate::publish::{self, Publisher};
 
 /// How often expired dedup records are pruned.
@@ -24,6 +26,9 @@ pub struct App {
     outbox: Outbox,
     publisher: Arc<dyn Publisher>,
     state: AppState,
+    reconciler: Option<Reconciler>,
+    verifier: Option<Verifier>,
+    registry_retention_ms: i64,
 }
 
 impl App {
@@ -31,6 +36,7 @@ impl App {
     /// broker) and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let outbox = Outbox::open(&config.outbox).context("cannot open the outbox")?;
+        let tasks = Tasks::open(&config).context("cannot open the task registry")?;
         let publisher: Arc<dyn Publisher> = Arc::from(
             publish::build(&config.publisher)
                 .await
@@ -47,12 +53,34 @@ impl App {
             body_limit: config.server.body_limit_bytes,
             admin_on_loopback: config.server.listen.ip().is_loopback(),
             admin_token: config.server.admin_token.clone(),
+            tasks: tasks.clone(),
         };
+        let in_flight = config.provider.max_in_flight;
+        let reconciler = config
+            .reconcile
+            .enabled
+            .then(|| {
+                Reconciler::new(
+                    tasks.clone(),
+                    outbox.clone(),
+                    config.reconcile.clone(),
+                    in_flight,
+                )
+            })
+            .flatten();
+        let verifier = config
+            .provider
+            .verify
+            .then(|| Verifier::new(tasks, outbox.clone(), config.reconcile.clone(), in_flight))
+            .flatten();
         Ok(Self {
             listener,
             outbox,
             publisher,
             state,
+            reconciler,
+            verifier,
+            registry_retention_ms: (config.outbox.dedup_window_secs as i64).saturating_mul(1000),
         })
     }
 
@@ -79,23 +107,41 @@ impl App {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
+        let addr = self.local_addr();
         let relay = Relay::new(self.outbox.clone(), self.publisher.clone());
         let relay = tokio::spawn(relay.run(stopped(stop_rx.clone())));
-        let pruner = tokio::spawn(prune_periodically(self.outbox.clone(), stopped(stop_rx)));
+        let pruner = tokio::spawn(prune_periodically(
+            self.outbox.clone(),
+            self.state.tasks.registry.clone(),
+            self.registry_retention_ms,
+            stopped(stop_rx.clone()),
+        ));
+        let reconciler = self
+            .reconciler
+            .map(|r| tokio::spawn(r.run(stopped(stop_rx.clone()))));
+        let verifier = self.verifier.map(|v| tokio::spawn(v.run(stopped(stop_rx))));
 
-        tracing::info!(addr = %self.local_addr(), publisher = self.publisher.name(), "hookbridge listening");
+        tracing::info!(%addr, publisher = self.publisher.name(), "hookbridge listening");
         let served = axum::serve(self.listener, router(self.state))
             .with_graceful_shutdown(shutdown)
             .await;
         tracing::info!("stopped accepting; draining the relay");
         let _ = stop_tx.send(true);
+        for worker in [reconciler, verifier].into_iter().flatten() {
+            let _ = worker.await;
+        }
         let _ = relay.await;
         let _ = pruner.await;
         served.context("http server failed")
     }
 }
 
-async fn prune_periodically(outbox: Outbox, stop: impl Future<Output = ()>) {
+async fn prune_periodically(
+    outbox: Outbox,
+    registry: crate::poll::Registry,
+    retention_ms: i64,
+    stop: impl Future<Output = ()>,
+) {
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -103,6 +149,12 @@ async fn prune_periodically(outbox: Outbox, stop: impl Future<Output = ()>) {
             _ = tokio::time::sleep(PRUNE_EVERY) => {
                 if let Err(e) = outbox.prune().await {
                     tracing::warn!(error = %e, "pruning dedup records failed");
+                }
+                // Registrations live as long as the dedup records: a late
+                // callback's token is still checked while it could matter.
+                let before = crate::outbox::now_ms() - retention_ms;
+                if let Err(e) = registry.blocking(move |r| r.prune(before, 10_000)).await {
+                    tracing::warn!(error = %e, "pruning task registrations failed");
                 }
             }
         }

@@ -30,6 +30,10 @@ pub struct Config {
     pub publisher: PublisherConfig,
     /// Log output.
     pub log: LogConfig,
+    /// The provider's task API: task creation, polling, callback verification.
+    pub provider: ProviderConfig,
+    /// Fallback polling of registered tasks whose callback does not come.
+    pub reconcile: ReconcileConfig,
 }
 
 /// The HTTP ingress.
@@ -150,7 +154,9 @@ pub struct KafkaConfig {
     pub message_timeout_ms: u64,
     /// Extra librdkafka properties (TLS, SASL, compression, ...). Values
     /// here override hookbridge's own, except the delivery guarantees
-    /// (`acks`, `enable.idempotence`), which are refused.
+    /// (`acks`, `enable.idempotence`), which are refused. `_` in a key reads
+    /// as `.` (librdkafka keys have none), so the environment can set them:
+    /// `HOOKBRIDGE_PUBLISHER__OPTIONS__SASL_PASSWORD` sets `sasl.password`.
     #[serde(default)]
     pub options: BTreeMap<String, Secret>,
 }
@@ -233,6 +239,96 @@ impl Default for LogConfig {
     }
 }
 
+/// The provider's task API and the endpoints that register tasks with hookbridge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// Base URL of the provider's API (`/api/v1/jobs/...` is appended).
+    pub base_url: String,
+    /// The provider API key, sent as `Authorization: Bearer`. Needed for
+    /// `POST /tasks`, polling and verify mode; never logged.
+    pub api_key: Option<Secret>,
+    /// Longest wait for one provider request, answer included, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Most status requests to the provider in flight at once.
+    pub max_in_flight: usize,
+    /// Most status requests to the provider per second.
+    pub requests_per_sec: u32,
+    /// Extra attempts of a status request after a 429, a 5xx or a network error.
+    pub max_retries: u32,
+    /// First delay before such a retry, in milliseconds; doubles per attempt.
+    pub retry_initial_ms: u64,
+    /// Longest delay between two attempts, in milliseconds.
+    pub retry_max_ms: u64,
+    /// hookbridge's own base URL as the provider reaches it, e.g.
+    /// `https://hooks.example.com`; `POST /tasks` sets `callBackUrl` to
+    /// `{public_url}/webhooks/kinovi?token=...`.
+    pub public_url: Option<String>,
+    /// Bearer token that protects `POST /tasks` and `POST /tasks/{taskId}/watch`.
+    /// Unset: those endpoints answer 404. At least 16 characters.
+    pub tasks_token: Option<Secret>,
+    /// Confirm every callback against the status endpoint before publishing
+    /// it; unconfirmed ones become dead letters. Needs `api_key`.
+    pub verify: bool,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://kinovi.ai".into(),
+            api_key: None,
+            request_timeout_ms: 10_000,
+            max_in_flight: 4,
+            requests_per_sec: 10,
+            max_retries: 3,
+            retry_initial_ms: 500,
+            retry_max_ms: 10_000,
+            public_url: None,
+            tasks_token: None,
+            verify: false,
+        }
+    }
+}
+
+/// The reconciler: polls registered tasks that have no terminal event yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Poll registered tasks. Has no effect without `provider.api_key`.
+    pub enabled: bool,
+    /// How long after registration a task without a terminal event is first
+    /// polled, in seconds (the provider advises 10-15 minutes); 0 polls at once.
+    pub first_poll_after_secs: u64,
+    /// How long after registration a task without a terminal state is given
+    /// up on: it becomes a dead letter with the reason `stuck`, in seconds.
+    pub deadline_secs: u64,
+    /// Delay between the first two polls of a task, in milliseconds; it
+    /// doubles after each poll that finds the task still running.
+    pub poll_initial_ms: u64,
+    /// Longest delay between two polls of a task, in milliseconds.
+    pub poll_max_ms: u64,
+    /// How long the provider may answer 404 for a task (registered, or named
+    /// by a callback in verify mode) before it counts as unknown, in seconds.
+    pub unknown_task_grace_secs: u64,
+    /// Also publish the non-terminal states (`waiting`, `generating`) that
+    /// polling observes.
+    pub publish_progress: bool,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            first_poll_after_secs: 600,
+            deadline_secs: 1800,
+            poll_initial_ms: 5_000,
+            poll_max_ms: 60_000,
+            unknown_task_grace_secs: 60,
+            publish_progress: false,
+        }
+    }
+}
+
 /// A string that never appears in logs or `Debug` output.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -270,7 +366,19 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        Self::extract(figment.merge(Env::prefixed("HOOKBRIDGE_").split("__")))
+        Self::extract(figment.merge(Self::environment()))
+    }
+
+    /// `HOOKBRIDGE_<SECTION>__<KEY>` variables. `HOOKBRIDGE_CONFIG` (the
+    /// file's path) and `HOOKBRIDGE_TEST_*` (the test harness's) are not
+    /// configuration keys.
+    fn environment() -> Env {
+        Env::prefixed("HOOKBRIDGE_")
+            .filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                key != "config" && !key.starts_with("test_")
+            })
+            .split("__")
     }
 
     /// Parses a TOML document over the defaults (no environment), for tests.
@@ -324,6 +432,7 @@ impl Config {
                 return invalid("server.admin_token", "must be at least 16 characters");
             }
         }
+        self.validate_provider()?;
         match &self.publisher {
             PublisherConfig::File(f) if f.path.is_empty() => {
                 invalid("publisher.path", "must be a file path or `-`")
@@ -334,7 +443,7 @@ impl Config {
                 }
                 check_template("publisher.topic", &k.topic)?;
                 for key in ["acks", "enable.idempotence", "bootstrap.servers"] {
-                    if k.options.contains_key(key) {
+                    if k.options.keys().any(|k| librdkafka_key(k) == key) {
                         return Err(ConfigError::Invalid {
                             key: "publisher.options",
                             reason: format!(
@@ -366,6 +475,95 @@ impl Config {
             _ => Ok(()),
         }
     }
+}
+
+impl Config {
+    fn validate_provider(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        let (p, r) = (&self.provider, &self.reconcile);
+        check_url("provider.base_url", &p.base_url)?;
+        if let Some(url) = &p.public_url {
+            check_url("provider.public_url", url)?;
+            if url.contains(['?', '#']) {
+                return invalid("provider.public_url", "must not carry a query or fragment");
+            }
+        }
+        if p.request_timeout_ms == 0 {
+            return invalid("provider.request_timeout_ms", "must be at least 1");
+        }
+        if p.max_in_flight == 0 {
+            return invalid("provider.max_in_flight", "must be at least 1");
+        }
+        if p.requests_per_sec == 0 {
+            return invalid("provider.requests_per_sec", "must be at least 1");
+        }
+        if p.retry_initial_ms == 0 || p.retry_max_ms < p.retry_initial_ms {
+            return invalid(
+                "provider.retry_max_ms",
+                "retry_initial_ms must be > 0 and retry_max_ms >= retry_initial_ms",
+            );
+        }
+        if p.api_key
+            .as_ref()
+            .is_some_and(|k| k.expose().trim().is_empty())
+        {
+            return invalid("provider.api_key", "must not be empty");
+        }
+        if p.verify && p.api_key.is_none() {
+            return invalid("provider.verify", "needs provider.api_key");
+        }
+        if let Some(token) = &p.tasks_token {
+            if token.expose().len() < 16 {
+                return invalid("provider.tasks_token", "must be at least 16 characters");
+            }
+            if p.api_key.is_none() || p.public_url.is_none() {
+                return invalid(
+                    "provider.tasks_token",
+                    "needs provider.api_key and provider.public_url",
+                );
+            }
+        }
+        if r.deadline_secs == 0 || r.deadline_secs <= r.first_poll_after_secs {
+            return invalid(
+                "reconcile.deadline_secs",
+                "must be greater than reconcile.first_poll_after_secs",
+            );
+        }
+        if r.poll_initial_ms == 0 || r.poll_max_ms < r.poll_initial_ms {
+            return invalid(
+                "reconcile.poll_max_ms",
+                "poll_initial_ms must be > 0 and poll_max_ms >= poll_initial_ms",
+            );
+        }
+        Ok(())
+    }
+}
+
+fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    let ok = (url.starts_with("http://") || url.starts_with("https://"))
+        && url
+            .parse::<axum::http::Uri>()
+            .is_ok_and(|u| u.host().is_some());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            reason: format!("{url:?} is not an http:// or https:// URL"),
+        })
+    }
+}
+
+/// A librdkafka property name from a config key: environment variables
+/// cannot hold dots, so `sasl_password` (from `..._OPTIONS__SASL_PASSWORD`)
+/// means `sasl.password`.
+pub fn librdkafka_key(key: &str) -> String {
+    key.replace('_', ".")
 }
 
 fn check_template(key: &'static str, template: &str) -> Result<(), ConfigError> {
@@ -426,6 +624,40 @@ mod tests {
     }
 
     #[test]
+    fn provider_settings_are_checked() {
+        let err = Config::from_toml("[provider]\nverify = true\n").unwrap_err();
+        assert!(err.to_string().contains("provider.verify"), "{err}");
+        let err =
+            Config::from_toml("[provider]\napi_key = \"k\"\ntasks_token = \"0123456789abcdef\"\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("provider.tasks_token"), "{err}");
+        let err = Config::from_toml("[provider]\nbase_url = \"kinovi.ai\"\n").unwrap_err();
+        assert!(err.to_string().contains("provider.base_url"), "{err}");
+        let err =
+            Config::from_toml("[reconcile]\nfirst_poll_after_secs = 60\ndeadline_secs = 60\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("reconcile.deadline_secs"), "{err}");
+        let config = Config::from_toml(
+            "[provider]\napi_key = \"sk-live-secret\"\npublic_url = \"https://h.example\"\n\
+             tasks_token = \"0123456789abcdef\"\nverify = true\n",
+        )
+        .unwrap();
+        assert!(config.provider.verify);
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("sk-live-secret") && !printed.contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn kafka_option_keys_may_use_underscores_for_dots() {
+        let err = Config::from_toml(
+            "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\nenable_idempotence = \"false\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("enable.idempotence"), "{err}");
+        assert_eq!(librdkafka_key("sasl_password"), "sasl.password");
+    }
+
+    #[test]
     fn secrets_are_not_printed() {
         let config = Config::from_toml(
             "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\n\"sasl.password\" = \"hunter2-hunter2\"\n",
@@ -441,6 +673,8 @@ mod tests {
             jail.set_env("HOOKBRIDGE_PUBLISHER__TYPE", "nats");
             jail.set_env("HOOKBRIDGE_PUBLISHER__URL", "nats://127.0.0.1:4999");
             jail.set_env("HOOKBRIDGE_OUTBOX__MAX_PENDING", "42");
+            jail.set_env("HOOKBRIDGE_CONFIG", "ignored.toml");
+            jail.set_env("HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:1");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.outbox.max_pending, 42);
             match config.publisher {

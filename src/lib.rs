@@ -13,6 +13,10 @@
 //!     publish::Publisher   Kafka (key = taskId, acks=all, idempotent) |
 //!                          JetStream (Nats-Msg-Id = eventId, PubAck) | file
 //!     outbox::complete     delete on ack, dead-letter on permanent refusal
+//! poll::Reconciler         registered tasks without a terminal event: poll
+//!                          recordInfo, outbox::append (source=poll) or bury
+//! poll::Verifier           verify mode: held callbacks confirmed, then
+//!                          outbox::append, else outbox::bury
 //! ```
 //!
 //! # The guarantees, and where each lives
@@ -35,13 +39,19 @@
 //! - **Untrusted input**: bodies are size-limited and parsed strictly; a bad
 //!   one gets a 4xx JSON error naming the problem and is kept (capped) for
 //!   inspection under `/admin/rejected`.
+//! - **No registered task forgotten** ([`poll`]): tasks created through
+//!   `POST /tasks` or watched are polled when their callback does not come,
+//!   and dead-lettered as `stuck` at their deadline; verify mode keeps forged
+//!   callbacks off the broker. [`sim`] simulates the provider for tests.
 
 pub mod app;
 pub mod config;
 pub mod event;
 pub mod http;
 pub mod outbox;
+pub mod poll;
 pub mod publish;
+pub mod sim;
 pub mod telemetry;
 
 pub use app::App;

@@ -49,9 +49,11 @@ pub async fn status(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let status = state.outbox.status().map_err(internal)?;
-    Ok(Json(
-        json!({ "publisher": state.publisher_name, "outbox": status }),
-    ))
+    Ok(Json(json!({
+        "publisher": state.publisher_name,
+        "outbox": status,
+        "poll": state.tasks.status(),
+    })))
 }
 
 pub async fn dead_letters(

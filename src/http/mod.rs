@@ -1,5 +1,6 @@
-//! The HTTP surface: the provider's callback endpoint, a health check, and
-//! the operator endpoints. `router(state)` is all a test needs.
+//! The HTTP surface: the provider's callback endpoint, a health check, the
+//! task registration endpoints, and the operator endpoints. `router(state)`
+//! is all a test needs.
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -11,6 +12,7 @@ use crate::outbox::Outbox;
 
 mod admin;
 mod error;
+mod tasks;
 mod webhook;
 
 pub use admin::constant_time_eq;
@@ -25,12 +27,16 @@ pub struct AppState {
     pub admin_token: Option<Secret>,
     /// No token set and the listener is on loopback: admin is open to it.
     pub admin_on_loopback: bool,
+    /// Registered tasks, the provider client and the task endpoints' settings.
+    pub tasks: crate::poll::Tasks,
 }
 
 pub fn router(state: AppState) -> Router {
     let limit = state.body_limit;
     Router::new()
         .route("/webhooks/kinovi", post(webhook::kinovi))
+        .route("/tasks", post(tasks::create))
+        .route("/tasks/{task_id}/watch", post(tasks::watch))
         .route(
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),

@@ -2,20 +2,33 @@
 //!
 //! The answer is 200 only once the event (or the decision that it is a
 //! duplicate or stale) is on disk; the broker is never on this path.
+//!
+//! Registered tasks: a task created through `POST /tasks` must send its
+//! `?token=` (else 401, nothing stored). In verify mode the callback is only
+//! held (durably) for the verifier, which publishes it once the provider
+//! confirms it. Callbacks for unregistered tasks, or tasks registered with
+//! `watch`, are trusted on shape alone unless verify mode is on.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{ApiError, AppState};
+use super::{tasks, ApiError, AppState};
 use crate::event::{self, Source};
-use crate::outbox::{now_ms, Appended, Stats};
+use crate::outbox::{now_ms, Appended};
+
+/// The callback URL's query: `?token=` for tasks created through `POST /tasks`.
+#[derive(serde::Deserialize)]
+pub struct CallbackQuery {
+    token: Option<String>,
+}
 
 pub async fn kinovi(
     State(state): State<AppState>,
+    query: Result<Query<CallbackQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = body.map_err(|rejection| {
@@ -34,9 +47,11 @@ pub async fn kinovi(
         state.outbox.reject(&body, &reason);
         ApiError::InvalidPayload(reason)
     })?;
-    if state.outbox.is_full() {
-        Stats::add(&state.outbox.stats().refused_full, 1);
-        return Err(ApiError::Backlog);
+    let token = query.ok().and_then(|Query(q)| q.token);
+    tasks::check_callback_token(&state, &event.task_id, token.as_deref(), &body).await?;
+    if state.tasks.verify {
+        tasks::hold_for_verification(&state, event).await?;
+        return Ok(Json(json!({ "message": "ok" })));
     }
     let (task_id, event_id) = (event.task_id.clone(), event.event_id.clone());
     let outcome = state.outbox.append(event).await?;

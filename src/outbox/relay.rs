@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Outbox, OutboxError, Stats};
-use crate::publish::{PublishError, Publisher};
+use crate::publish::{Outgoing, PublishError, Publisher};
 
 /// What one relay step did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,8 @@ impl Relay {
         if batch.is_empty() {
             return Ok(RelayStep::default());
         }
-        let results = self.publisher.publish(&batch).await;
+        let mut results = self.publisher.publish(&batch).await;
+        self.isolate_permanent_failures(&batch, &mut results).await;
         let (mut delivered, mut dead, mut step) = (Vec::new(), Vec::new(), RelayStep::default());
         for (o, result) in batch.iter().zip(results) {
             match result {
@@ -85,6 +86,34 @@ impl Relay {
             self.outbox.complete(delivered, dead).await?;
         }
         Ok(step)
+    }
+
+    /// A broker may refuse a whole produce request for one bad message (Kafka
+    /// answers `MESSAGE_TOO_LARGE` for every message of an oversized batch).
+    /// When several messages of a batch failed permanently, each is tried
+    /// again alone, so only the ones that fail on their own become dead
+    /// letters.
+    async fn isolate_permanent_failures(
+        &self,
+        batch: &[Outgoing],
+        results: &mut [Result<(), PublishError>],
+    ) {
+        let permanent = results
+            .iter()
+            .filter(|r| matches!(r, Err(e) if e.is_permanent()))
+            .count();
+        if permanent < 2 {
+            return;
+        }
+        for (o, result) in batch.iter().zip(results.iter_mut()) {
+            if matches!(result, Err(e) if e.is_permanent()) {
+                let alone = self.publisher.publish(std::slice::from_ref(o)).await;
+                *result = alone
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| Err(PublishError::Transient("no result".into())));
+            }
+        }
     }
 
     /// Runs until `shutdown` resolves; then lets the batch in flight finish

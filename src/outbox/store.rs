@@ -355,7 +355,9 @@ impl Writer {
     ) -> Result<Result<Appended, AppendError>, OutboxError> {
         let task_id = event.task_id.clone();
         let old = if self.config.dedup {
-            t.tasks.get(task_id.as_str())?.map(|v| TaskRecord::decode(v.value()))
+            t.tasks
+                .get(task_id.as_str())?
+                .map(|v| TaskRecord::decode(v.value()))
         } else {
             None
         };
@@ -376,9 +378,14 @@ impl Writer {
         };
         let count = self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending;
         let bytes = self.stats.pending_bytes.load(Ordering::Relaxed) as i64 + delta.pending_bytes;
-        if count >= self.config.max_pending as i64 || bytes >= self.config.max_pending_bytes as i64 {
+        if count >= self.config.max_pending as i64 || bytes >= self.config.max_pending_bytes as i64
+        {
             delta.refused_full += 1;
-            let which = if count >= self.config.max_pending as i64 { "max_pending" } else { "max_pending_bytes" };
+            let which = if count >= self.config.max_pending as i64 {
+                "max_pending"
+            } else {
+                "max_pending_bytes"
+            };
             return Ok(Err(AppendError::Full(which)));
         }
         let seq = self.next_seq;
@@ -397,11 +404,15 @@ impl Writer {
                 t.expiry.remove((old.last_seen as u64, task_id.as_str()))?;
             }
             record.accepted_at[slot(event.state)] = now;
-            if record.furthest.is_none_or(|f| event.state.rank() > f.rank()) {
+            if record
+                .furthest
+                .is_none_or(|f| event.state.rank() > f.rank())
+            {
                 record.furthest = Some(event.state);
             }
             record.last_seen = now;
-            t.tasks.insert(task_id.as_str(), record.encode().as_slice())?;
+            t.tasks
+                .insert(task_id.as_str(), record.encode().as_slice())?;
             t.expiry.insert((now as u64, task_id.as_str()), ())?;
         }
         Ok(Ok(match previous {
@@ -539,7 +550,8 @@ impl Writer {
                     Command::Prune { reply } => {
                         let cutoff = (now - window_ms).max(0) as u64;
                         let mut expired = Vec::new();
-                        for entry in tables.expiry
+                        for entry in tables
+                            .expiry
                             .range::<(u64, &str)>(..(cutoff, ""))?
                             .take(PRUNE_BATCH)
                         {

@@ -176,6 +176,11 @@ impl Publisher for NatsPublisher {
 
     fn flush(&self, timeout: Duration) -> BoxFuture<'_, ()> {
         async move {
+            // Nothing can be flushed to a server we are not connected to;
+            // whatever is unacknowledged stays in the outbox anyway.
+            if self.client.connection_state() != async_nats::connection::State::Connected {
+                return;
+            }
             let _ = tokio::time::timeout(timeout, self.client.flush()).await;
         }
         .boxed()

@@ -5,6 +5,10 @@
 
 mod support;
 
+mod dedup;
 mod ingress;
 mod kafka;
 mod nats;
+mod outbox;
+mod poll;
+mod storage;

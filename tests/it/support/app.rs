@@ -250,6 +250,13 @@ impl ChildApp {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        // The harness's own HOOKBRIDGE_TEST_* variables share the binary's
+        // configuration prefix, and it refuses unknown keys.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("HOOKBRIDGE_TEST_") {
+                cmd.env_remove(key);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -6,6 +6,7 @@ pub mod brokers;
 pub mod callbacks;
 pub mod kafka;
 pub mod nats;
+pub mod sim;
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,256 @@
+//! hookbridge's ingest benchmark: a load generator and the measurements of
+//! issues 3 and 4 (speed), run by `scripts/bench.sh`.
+//!
+//! ```text
+//! ingest baseline     [--duration S] [--connections N]      trivial axum 200 handler, in process
+//! ingest full-speed   --url URL [--duration S] [--connections N]   closed loop
+//! ingest fixed-rate   --url URL --rate R [--duration S]     open loop, latency from the schedule
+//! ingest drain        --url URL --count N                   post with the broker down, then time the drain
+//! ingest dedup-size   --dir DIR [--count N]                 the outbox alone: size of 1M dedup records
+//! ingest wait-http    --url URL                             wait until GET URL answers 200
+//! ingest wait-drained --url URL                             wait until the outbox is empty
+//! ```
+//!
+//! `URL` is the server's base, e.g. `http://127.0.0.1:8080`; callbacks go to
+//! `--path` (default `/webhooks/kinovi`), the outbox depth is read from
+//! `/admin/status`. Only loopback addresses are accepted: this is a load
+//! generator. Every callback carries a distinct taskId (a run-unique prefix
+//! and a counter), so deduplication never suppresses one and every 200 is a
+//! durable write. The bodies are the provider's documented success and
+//! failure examples.
+//!
+//! Latency figures come from every request, sorted (no histogram buckets).
+//! Closed loop: N keep-alive HTTP/1 connections, each sending its next
+//! request as soon as the answer arrived; the first `--warmup` seconds are
+//! not counted. Open loop: requests are due on a fixed timeline and latency
+//! runs from the due time, so a slow answer delays and counts against the
+//! requests behind it (no coordinated omission).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+// A bench target is a crate root: its modules are found relative to benches/.
+#[path = "ingest/dedup_size.rs"]
+mod dedup_size;
+#[path = "ingest/load.rs"]
+mod load;
+
+use load::{Stop, Target};
+
+#[derive(Parser)]
+#[command(about = "hookbridge ingest benchmark (load generator and measurements)")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Full-speed load against an in-process axum handler that only answers 200.
+    Baseline {
+        #[command(flatten)]
+        load: Closed,
+        /// Server runtime worker threads (hookbridge's default runtime uses one per core).
+        #[arg(long, default_value_t = 2)]
+        server_threads: usize,
+    },
+    /// Closed-loop load at full speed against a running server.
+    FullSpeed {
+        #[command(flatten)]
+        target: Url,
+        #[command(flatten)]
+        load: Closed,
+    },
+    /// Open-loop load at a fixed rate; latency counted from each request's due time.
+    FixedRate {
+        #[command(flatten)]
+        target: Url,
+        /// Requests per second.
+        #[arg(long)]
+        rate: u64,
+        #[arg(long, default_value_t = 15.0)]
+        duration: f64,
+        /// Seconds at the start that are sent but not counted.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Connection pool size (each carries one request at a time).
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+    },
+    /// Post COUNT callbacks (the broker should be down), print `drain: posted`,
+    /// then poll the outbox until it is empty and report the drain rate.
+    Drain {
+        #[command(flatten)]
+        target: Url,
+        #[arg(long, default_value_t = 200_000)]
+        count: u64,
+        #[arg(long, default_value_t = 128)]
+        connections: usize,
+        /// Longest wait for the drain, in seconds.
+        #[arg(long, default_value_t = 180.0)]
+        timeout: f64,
+    },
+    /// Append COUNT distinct tasks through the outbox (no HTTP, no relay),
+    /// dedup on and off, and report the size of the dedup records.
+    DedupSize {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// Concurrent appenders, so that group commit works as in the server.
+        #[arg(long, default_value_t = 2048)]
+        concurrency: usize,
+    },
+    /// Wait until GET URL answers 200.
+    WaitHttp {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Wait until the server's outbox has nothing pending.
+    WaitDrained {
+        #[command(flatten)]
+        target: Url,
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+    },
+}
+
+#[derive(Args)]
+struct Url {
+    /// Server base URL (loopback only), e.g. http://127.0.0.1:8080
+    #[arg(long)]
+    url: String,
+    /// Path callbacks are posted to.
+    #[arg(long, default_value = "/webhooks/kinovi")]
+    path: String,
+}
+
+impl Url {
+    fn target(&self) -> anyhow::Result<Target> {
+        Target::parse(&self.url, &self.path)
+    }
+}
+
+#[derive(Args)]
+struct Closed {
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds at the start that are sent but not counted.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Keep-alive connections, one request in flight on each.
+    #[arg(long, default_value_t = 128)]
+    connections: usize,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` appends `--bench`; it means nothing here.
+    let args = std::env::args().filter(|a| a != "--bench");
+    let cli = Cli::parse_from(args);
+    // The load generator's own threads (default 1) count against the same
+    // two cores as the server; BENCH_CLIENT_THREADS changes that.
+    let threads = std::env::var("BENCH_CLIENT_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cli.mode))
+}
+
+async fn run(mode: Mode) -> anyhow::Result<()> {
+    match mode {
+        Mode::Baseline {
+            load,
+            server_threads,
+        } => {
+            let (server, target) = load::trivial_server(server_threads)?;
+            println!(
+                "== baseline: trivial axum handler (200, no work), {server_threads} server threads"
+            );
+            let report = load::closed_loop(
+                target,
+                load.connections,
+                Stop::Time {
+                    warmup: secs(load.warmup),
+                    measure: secs(load.duration),
+                },
+            )
+            .await?;
+            report.print_closed(load.connections);
+            server.shutdown_background();
+        }
+        Mode::FullSpeed { target, load } => {
+            let target = target.target()?;
+            println!(
+                "== full-speed: {} connections against {}",
+                load.connections, target
+            );
+            let report = load::closed_loop(
+                target,
+                load.connections,
+                Stop::Time {
+                    warmup: secs(load.warmup),
+                    measure: secs(load.duration),
+                },
+            )
+            .await?;
+            report.print_closed(load.connections);
+        }
+        Mode::FixedRate {
+            target,
+            rate,
+            duration,
+            warmup,
+            connections,
+        } => {
+            let target = target.target()?;
+            println!(
+                "== fixed-rate: {rate}/s for {duration} s (+{warmup} s warm-up) against {target}"
+            );
+            let report =
+                load::open_loop(target, rate, secs(warmup), secs(duration), connections).await?;
+            report.print_open(rate);
+        }
+        Mode::Drain {
+            target,
+            count,
+            connections,
+            timeout,
+        } => {
+            let target = target.target()?;
+            println!("== drain: posting {count} callbacks to {target} (broker down)");
+            let report = load::closed_loop(target.clone(), connections, Stop::Count(count)).await?;
+            report.print_closed(connections);
+            load::drain(&target, secs(timeout)).await?;
+        }
+        Mode::DedupSize {
+            dir,
+            count,
+            concurrency,
+        } => dedup_size::run(&dir, count, concurrency).await?,
+        Mode::WaitHttp { url, timeout } => {
+            let target = Target::parse(&url, "")?;
+            load::wait_http(&target, secs(timeout)).await?;
+        }
+        Mode::WaitDrained { target, timeout } => {
+            let target = target.target()?;
+            let (start, took) = load::wait_drained(&target, secs(timeout)).await?;
+            println!(
+                "outbox drained: {start} pending at start, empty after {:.2} s",
+                took.as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}

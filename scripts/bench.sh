@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# bench.sh: hookbridge's ingest benchmark (the speed targets of issues 3 and 4),
+# load generator included, everything on 127.0.0.1.
+#
+#   scripts/bench.sh
+#
+# Builds hookbridge (release) and the bench binary (benches/ingest.rs), starts a
+# private single-node Kafka (scripts/brokers.sh kafka), runs hookbridge with the
+# Kafka publisher, and runs in order:
+#   baseline    full-speed load against an in-process axum handler that only answers 200
+#   dedup-on    full-speed load against hookbridge (outbox.dedup = true, the default)
+#   dedup-off   the same with HOOKBRIDGE_OUTBOX__DEDUP=false (fresh data dir)
+#   fixed-rate  open-loop load at BENCH_RATE/s, latency from each request's due time
+#   drain       Kafka stopped, BENCH_DRAIN_COUNT callbacks posted, Kafka started:
+#               events/s from the first publish to an empty outbox
+#   dedup-size  the outbox alone: on-disk size of BENCH_DEDUP_COUNT tasks' dedup records
+# then prints a summary table. Every phase is bounded in time; all processes this
+# script started are stopped when it exits (also on Ctrl-C). Total: about 4 minutes
+# after the build.
+#
+# Environment (all optional):
+#   BENCH_PHASES           phases to run, space separated (default: all, in the order above)
+#   BENCH_DURATION         measured seconds of each full-speed run (default 10)
+#   BENCH_CONNECTIONS      closed-loop keep-alive connections (default 128)
+#   BENCH_RATE             fixed-rate requests/s (default 5000)
+#   BENCH_RATE_DURATION    fixed-rate measured seconds (default 15)
+#   BENCH_DRAIN_COUNT      callbacks posted during the outage (default 200000)
+#   BENCH_DEDUP_COUNT      distinct tasks for dedup-size (default 1000000)
+#   BENCH_CLIENT_THREADS   load generator runtime threads (default 1)
+#   BENCH_KEEP=1           keep the state dir (logs, data) and print its path
+#   BENCH_PERF=1           record a perf profile of hookbridge during each load phase
+#                          and print its top symbols (needs perf)
+#   HOOKBRIDGE_*           passed on to hookbridge, e.g. HOOKBRIDGE_OUTBOX__RELAY_BATCH=5000
+#                          or HOOKBRIDGE_PUBLISHER__OPTIONS__linger.ms=20
+#
+# The bench binary can also be run by hand: cargo bench --bench ingest -- --help
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BROKERS=$ROOT/scripts/brokers.sh
+cd "$ROOT"
+
+PHASES=${BENCH_PHASES:-baseline dedup-on dedup-off fixed-rate drain dedup-size}
+DURATION=${BENCH_DURATION:-10}
+CONNECTIONS=${BENCH_CONNECTIONS:-128}
+RATE=${BENCH_RATE:-5000}
+RATE_DURATION=${BENCH_RATE_DURATION:-15}
+DRAIN_COUNT=${BENCH_DRAIN_COUNT:-200000}
+DEDUP_COUNT=${BENCH_DEDUP_COUNT:-1000000}
+export BENCH_CLIENT_THREADS=${BENCH_CLIENT_THREADS:-1}
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+die() {
+  printf 'bench.sh: error: %s\n' "$*" >&2
+  exit 1
+}
+now_ms() { date +%s%3N; }
+want() { [[ " $PHASES " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------------------
+# Build
+
+step "build: cargo build --release --bin hookbridge; cargo bench --no-run --bench ingest"
+bash "$BROKERS" install
+cargo build --release --bin hookbridge
+HOOKBRIDGE=${CARGO_TARGET_DIR:-$ROOT/target}/release/hookbridge
+# The bench's artifact line (the hookbridge binary is built too, for CARGO_BIN_EXE_*).
+BENCH=$(cargo bench --no-run --bench ingest --message-format=json |
+  grep '"kind":\["bench"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+[[ -x $HOOKBRIDGE && -x ${BENCH:-} ]] || die "build did not produce hookbridge and the bench binary"
+
+# ---------------------------------------------------------------------------
+# Processes (only the ones started here are ever stopped)
+
+STATE=$(mktemp -d "${TMPDIR:-/tmp}/hookbridge-bench.XXXXXX")
+KAFKA_PID= HB_PID= DRAIN_PID=
+
+alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
+
+# stop PID TIMEOUT_S: TERM, wait (bounded), then KILL.
+stop() {
+  local pid=$1 timeout=$2
+  alive "$pid" || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + timeout))
+  while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+  if alive "$pid"; then
+    printf 'bench.sh: pid %s did not stop in %ss; killing it\n' "$pid" "$timeout" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+# shellcheck disable=SC2317 # invoked by the trap
+cleanup() {
+  stop "$DRAIN_PID" 5
+  stop "$HB_PID" 20
+  stop "$KAFKA_PID" 30
+  if [[ -n ${BENCH_KEEP:-} ]]; then
+    printf 'bench.sh: logs and data kept in %s\n' "$STATE" >&2
+  else
+    rm -rf "$STATE"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mapfile -t PORTS < <(bash "$BROKERS" free-port 3)
+KPORT=${PORTS[0]} KCPORT=${PORTS[1]} HPORT=${PORTS[2]}
+URL=http://127.0.0.1:$HPORT
+
+start_kafka() {
+  bash "$BROKERS" kafka "$STATE/kafka" "$KPORT" "$KCPORT" </dev/null >/dev/null 2>&1 &
+  KAFKA_PID=$!
+  bash "$BROKERS" wait-kafka "$KPORT" 90 "$KAFKA_PID" || die "Kafka did not start (log: $STATE/kafka/kafka.log)"
+}
+
+# start_hookbridge NAME [VAR=VALUE...]: a fresh data dir per NAME.
+start_hookbridge() {
+  local name=$1
+  shift
+  env HOOKBRIDGE_PUBLISHER__TYPE=kafka \
+    HOOKBRIDGE_PUBLISHER__BROKERS="127.0.0.1:$KPORT" \
+    HOOKBRIDGE_PUBLISHER__TOPIC=bench \
+    HOOKBRIDGE_OUTBOX__DATA_DIR="$STATE/data-$name" \
+    HOOKBRIDGE_SERVER__LISTEN="127.0.0.1:$HPORT" \
+    HOOKBRIDGE_LOG__LEVEL="${HOOKBRIDGE_LOG__LEVEL:-warn}" \
+    "$@" "$HOOKBRIDGE" </dev/null >"$STATE/hookbridge-$name.log" 2>&1 &
+  HB_PID=$!
+  "$BENCH" wait-http --url "$URL/healthz" --timeout 30 ||
+    die "hookbridge did not start (log: $STATE/hookbridge-$name.log)"
+}
+
+stop_hookbridge() {
+  stop "$HB_PID" 20
+  HB_PID=
+}
+
+# phase NAME CMD...: runs CMD, shows and keeps its output in $STATE/NAME.out.
+phase() {
+  local name=$1
+  shift
+  "$@" | tee "$STATE/$name.out"
+}
+
+# CPU accounting, a cheap profile: where the two cores went during a load phase.
+# Ticks are USER_HZ (100/s). busy = user+nice+system+irq+softirq+steal of all CPUs.
+busy_ticks() { awk '/^cpu /{ print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+proc_ticks() {
+  local pid=$1
+  if [[ -n $pid && -r /proc/$pid/stat ]]; then
+    sed 's/.*) //' "/proc/$pid/stat" | awk '{ print $12 + $13 }'
+  else
+    echo 0
+  fi
+}
+# "name ticks" per thread name of PID (trailing digits dropped: rdk:broker1 -> rdk:broker).
+thread_ticks() {
+  local pid=$1 f
+  [[ -n $pid && -d /proc/$pid/task ]] || return 0
+  for f in /proc/"$pid"/task/*/stat; do
+    sed -E 's/^[0-9]+ \((.*)\) (.*)$/\1|\2/' "$f" 2>/dev/null || true
+  done | awk -F'|' '{ split($2, a, " "); n = $1; gsub(/[ ]/, "_", n); sub(/[-_0-9]+$/, "", n); t[n] += a[12] + a[13] }
+    END { for (n in t) print n, t[n] }'
+}
+
+# measured NAME CMD...: phase NAME, then one line on where the CPU went (hookbridge by
+# thread, Kafka, the load generator as it reports itself, everything else, idle).
+measured() {
+  local name=$1
+  shift
+  local k0 c0 t0
+  thread_ticks "$HB_PID" >"$STATE/$name.threads0"
+  k0=$(proc_ticks "$KAFKA_PID") c0=$(busy_ticks) t0=$(now_ms)
+  local perf_pid=
+  if [[ -n ${BENCH_PERF:-} && -n $HB_PID ]] && command -v perf >/dev/null; then
+    perf record -q -F 999 -p "$HB_PID" -o "$STATE/$name.perf.data" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
+  phase "$name" "$@"
+  if [[ -n $perf_pid ]]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    perf report -i "$STATE/$name.perf.data" --no-children --sort comm,symbol --stdio 2>/dev/null |
+      grep -v '^#' | grep -v '^$' | head -n 40 >"$STATE/$name.perf.txt" || true
+    echo "hookbridge perf profile (top symbols by thread; full: $STATE/$name.perf.txt):"
+    head -n 25 "$STATE/$name.perf.txt"
+  fi
+  thread_ticks "$HB_PID" >"$STATE/$name.threads1"
+  local k1 c1 t1
+  k1=$(proc_ticks "$KAFKA_PID") c1=$(busy_ticks) t1=$(now_ms)
+  awk -v wall_ms="$((t1 - t0))" -v kafka="$((k1 - k0))" -v busy="$((c1 - c0))" \
+    -v gen="$(result "$name" cpu_s)" -v cores="$(nproc)" '
+    FNR == NR { before[$1] = $2; next }
+    { d = $2 - before[$1]; hb += d; if (d > 0) th[$1] = d }
+    END {
+      wall = wall_ms / 1000; gen = (gen == "-") ? 0 : gen
+      nt = 0; for (n in th) names[++nt] = n
+      for (i = 1; i <= nt; i++) for (j = i + 1; j <= nt; j++)
+        if (th[names[j]] > th[names[i]]) { x = names[i]; names[i] = names[j]; names[j] = x }
+      detail = ""
+      for (i = 1; i <= nt && i <= 5; i++) detail = detail sprintf("%s%s %.1f", i > 1 ? ", " : "", names[i], th[names[i]] / 100)
+      other = busy / 100 - hb / 100 - kafka / 100 - gen
+      printf "cpu-s over %.1f s wall (%d cores = %.1f): hookbridge %.1f [%s], kafka %.1f, load generator %.1f, other %.1f, idle %.1f\n",
+        wall, cores, wall * cores, hb / 100, detail, kafka / 100, gen, other, wall * cores - busy / 100
+    }' "$STATE/$name.threads0" "$STATE/$name.threads1" | tee -a "$STATE/$name.out"
+}
+
+# result NAME KEY: a field of the phase's RESULT line ("-" when missing).
+result() {
+  local v
+  v=$(sed -n "s/^RESULT.* $2=\([^ ]*\).*/\1/p; s/^RESULT $2=\([^ ]*\).*/\1/p" "$STATE/$1.out" 2>/dev/null | head -n 1)
+  printf '%s' "${v:--}"
+}
+
+# ---------------------------------------------------------------------------
+# Phases
+
+if want baseline; then
+  step "baseline: trivial axum handler, ${DURATION}s, $CONNECTIONS connections"
+  measured baseline "$BENCH" baseline --duration "$DURATION" --connections "$CONNECTIONS"
+fi
+
+if want dedup-on || want dedup-off || want fixed-rate || want drain; then
+  step "start Kafka on 127.0.0.1:$KPORT"
+  start_kafka
+fi
+
+if want dedup-on; then
+  step "full-speed: hookbridge with dedup on, ${DURATION}s, $CONNECTIONS connections"
+  start_hookbridge dedup-on
+  measured dedup-on "$BENCH" full-speed --url "$URL" --duration "$DURATION" --connections "$CONNECTIONS"
+  phase dedup-on-relay "$BENCH" wait-drained --url "$URL" --timeout 120
+  stop_hookbridge
+fi
+
+if want dedup-off; then
+  step "full-speed: hookbridge with dedup off, ${DURATION}s, $CONNECTIONS connections"
+  start_hookbridge dedup-off HOOKBRIDGE_OUTBOX__DEDUP=false
+  measured dedup-off "$BENCH" full-speed --url "$URL" --duration "$DURATION" --connections "$CONNECTIONS"
+  phase dedup-off-relay "$BENCH" wait-drained --url "$URL" --timeout 120
+  stop_hookbridge
+fi
+
+if want fixed-rate || want drain; then
+  start_hookbridge steady
+fi
+
+if want fixed-rate; then
+  step "fixed-rate: ${RATE}/s for ${RATE_DURATION}s (dedup on)"
+  measured fixed-rate "$BENCH" fixed-rate --url "$URL" --rate "$RATE" --duration "$RATE_DURATION"
+  phase fixed-rate-relay "$BENCH" wait-drained --url "$URL" --timeout 60
+fi
+
+DRAIN_READY_DELAY=-
+if want drain; then
+  step "drain: stop Kafka, post $DRAIN_COUNT callbacks, start Kafka"
+  stop "$KAFKA_PID" 30
+  KAFKA_PID=
+  "$BENCH" drain --url "$URL" --count "$DRAIN_COUNT" --connections "$CONNECTIONS" --timeout 180 \
+    >"$STATE/drain.out" 2>&1 &
+  DRAIN_PID=$!
+  deadline=$((SECONDS + 180))
+  until grep -q '^drain: posted' "$STATE/drain.out"; do
+    alive "$DRAIN_PID" || {
+      cat "$STATE/drain.out"
+      die "the drain run ended before posting everything"
+    }
+    ((SECONDS < deadline)) || die "posting $DRAIN_COUNT callbacks took over 180 s"
+    sleep 0.2
+  done
+  cat "$STATE/drain.out"
+  start_kafka
+  ready_ms=$(now_ms)
+  echo "Kafka ready again (unix_ms=$ready_ms)"
+  status=0
+  wait "$DRAIN_PID" || status=$?
+  DRAIN_PID=
+  sed -n '/^drain: posted/,$p' "$STATE/drain.out" | tail -n +2
+  ((status == 0)) || die "the drain measurement failed (exit $status)"
+  first_ms=$(result drain first_publish_unix_ms)
+  [[ $first_ms == - ]] || DRAIN_READY_DELAY=$(((first_ms - ready_ms)))
+  echo "Kafka ready -> first event published: ${DRAIN_READY_DELAY} ms (poll interval 20 ms)"
+fi
+stop_hookbridge
+stop "$KAFKA_PID" 30
+KAFKA_PID=
+
+if want dedup-size; then
+  step "dedup-size: $DEDUP_COUNT distinct tasks through the outbox alone"
+  phase dedup-size "$BENCH" dedup-size --dir "$STATE/dedup-size" --count "$DEDUP_COUNT"
+fi
+
+# ---------------------------------------------------------------------------
+# Summary
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else printf "-" }'; }
+
+step "summary ($(nproc) cores, load generator on the same machine, BENCH_CLIENT_THREADS=$BENCH_CLIENT_THREADS)"
+{
+  printf '%-44s %14s %s\n' "measure" "figure" "target"
+  printf '%-44s %14s %s\n' "baseline: trivial axum handler, req/s" "$(result baseline rps)" ""
+  printf '%-44s %14s %s\n' "hookbridge dedup on: accepted/s" "$(result dedup-on rps)" ">= 20000"
+  printf '%-44s %14s %s\n' "  p50 / p99 ms (closed loop)" "$(result dedup-on p50_ms) / $(result dedup-on p99_ms)" ""
+  printf '%-44s %14s %s\n' "hookbridge dedup off: accepted/s" "$(result dedup-off rps)" ""
+  printf '%-44s %14s %s\n' "  p50 / p99 ms (closed loop)" "$(result dedup-off p50_ms) / $(result dedup-off p99_ms)" ""
+  printf '%-44s %14s %s\n' "ratio hookbridge (dedup on) / baseline" "$(ratio "$(result dedup-on rps)" "$(result baseline rps)")" ""
+  printf '%-44s %14s %s\n' "ratio dedup on / dedup off" "$(ratio "$(result dedup-on rps)" "$(result dedup-off rps)")" ""
+  printf '%-44s %14s %s\n' "fixed ${RATE}/s: p50 / p99 ms (from due time)" "$(result fixed-rate p50_ms) / $(result fixed-rate p99_ms)" "p99 < 10"
+  printf '%-44s %14s %s\n' "  max ms; service-time p99 ms" "$(result fixed-rate max_ms); $(result fixed-rate service_p99_ms)" ""
+  printf '%-44s %14s %s\n' "ingest with Kafka down: accepted/s" "$(result drain rps)" ""
+  printf '%-44s %14s %s\n' "drain after outage: events/s" "$(result drain drain_rps)" ">= 50000"
+  printf '%-44s %14s %s\n' "  Kafka ready -> first publish, ms" "$DRAIN_READY_DELAY" ""
+  printf '%-44s %14s %s\n' "dedup records, $DEDUP_COUNT tasks: MiB" "$(result dedup-size dedup_mib)" ""
+  printf '%-44s %14s %s\n' "  bytes per task (pages; file diff MiB)" "$(result dedup-size dedup_bytes_per_task) ($(result dedup-size file_diff_mib))" ""
+  printf '%-44s %14s %s\n' "  outbox append us, dedup on / off" "$(result dedup-size append_on_us) / $(result dedup-size append_off_us)" ""
+} | tee "$STATE/summary.txt"

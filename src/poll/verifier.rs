@@ -1,0 +1,304 @@
+//! Verify mode: callbacks held by the webhook are confirmed against the
+//! provider's status endpoint before anything is published.
+//!
+//! A terminal callback is confirmed when the provider reports the same
+//! state; what is appended is the provider's record (our own key fetched it,
+//! so outputs and errors are the provider's, not the caller's), marked
+//! `source = "webhook"` with the callback's receive time. A non-terminal
+//! callback is confirmed when the provider is at that state or later. A
+//! different terminal state, a 403 or a 400 refute the callback at once; a
+//! 404 or a state that lags behind only after
+//! `reconcile.unknown_task_grace_secs` (the status endpoint may trail the
+//! callback). Refuted callbacks become dead letters with the reason.
+//! Provider outages leave callbacks held, retried without a deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::registry::Held;
+use super::{backoff, PollStats, ProviderError, Tasks};
+use crate::config::ReconcileConfig;
+use crate::event::{Source, TaskEvent};
+use crate::outbox::{now_ms, Outbox};
+
+const BATCH: usize = 256;
+const IDLE: Duration = Duration::from_secs(5);
+const MIN_PAUSE: Duration = Duration::from_millis(10);
+
+/// What one step did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyStep {
+    pub verified: usize,
+    pub unconfirmed: usize,
+    /// Still held: provider unavailable, or inside the grace period.
+    pub retrying: usize,
+    pub halted: bool,
+}
+
+/// The provider's word on a callback.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Publish this event.
+    Confirmed(Box<TaskEvent>),
+    /// Never publish; the reason goes with the dead letter.
+    Refuted(String),
+    /// Not (yet) confirmed: ask again within the grace period.
+    Unsure(String),
+}
+
+/// Compares a callback with the provider's record of the same task.
+pub fn judge(callback: &TaskEvent, record: &TaskEvent) -> Verdict {
+    let (said, actual) = (callback.state, record.state);
+    if said == actual {
+        let mut confirmed = record.clone();
+        confirmed.source = Source::Webhook;
+        confirmed.received_at = callback.received_at;
+        return Verdict::Confirmed(Box::new(confirmed));
+    }
+    let difference = format!("the callback says {said}, the provider says {actual}");
+    if said.is_terminal() && actual.is_terminal() {
+        Verdict::Refuted(format!("not confirmed: {difference}"))
+    } else if !said.is_terminal() && actual.rank() > said.rank() {
+        Verdict::Confirmed(Box::new(callback.clone()))
+    } else {
+        Verdict::Unsure(difference)
+    }
+}
+
+enum Outcome {
+    Verified,
+    Unconfirmed,
+    Retry,
+    Halt,
+}
+
+pub struct Verifier {
+    tasks: Tasks,
+    outbox: Outbox,
+    config: ReconcileConfig,
+    max_in_flight: usize,
+}
+
+impl Verifier {
+    /// `None` when there is no provider client (no API key).
+    pub fn new(
+        tasks: Tasks,
+        outbox: Outbox,
+        config: ReconcileConfig,
+        max_in_flight: usize,
+    ) -> Option<Self> {
+        tasks.client.as_ref()?;
+        Some(Self {
+            tasks,
+            outbox,
+            config,
+            max_in_flight: max_in_flight.max(1),
+        })
+    }
+
+    /// Verifies every held callback that is due. Tests drive it with this.
+    pub async fn run_once(&mut self) -> Result<VerifyStep, super::RegistryError> {
+        let mut step = VerifyStep::default();
+        if self.tasks.stats.halted().is_some() {
+            step.halted = true;
+            return Ok(step);
+        }
+        let now = now_ms();
+        let held = self
+            .tasks
+            .registry
+            .blocking(move |r| r.held_due(now, BATCH))
+            .await?;
+        let this = &*self;
+        let outcomes: Vec<_> = futures::stream::iter(held)
+            .map(|h| async move {
+                let outcome = this.check(&h).await;
+                (h, outcome)
+            })
+            .buffer_unordered(self.max_in_flight)
+            .collect()
+            .await;
+        let (mut released, mut retry) = (Vec::new(), Vec::new());
+        for (mut h, outcome) in outcomes {
+            match outcome {
+                Outcome::Verified => step.verified += 1,
+                Outcome::Unconfirmed => step.unconfirmed += 1,
+                Outcome::Halt => {
+                    step.halted = true;
+                    continue;
+                }
+                Outcome::Retry => {
+                    step.retrying += 1;
+                    let pause = backoff(
+                        Duration::from_millis(self.config.poll_initial_ms),
+                        Duration::from_millis(self.config.poll_max_ms),
+                        h.attempts,
+                    );
+                    h.attempts = h.attempts.saturating_add(1);
+                    h.next_at = now_ms() + pause.as_millis() as i64;
+                    retry.push(h);
+                    continue;
+                }
+            }
+            released.push(h.seq);
+        }
+        self.tasks
+            .registry
+            .blocking(move |r| r.settle_held(&released, &retry))
+            .await?;
+        Ok(step)
+    }
+
+    async fn check(&self, held: &Held) -> Outcome {
+        let callback = &held.event;
+        let task_id = callback.task_id.as_str();
+        let client = self.tasks.client.as_ref().expect("checked in new");
+        let in_grace =
+            now_ms() - callback.received_at < self.config.unknown_task_grace_secs as i64 * 1000;
+        let verdict = match client.record_info(task_id).await {
+            Ok(record) => judge(callback, &record),
+            Err(ProviderError::UnknownTask) => {
+                Verdict::Unsure(ProviderError::UnknownTask.to_string())
+            }
+            Err(ProviderError::Unauthorized) => {
+                self.tasks.stats.halt(format!(
+                    "{} while verifying a callback for task {task_id}",
+                    ProviderError::Unauthorized
+                ));
+                return Outcome::Halt;
+            }
+            Err(e @ (ProviderError::Forbidden | ProviderError::Refused { .. })) => {
+                Verdict::Refuted(format!("not confirmed: {e}"))
+            }
+            Err(e @ ProviderError::Invalid(_)) => Verdict::Unsure(e.to_string()),
+            Err(e @ ProviderError::Transient(_)) => {
+                tracing::debug!(%task_id, error = %e, "verification postponed");
+                return Outcome::Retry;
+            }
+        };
+        let reason = match verdict {
+            Verdict::Confirmed(event) => {
+                return match self.outbox.append(*event).await {
+                    Ok(appended) => {
+                        PollStats::add(&self.tasks.stats.verified, 1);
+                        tracing::debug!(%task_id, ?appended, "callback confirmed");
+                        Outcome::Verified
+                    }
+                    Err(e) => {
+                        tracing::warn!(%task_id, error = %e, "cannot store a confirmed callback; will retry");
+                        Outcome::Retry
+                    }
+                };
+            }
+            Verdict::Unsure(_) if in_grace => return Outcome::Retry,
+            Verdict::Unsure(reason) => format!("not confirmed: {reason}"),
+            Verdict::Refuted(reason) => reason,
+        };
+        tracing::warn!(%task_id, %reason, "callback not confirmed by the provider; kept as a dead letter");
+        match self.outbox.bury(callback.clone(), reason).await {
+            Ok(_) => {
+                PollStats::add(&self.tasks.stats.unconfirmed, 1);
+                Outcome::Unconfirmed
+            }
+            Err(e) => {
+                tracing::error!(%task_id, error = %e, "cannot store the dead letter; will retry");
+                Outcome::Retry
+            }
+        }
+    }
+
+    /// Runs until `shutdown` resolves; held callbacks survive a restart.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        tracing::info!("callback verifier started");
+        loop {
+            let step = tokio::select! {
+                step = self.run_once() => step,
+                _ = &mut shutdown => break,
+            };
+            let floor = match step {
+                Ok(step) if step.halted => {
+                    shutdown.as_mut().await;
+                    break;
+                }
+                Ok(_) => MIN_PAUSE,
+                Err(e) => {
+                    tracing::error!(error = %e, "verifier step failed");
+                    Duration::from_secs(1)
+                }
+            };
+            let next = self
+                .tasks
+                .registry
+                .blocking(|r| r.next_held())
+                .await
+                .ok()
+                .flatten();
+            let pause = next
+                .map_or(IDLE, |at| {
+                    Duration::from_millis((at - now_ms()).max(0) as u64)
+                })
+                .clamp(floor, IDLE);
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = self.tasks.registry.callback_held() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        tracing::info!("callback verifier stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{from_value, State};
+    use serde_json::json;
+
+    fn event(state: &str, source: Source, at: i64) -> TaskEvent {
+        let mut body = json!({"taskId": "task_1", "state": state});
+        if state == "success" {
+            body["output"] = json!([{"url": format!("https://{source:?}.example/v.mp4")}]);
+        }
+        from_value(body, source, at).unwrap()
+    }
+
+    #[test]
+    fn a_terminal_callback_needs_the_same_terminal_state() {
+        let callback = event("success", Source::Webhook, 7);
+        let Verdict::Confirmed(confirmed) = judge(&callback, &event("success", Source::Poll, 9))
+        else {
+            panic!("same state confirms")
+        };
+        assert_eq!(confirmed.source, Source::Webhook);
+        assert_eq!(confirmed.received_at, 7);
+        assert_eq!(
+            confirmed.outputs[0]["url"], "https://Poll.example/v.mp4",
+            "the provider's record is what gets published"
+        );
+        assert!(
+            matches!(judge(&callback, &event("fail", Source::Poll, 9)), Verdict::Refuted(r) if r.contains("says success, the provider says fail"))
+        );
+        assert!(matches!(
+            judge(&callback, &event("generating", Source::Poll, 9)),
+            Verdict::Unsure(_)
+        ));
+    }
+
+    #[test]
+    fn a_progress_callback_is_confirmed_by_that_state_or_a_later_one() {
+        let callback = event("generating", Source::Webhook, 7);
+        assert!(
+            matches!(judge(&callback, &event("generating", Source::Poll, 9)), Verdict::Confirmed(e) if e.state == State::Generating)
+        );
+        assert!(
+            matches!(judge(&callback, &event("success", Source::Poll, 9)), Verdict::Confirmed(e) if e.state == State::Generating && e.source == Source::Webhook)
+        );
+        assert!(matches!(
+            judge(&callback, &event("waiting", Source::Poll, 9)),
+            Verdict::Unsure(_)
+        ));
+    }
+}

@@ -1,0 +1,489 @@
+//! Fallback polling, task registration and verify mode, against the
+//! in-process provider simulator (`hookbridge::sim`) and real brokers.
+
+use std::time::Duration;
+
+use hookbridge::event::{event_id, State};
+use hookbridge::sim::{DeliveryResult, Faults, Variant};
+use hyper::StatusCode;
+use serde_json::{json, Value};
+
+use crate::support::app::{temp_dir, TestApp};
+use crate::support::sim::{
+    create_task, drop_all, dropped, file_publisher, lines, poll_config, poll_status, record_infos,
+    send, sim_create, start_sim, TASKS_TOKEN, WAIT,
+};
+use crate::support::{assert_valid_event, brokers, eventually, kafka, nats, unique};
+
+/// Test 1: the callback is lost; polling publishes the terminal event, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_callback_is_published_by_polling_exactly_once() {
+    let bootstrap = brokers::kafka().await;
+    let topic = unique("polled");
+    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let sim = start_sim(drop_all()).await;
+    let dir = temp_dir();
+    let publisher = crate::kafka::kafka_publisher(&bootstrap, &topic);
+    let app = TestApp::start(poll_config(dir.path(), &sim, publisher)).await;
+
+    let task_id = create_task(&app, "a lighthouse at dusk").await;
+    dropped(&sim, &task_id).await;
+    let records = kafka::consume(&bootstrap, &topic, 1, WAIT, Duration::from_secs(2)).await;
+    assert_eq!(records.len(), 1, "exactly one event: {records:?}");
+    let r = &records[0];
+    assert_valid_event(&r.value);
+    assert_eq!(r.key, task_id);
+    assert_eq!(r.value["source"], "poll");
+    assert_eq!(r.state(), "success");
+    assert_eq!(r.event_id(), event_id(&task_id, State::Success));
+    assert!(r.value["outputs"][0]["url"]
+        .as_str()
+        .unwrap()
+        .ends_with(".mp4"));
+
+    let poll = poll_status(&app).await;
+    assert_eq!(poll["activeTasks"], 0, "the task is done: {poll}");
+    assert!(poll["counters"]["polls"].as_u64().unwrap() >= 1);
+    assert_eq!(record_infos(&sim, &task_id).last(), Some(&200));
+    app.stop().await;
+}
+
+/// Test 2: polling publishes first; the late callback adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_callback_after_a_poll_publishes_nothing_more() {
+    let url = brokers::nats().await;
+    let (stream, prefix) = (unique("P").to_uppercase(), unique("polled"));
+    let subject = nats::create_stream(&url, &stream, &prefix, Duration::from_secs(1)).await;
+    let sim = start_sim(Faults {
+        delay_ms: 2_000,
+        ..Faults::default()
+    })
+    .await;
+    let dir = temp_dir();
+    let publisher = crate::nats::jetstream_publisher(&url, &subject, None);
+    let app = TestApp::start(poll_config(dir.path(), &sim, publisher)).await;
+
+    let task_id = create_task(&app, "a slow courier").await;
+    eventually(WAIT, "the late callback to be answered 200", || async {
+        sim.deliveries()
+            .iter()
+            .any(|d| d.task_id == task_id && d.result == DeliveryResult::Sent(200))
+            .then_some(())
+    })
+    .await;
+    app.drained(WAIT).await;
+    // The stream's own dedup window (1 s) is over: a second copy would show.
+    let stored = nats::read_stream(&url, &stream, 1, WAIT, Duration::from_secs(2)).await;
+    assert_eq!(stored.len(), 1, "one event for the task: {stored:?}");
+    assert_eq!(stored[0].value["source"], "poll", "the poll came first");
+    assert_eq!(stored[0].value["taskId"], task_id.as_str());
+    assert_eq!(app.outbox.status().unwrap().counters["duplicates"], 1);
+    app.stop().await;
+}
+
+/// Test 3, verify on: forged callbacks (unknown task, wrong state) are kept
+/// as dead letters with the reason; a genuine one is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_callbacks_with_verify_on_become_dead_letters() {
+    let sim = start_sim(Faults::default()).await;
+    let dir = temp_dir();
+    let (publisher, out) = file_publisher(dir.path());
+    let mut c = poll_config(&dir.path().join("data"), &sim, publisher);
+    c.provider.verify = true;
+    c.reconcile.enabled = false; // only the verifier may publish here
+    let app = TestApp::start(c).await;
+
+    let genuine = create_task(&app, "a genuine cat").await;
+    let stuck = create_task(&app, "[stuck] forever rendering").await;
+    let never = unique("task_never_created");
+    let forged_unknown = sim.record(&genuine, "success", Variant::Envelope).unwrap();
+    let forged_unknown = serde_json::to_string(&forged_unknown)
+        .unwrap()
+        .replace(&genuine, &never);
+    let (status, _) = app
+        .http
+        .request("POST", "/webhooks/kinovi", forged_unknown)
+        .await;
+    assert_eq!(status, StatusCode::OK, "held, not yet judged");
+    // A wrong state for a real task, with its genuine token.
+    let url = sim.callback_url(&stuck).unwrap();
+    let path = url.trim_start_matches(&format!("http://{}", app.addr));
+    let forged_state = sim.record(&stuck, "success", Variant::Bare).unwrap();
+    assert_eq!(
+        app.http.post_json(path, &forged_state).await.0,
+        StatusCode::OK
+    );
+
+    let letters = eventually(WAIT, "two dead letters", || async {
+        let letters = app.outbox.dead_letters(10).unwrap();
+        (letters.len() == 2).then_some(letters)
+    })
+    .await;
+    let reason_for = |id: &str| {
+        letters
+            .iter()
+            .find(|l| l.event["taskId"] == id)
+            .map(|l| l.reason.clone())
+            .unwrap_or_else(|| panic!("no dead letter for {id}: {letters:?}"))
+    };
+    assert!(
+        reason_for(&never).contains("does not know this task"),
+        "{letters:?}"
+    );
+    assert!(
+        reason_for(&stuck)
+            .starts_with("not confirmed: the callback says success, the provider says"),
+        "{letters:?}"
+    );
+    eventually(WAIT, "the genuine callback to be published", || async {
+        (lines(&out).len() == 1).then_some(())
+    })
+    .await;
+    let events = lines(&out);
+    assert_eq!(events[0]["taskId"], genuine.as_str());
+    assert_eq!(events[0]["source"], "webhook");
+    assert_eq!(events[0]["state"], "success");
+    let poll = poll_status(&app).await;
+    assert_eq!(poll["counters"]["verified"], 1, "{poll}");
+    assert_eq!(poll["counters"]["unconfirmed"], 2, "{poll}");
+    assert_eq!(poll["awaitingVerification"], 0);
+    app.drained(WAIT).await;
+    assert_eq!(lines(&out).len(), 1, "nothing forged was published");
+    app.stop().await;
+}
+
+/// Test 3, verify off (the documented default): a callback for a task that
+/// is not registered is trusted on its shape and published as is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_verify_off_unregistered_callbacks_are_published_unverified() {
+    let sim = start_sim(Faults::default()).await;
+    let dir = temp_dir();
+    let (publisher, out) = file_publisher(dir.path());
+    let app = TestApp::start(poll_config(&dir.path().join("data"), &sim, publisher)).await;
+    let never = unique("task_never_created");
+    let forged = crate::support::callbacks::success(&never);
+    assert_eq!(app.callback(&forged).await, StatusCode::OK);
+    app.drained(WAIT).await;
+    let events = lines(&out);
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0]["taskId"].as_str(), events[0]["source"].as_str()),
+        (Some(never.as_str()), Some("webhook"))
+    );
+    assert!(
+        record_infos(&sim, &never).is_empty(),
+        "not registered: never polled"
+    );
+    app.stop().await;
+}
+
+/// Test 4: tasks registered before a restart are polled after it, and a
+/// finished task is not polled again after another restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_resumes_after_a_restart() {
+    let sim = start_sim(drop_all()).await;
+    let dir = temp_dir();
+    let (publisher, out) = file_publisher(dir.path());
+    let data = dir.path().join("data");
+    let mut first = poll_config(&data, &sim, publisher.clone());
+    first.reconcile.enabled = false;
+    let app = TestApp::start(first).await;
+    let tasks = [
+        create_task(&app, "one").await,
+        create_task(&app, "[fail] two").await,
+    ];
+    assert_eq!(poll_status(&app).await["activeTasks"], 2);
+    app.stop().await;
+    assert!(
+        tasks.iter().all(|t| record_infos(&sim, t).is_empty()),
+        "no poll before the restart"
+    );
+
+    let app = TestApp::start(poll_config(&data, &sim, publisher.clone())).await;
+    eventually(WAIT, "both tasks published after the restart", || async {
+        (lines(&out).len() >= 2).then_some(())
+    })
+    .await;
+    app.drained(WAIT).await;
+    let events = lines(&out);
+    assert_eq!(events.len(), 2, "{events:?}");
+    for (task, state) in tasks.iter().zip(["success", "fail"]) {
+        let e = events
+            .iter()
+            .find(|e| e["taskId"] == task.as_str())
+            .unwrap();
+        assert_eq!(
+            (e["state"].as_str(), e["source"].as_str()),
+            (Some(state), Some("poll"))
+        );
+    }
+    app.stop().await;
+
+    // Once more: finished tasks stay finished. A freshly watched task shows
+    // that the reconciler ran meanwhile.
+    let polls_before: Vec<usize> = tasks.iter().map(|t| record_infos(&sim, t).len()).collect();
+    let app = TestApp::start(poll_config(&data, &sim, publisher)).await;
+    let direct = sim_create(&sim).await;
+    let (status, _) = send(
+        &app,
+        &format!("/tasks/{direct}/watch"),
+        Some(TASKS_TOKEN),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(WAIT, "the watched task to be published", || async {
+        (lines(&out).len() == 3).then_some(())
+    })
+    .await;
+    let polls_after: Vec<usize> = tasks.iter().map(|t| record_infos(&sim, t).len()).collect();
+    assert_eq!(
+        polls_before, polls_after,
+        "finished tasks are not polled again"
+    );
+    app.stop().await;
+}
+
+/// Test 5: 429 and 500 answers are retried with growing delays until the
+/// provider recovers; the event is published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_server_errors_back_off_then_recover() {
+    let sim = start_sim(drop_all()).await;
+    let dir = temp_dir();
+    let (publisher, out) = file_publisher(dir.path());
+    let mut c = poll_config(&dir.path().join("data"), &sim, publisher);
+    c.reconcile.first_poll_after_secs = 1; // time to arm the faults
+    let app = TestApp::start(c).await;
+    let task_id = create_task(&app, "under load").await;
+    sim.fail_next(429, 3);
+    sim.fail_next(500, 3);
+    eventually(WAIT, "the event after the errors", || async {
+        (!lines(&out).is_empty()).then_some(())
+    })
+    .await;
+    app.drained(WAIT).await;
+    let events = lines(&out);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["source"], "poll");
+    assert_eq!(
+        record_infos(&sim, &task_id),
+        [429, 429, 429, 500, 500, 500, 200]
+    );
+    // Within one poll (an attempt and three retries): 50, 100, 200 ms at least.
+    let at: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == "recordInfo")
+        .map(|r| r.at)
+        .collect();
+    for (i, min) in [50, 100, 200].into_iter().enumerate() {
+        let gap = at[i + 1] - at[i];
+        assert!(gap >= Duration::from_millis(min), "retry {i} after {gap:?}");
+    }
+    let poll = poll_status(&app).await;
+    assert_eq!(poll["counters"]["pollErrors"], 6, "{poll}");
+    assert_eq!(poll["halted"], Value::Null);
+    app.stop().await;
+}
+
+/// Test 5: a 401 stops polling, visibly; the task stays registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_stops_polling_with_a_counter() {
+    let sim = start_sim(drop_all()).await;
+    let dir = temp_dir();
+    let (publisher, out) = file_publisher(dir.path());
+    let mut c = poll_config(&dir.path().join("data"), &sim, publisher);
+    c.reconcile.first_poll_after_secs = 1;
+    let app = TestApp::start(c).await;
+    let task_id = create_task(&app, "revoked key").await;
+    sim.fail_next(401, 1);
+    let poll = eventually(WAIT, "polling to stop", || async {
+        let poll = poll_status(&app).await;
+        (!poll["halted"].is_null()).then_some(poll)
+    })
+    .await;
+    assert_eq!(poll["counters"]["authFailures"], 1, "{poll}");
+    assert!(poll["halted"].as_str().unwrap().contains("401"), "{poll}");
+    assert_eq!(
+        poll["activeTasks"], 1,
+        "not given up: resumes after a restart"
+    );
+    // A quiet period long enough for several polls at the test's pace.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(record_infos(&sim, &task_id), [401], "no poll after the 401");
+    assert!(lines(&out).is_empty());
+    app.stop().await;
+}
+
+/// Test 6: a callback for a task created through `POST /tasks` needs its
+/// token; the endpoints need the tasks token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_without_the_right_token_are_rejected() {
+    let sim = start_sim(drop_all()).await;
+    let dir = temp_dir();
+    let (publisher, out) = file_publisher(dir.path());
+    let mut c = poll_config(&dir.path().join("data"), &sim, publisher);
+    c.reconcile.enabled = false;
+    let app = TestApp::start(c).await;
+    let body = json!({"model": "seedance-20"});
+    assert_eq!(
+        send(&app, "/tasks", None, &body).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&app, "/tasks", Some("not-the-token-at-all"), &body)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&app, "/tasks/x/watch", None, &body).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let task_id = create_task(&app, "guarded").await;
+    let url = sim.callback_url(&task_id).unwrap();
+    let (path, token) = url.split_once("?token=").unwrap();
+    assert_eq!(token.len(), 64, "32 random bytes, hex");
+    let path = path.trim_start_matches(&format!("http://{}", app.addr));
+    dropped(&sim, &task_id).await;
+    let genuine = sim.record(&task_id, "success", Variant::Envelope).unwrap();
+    for query in [
+        "",
+        "?token=",
+        "?token=0000",
+        &format!("?token={}", &token[..63]),
+    ] {
+        let (status, answer) = app
+            .http
+            .post_json(&format!("{path}{query}"), &genuine)
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "query {query:?}: {answer}"
+        );
+        assert_eq!(answer["error"], "unauthorized");
+    }
+    // Rejected bodies are kept best effort, off the request path.
+    let reasons: Vec<String> = eventually(WAIT, "four rejected bodies", || async {
+        let (_, rejected) = app.http.get("/admin/rejected").await;
+        let reasons: Vec<String> = rejected["rejected"]
+            .as_array()?
+            .iter()
+            .filter_map(|r| r["reason"].as_str().map(str::to_owned))
+            .collect();
+        (reasons.len() == 4).then_some(reasons)
+    })
+    .await;
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.contains("token") && r.contains(&task_id)),
+        "{reasons:?}"
+    );
+    app.drained(WAIT).await;
+    assert!(
+        lines(&out).is_empty(),
+        "nothing published without the token"
+    );
+
+    assert_eq!(
+        app.http
+            .post_json(&format!("{path}?token={token}"), &genuine)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    app.drained(WAIT).await;
+    assert_eq!(lines(&out).len(), 1);
+    app.stop().await;
+}
+
+/// The provider's refusals reach the caller unchanged and register nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_task_answers_what_the_provider_answered() {
+    let sim = start_sim(Faults::default()).await;
+    let dir = temp_dir();
+    let (publisher, _) = file_publisher(dir.path());
+    let app = TestApp::start(poll_config(&dir.path().join("data"), &sim, publisher)).await;
+    let (status, answer) = send(&app, "/tasks", Some(TASKS_TOKEN), &json!({"inputs": {}})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer["errors"][0], "model is required");
+    sim.fail_next(429, 1);
+    let (status, answer) = send(&app, "/tasks", Some(TASKS_TOKEN), &json!({"model": "m"})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(answer["limit"], 3);
+    let (status, _) = send(&app, "/tasks", Some(TASKS_TOKEN), &json!([1])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "not a createTask body");
+    let poll = poll_status(&app).await;
+    assert_eq!(
+        (
+            poll["activeTasks"].as_u64(),
+            poll["counters"]["registered"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    app.stop().await;
+}
+
+/// No registered task is silently forgotten: one that never finishes, and
+/// one the provider does not know, end as dead letters with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_that_never_finish_or_do_not_exist_become_dead_letters() {
+    let sim = start_sim(Faults::default()).await;
+    let dir = temp_dir();
+    let (publisher, out) = file_publisher(dir.path());
+    let mut c = poll_config(&dir.path().join("data"), &sim, publisher);
+    c.reconcile.deadline_secs = 1;
+    let app = TestApp::start(c).await;
+    let stuck = create_task(&app, "[stuck] an endless render").await;
+    let ghost = unique("task_ghost");
+    let (status, answer) = send(
+        &app,
+        &format!("/tasks/{ghost}/watch"),
+        Some(TASKS_TOKEN),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["registered"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+
+    let letters = eventually(WAIT, "two dead letters", || async {
+        let letters = app.outbox.dead_letters(10).unwrap();
+        (letters.len() == 2).then_some(letters)
+    })
+    .await;
+    let stuck_letter = letters
+        .iter()
+        .find(|l| l.event["taskId"] == stuck.as_str())
+        .unwrap();
+    assert_eq!(stuck_letter.reason, "stuck: no terminal state after 1 s");
+    assert_eq!(
+        stuck_letter.event["state"], "generating",
+        "the last polled record"
+    );
+    let ghost_letter = letters
+        .iter()
+        .find(|l| l.event["taskId"] == ghost.as_str())
+        .unwrap();
+    assert!(
+        ghost_letter.reason.starts_with("unknown task"),
+        "{}",
+        ghost_letter.reason
+    );
+    assert_eq!(ghost_letter.event["state"], "pending");
+    let poll = poll_status(&app).await;
+    assert_eq!(
+        (
+            poll["counters"]["stuck"].as_u64(),
+            poll["counters"]["unknownTasks"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(poll["activeTasks"], 0);
+    assert!(lines(&out).is_empty(), "nothing published");
+    app.stop().await;
+}
