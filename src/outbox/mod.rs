@@ -41,6 +41,7 @@ use crate::publish::Outgoing;
 
 mod relay;
 mod store;
+mod writer;
 
 pub use relay::{Relay, RelayStep};
 pub use store::TaskRecord;
@@ -175,7 +176,7 @@ pub struct Outbox {
 
 struct Inner {
     db: Arc<store::DbCell>,
-    tx: mpsc::Sender<store::Command>,
+    tx: mpsc::Sender<writer::Command>,
     stats: Arc<Stats>,
     notify: Arc<Notify>,
     config: OutboxConfig,
@@ -203,7 +204,7 @@ impl Outbox {
         let stats = Arc::new(Stats::default());
         let notify = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(16 * 1024);
-        store::Writer::start(
+        writer::Writer::start(
             db.clone(),
             config.clone(),
             stats.clone(),
@@ -225,7 +226,7 @@ impl Outbox {
     /// after the decision is on disk.
     pub async fn append(&self, event: TaskEvent) -> Result<Appended, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.send(store::Command::Append {
+        self.send(writer::Command::Append {
             event: Box::new(event),
             reply,
         })
@@ -244,7 +245,7 @@ impl Outbox {
             body_truncated: body.len() > KEEP,
         };
         // Never wait for this: a flood of bad requests must not slow good ones.
-        let _ = self.inner.tx.try_send(store::Command::Reject(rejected));
+        let _ = self.inner.tx.try_send(writer::Command::Reject(rejected));
     }
 
     /// Oldest pending entries, at most `limit`, in sequence order.
@@ -260,7 +261,7 @@ impl Outbox {
         dead: Vec<(u64, String)>,
     ) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
-        self.send(store::Command::Complete {
+        self.send(writer::Command::Complete {
             delivered,
             dead,
             reply,
@@ -273,7 +274,7 @@ impl Outbox {
     /// Moves every dead letter back to the end of the pending queue.
     pub async fn requeue_dead(&self) -> Result<u64, OutboxError> {
         let (reply, rx) = oneshot::channel();
-        self.send(store::Command::Requeue { reply })
+        self.send(writer::Command::Requeue { reply })
             .await
             .map_err(|_| OutboxError::Closed)?;
         rx.await.map_err(|_| OutboxError::Closed)?
@@ -283,7 +284,7 @@ impl Outbox {
     /// publishing it (for example a callback the provider did not confirm).
     pub async fn bury(&self, event: TaskEvent, reason: String) -> Result<u64, OutboxError> {
         let (reply, rx) = oneshot::channel();
-        self.send(store::Command::Bury {
+        self.send(writer::Command::Bury {
             event: Box::new(event),
             reason,
             reply,
@@ -300,18 +301,18 @@ impl Outbox {
         let mut total = 0;
         loop {
             let (reply, rx) = oneshot::channel();
-            self.send(store::Command::Prune { reply: Some(reply) })
+            self.send(writer::Command::Prune { reply: Some(reply) })
                 .await
                 .map_err(|_| OutboxError::Closed)?;
             let pruned = rx.await.map_err(|_| OutboxError::Closed)??;
             total += pruned;
-            if pruned < store::PRUNE_BATCH as u64 {
+            if pruned < writer::PRUNE_BATCH as u64 {
                 return Ok(total);
             }
         }
     }
 
-    async fn send(&self, command: store::Command) -> Result<(), AppendError> {
+    async fn send(&self, command: writer::Command) -> Result<(), AppendError> {
         self.inner
             .tx
             .send(command)
