@@ -235,6 +235,21 @@ impl ParseError {
     }
 }
 
+/// Why `id` is not an acceptable task id, if it is not: the rules every
+/// task id entering hookbridge follows (it becomes a Kafka key, a CloudEvents
+/// subject and part of the event id).
+pub fn task_id_problem(id: &str) -> Option<&'static str> {
+    if id.trim().is_empty() {
+        Some("must not be empty or whitespace only")
+    } else if id.len() > MAX_TASK_ID_BYTES {
+        Some("must be at most 512 bytes long")
+    } else if id.chars().any(char::is_control) {
+        Some("must not contain control characters")
+    } else {
+        None
+    }
+}
+
 /// Parses a callback body or a status-endpoint record (the provider says they are the same
 /// document; both dialects are accepted either way).
 pub fn parse(body: &[u8], source: Source, received_at_ms: i64) -> Result<TaskEvent, ParseError> {
@@ -324,16 +339,10 @@ impl Record {
             Some(Value::String(id)) => id,
             Some(other) => return Err(wrong_type(field, "a string", &other)),
         };
-        let problem = if id.trim().is_empty() {
-            "must not be empty or whitespace only"
-        } else if id.len() > MAX_TASK_ID_BYTES {
-            "must be at most 512 bytes long"
-        } else if id.chars().any(char::is_control) {
-            "must not contain control characters"
-        } else {
-            return Ok(id);
-        };
-        Err(ParseError::InvalidValue { field, problem })
+        match task_id_problem(&id) {
+            None => Ok(id),
+            Some(problem) => Err(ParseError::InvalidValue { field, problem }),
+        }
     }
 
     fn provider_state(&mut self) -> Result<String, ParseError> {

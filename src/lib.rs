@@ -57,6 +57,18 @@ pub mod telemetry;
 pub use app::App;
 pub use config::Config;
 
+/// `crate::redb_errors!(MyError: redb::TableError, ...)` converts each of
+/// redb's error types into `MyError::Db(redb::Error)`, so that `?` works on
+/// every redb call.
+macro_rules! redb_errors {
+    ($error:ident: $($t:ty),* $(,)?) => {$(
+        impl From<$t> for $error {
+            fn from(e: $t) -> Self { Self::Db(e.into()) }
+        }
+    )*};
+}
+pub(crate) use redb_errors;
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
+use crate::config::Secret;
 
 #[derive(Deserialize)]
 pub struct Limit {
@@ -19,18 +20,21 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     match &state.admin_token {
         None if state.admin_on_loopback => Ok(()),
         None => Err(ApiError::NotFound),
-        Some(token) => {
-            let given = headers
-                .get(axum::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
-                Ok(())
-            } else {
-                Err(ApiError::Unauthorized)
-            }
-        }
+        Some(token) => check_bearer(headers, token),
+    }
+}
+
+/// `Authorization: Bearer <token>`, compared in constant time.
+pub(super) fn check_bearer(headers: &HeaderMap, token: &Secret) -> Result<(), ApiError> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
     }
 }
 
@@ -39,7 +43,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(super) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(e.to_string())
 }
 

@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::admin::{check_bearer, internal};
 use super::{constant_time_eq, ApiError, AppState};
-use crate::event::{TaskEvent, MAX_TASK_ID_BYTES};
+use crate::event::{task_id_problem, TaskEvent};
 use crate::outbox::now_ms;
 use crate::poll::{Origin, PollStats, Registration};
 
@@ -26,34 +27,15 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.tasks.tasks_token else {
         return Err(ApiError::NotFound);
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(e.to_string())
+    check_bearer(headers, token)
 }
 
 /// The rules the callback parser applies to task ids.
 fn check_task_id(id: &str) -> Result<(), ApiError> {
-    let problem = if id.trim().is_empty() {
-        "must not be empty or whitespace only"
-    } else if id.len() > MAX_TASK_ID_BYTES {
-        "must be at most 512 bytes long"
-    } else if id.chars().any(char::is_control) {
-        "must not contain control characters"
-    } else {
-        return Ok(());
-    };
-    Err(ApiError::InvalidPayload(format!("taskId {problem}")))
+    match task_id_problem(id) {
+        None => Ok(()),
+        Some(problem) => Err(ApiError::InvalidPayload(format!("taskId {problem}"))),
+    }
 }
 
 /// 32 random bytes, hex: safe in a URL without escaping.

@@ -94,14 +94,8 @@ pub enum OutboxError {
     Reopening,
 }
 
-macro_rules! redb_errors {
-    ($($t:ty),*) => {$(
-        impl From<$t> for OutboxError {
-            fn from(e: $t) -> Self { Self::Db(e.into()) }
-        }
-    )*};
-}
-redb_errors!(
+crate::redb_errors!(
+    OutboxError:
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,

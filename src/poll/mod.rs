@@ -50,6 +50,7 @@
 //! an earlier poll. Registrations and held callbacks are fsynced before the
 //! HTTP answer.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,8 +58,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, ReconcileConfig, Secret};
 use crate::event::{self, Source, State, TaskEvent};
+use crate::outbox::now_ms;
 
 pub mod client;
 mod reconciler;
@@ -211,6 +213,75 @@ pub(crate) fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duratio
         .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
         .unwrap_or(max)
         .min(max)
+}
+
+/// The pause after failed attempt number `attempt` (from 0) to poll a task
+/// or verify a callback: `reconcile.poll_initial_ms`, doubling, capped at
+/// `reconcile.poll_max_ms`.
+pub(crate) fn retry_pause(config: &ReconcileConfig, attempt: u32) -> Duration {
+    backoff(
+        Duration::from_millis(config.poll_initial_ms),
+        Duration::from_millis(config.poll_max_ms),
+        attempt,
+    )
+}
+
+/// Longest idle wait of a worker between two looks at the registry.
+const IDLE: Duration = Duration::from_secs(5);
+/// Shortest wait between two steps, so that work whose update could not be
+/// saved does not spin the loop.
+const MIN_PAUSE: Duration = Duration::from_millis(10);
+
+/// A background worker of this module (the reconciler, the verifier), as
+/// [`run_worker`] drives it.
+trait Worker {
+    /// Names the worker in its log lines.
+    const NAME: &'static str;
+    /// Does what is due now; `Ok(true)` when work is halted (the provider
+    /// refused our key).
+    async fn step(&mut self) -> Result<bool, RegistryError>;
+    /// When the next piece of work falls due (ms since the epoch), if any.
+    async fn next_due(&self) -> Option<i64>;
+    /// Resolves when new work may have arrived early.
+    async fn wake(&self);
+}
+
+/// Steps `worker` until `shutdown` resolves: after each step it sleeps
+/// until the next due time (between [`MIN_PAUSE`] and [`IDLE`]) or a
+/// wake-up. A halted worker only waits for shutdown. A step cut short by
+/// shutdown loses nothing: the registry still says what is due.
+async fn run_worker<W: Worker>(worker: &mut W, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let step = tokio::select! {
+            step = worker.step() => step,
+            _ = &mut shutdown => break,
+        };
+        let floor = match step {
+            Ok(true) => {
+                // Logged by `halt`; wait for shutdown only.
+                shutdown.as_mut().await;
+                break;
+            }
+            Ok(false) => MIN_PAUSE,
+            Err(e) => {
+                tracing::error!(error = %e, "{} step failed", W::NAME);
+                Duration::from_secs(1)
+            }
+        };
+        let pause = worker
+            .next_due()
+            .await
+            .map_or(IDLE, |at| {
+                Duration::from_millis((at - now_ms()).max(0) as u64)
+            })
+            .clamp(floor, IDLE);
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = worker.wake() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,22 +3,19 @@
 //! docs of `poll` for the rules).
 
 use std::future::Future;
-use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{backoff, synthetic_pending, PollStats, ProviderError, Registration, Tasks};
+use super::{
+    retry_pause, run_worker, synthetic_pending, PollStats, ProviderError, Registration,
+    RegistryError, Tasks, Worker,
+};
 use crate::config::ReconcileConfig;
 use crate::event::TaskEvent;
 use crate::outbox::{now_ms, Outbox};
 
 /// Most tasks looked at in one step.
 const BATCH: usize = 256;
-/// Longest idle wait between two looks at the registry.
-const IDLE: Duration = Duration::from_secs(5);
-/// Shortest wait between two steps, so that a task whose update could not be
-/// saved does not spin the loop.
-const MIN_PAUSE: Duration = Duration::from_millis(10);
 
 /// What one step did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +69,7 @@ impl Reconciler {
     }
 
     /// Polls every task that is due now. Tests drive the reconciler with this.
-    pub async fn run_once(&mut self) -> Result<ReconcileStep, super::RegistryError> {
+    pub async fn run_once(&mut self) -> Result<ReconcileStep, RegistryError> {
         let mut step = ReconcileStep::default();
         if self.stats().halted().is_some() {
             step.halted = true;
@@ -208,11 +205,7 @@ impl Reconciler {
                 },
             );
         }
-        let pause = backoff(
-            Duration::from_millis(self.config.poll_initial_ms),
-            Duration::from_millis(self.config.poll_max_ms),
-            r.attempts,
-        );
+        let pause = retry_pause(&self.config, r.attempts);
         r.attempts = r.attempts.saturating_add(1);
         // One last look exactly at the deadline.
         r.next_poll_at = (now + pause.as_millis() as i64).min(deadline_at);
@@ -247,47 +240,29 @@ impl Reconciler {
     /// Runs until `shutdown` resolves. A step cut short by shutdown loses
     /// nothing: the registry still says what is due.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
         tracing::info!(
             first_poll_after_secs = self.config.first_poll_after_secs,
             deadline_secs = self.config.deadline_secs,
             "reconciler started"
         );
-        loop {
-            let step = tokio::select! {
-                step = self.run_once() => step,
-                _ = &mut shutdown => break,
-            };
-            let floor = match step {
-                Ok(step) if step.halted => {
-                    // Logged by `halt`; wait for shutdown only.
-                    shutdown.as_mut().await;
-                    break;
-                }
-                Ok(_) => MIN_PAUSE,
-                Err(e) => {
-                    tracing::error!(error = %e, "reconciler step failed");
-                    Duration::from_secs(1)
-                }
-            };
-            let next = self
-                .tasks
-                .registry
-                .blocking(|r| r.next_due())
-                .await
-                .ok()
-                .flatten();
-            let pause = next
-                .map_or(IDLE, |at| {
-                    Duration::from_millis((at - now_ms()).max(0) as u64)
-                })
-                .clamp(floor, IDLE);
-            tokio::select! {
-                _ = &mut shutdown => break,
-                _ = self.tasks.registry.task_added() => {}
-                _ = tokio::time::sleep(pause) => {}
-            }
-        }
+        run_worker(&mut self, shutdown).await;
         tracing::info!("reconciler stopped");
+    }
+}
+
+impl Worker for Reconciler {
+    const NAME: &'static str = "reconciler";
+
+    async fn step(&mut self) -> Result<bool, RegistryError> {
+        Ok(self.run_once().await?.halted)
+    }
+
+    async fn next_due(&self) -> Option<i64> {
+        let next = self.tasks.registry.blocking(|r| r.next_due()).await;
+        next.ok().flatten()
+    }
+
+    async fn wake(&self) {
+        self.tasks.registry.task_added().await
     }
 }

@@ -88,14 +88,8 @@ pub enum RegistryError {
     Closed,
 }
 
-macro_rules! redb_errors {
-    ($($t:ty),*) => {$(
-        impl From<$t> for RegistryError {
-            fn from(e: $t) -> Self { Self::Db(e.into()) }
-        }
-    )*};
-}
-redb_errors!(
+crate::redb_errors!(
+    RegistryError:
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,

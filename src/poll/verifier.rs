@@ -13,19 +13,16 @@
 //! Provider outages leave callbacks held, retried without a deadline.
 
 use std::future::Future;
-use std::time::Duration;
 
 use futures::StreamExt;
 
 use super::registry::Held;
-use super::{backoff, PollStats, ProviderError, Tasks};
+use super::{retry_pause, run_worker, PollStats, ProviderError, RegistryError, Tasks, Worker};
 use crate::config::ReconcileConfig;
 use crate::event::{Source, TaskEvent};
 use crate::outbox::{now_ms, Outbox};
 
 const BATCH: usize = 256;
-const IDLE: Duration = Duration::from_secs(5);
-const MIN_PAUSE: Duration = Duration::from_millis(10);
 
 /// What one step did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +96,7 @@ impl Verifier {
     }
 
     /// Verifies every held callback that is due. Tests drive it with this.
-    pub async fn run_once(&mut self) -> Result<VerifyStep, super::RegistryError> {
+    pub async fn run_once(&mut self) -> Result<VerifyStep, RegistryError> {
         let mut step = VerifyStep::default();
         if self.tasks.stats.halted().is_some() {
             step.halted = true;
@@ -131,11 +128,7 @@ impl Verifier {
                 }
                 Outcome::Retry => {
                     step.retrying += 1;
-                    let pause = backoff(
-                        Duration::from_millis(self.config.poll_initial_ms),
-                        Duration::from_millis(self.config.poll_max_ms),
-                        h.attempts,
-                    );
+                    let pause = retry_pause(&self.config, h.attempts);
                     h.attempts = h.attempts.saturating_add(1);
                     h.next_at = now_ms() + pause.as_millis() as i64;
                     retry.push(h);
@@ -211,43 +204,26 @@ impl Verifier {
 
     /// Runs until `shutdown` resolves; held callbacks survive a restart.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
         tracing::info!("callback verifier started");
-        loop {
-            let step = tokio::select! {
-                step = self.run_once() => step,
-                _ = &mut shutdown => break,
-            };
-            let floor = match step {
-                Ok(step) if step.halted => {
-                    shutdown.as_mut().await;
-                    break;
-                }
-                Ok(_) => MIN_PAUSE,
-                Err(e) => {
-                    tracing::error!(error = %e, "verifier step failed");
-                    Duration::from_secs(1)
-                }
-            };
-            let next = self
-                .tasks
-                .registry
-                .blocking(|r| r.next_held())
-                .await
-                .ok()
-                .flatten();
-            let pause = next
-                .map_or(IDLE, |at| {
-                    Duration::from_millis((at - now_ms()).max(0) as u64)
-                })
-                .clamp(floor, IDLE);
-            tokio::select! {
-                _ = &mut shutdown => break,
-                _ = self.tasks.registry.callback_held() => {}
-                _ = tokio::time::sleep(pause) => {}
-            }
-        }
+        run_worker(&mut self, shutdown).await;
         tracing::info!("callback verifier stopped");
+    }
+}
+
+impl Worker for Verifier {
+    const NAME: &'static str = "verifier";
+
+    async fn step(&mut self) -> Result<bool, RegistryError> {
+        Ok(self.run_once().await?.halted)
+    }
+
+    async fn next_due(&self) -> Option<i64> {
+        let next = self.tasks.registry.blocking(|r| r.next_held()).await;
+        next.ok().flatten()
+    }
+
+    async fn wake(&self) {
+        self.tasks.registry.callback_held().await
     }
 }
 
