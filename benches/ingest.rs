@@ -7,6 +7,7 @@
 //! ingest fixed-rate   --url URL --rate R [--duration S]     open loop, latency from the schedule
 //! ingest drain        --url URL --count N                   post with the broker down, then time the drain
 //! ingest dedup-size   --dir DIR [--count N]                 the outbox alone: size of 1M dedup records
+//! ingest outbox-rate  --dir DIR --rate R [--duration S]     the outbox alone at a fixed rate: append latency
 //! ingest wait-http    --url URL                             wait until GET URL answers 200
 //! ingest wait-drained --url URL                             wait until the outbox is empty
 //! ```
@@ -35,14 +36,21 @@ use clap::{Args, Parser, Subcommand};
 mod dedup_size;
 #[path = "ingest/load.rs"]
 mod load;
+#[path = "ingest/outbox_rate.rs"]
+mod outbox_rate;
+#[path = "ingest/report.rs"]
+mod report;
+#[path = "ingest/server.rs"]
+mod server;
 
 use load::{Stop, Target};
 
 #[derive(Parser)]
 #[command(about = "hookbridge ingest benchmark (load generator and measurements)")]
 struct Cli {
+    /// Without one (as under `cargo test --all-targets`) the usage is printed.
     #[command(subcommand)]
-    mode: Mode,
+    mode: Option<Mode>,
 }
 
 #[derive(Subcommand)]
@@ -102,6 +110,16 @@ enum Mode {
         #[arg(long, default_value_t = 2048)]
         concurrency: usize,
     },
+    /// Append at a fixed rate through the outbox alone (no HTTP, no broker;
+    /// a stand-in relay deletes what was appended): storage latency only.
+    OutboxRate {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20.0)]
+        duration: f64,
+    },
     /// Wait until GET URL answers 200.
     WaitHttp {
         #[arg(long)]
@@ -155,6 +173,11 @@ fn main() -> anyhow::Result<()> {
     // `cargo bench` appends `--bench`; it means nothing here.
     let args = std::env::args().filter(|a| a != "--bench");
     let cli = Cli::parse_from(args);
+    let Some(mode) = cli.mode else {
+        use clap::CommandFactory;
+        Cli::command().print_help()?;
+        return Ok(());
+    };
     // The load generator's own threads (default 1) count against the same
     // two cores as the server; BENCH_CLIENT_THREADS changes that.
     let threads = std::env::var("BENCH_CLIENT_THREADS")
@@ -165,7 +188,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(threads.max(1))
         .enable_all()
         .build()?;
-    rt.block_on(run(cli.mode))
+    rt.block_on(run(mode))
 }
 
 async fn run(mode: Mode) -> anyhow::Result<()> {
@@ -174,7 +197,7 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             load,
             server_threads,
         } => {
-            let (server, target) = load::trivial_server(server_threads)?;
+            let (server, target) = server::trivial_server(server_threads)?;
             println!(
                 "== baseline: trivial axum handler (200, no work), {server_threads} server threads"
             );
@@ -232,20 +255,25 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             println!("== drain: posting {count} callbacks to {target} (broker down)");
             let report = load::closed_loop(target.clone(), connections, Stop::Count(count)).await?;
             report.print_closed(connections);
-            load::drain(&target, secs(timeout)).await?;
+            server::drain(&target, secs(timeout)).await?;
         }
         Mode::DedupSize {
             dir,
             count,
             concurrency,
         } => dedup_size::run(&dir, count, concurrency).await?,
+        Mode::OutboxRate {
+            dir,
+            rate,
+            duration,
+        } => outbox_rate::run(&dir, rate, secs(duration)).await?,
         Mode::WaitHttp { url, timeout } => {
             let target = Target::parse(&url, "")?;
-            load::wait_http(&target, secs(timeout)).await?;
+            server::wait_http(&target, secs(timeout)).await?;
         }
         Mode::WaitDrained { target, timeout } => {
             let target = target.target()?;
-            let (start, took) = load::wait_drained(&target, secs(timeout)).await?;
+            let (start, took) = server::wait_drained(&target, secs(timeout)).await?;
             println!(
                 "outbox drained: {start} pending at start, empty after {:.2} s",
                 took.as_secs_f64()

@@ -318,9 +318,14 @@ kafka_jvm_opts() {
     "-Dlog4j2.configurationFile=$data/log4j2.properties"
 }
 
-# A random cluster id: 16 random bytes, URL-safe base64 without padding (Kafka's Uuid format).
+# A Kafka cluster id: 16 random bytes, URL-safe base64. Never one that starts
+# with '-', which the storage tool would read as an option.
 random_cluster_id() {
-  head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+  local id=-
+  while [[ $id == -* ]]; do
+    id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
+  done
+  printf '%s' "$id"
 }
 
 cmd_kafka() {

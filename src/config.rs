@@ -329,10 +329,33 @@ impl Default for ReconcileConfig {
     }
 }
 
-/// A string that never appears in logs or `Debug` output.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A string that never appears in logs or `Debug` output. Numbers and
+/// booleans are read as their text, so `HOOKBRIDGE_PUBLISHER__OPTIONS__LINGER_MS=20`
+/// works although the environment layer reads `20` as a number.
+#[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            Text(String),
+            Unsigned(u64),
+            Signed(i64),
+            Float(f64),
+            Bool(bool),
+        }
+        Ok(Self(match Scalar::deserialize(d)? {
+            Scalar::Text(s) => s,
+            Scalar::Unsigned(n) => n.to_string(),
+            Scalar::Signed(n) => n.to_string(),
+            Scalar::Float(n) => n.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        }))
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -670,15 +693,23 @@ mod tests {
     #[allow(clippy::result_large_err)] // figment::Jail's own signature
     fn environment_overrides_nested_keys() {
         figment::Jail::expect_with(|jail| {
-            jail.set_env("HOOKBRIDGE_PUBLISHER__TYPE", "nats");
-            jail.set_env("HOOKBRIDGE_PUBLISHER__URL", "nats://127.0.0.1:4999");
+            jail.set_env("HOOKBRIDGE_PUBLISHER__TYPE", "kafka");
+            jail.set_env("HOOKBRIDGE_PUBLISHER__BROKERS", "127.0.0.1:4999");
+            jail.set_env("HOOKBRIDGE_PUBLISHER__OPTIONS__LINGER_MS", "20");
             jail.set_env("HOOKBRIDGE_OUTBOX__MAX_PENDING", "42");
             jail.set_env("HOOKBRIDGE_CONFIG", "ignored.toml");
             jail.set_env("HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:1");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.outbox.max_pending, 42);
             match config.publisher {
-                PublisherConfig::Nats(n) => assert_eq!(n.url, "nats://127.0.0.1:4999"),
+                PublisherConfig::Kafka(k) => {
+                    assert_eq!(k.brokers, "127.0.0.1:4999");
+                    assert_eq!(
+                        k.options["linger_ms"].expose(),
+                        "20",
+                        "numbers read as text"
+                    );
+                }
                 other => panic!("{other:?}"),
             }
             Ok(())

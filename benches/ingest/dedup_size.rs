@@ -22,7 +22,7 @@ use redb::{ReadableDatabase, ReadableTableMetadata, TableHandle};
 
 use super::load::run_prefix;
 
-const TEMPLATE: &str = r#"{"code":200,"message":"success","data":{"taskId":"task_x","orderId":"order_clxxxxxx","model":"seedance-20","state":"success","creditsUsed":200,"output":[{"url":"https://static.kinovi.ai/generated/video.mp4","width":1280,"height":720}],"error":null,"createTime":1735599634000,"completeTime":1735599754000,"updateTime":1735599754000}}"#;
+pub const TEMPLATE: &str = r#"{"code":200,"message":"success","data":{"taskId":"task_x","orderId":"order_clxxxxxx","model":"seedance-20","state":"success","creditsUsed":200,"output":[{"url":"https://static.kinovi.ai/generated/video.mp4","width":1280,"height":720}],"error":null,"createTime":1735599634000,"completeTime":1735599754000,"updateTime":1735599754000}}"#;
 
 /// What one run left on disk.
 struct Run {
@@ -167,7 +167,7 @@ async fn one(dir: &Path, dedup: bool, count: u64, concurrency: usize) -> anyhow:
     })
 }
 
-fn task(template: &TaskEvent, prefix: &str, n: u64) -> TaskEvent {
+pub fn task(template: &TaskEvent, prefix: &str, n: u64) -> TaskEvent {
     let mut event = template.clone();
     // 30 characters, like the provider's "task_cl..." ids.
     event.task_id = format!("{prefix}{n:015}");

@@ -1,7 +1,6 @@
-//! The HTTP side of the benchmark: callback bodies, keep-alive HTTP/1
-//! connections, the closed and open loops, and what they measured.
+//! The load itself: callback bodies, keep-alive HTTP/1 connections, and the
+//! closed and open loops.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,12 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{handshake, SendRequest};
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use super::report::{micros, Report};
 
 /// The provider's documented callbacks (shared/kinovi-webhooks.txt);
 /// `{ID}` becomes a unique suffix for taskId and orderId.
@@ -60,9 +61,9 @@ impl Bodies {
 /// A loopback HTTP/1 server and the path requests go to.
 #[derive(Clone)]
 pub struct Target {
-    addr: SocketAddr,
-    authority: String,
-    path: String,
+    pub addr: SocketAddr,
+    pub authority: String,
+    pub path: String,
 }
 
 impl Target {
@@ -92,7 +93,7 @@ impl Target {
         })
     }
 
-    fn with_path(&self, path: &str) -> Self {
+    pub fn with_path(&self, path: &str) -> Self {
         Self {
             path: path.to_string(),
             ..self.clone()
@@ -107,12 +108,12 @@ impl fmt::Display for Target {
 }
 
 /// One keep-alive HTTP/1 connection.
-struct Conn {
+pub struct Conn {
     sender: SendRequest<Full<Bytes>>,
 }
 
 impl Conn {
-    async fn open(target: &Target) -> anyhow::Result<Self> {
+    pub async fn open(target: &Target) -> anyhow::Result<Self> {
         let stream = TcpStream::connect(target.addr).await?;
         stream.set_nodelay(true)?;
         let (sender, conn) = handshake(TokioIo::new(stream)).await?;
@@ -123,7 +124,7 @@ impl Conn {
     }
 
     /// Sends one request and reads the whole answer; returns status and body.
-    async fn send(
+    pub async fn send(
         &mut self,
         target: &Target,
         method: &str,
@@ -140,193 +141,6 @@ impl Conn {
         let status = response.status().as_u16();
         let body = response.into_body().collect().await?.to_bytes();
         Ok((status, body))
-    }
-}
-
-/// What one loop measured; latencies in microseconds.
-#[derive(Default)]
-pub struct Report {
-    /// The measured span (closed loop: the window; count mode: the whole run).
-    pub window: Duration,
-    /// Answer latency (open loop: from the due time).
-    pub latency: Vec<u32>,
-    /// Open loop only: from sending to the answer.
-    pub service: Vec<u32>,
-    /// Open loop only: how late the request left after its due time.
-    pub send_lag: Vec<u32>,
-    /// Open loop only: (second of the measured window it was due in, latency).
-    pub by_second: Vec<(u32, u32)>,
-    pub statuses: BTreeMap<u16, u64>,
-    pub errors: u64,
-    pub first_error: Option<String>,
-    /// Open loop only: how long after the last due time the last answer came.
-    pub tail: Duration,
-}
-
-/// CPU seconds this process used so far (user + system), from /proc.
-pub fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised name: state is the 1st, utime the 12th, stime the 13th.
-    let after = stat.rsplit(") ").next().unwrap_or("");
-    let ticks: u64 = after
-        .split(' ')
-        .skip(11)
-        .take(2)
-        .filter_map(|t| t.parse::<u64>().ok())
-        .sum();
-    // USER_HZ is 100 on Linux.
-    ticks as f64 / 100.0
-}
-
-fn micros(d: Duration) -> u32 {
-    d.as_micros().min(u128::from(u32::MAX)) as u32
-}
-
-impl Report {
-    fn record_error(&mut self, e: &anyhow::Error) {
-        self.errors += 1;
-        self.first_error.get_or_insert_with(|| format!("{e:#}"));
-    }
-
-    fn merge(&mut self, other: Report) {
-        self.latency.extend(other.latency);
-        self.service.extend(other.service);
-        self.send_lag.extend(other.send_lag);
-        self.by_second.extend(other.by_second);
-        for (status, n) in other.statuses {
-            *self.statuses.entry(status).or_default() += n;
-        }
-        self.errors += other.errors;
-        if self.first_error.is_none() {
-            self.first_error = other.first_error;
-        }
-    }
-
-    fn ok(&self) -> u64 {
-        self.statuses
-            .iter()
-            .filter(|(s, _)| (200..300).contains(*s))
-            .map(|(_, n)| n)
-            .sum()
-    }
-
-    fn statuses_line(&self) -> String {
-        let mut parts: Vec<String> = self
-            .statuses
-            .iter()
-            .map(|(s, n)| format!("{s}={n}"))
-            .collect();
-        parts.push(format!("errors={}", self.errors));
-        parts.join(" ")
-    }
-
-    pub fn print_closed(mut self, connections: usize) {
-        let rate = self.ok() as f64 / self.window.as_secs_f64();
-        let mut latency = std::mem::take(&mut self.latency);
-        let lat = Percentiles::of(&mut latency);
-        println!("connections           : {connections}");
-        println!("measured              : {:.2} s", self.window.as_secs_f64());
-        println!("accepted (2xx) /s     : {rate:.0}");
-        println!("statuses              : {}", self.statuses_line());
-        println!("latency ms p50/p90/p99/max : {lat}");
-        if let Some(e) = &self.first_error {
-            println!("first error           : {e}");
-        }
-        let cpu = cpu_secs();
-        println!("process CPU so far    : {cpu:.2} s");
-        println!(
-            "RESULT rps={rate:.0} p50_ms={:.2} p99_ms={:.2} errors={} non2xx={} cpu_s={cpu:.2}",
-            lat.ms(0.50),
-            lat.ms(0.99),
-            self.errors,
-            lat.0.len() as u64 - self.ok()
-        );
-    }
-
-    pub fn print_open(mut self, rate: u64) {
-        let done = self.ok() as f64 / self.window.as_secs_f64();
-        let (mut latency, mut service, mut lag) = (
-            std::mem::take(&mut self.latency),
-            std::mem::take(&mut self.service),
-            std::mem::take(&mut self.send_lag),
-        );
-        let lat = Percentiles::of(&mut latency);
-        let service = Percentiles::of(&mut service);
-        let lag = Percentiles::of(&mut lag);
-        println!("offered /s            : {rate}");
-        println!("answered (2xx) /s     : {done:.0}");
-        println!("statuses              : {}", self.statuses_line());
-        println!("latency from due time, ms p50/p90/p99/max : {lat}");
-        println!("  of which send lag (generator timer), ms  : {lag}");
-        println!("service time (send->answer), ms            : {service}");
-        println!(
-            "last answer after last due time : {:.1} ms",
-            self.tail.as_secs_f64() * 1e3
-        );
-        // When the slow answers happened: steady, or bursts (GC, a big commit, the relay)?
-        let seconds = self.window.as_secs() as usize + 1;
-        let (mut worst, mut slow) = (vec![0u32; seconds], vec![0u32; seconds]);
-        for &(second, us) in &self.by_second {
-            let i = (second as usize).min(seconds - 1);
-            worst[i] = worst[i].max(us);
-            slow[i] += u32::from(us > 10_000);
-        }
-        let line = |v: &[u32], f: &dyn Fn(u32) -> String| {
-            v.iter().map(|&x| f(x)).collect::<Vec<_>>().join(" ")
-        };
-        println!(
-            "max ms, by second     : {}",
-            line(&worst, &|us| format!("{:.0}", f64::from(us) / 1e3))
-        );
-        println!(
-            "answers > 10 ms, by s : {}",
-            line(&slow, &|n| n.to_string())
-        );
-        if let Some(e) = &self.first_error {
-            println!("first error           : {e}");
-        }
-        let cpu = cpu_secs();
-        println!("process CPU so far    : {cpu:.2} s");
-        println!(
-            "RESULT rps={done:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} service_p99_ms={:.2} errors={} cpu_s={cpu:.2}",
-            lat.ms(0.50),
-            lat.ms(0.99),
-            lat.ms(1.0),
-            service.ms(0.99),
-            self.errors
-        );
-    }
-}
-
-/// Sorted latencies in microseconds.
-struct Percentiles<'a>(&'a [u32]);
-
-impl<'a> Percentiles<'a> {
-    fn of(v: &'a mut [u32]) -> Self {
-        v.sort_unstable();
-        Self(v)
-    }
-
-    fn ms(&self, q: f64) -> f64 {
-        if self.0.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((q * self.0.len() as f64).ceil() as usize).clamp(1, self.0.len());
-        f64::from(self.0[rank - 1]) / 1e3
-    }
-}
-
-impl fmt::Display for Percentiles<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:.2} / {:.2} / {:.2} / {:.2}  (n={})",
-            self.ms(0.50),
-            self.ms(0.90),
-            self.ms(0.99),
-            self.ms(1.0),
-            self.0.len()
-        )
     }
 }
 
@@ -432,6 +246,13 @@ pub async fn open_loop(
     }
     let start = Instant::now() + Duration::from_millis(20);
     let from = start + warmup;
+    // Wall clock of second 0 of the "by second" lines, to line them up with logs.
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis()
+        + 20
+        + warmup.as_millis();
+    println!("measured window starts: unix_ms={unix_ms}");
     let workers: Vec<_> = conns
         .into_iter()
         .map(|mut conn| {
@@ -480,151 +301,4 @@ pub async fn open_loop(
     }
     report.window = measure;
     Ok(report)
-}
-
-/// An axum server on 127.0.0.1:0 whose handler reads the body and answers
-/// 200 with hookbridge's answer body, on its own runtime.
-pub fn trivial_server(threads: usize) -> anyhow::Result<(tokio::runtime::Runtime, Target)> {
-    use axum::routing::post;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .thread_name("baseline-server")
-        .enable_all()
-        .build()?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/webhooks/kinovi",
-        post(|_body: Bytes| async {
-            ([(CONTENT_TYPE, "application/json")], r#"{"message":"ok"}"#)
-        }),
-    );
-    rt.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-        axum::serve(listener, app).await
-    });
-    let target = Target::parse(&format!("http://{addr}"), "/webhooks/kinovi")?;
-    Ok((rt, target))
-}
-
-/// Reads `/admin/status` over one kept connection.
-struct StatusProbe {
-    target: Target,
-    conn: Option<Conn>,
-}
-
-impl StatusProbe {
-    fn new(target: &Target) -> Self {
-        Self {
-            target: target.with_path("/admin/status"),
-            conn: None,
-        }
-    }
-
-    /// `outbox.pending`; `None` when the server cannot be asked right now.
-    async fn pending(&mut self) -> Option<u64> {
-        if self.conn.is_none() {
-            self.conn = Conn::open(&self.target).await.ok();
-        }
-        let conn = self.conn.as_mut()?;
-        match conn.send(&self.target, "GET", Bytes::new()).await {
-            Ok((200, body)) => {
-                let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-                v["outbox"]["pending"].as_u64()
-            }
-            _ => {
-                self.conn = None;
-                None
-            }
-        }
-    }
-}
-
-const POLL: Duration = Duration::from_millis(20);
-
-/// Waits (the broker comes back meanwhile) until the outbox is empty, and
-/// reports how fast it emptied once publishing started.
-pub async fn drain(target: &Target, timeout: Duration) -> anyhow::Result<()> {
-    let mut probe = StatusProbe::new(target);
-    let initial = probe.pending().await.context("cannot read /admin/status")?;
-    anyhow::ensure!(initial > 0, "nothing pending: was the broker really down?");
-    println!("drain: posted; {initial} pending; waiting for the broker");
-    let deadline = Instant::now() + timeout;
-    let mut unchanged_at = Instant::now();
-    let mut first: Option<(Instant, u64, u128)> = None;
-    loop {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "outbox not drained after {timeout:?} (first publish seen: {})",
-            first.is_some()
-        );
-        tokio::time::sleep(POLL).await;
-        let Some(pending) = probe.pending().await else {
-            continue;
-        };
-        let now = Instant::now();
-        if first.is_none() {
-            if pending >= initial {
-                unchanged_at = now;
-                continue;
-            }
-            let unix_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_millis();
-            first = Some((now, pending, unix_ms));
-        }
-        if pending == 0 {
-            let (first_at, first_pending, unix_ms) = first.expect("set above");
-            let span = now - unchanged_at;
-            let rate = initial as f64 / span.as_secs_f64();
-            let after_first = (now - first_at).as_secs_f64();
-            println!("first publish seen at : unix_ms={unix_ms}");
-            println!("drained               : {initial} events in {:.2} s (from the last poll before the first publish)", span.as_secs_f64());
-            println!("drain rate /s         : {rate:.0}  (conservative; {:.0}/s counted from the first drop)",
-                first_pending as f64 / after_first.max(1e-3));
-            println!("RESULT drain_rps={rate:.0} events={initial} first_publish_unix_ms={unix_ms}");
-            return Ok(());
-        }
-    }
-}
-
-/// Polls until the outbox is empty; returns the pending count at the start
-/// and how long it took.
-pub async fn wait_drained(target: &Target, timeout: Duration) -> anyhow::Result<(u64, Duration)> {
-    let mut probe = StatusProbe::new(target);
-    let start = Instant::now();
-    let mut first = None;
-    while start.elapsed() < timeout {
-        if let Some(pending) = probe.pending().await {
-            first.get_or_insert(pending);
-            if pending == 0 {
-                return Ok((first.unwrap_or(0), start.elapsed()));
-            }
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    bail!("outbox still not empty after {timeout:?}")
-}
-
-/// Polls GET until it answers 200.
-pub async fn wait_http(target: &Target, timeout: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if let Ok(stream) = TcpStream::connect(target.addr).await {
-            if let Ok((mut sender, conn)) = handshake(TokioIo::new(stream)).await {
-                tokio::spawn(conn);
-                let request = Request::get(&target.path)
-                    .header(HOST, &target.authority)
-                    .body(Empty::<Bytes>::new())?;
-                if let Ok(r) = sender.send_request(request).await {
-                    if r.status().is_success() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{target} did not answer 200 within {timeout:?}")
 }

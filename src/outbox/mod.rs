@@ -219,9 +219,12 @@ impl Outbox {
     /// Stores `event` durably unless it is a duplicate or stale. Returns only
     /// after the decision is on disk.
     pub async fn append(&self, event: TaskEvent) -> Result<Appended, AppendError> {
+        let payload =
+            serde_json::to_vec(&event).map_err(|e| AppendError::Storage(e.to_string()))?;
         let (reply, rx) = oneshot::channel();
         self.send(writer::Command::Append {
             event: Box::new(event),
+            payload,
             reply,
         })
         .await?;
@@ -242,9 +245,12 @@ impl Outbox {
         let _ = self.inner.tx.try_send(writer::Command::Reject(rejected));
     }
 
-    /// Oldest pending entries, at most `limit`, in sequence order.
-    pub fn read_pending(&self, limit: usize) -> Result<Vec<Outgoing>, OutboxError> {
-        store::read_pending(&*self.inner.db.get()?, limit)
+    /// The next batch for the relay: the oldest pending entries in sequence
+    /// order, at most `batch`, at most one per task (a task's later event
+    /// waits until its earlier one is acknowledged), looking at no more than
+    /// `scan` entries.
+    pub fn read_batch(&self, batch: usize, scan: usize) -> Result<Vec<Outgoing>, OutboxError> {
+        store::read_batch(&*self.inner.db.get()?, batch, scan)
     }
 
     /// Records the outcome of a publish: `delivered` are deleted, `dead` move

@@ -6,7 +6,6 @@
 //! durably: acknowledged entries are deleted, permanently refused ones become
 //! dead letters, the rest stay for the next step after a capped backoff.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,15 +48,9 @@ impl Relay {
     pub async fn run_once(&mut self) -> Result<RelayStep, OutboxError> {
         let size = self.outbox.config().relay_batch;
         let outbox = self.outbox.clone();
-        let scanned = tokio::task::spawn_blocking(move || outbox.read_pending(size * 2))
+        let batch = tokio::task::spawn_blocking(move || outbox.read_batch(size, size * 2))
             .await
             .map_err(|_| OutboxError::Closed)??;
-        let mut tasks = HashSet::with_capacity(scanned.len());
-        let batch: Vec<_> = scanned
-            .into_iter()
-            .filter(|o| tasks.insert(o.event.task_id.clone()))
-            .take(size)
-            .collect();
         if batch.is_empty() {
             return Ok(RelayStep::default());
         }

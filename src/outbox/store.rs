@@ -130,19 +130,29 @@ impl DbCell {
     }
 }
 
-pub(super) fn read_pending(db: &Database, limit: usize) -> Result<Vec<Outgoing>, OutboxError> {
+pub(super) fn read_batch(
+    db: &Database,
+    batch: usize,
+    scan: usize,
+) -> Result<Vec<Outgoing>, OutboxError> {
     let txn = db.begin_read()?;
     let table = txn.open_table(PENDING)?;
-    let mut out = Vec::with_capacity(limit.min(4096));
-    for entry in table.iter()?.take(limit) {
+    let mut tasks = std::collections::HashSet::with_capacity(batch);
+    let mut out = Vec::with_capacity(batch.min(4096));
+    for entry in table.iter()?.take(scan) {
+        if out.len() == batch {
+            break;
+        }
         let (k, v) = entry?;
         let payload = bytes::Bytes::copy_from_slice(v.value());
         match serde_json::from_slice::<TaskEvent>(&payload) {
-            Ok(event) => out.push(Outgoing {
+            Ok(event) if tasks.insert(event.task_id.clone()) => out.push(Outgoing {
                 seq: k.value(),
                 event,
                 payload,
             }),
+            // A later event of a task already in this batch: next batch.
+            Ok(_) => {}
             // Only a foreign write could cause this; keep it visible, never block on it.
             Err(e) => {
                 tracing::error!(seq = k.value(), error = %e, "unreadable outbox entry skipped")

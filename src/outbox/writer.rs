@@ -30,6 +30,8 @@ pub(super) const PRUNE_BATCH: usize = 10_000;
 pub(super) enum Command {
     Append {
         event: Box<TaskEvent>,
+        /// The event serialized on the caller's thread, off the single writer.
+        payload: Vec<u8>,
         reply: oneshot::Sender<Result<Appended, AppendError>>,
     },
     Reject(Rejected),
@@ -232,6 +234,7 @@ impl Writer {
         &mut self,
         t: &mut Tables<'_>,
         mut event: TaskEvent,
+        payload: Vec<u8>,
         now: i64,
         delta: &mut Delta,
     ) -> Result<Result<Appended, AppendError>, OutboxError> {
@@ -258,22 +261,31 @@ impl Writer {
             Appended::Conflict { previous, .. } => Some(previous),
             Appended::New { .. } => None,
         };
-        let count = self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending;
-        let bytes = self.stats.pending_bytes.load(Ordering::Relaxed) as i64 + delta.pending_bytes;
-        if count >= self.config.max_pending as i64 || bytes >= self.config.max_pending_bytes as i64
-        {
+        let count =
+            (self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending).max(0) as u64;
+        let bytes = (self.stats.pending_bytes.load(Ordering::Relaxed) as i64 + delta.pending_bytes)
+            .max(0) as u64;
+        let full = if count >= self.config.max_pending {
+            Some("max_pending")
+        } else if bytes >= self.config.max_pending_bytes {
+            Some("max_pending_bytes")
+        } else {
+            None
+        };
+        if let Some(which) = full {
             delta.refused_full += 1;
-            let which = if count >= self.config.max_pending as i64 {
-                "max_pending"
-            } else {
-                "max_pending_bytes"
-            };
             return Ok(Err(AppendError::Full(which)));
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        event.conflicts_with = previous;
-        let payload = serde_json::to_vec(&event).unwrap_or_default();
+        // Serialized by the caller; only a conflict (rare) changes the body.
+        let payload = match previous {
+            Some(previous) => {
+                event.conflicts_with = Some(previous);
+                serde_json::to_vec(&event).unwrap_or_default()
+            }
+            None => payload,
+        };
         t.pending.insert(seq, payload.as_slice())?;
         delta.pending += 1;
         delta.pending_bytes += payload.len() as i64;
@@ -328,8 +340,12 @@ impl Writer {
             let window_ms = self.window_ms();
             for command in group {
                 match command {
-                    Command::Append { event, reply } => {
-                        let outcome = self.append(&mut tables, *event, now, delta)?;
+                    Command::Append {
+                        event,
+                        payload,
+                        reply,
+                    } => {
+                        let outcome = self.append(&mut tables, *event, payload, now, delta)?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
                                 Some(e) => Err(AppendError::Storage(e.to_string())),
