@@ -32,8 +32,7 @@
 #   BENCH_PERF=1           record a perf profile of hookbridge during each load phase
 #                          and print its top symbols (needs perf)
 #   HOOKBRIDGE_*           passed on to hookbridge, e.g. HOOKBRIDGE_OUTBOX__RELAY_BATCH=5000
-#                          or HOOKBRIDGE_PUBLISHER__OPTIONS__LINGER_MS='"20"' (librdkafka linger.ms;
-#                          numbers must be quoted for now, or figment reads an integer)
+#                          or HOOKBRIDGE_PUBLISHER__OPTIONS__LINGER_MS=20 (librdkafka linger.ms)
 #
 # The bench binary can also be run by hand: cargo bench --bench ingest -- --help
 set -euo pipefail
