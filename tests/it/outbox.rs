@@ -371,10 +371,10 @@ async fn crash_after_200_loses_nothing() {
 /// An event the topic can never take (over its `max.message.bytes`) is kept
 /// as a dead letter with the reason; the events around it still flow.
 ///
-/// KNOWN FAILURE (src bug, reported to the lead): the broker refuses a whole
-/// produce batch as too large, and `publish::kafka::classify` buries every
-/// message of that batch, so small events that were sent together (here the
-/// five posted while the big one is in flight) become dead letters too.
+/// The broker refuses a whole produce batch as too large, so the small
+/// events sent together with the big one fail too: the relay retries each
+/// permanently failed message alone before burying it, and only the big one
+/// ends up a dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_error_goes_to_dead_letters_and_the_rest_flows() {
     let bootstrap = brokers::kafka().await;
