@@ -4,14 +4,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends pkg-config libs
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin hookbridge
+RUN cargo build --release --locked --bin hookbridge --bin kinovi-sim
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --home /var/lib/hookbridge hookbridge \
     && mkdir -p /var/lib/hookbridge && chown hookbridge /var/lib/hookbridge
-COPY --from=build /src/target/release/hookbridge /usr/local/bin/hookbridge
+COPY --from=build /src/target/release/hookbridge /src/target/release/kinovi-sim /usr/local/bin/
 COPY config /etc/hookbridge
 USER hookbridge
 # The outbox lives here: mount a volume so accepted events survive the container.
