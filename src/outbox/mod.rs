@@ -350,8 +350,8 @@ impl Outbox {
         &self.inner.stats
     }
 
-    /// Whether the backlog is at its cap (a cheap pre-check for the ingress;
-    /// the writer enforces the cap exactly).
+    /// Whether the backlog is at its cap (for operators and tests; the
+    /// writer enforces the cap, after the dedup check).
     pub fn is_full(&self) -> bool {
         let s = &self.inner.stats;
         s.pending.load(Ordering::Relaxed) >= self.inner.config.max_pending
