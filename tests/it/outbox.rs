@@ -601,3 +601,33 @@ async fn graceful_shutdown_keeps_pending_and_restart_resumes() {
     app.stop().await;
     broker.kill().await;
 }
+
+/// The real binary on SIGTERM: it stops accepting, exits 0 within its grace
+/// period although the broker is down, and leaves what is pending on disk
+/// for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_cleanly_and_keeps_the_backlog() {
+    const COUNT: usize = 10;
+    let dir = temp_dir();
+    // Nothing listens there: every publish fails transiently.
+    let dead_broker = format!("nats://127.0.0.1:{}", free_port());
+    let env = [
+        ("HOOKBRIDGE_PUBLISHER__TYPE", "nats".to_string()),
+        ("HOOKBRIDGE_PUBLISHER__URL", dead_broker.clone()),
+        ("HOOKBRIDGE_PUBLISHER__ACK_TIMEOUT_MS", "500".to_string()),
+        ("HOOKBRIDGE_OUTBOX__SHUTDOWN_GRACE_MS", "2000".to_string()),
+    ];
+    let child = ChildApp::start(dir.path(), free_port(), &env).await;
+    let run = unique("term");
+    for n in 0..COUNT {
+        let body = callbacks::success(&format!("{run}_{n}"));
+        assert_eq!(child.http.callback(&body).await, StatusCode::OK);
+    }
+    let status = child.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "clean exit on SIGTERM, got {status}");
+
+    let publisher = jetstream_publisher(&dead_broker, "unused.{state}", None);
+    let app = TestApp::start(config(dir.path(), publisher)).await;
+    assert_eq!(pending(&app), COUNT as u64, "the backlog survived the stop");
+    app.stop().await;
+}

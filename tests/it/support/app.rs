@@ -271,6 +271,21 @@ impl ChildApp {
         Self { addr, http, child }
     }
 
+    /// Sends SIGTERM and waits (bounded) for the process to exit; returns
+    /// its exit status.
+    pub async fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("child is running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "SIGTERM delivered");
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("hookbridge did not exit within {limit:?} of SIGTERM"))
+            .unwrap()
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub async fn kill(mut self) {
         self.child.kill().await.unwrap();
