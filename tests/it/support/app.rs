@@ -46,27 +46,18 @@ impl Http {
         }
     }
 
+    /// Sends a request and panics if no answer comes.
     pub async fn request(
         &self,
         method: &str,
         path: &str,
         body: impl Into<Bytes>,
     ) -> (StatusCode, Value) {
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(Full::new(body.into()))
-            .unwrap();
-        let response = tokio::time::timeout(Duration::from_secs(30), self.client.request(request))
+        let answer = self
+            .try_request(method, path, body)
             .await
-            .expect("answer within 30 s")
-            .expect("request sent");
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let json = serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
-        (status, json)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        (answer.status, answer.json)
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
