@@ -83,6 +83,10 @@ pub struct OutboxConfig {
     pub shutdown_grace_ms: u64,
     /// How many rejected request bodies are kept for inspection (oldest dropped first).
     pub keep_rejected: u64,
+    /// Memory for the outbox database's page cache, in MiB: with the
+    /// channel and batch sizes, what bounds hookbridge's memory whatever the
+    /// backlog or the number of tasks tracked.
+    pub cache_mib: usize,
 }
 
 impl Default for OutboxConfig {
@@ -98,6 +102,7 @@ impl Default for OutboxConfig {
             retry_max_ms: 30_000,
             shutdown_grace_ms: 10_000,
             keep_rejected: 1000,
+            cache_mib: 256,
         }
     }
 }
@@ -446,6 +451,9 @@ impl Config {
                 "outbox.retry_max_ms",
                 "retry_initial_ms must be > 0 and retry_max_ms >= retry_initial_ms",
             );
+        }
+        if o.cache_mib == 0 {
+            return invalid("outbox.cache_mib", "must be at least 1");
         }
         if o.dedup_window_secs == 0 {
             return invalid("outbox.dedup_window_secs", "must be at least 1");

@@ -194,7 +194,10 @@ impl Outbox {
         };
         std::fs::create_dir_all(dir).map_err(io_err)?;
         check_writable(dir).map_err(io_err)?;
-        let db = Arc::new(store::DbCell::open(dir.join("outbox.redb"))?);
+        let db = Arc::new(store::DbCell::open(
+            dir.join("outbox.redb"),
+            config.cache_mib.saturating_mul(1024 * 1024),
+        )?);
         let stats = Arc::new(Stats::default());
         let notify = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(16 * 1024);

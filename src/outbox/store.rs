@@ -96,16 +96,22 @@ impl TaskRecord {
 /// which also recovers it to its last commit.
 pub(super) struct DbCell {
     path: PathBuf,
+    cache_bytes: usize,
     db: RwLock<Option<Arc<Database>>>,
 }
 
 impl DbCell {
-    pub(super) fn open(path: PathBuf) -> Result<Self, OutboxError> {
-        let db = Database::create(&path)?;
+    pub(super) fn open(path: PathBuf, cache_bytes: usize) -> Result<Self, OutboxError> {
+        let db = Self::create(&path, cache_bytes)?;
         Ok(Self {
             path,
+            cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
         })
+    }
+
+    fn create(path: &std::path::Path, cache_bytes: usize) -> Result<Database, OutboxError> {
+        Ok(Database::builder().set_cache_size(cache_bytes).create(path)?)
     }
 
     pub(super) fn get(&self) -> Result<Arc<Database>, OutboxError> {
@@ -123,7 +129,7 @@ impl DbCell {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let db = Database::create(&self.path)?;
+        let db = Self::create(&self.path, self.cache_bytes)?;
         *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
         tracing::info!(path = %self.path.display(), "outbox database re-opened");
         Ok(())
