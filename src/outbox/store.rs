@@ -111,7 +111,9 @@ impl DbCell {
     }
 
     fn create(path: &std::path::Path, cache_bytes: usize) -> Result<Database, OutboxError> {
-        Ok(Database::builder().set_cache_size(cache_bytes).create(path)?)
+        Ok(Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)?)
     }
 
     pub(super) fn get(&self) -> Result<Arc<Database>, OutboxError> {
