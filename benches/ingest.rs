@@ -169,6 +169,17 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
+/// Closed-loop load for the configured time, then its report.
+async fn timed_closed_loop(target: load::Target, load: &Closed) -> anyhow::Result<()> {
+    let stop = Stop::Time {
+        warmup: secs(load.warmup),
+        measure: secs(load.duration),
+    };
+    let report = load::closed_loop(target, load.connections, stop).await?;
+    report.print_closed(load.connections);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     // `cargo bench` appends `--bench`; it means nothing here.
     let args = std::env::args().filter(|a| a != "--bench");
@@ -201,16 +212,7 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             println!(
                 "== baseline: trivial axum handler (200, no work), {server_threads} server threads"
             );
-            let report = load::closed_loop(
-                target,
-                load.connections,
-                Stop::Time {
-                    warmup: secs(load.warmup),
-                    measure: secs(load.duration),
-                },
-            )
-            .await?;
-            report.print_closed(load.connections);
+            timed_closed_loop(target, &load).await?;
             server.shutdown_background();
         }
         Mode::FullSpeed { target, load } => {
@@ -219,16 +221,7 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
                 "== full-speed: {} connections against {}",
                 load.connections, target
             );
-            let report = load::closed_loop(
-                target,
-                load.connections,
-                Stop::Time {
-                    warmup: secs(load.warmup),
-                    measure: secs(load.duration),
-                },
-            )
-            .await?;
-            report.print_closed(load.connections);
+            timed_closed_loop(target, &load).await?;
         }
         Mode::FixedRate {
             target,
