@@ -15,6 +15,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+mod show;
+pub use show::{is_secret_option, mask_url, MASK};
+
 /// The whole configuration of one hookbridge process.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -334,12 +337,19 @@ impl Default for ReconcileConfig {
     }
 }
 
-/// A string that never appears in logs or `Debug` output. Numbers and
-/// booleans are read as their text, so `HOOKBRIDGE_PUBLISHER__OPTIONS__LINGER_MS=20`
-/// works although the environment layer reads `20` as a number.
-#[derive(Clone, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
+/// A string that never appears in logs, `Debug` or serialized output (it
+/// serializes as [`MASK`], and [`MASK`] is refused when read back, naming
+/// the key). Numbers and booleans are read as their text, so
+/// `HOOKBRIDGE_PUBLISHER__OPTIONS__LINGER_MS=20` works although the
+/// environment layer reads `20` as a number.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(MASK)
+    }
+}
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -353,6 +363,9 @@ impl<'de> Deserialize<'de> for Secret {
             Bool(bool),
         }
         Ok(Self(match Scalar::deserialize(d)? {
+            Scalar::Text(s) if s == MASK => {
+                return Err(serde::de::Error::custom(show::MASKED_READ_BACK))
+            }
             Scalar::Text(s) => s,
             Scalar::Unsigned(n) => n.to_string(),
             Scalar::Signed(n) => n.to_string(),
@@ -385,6 +398,9 @@ pub enum ConfigError {
     Load(#[from] Box<figment::Error>),
     #[error("invalid `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// A value still holds what `check` prints in place of a secret.
+    #[error("invalid `{key}`: {}", show::MASKED_READ_BACK)]
+    Masked { key: String },
 }
 
 impl Config {
@@ -418,6 +434,7 @@ impl Config {
 
     fn extract(figment: Figment) -> Result<Self, ConfigError> {
         let config: Config = figment.extract().map_err(Box::new)?;
+        show::refuse_masked_urls(&config)?;
         config.validate()?;
         Ok(config)
     }

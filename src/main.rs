@@ -14,7 +14,8 @@ use hookbridge::{App, Config};
 )]
 struct Cli {
     /// TOML configuration file; `HOOKBRIDGE_<SECTION>__<KEY>` variables override it.
-    #[arg(long, short, env = "HOOKBRIDGE_CONFIG")]
+    /// Accepted before or after the subcommand.
+    #[arg(long, short, env = "HOOKBRIDGE_CONFIG", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -24,7 +25,8 @@ struct Cli {
 enum Command {
     /// Serve callbacks (the default).
     Run,
-    /// Validate the configuration and print it (secrets masked).
+    /// Validate the configuration and print it as TOML that `--config`
+    /// reads again (secrets masked as "***"); exit status 1 when invalid.
     Check,
 }
 
@@ -35,7 +37,14 @@ async fn main() -> anyhow::Result<()> {
     hookbridge::telemetry::init(&config.log);
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
-            println!("{config:#?}");
+            let printed = config
+                .to_masked_toml()
+                .context("cannot print the configuration")?;
+            println!(
+                "# The effective configuration: defaults, then the file, then HOOKBRIDGE_* variables.\n\
+                 # Secrets are masked as \"***\"; read back, a masked value is refused unless its\n\
+                 # HOOKBRIDGE_* variable supplies the real one.\n\n{printed}"
+            );
             Ok(())
         }
         Command::Run => {
