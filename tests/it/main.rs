@@ -11,4 +11,5 @@ mod kafka;
 mod nats;
 mod outbox;
 mod poll;
+mod readme;
 mod storage;
