@@ -5,6 +5,7 @@
 
 mod support;
 
+mod config_files;
 mod dedup;
 mod ingress;
 mod kafka;
