@@ -16,7 +16,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 mod show;
-pub use show::{is_secret_option, mask_url, MASK};
+pub use show::{is_secret_option, mask_url, split_userinfo, MASK};
 
 /// The whole configuration of one hookbridge process.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -81,6 +81,48 @@ pub fn mask_url(text: &str) -> String {
     out
 }
 
+/// `url` without its userinfo, and the userinfo it held, percent-decoded:
+/// `nats://u:p%40ss@h` -> (`nats://h`, `Some(("u", Some("p@ss")))`). For
+/// clients that take credentials apart from the URL, and log the URL.
+pub fn split_userinfo(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some(i) = url.find("://") else {
+        return (url.to_string(), None);
+    };
+    let (head, tail) = url.split_at(i + 3);
+    let end = tail.find(['/', '?', '#']).unwrap_or(tail.len());
+    let Some(at) = tail[..end].rfind('@') else {
+        return (url.to_string(), None);
+    };
+    let userinfo = match tail[..at].split_once(':') {
+        Some((user, pass)) => (percent_decode(user), Some(percent_decode(pass))),
+        None => (percent_decode(&tail[..at]), None),
+    };
+    (format!("{head}{}", &tail[at + 1..]), Some(userinfo))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl Config {
     /// The configuration as TOML that [`Config::load`] reads again, secrets
     /// masked (see the module docs). Fails only for a number TOML cannot
@@ -198,6 +240,24 @@ mod tests {
         for (url, masked) in cases {
             assert_eq!(mask_url(url), masked, "{url}");
         }
+    }
+
+    #[test]
+    fn userinfo_is_taken_out_of_urls() {
+        let none = |u: &str| (u.to_string(), None);
+        assert_eq!(split_userinfo("nats://h:4222"), none("nats://h:4222"));
+        assert_eq!(split_userinfo("h:4222"), none("h:4222"));
+        assert_eq!(
+            split_userinfo("nats://u:p%40ss@h:4222/x@y"),
+            (
+                "nats://h:4222/x@y".to_string(),
+                Some(("u".to_string(), Some("p@ss".to_string())))
+            )
+        );
+        assert_eq!(
+            split_userinfo("tls://tok@h"),
+            ("tls://h".to_string(), Some(("tok".to_string(), None)))
+        );
     }
 
     #[test]

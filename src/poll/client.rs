@@ -314,7 +314,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         out.push_str(&s.to_string());
         source = s.source();
     }
-    out
+    // It is logged: a URL in it must not carry `base_url`'s credentials.
+    crate::config::mask_url(&out)
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use futures::future::{join_all, BoxFuture};
@@ -39,8 +40,24 @@ impl NatsPublisher {
         if let Some(token) = &config.token {
             options = options.token(token.expose().to_string());
         }
-        let urls: Vec<&str> = config.url.split(',').map(str::trim).collect();
-        let client = options.connect(urls.as_slice()).await?;
+        // async-nats neither authenticates with a URL's userinfo nor keeps
+        // it out of its debug logs: take it out and pass it as options.
+        let mut urls = Vec::new();
+        for url in config.url.split(',').map(str::trim) {
+            let (url, userinfo) = crate::config::split_userinfo(url);
+            match userinfo {
+                Some((user, Some(pass))) => options = options.user_and_password(user, pass),
+                Some((token, None)) if config.token.is_none() => options = options.token(token),
+                _ => {}
+            }
+            urls.push(url);
+        }
+        let servers = crate::config::mask_url(&config.url);
+        tracing::info!(%servers, jetstream = config.jetstream, "connecting to NATS");
+        let client = options
+            .connect(urls.as_slice())
+            .await
+            .with_context(|| format!("cannot connect to NATS at {servers}"))?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(Duration::from_millis(config.ack_timeout_ms));
         Ok(Self {

@@ -421,3 +421,38 @@ fn uncommenting_enables_settings_but_not_prose() {
         "compose-stand-in-0123456789 dflt/x"
     );
 }
+
+#[test]
+fn logs_mask_url_userinfo() {
+    let dir = super::support::app::temp_dir();
+    let log = dir.path().join("stderr");
+    let port = super::support::app::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookbridge"))
+        .current_dir(root())
+        .env("HOOKBRIDGE_PUBLISHER__TYPE", "nats")
+        // Nothing listens on port 1: hookbridge starts anyway and retries.
+        .env(
+            "HOOKBRIDGE_PUBLISHER__URL",
+            "nats://user:pw-in-log@127.0.0.1:1",
+        )
+        .env("HOOKBRIDGE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("HOOKBRIDGE_OUTBOX__DATA_DIR", dir.path().join("data"))
+        .env("HOOKBRIDGE_LOG__LEVEL", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let logged = loop {
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        if logged.contains("hookbridge listening") || std::time::Instant::now() >= deadline {
+            break logged;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(logged.contains("hookbridge listening"), "{logged}");
+    assert!(logged.contains("nats://user:***@127.0.0.1:1"), "{logged}");
+    assert!(!logged.contains("pw-in-log"), "{logged}");
+}
