@@ -35,7 +35,8 @@
 //!   test can run next to anything on this machine.
 //! - `HOOKBRIDGE_OUTBOX__DATA_DIR` is a temporary folder per section.
 //! - `HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP` / `HOOKBRIDGE_TEST_NATS_URL` are
-//!   passed on, for blocks that need a broker.
+//!   passed on, for blocks that need a broker; other `HOOKBRIDGE_*`
+//!   variables and `RUST_LOG` are not.
 //!
 //! A failure names the block by its README line and first command line.
 
@@ -399,6 +400,15 @@ impl Runner {
         let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
         let data_dir = self.tmp.path().join(format!("section-{}", block.section));
         let mut cmd = Command::new("bash");
+        // A user's own settings would change what the README shows.
+        for (key, _) in std::env::vars_os() {
+            let key_text = key.to_string_lossy();
+            if (key_text.starts_with("HOOKBRIDGE_") && !key_text.starts_with("HOOKBRIDGE_TEST_"))
+                || key_text == "RUST_LOG"
+            {
+                cmd.env_remove(&key);
+            }
+        }
         cmd.arg(&script)
             .current_dir(&self.root)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
