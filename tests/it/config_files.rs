@@ -86,15 +86,22 @@ fn uncommented(file: &str) -> String {
 }
 
 /// Every (table, key) a configuration file shows, set or commented out.
+/// Table names lose their quotes (`[publisher.models."a-b"]` is
+/// `publisher.models.a-b`, as [`keys_of`] names it); an array of tables
+/// `[[x.y]]` also counts as the key `y` of table `x`.
 fn documented_keys(file: &str) -> BTreeSet<(String, String)> {
     let mut keys = BTreeSet::new();
     let mut table = String::new();
     for line in file.lines() {
         let line = line.trim().trim_start_matches('#').trim();
         if line.starts_with('[') && line.ends_with(']') {
-            table = line.trim_matches(['[', ']']).to_string();
+            table = line.trim_matches(['[', ']']).replace('"', "");
+            if line.starts_with("[[") {
+                let (parent, last) = table.rsplit_once('.').unwrap_or(("", &table));
+                keys.insert((parent.to_string(), last.to_string()));
+            }
         } else if let Ok(t) = toml::from_str::<toml::Table>(line) {
-            keys.extend(t.keys().map(|k| (table.clone(), k.clone())));
+            keys_of(&t, &table, &mut keys);
         }
     }
     keys
