@@ -91,6 +91,7 @@ ensure_system_packages() {
   command -v nats-server >/dev/null || pkgs+=(nats-server)
   command -v java >/dev/null || pkgs+=(default-jre-headless)
   command -v python3 >/dev/null || pkgs+=(python3) # free ports and broker readiness probes
+  command -v curl >/dev/null || pkgs+=(curl)          # the README's examples (tests/it/readme.rs)
   command -v pkg-config >/dev/null || pkgs+=(pkg-config)
   # The Rust build compiles librdkafka (C) with TLS; openssl-sys finds OpenSSL through pkg-config.
   if ! command -v pkg-config >/dev/null || ! pkg-config --exists openssl; then
