@@ -597,3 +597,43 @@ fn readme_ports_are_moved() {
         "curl localhost:41234/x :80801 http://127.0.0.1:41235"
     );
 }
+
+#[test]
+fn a_broken_block_fails_naming_it() {
+    let readme = "# A\n```sh\necho fine\nfalse\n```\n\
+                  # B\n```sh\necho '{\"message\":\"ok\"}'\n# => {\"message\":\"refused\"}\n```\n\
+                  # C\n<!-- readme-test: background (port 8080) -->\n```sh\nexit 3\n```\n\
+                  # D\n```sh\ncargo run --bin kinovi-sim -- --version\ncargo test\n```\n";
+    let blocks = parse(readme).unwrap();
+    let runner = Runner::new();
+    let errors: Vec<String> = blocks
+        .iter()
+        .map(|b| runner.run_section(&[b]).unwrap_err())
+        .collect();
+    assert!(
+        errors[0].starts_with("README.md:2 `echo fine`: exited with"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[0].contains("README.md:4: exit status 1"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].starts_with("README.md:7 `echo")
+            && errors[1].contains("lacks the shown line `# => {\"message\":\"refused\"}`"),
+        "{}",
+        errors[1]
+    );
+    assert!(
+        errors[2].contains("README.md:13 `exit 3`: exited with"),
+        "{}",
+        errors[2]
+    );
+    assert!(
+        errors[3].contains("kinovi-sim") && errors[3].contains("only `cargo run`"),
+        "{}",
+        errors[3]
+    );
+}
