@@ -394,7 +394,7 @@ impl fmt::Debug for Secret {
 /// A configuration that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
+    #[error(transparent)]
     Load(#[from] Box<figment::Error>),
     #[error("invalid `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
