@@ -386,7 +386,15 @@ impl Writer {
                     } => {
                         // Each reply is queued before `?`: the command in
                         // flight when a write fails gets the error too.
+                        #[cfg(test)]
+                        let injected = event.task_id == tests::FAIL_TASK;
                         let outcome = self.append(&mut tables, *event, payload, now, delta);
+                        #[cfg(test)]
+                        let outcome = if injected {
+                            Err(tests::injected())
+                        } else {
+                            outcome
+                        };
                         let stored = outcome.as_ref().ok().cloned();
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match (err, stored) {
@@ -590,4 +598,71 @@ fn redb_copy(e: &OutboxError) -> redb::Error {
     redb::Error::from(redb::StorageError::from(std::io::Error::other(
         e.to_string(),
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{parse, Source};
+
+    /// An append of this task fails as a write error would, after its
+    /// command was taken from the group.
+    pub(super) const FAIL_TASK: &str = "fail-in-the-middle";
+
+    pub(super) fn injected() -> OutboxError {
+        OutboxError::Db(redb::Error::from(redb::StorageError::from(
+            std::io::Error::other("injected write error"),
+        )))
+    }
+
+    #[test]
+    fn a_group_that_fails_part_way_answers_every_command_with_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = OutboxConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..OutboxConfig::default()
+        };
+        let db = Arc::new(DbCell::open(dir.path().join("outbox.redb"), 1 << 20).unwrap());
+        let stats = Arc::new(Stats::default());
+        // Queued before the thread starts, so they form one group.
+        let (tx, rx) = mpsc::channel(16);
+        let mut appends = Vec::new();
+        for task in ["before", FAIL_TASK, "after"] {
+            let body = format!(r#"{{"taskId":"{task}","state":"generating"}}"#);
+            let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+            let (reply, answer) = oneshot::channel();
+            let payload = serde_json::to_vec(&event).unwrap();
+            let event = Box::new(event);
+            tx.try_send(Command::Append {
+                event,
+                payload,
+                reply,
+            })
+            .unwrap();
+            appends.push(answer);
+        }
+        let (reply, completed) = oneshot::channel();
+        let complete = Command::Complete {
+            delivered: vec![],
+            dead: vec![],
+            reply,
+        };
+        tx.try_send(complete).unwrap();
+        tx.try_send(Command::Stop).unwrap();
+        let writer = Writer::start(db, config, stats.clone(), Arc::default(), rx).unwrap();
+        writer.join().unwrap();
+
+        for answer in appends {
+            match answer.blocking_recv() {
+                Ok(Err(AppendError::Storage(m))) => assert!(m.contains("injected"), "{m}"),
+                other => panic!("every append gets the storage error, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            completed.blocking_recv(),
+            Ok(Err(OutboxError::Db(_)))
+        ));
+        assert_eq!(stats.pending.load(Ordering::Relaxed), 0, "nothing counted");
+        assert!(stats.storage_failing.load(Ordering::Relaxed));
+    }
 }

@@ -12,3 +12,4 @@ mod nats;
 mod outbox;
 mod poll;
 mod storage;
+mod supervise;
