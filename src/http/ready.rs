@@ -76,3 +76,55 @@ pub fn problems(health: &Health, outbox: &Outbox) -> Vec<Problem> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HealthConfig, OutboxConfig};
+
+    fn problem(component: &'static str, problem: &'static str) -> Problem {
+        Problem { component, problem }
+    }
+
+    #[tokio::test]
+    async fn each_cause_is_named_and_a_broker_outage_is_not_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&OutboxConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..OutboxConfig::default()
+        })
+        .unwrap();
+        let health = Health::new(&HealthConfig {
+            stall_secs: 60,
+            ..HealthConfig::default()
+        });
+        assert_eq!(problems(&health, &outbox), []);
+
+        let stats = outbox.stats();
+        let now = now_ms();
+        stats.pending.store(1, Ordering::Relaxed);
+        stats
+            .relay_progress_at
+            .store(now - 61_000, Ordering::Relaxed);
+        assert_eq!(
+            problems(&health, &outbox),
+            [problem("relay", "stalled")],
+            "pending, no progress, the broker answers"
+        );
+        stats.broker_error_at.store(now - 1_000, Ordering::Relaxed);
+        assert_eq!(problems(&health, &outbox), [], "the broker is down");
+        stats.broker_error_at.store(0, Ordering::Relaxed);
+        stats.pending.store(0, Ordering::Relaxed);
+        assert_eq!(problems(&health, &outbox), [], "nothing pending");
+
+        stats.storage_failing.store(true, Ordering::Relaxed);
+        assert_eq!(problems(&health, &outbox), [problem("storage", "failing")]);
+        stats.storage_failing.store(false, Ordering::Relaxed);
+
+        outbox.close().await;
+        assert_eq!(
+            problems(&health, &outbox),
+            [problem("outbox-writer", "stopped")]
+        );
+    }
+}

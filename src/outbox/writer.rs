@@ -388,6 +388,8 @@ impl Writer {
                         // flight when a write fails gets the error too.
                         #[cfg(test)]
                         let injected = event.task_id == tests::FAIL_TASK;
+                        #[cfg(test)]
+                        assert!(event.task_id != tests::PANIC_TASK, "injected writer panic");
                         let outcome = self.append(&mut tables, *event, payload, now, delta);
                         #[cfg(test)]
                         let outcome = if injected {
@@ -608,11 +610,62 @@ mod tests {
     /// An append of this task fails as a write error would, after its
     /// command was taken from the group.
     pub(super) const FAIL_TASK: &str = "fail-in-the-middle";
+    /// An append of this task panics inside the transaction.
+    pub(super) const PANIC_TASK: &str = "panic-in-the-middle";
 
     pub(super) fn injected() -> OutboxError {
         OutboxError::Db(redb::Error::from(redb::StorageError::from(
             std::io::Error::other("injected write error"),
         )))
+    }
+
+    fn append(
+        tx: &mpsc::Sender<Command>,
+        task: &str,
+    ) -> oneshot::Receiver<Result<Appended, AppendError>> {
+        let body = format!(r#"{{"taskId":"{task}","state":"generating"}}"#);
+        let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+        let (reply, answer) = oneshot::channel();
+        let payload = serde_json::to_vec(&event).unwrap();
+        let event = Box::new(event);
+        tx.blocking_send(Command::Append {
+            event,
+            payload,
+            reply,
+        })
+        .unwrap();
+        answer
+    }
+
+    #[test]
+    fn the_writer_survives_a_panicking_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = OutboxConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..OutboxConfig::default()
+        };
+        let db = Arc::new(DbCell::open(dir.path().join("outbox.redb"), 1 << 20).unwrap());
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel(16);
+        let writer = Writer::start(db, config, stats.clone(), Arc::default(), rx).unwrap();
+        assert!(append(&tx, PANIC_TASK).blocking_recv().is_err(), "refused");
+        // Refused at once until the database is re-opened, then stored.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match append(&tx, "after").blocking_recv() {
+                Ok(Ok(Appended::New { seq })) => {
+                    assert_eq!(seq, 1, "the refused group used no sequence number");
+                    break;
+                }
+                Ok(Err(AppendError::Storage(_))) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => panic!("stored after the restart, got {other:?}"),
+            }
+        }
+        assert!(!stats.storage_failing.load(Ordering::Relaxed));
+        tx.blocking_send(Command::Stop).unwrap();
+        writer.join().unwrap();
     }
 
     #[test]

@@ -36,6 +36,8 @@ enum Fault {
     PublishPanicOnce,
     /// Every `publish` panics.
     PublishPanic,
+    /// `publish` never answers (a hung client).
+    PublishHangs,
 }
 
 /// The real publisher, with `fault` for the events of `task`.
@@ -80,6 +82,7 @@ impl Publisher for Faulty {
         for m in batch {
             match self.fault(&m.key) {
                 Some(Fault::PublishPanic) => panic!("injected relay panic"),
+                Some(Fault::PublishHangs) => return Box::pin(std::future::pending()),
                 Some(Fault::PublishPanicOnce) if !self.fired.swap(true, Ordering::SeqCst) => {
                     panic!("injected relay panic")
                 }
@@ -415,4 +418,37 @@ async fn stop_and_start_on_the_same_data_dir_at_once() {
     got.sort_unstable();
     got.dedup();
     assert_eq!(got, sent, "every accepted event delivered");
+}
+
+/// A relay that hangs with events pending while nothing says the broker is
+/// down is reported as stalled after `health.stall_secs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_moves_nothing_is_reported_stalled() {
+    let dir = temp_dir();
+    let mut config = file_config(dir.path());
+    config.health.stall_secs = 1;
+    config.outbox.shutdown_grace_ms = 100;
+    let publisher = Faulty::wrap(&config.publisher, &[("hung", Fault::PublishHangs)]).await;
+    let app = TestApp::start_with(config, publisher).await;
+    let (status, _) = readyz(&app.http).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        app.callback(&callbacks::success("hung")).await,
+        StatusCode::OK
+    );
+    let http = app.http.clone();
+    let body = eventually(Duration::from_secs(20), "/readyz to report a stall", || {
+        let http = http.clone();
+        async move {
+            let (status, body) = readyz(&http).await;
+            (status == StatusCode::SERVICE_UNAVAILABLE).then_some(body)
+        }
+    })
+    .await;
+    assert_eq!(
+        body["problems"],
+        json!([{"component": "relay", "problem": "stalled"}])
+    );
+    app.http.assert_healthy().await;
+    app.stop().await;
 }
