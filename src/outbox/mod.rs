@@ -15,8 +15,11 @@
 //!    not grow with the number of tasks ever seen.
 //! 3. **Deleted only when acknowledged.** An entry leaves `pending` only when
 //!    the publisher reported it acknowledged by the broker, or moves to
-//!    `dead` (with the reason) when the broker refused it permanently.
-//!    Transient failures leave it in place to be retried, with no deadline.
+//!    `dead` (with the reason) when the broker refused it permanently, when
+//!    it cannot be encoded for the broker, or when its stored bytes cannot
+//!    be decoded (then kept exactly, hex-encoded). Transient failures leave
+//!    it in place to be retried, with no deadline. Nothing ever leaves
+//!    `dead` except a requeue of a readable event.
 //! 4. **Order.** Sequence numbers follow commit order. The relay always
 //!    starts from the oldest pending entry and puts at most one entry per
 //!    task in a batch, so a task's later event is never published before an

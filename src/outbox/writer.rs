@@ -384,8 +384,7 @@ impl Writer {
                         payload,
                         reply,
                     } => {
-                        // Each reply is queued before `?`: the command in
-                        // flight when a write fails gets the error too.
+                        // Faults for the tests below.
                         #[cfg(test)]
                         let injected = event.task_id == tests::FAIL_TASK;
                         #[cfg(test)]
@@ -397,6 +396,8 @@ impl Writer {
                         } else {
                             outcome
                         };
+                        // Each reply is queued before `?`: the command in
+                        // flight when a write fails gets the error too.
                         let stored = outcome.as_ref().ok().cloned();
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match (err, stored) {
