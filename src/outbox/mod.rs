@@ -177,9 +177,13 @@ impl DeadLetter {
             reason,
             failed_at,
             event: serde_json::from_slice(bytes).unwrap_or_default(),
-            raw_hex: (!readable).then(|| bytes.iter().map(|b| format!("{b:02x}")).collect()),
+            raw_hex: (!readable).then(|| hex(bytes)),
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A request body that failed validation, kept for inspection.

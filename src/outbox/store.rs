@@ -206,10 +206,17 @@ pub(super) fn dead_letters(db: &Database, limit: usize) -> Result<Vec<DeadLetter
     let table = txn.open_table(DEAD)?;
     let mut out = Vec::new();
     for entry in table.iter()?.take(limit) {
-        let (_, v) = entry?;
-        if let Ok(letter) = serde_json::from_slice(v.value()) {
-            out.push(letter);
-        }
+        let (k, v) = entry?;
+        // A record that does not decode is shown with its bytes, never hidden.
+        out.push(
+            serde_json::from_slice(v.value()).unwrap_or_else(|e| DeadLetter {
+                seq: k.value(),
+                reason: format!("unreadable dead letter: {e}"),
+                failed_at: 0,
+                event: serde_json::Value::Null,
+                raw_hex: Some(super::hex(v.value())),
+            }),
+        );
     }
     Ok(out)
 }
