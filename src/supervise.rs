@@ -267,6 +267,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn health_settings_are_checked_by_key() {
+        let refused = |change: fn(&mut HealthConfig)| {
+            let mut config = crate::Config::default();
+            change(&mut config.health);
+            match config.validate() {
+                Err(crate::config::ConfigError::Invalid { key, .. }) => key,
+                other => panic!("refused, got {other:?}"),
+            }
+        };
+        assert_eq!(refused(|h| h.stall_secs = 0), "health.stall_secs");
+        assert_eq!(
+            refused(|h| h.restart_backoff_ms = 30_001),
+            "health.restart_backoff_ms"
+        );
+        assert_eq!(
+            refused(|h| h.restart_window_secs = 0),
+            "health.restart_window_secs"
+        );
+        assert!(crate::Config::default().validate().is_ok());
+    }
+
     #[tokio::test]
     async fn a_panicking_worker_is_restarted_until_it_stays_up() {
         let health = Arc::new(Health::default());
