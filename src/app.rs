@@ -1,6 +1,7 @@
 //! Wiring: config -> outbox + publisher + relay + router (+ the task
-//! registry, reconciler and verifier), and the ordered shutdown (stop
-//! accepting, finish the batch in flight, flush, exit).
+//! registry, reconciler and verifier), every worker under one
+//! [`Supervisor`], and the ordered shutdown (stop accepting, finish the
+//! batch in flight, flush, join the workers and the outbox writer, exit).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,16 +10,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, HealthConfig, ReconcileConfig};
 use crate::http::{router, AppState};
 use crate::outbox::{Outbox, Relay};
 use crate::poll::{Reconciler, Tasks, Verifier};
 use crate::publish::{self, Publisher};
+use crate::supervise::{Health, Supervisor};
 
 /// How often expired dedup records are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often the supervisor checks that the outbox writer thread is there.
+const WATCH_WRITER_EVERY: Duration = Duration::from_millis(500);
 
 /// A built, bound, not yet running hookbridge.
 pub struct App {
@@ -26,22 +29,34 @@ pub struct App {
     outbox: Outbox,
     publisher: Arc<dyn Publisher>,
     state: AppState,
-    reconciler: Option<Reconciler>,
-    verifier: Option<Verifier>,
+    /// Set when a reconciler runs; each (re)start builds a fresh one.
+    reconcile: Option<(ReconcileConfig, usize)>,
+    /// Set in verify mode.
+    verify: Option<(ReconcileConfig, usize)>,
     registry_retention_ms: i64,
+    health: HealthConfig,
 }
 
 impl App {
     /// Opens the outbox, creates the publisher (without waiting for the
     /// broker) and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let outbox = Outbox::open(&config.outbox).context("cannot open the outbox")?;
-        let tasks = Tasks::open(&config).context("cannot open the task registry")?;
         let publisher: Arc<dyn Publisher> = Arc::from(
             publish::build(&config.publisher)
                 .await
                 .context("cannot create the publisher")?,
         );
+        Self::with_publisher(config, publisher).await
+    }
+
+    /// Like [`App::build`], with a publisher made elsewhere (tests wrap the
+    /// real one to inject faults).
+    pub async fn with_publisher(
+        config: Config,
+        publisher: Arc<dyn Publisher>,
+    ) -> anyhow::Result<Self> {
+        let outbox = Outbox::open(&config.outbox).context("cannot open the outbox")?;
+        let tasks = Tasks::open(&config).context("cannot open the task registry")?;
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| {
@@ -54,33 +69,19 @@ impl App {
             admin_on_loopback: config.server.listen.ip().is_loopback(),
             admin_token: config.server.admin_token.clone(),
             tasks: tasks.clone(),
+            health: Arc::new(Health::new(&config.health)),
         };
-        let in_flight = config.provider.max_in_flight;
-        let reconciler = config
-            .reconcile
-            .enabled
-            .then(|| {
-                Reconciler::new(
-                    tasks.clone(),
-                    outbox.clone(),
-                    config.reconcile.clone(),
-                    in_flight,
-                )
-            })
-            .flatten();
-        let verifier = config
-            .provider
-            .verify
-            .then(|| Verifier::new(tasks, outbox.clone(), config.reconcile.clone(), in_flight))
-            .flatten();
+        let settings = (config.reconcile.clone(), config.provider.max_in_flight);
+        let has_client = tasks.client.is_some();
         Ok(Self {
             listener,
             outbox,
             publisher,
             state,
-            reconciler,
-            verifier,
+            reconcile: (config.reconcile.enabled && has_client).then(|| settings.clone()),
+            verify: (config.provider.verify && has_client).then_some(settings),
             registry_retention_ms: (config.outbox.dedup_window_secs as i64).saturating_mul(1000),
+            health: config.health,
         })
     }
 
@@ -98,41 +99,83 @@ impl App {
         &self.outbox
     }
 
-    /// Serves until `shutdown` resolves, then stops in order.
+    /// Serves until `shutdown` resolves, then stops in order. Ends with an
+    /// error, after the same ordered stop, when a worker cannot be kept
+    /// alive.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
         let addr = self.local_addr();
-        let relay = Relay::new(self.outbox.clone(), self.publisher.clone());
-        let relay = tokio::spawn(relay.run(stopped(stop_rx.clone())));
-        let pruner = tokio::spawn(prune_periodically(
-            self.outbox.clone(),
-            self.state.tasks.registry.clone(),
-            self.registry_retention_ms,
-            stopped(stop_rx.clone()),
-        ));
-        let reconciler = self
-            .reconciler
-            .map(|r| tokio::spawn(r.run(stopped(stop_rx.clone()))));
-        let verifier = self.verifier.map(|v| tokio::spawn(v.run(stopped(stop_rx))));
+        let mut supervisor = Supervisor::new(&self.health, self.state.health.clone());
+        self.supervise(&mut supervisor);
+        let gave_up = supervisor.gave_up();
 
         tracing::info!(%addr, publisher = self.publisher.name(), "hookbridge listening");
         let served = axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = gave_up.cancelled() => tracing::error!("a worker cannot be kept alive; stopping"),
+                }
+            })
             .await;
         tracing::info!("stopped accepting; draining the relay");
-        let _ = stop_tx.send(true);
-        for worker in [reconciler, verifier].into_iter().flatten() {
-            let _ = worker.await;
+        let supervised = supervisor.shutdown().await;
+        // Only now is the data dir free for the next start.
+        self.outbox.close().await;
+        served.context("http server failed")?;
+        supervised.context("hookbridge stopped")
+    }
+
+    /// Hands every background worker to `supervisor`; each start builds the
+    /// worker afresh from cheap handles.
+    fn supervise(&self, supervisor: &mut Supervisor) {
+        let (outbox, publisher) = (self.outbox.clone(), self.publisher.clone());
+        supervisor.spawn("relay", move |stop| {
+            Relay::new(outbox.clone(), publisher.clone()).run(stop.cancelled_owned())
+        });
+        let outbox = self.outbox.clone();
+        let registry = self.state.tasks.registry.clone();
+        let retention_ms = self.registry_retention_ms;
+        supervisor.spawn("pruner", move |stop| {
+            prune_periodically(
+                outbox.clone(),
+                registry.clone(),
+                retention_ms,
+                stop.cancelled_owned(),
+            )
+        });
+        if let Some((config, in_flight)) = self.reconcile.clone() {
+            let (tasks, outbox) = (self.state.tasks.clone(), self.outbox.clone());
+            supervisor.spawn("reconciler", move |stop| {
+                let reconciler =
+                    Reconciler::new(tasks.clone(), outbox.clone(), config.clone(), in_flight);
+                async move {
+                    if let Some(reconciler) = reconciler {
+                        reconciler.run(stop.cancelled_owned()).await;
+                    }
+                }
+            });
         }
-        let _ = relay.await;
-        let _ = pruner.await;
-        served.context("http server failed")
+        if let Some((config, in_flight)) = self.verify.clone() {
+            let (tasks, outbox) = (self.state.tasks.clone(), self.outbox.clone());
+            supervisor.spawn("verifier", move |stop| {
+                let verifier =
+                    Verifier::new(tasks.clone(), outbox.clone(), config.clone(), in_flight);
+                async move {
+                    if let Some(verifier) = verifier {
+                        verifier.run(stop.cancelled_owned()).await;
+                    }
+                }
+            });
+        }
+        // The writer thread restarts itself after a panic (see
+        // `outbox::writer`); it is gone only if that failed.
+        let outbox = self.outbox.clone();
+        supervisor.watch("outbox-writer", WATCH_WRITER_EVERY, move || {
+            outbox.writer_alive()
+        });
     }
 }
 

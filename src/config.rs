@@ -37,6 +37,36 @@ pub struct Config {
     pub provider: ProviderConfig,
     /// Fallback polling of registered tasks whose callback does not come.
     pub reconcile: ReconcileConfig,
+    /// Restarts of background workers, and what `/readyz` calls stalled.
+    pub health: HealthConfig,
+}
+
+/// Supervision of the background workers and the readiness check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// `/readyz` answers 503 when events are pending, the broker answers,
+    /// and the relay has moved nothing for this long, in seconds.
+    pub stall_secs: u64,
+    /// Delay before restarting a worker that stopped or panicked, in
+    /// milliseconds; it doubles with each restart up to 30 s.
+    pub restart_backoff_ms: u64,
+    /// Most restarts of one worker within `restart_window_secs`; one more
+    /// and hookbridge exits with an error.
+    pub max_restarts: u32,
+    /// The window `max_restarts` counts in, in seconds.
+    pub restart_window_secs: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            stall_secs: 120,
+            restart_backoff_ms: 500,
+            max_restarts: 10,
+            restart_window_secs: 600,
+        }
+    }
 }
 
 /// The HTTP ingress.
@@ -474,6 +504,16 @@ impl Config {
         }
         if o.dedup_window_secs == 0 {
             return invalid("outbox.dedup_window_secs", "must be at least 1");
+        }
+        let h = &self.health;
+        if h.stall_secs == 0 {
+            return invalid("health.stall_secs", "must be at least 1");
+        }
+        if h.restart_backoff_ms == 0 || h.restart_backoff_ms > 30_000 {
+            return invalid("health.restart_backoff_ms", "must be between 1 and 30000");
+        }
+        if h.restart_window_secs == 0 {
+            return invalid("health.restart_window_secs", "must be at least 1");
         }
         if let Some(token) = &self.server.admin_token {
             if token.expose().len() < 16 {

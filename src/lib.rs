@@ -43,6 +43,16 @@
 //!   `POST /tasks` or watched are polled when their callback does not come,
 //!   and dead-lettered as `stuck` at their deadline; verify mode keeps forged
 //!   callbacks off the broker. [`sim`] simulates the provider for tests.
+//! - **One bad event never stops the flow** ([`outbox::Relay`]): each event
+//!   is encoded on its own; an error or a panic there, or an entry that does
+//!   not decode, makes that one event a dead letter and the relay goes on.
+//! - **Workers are supervised** ([`supervise`]): the relay, the pruner, the
+//!   reconciler and the verifier are restarted with backoff when they stop
+//!   or panic, the outbox writer thread survives a panicking group and is
+//!   joined on shutdown, and `run` ends with an error when a worker cannot
+//!   be kept alive. `GET /readyz` ([`http::ready`]) says 503 while anything
+//!   is down, restarting, failing to write, or stalled; `/healthz` is
+//!   liveness only.
 
 pub mod app;
 pub mod config;
@@ -52,6 +62,7 @@ pub mod outbox;
 pub mod poll;
 pub mod publish;
 pub mod sim;
+pub mod supervise;
 pub mod telemetry;
 
 pub use app::App;

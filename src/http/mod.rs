@@ -12,6 +12,7 @@ use crate::outbox::Outbox;
 
 mod admin;
 mod error;
+pub mod ready;
 mod tasks;
 mod webhook;
 
@@ -29,6 +30,8 @@ pub struct AppState {
     pub admin_on_loopback: bool,
     /// Registered tasks, the provider client and the task endpoints' settings.
     pub tasks: crate::poll::Tasks,
+    /// The background workers' states, for `/readyz`.
+    pub health: std::sync::Arc<crate::supervise::Health>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -41,6 +44,7 @@ pub fn router(state: AppState) -> Router {
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
+        .route("/readyz", get(ready::readyz))
         .route("/admin/status", get(admin::status))
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route("/admin/dead-letters/requeue", post(admin::requeue))

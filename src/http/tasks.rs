@@ -257,6 +257,7 @@ mod tests {
             admin_token: None,
             admin_on_loopback: true,
             tasks: crate::poll::Tasks::open(&config).unwrap(),
+            health: Default::default(),
         };
         let app = super::super::router(state);
         for uri in ["/tasks", "/tasks/task_1/watch"] {

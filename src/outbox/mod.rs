@@ -15,8 +15,11 @@
 //!    not grow with the number of tasks ever seen.
 //! 3. **Deleted only when acknowledged.** An entry leaves `pending` only when
 //!    the publisher reported it acknowledged by the broker, or moves to
-//!    `dead` (with the reason) when the broker refused it permanently.
-//!    Transient failures leave it in place to be retried, with no deadline.
+//!    `dead` (with the reason) when the broker refused it permanently, when
+//!    it cannot be encoded for the broker, or when its stored bytes cannot
+//!    be decoded (then kept exactly, hex-encoded). Transient failures leave
+//!    it in place to be retried, with no deadline. Nothing ever leaves
+//!    `dead` except a requeue of a readable event.
 //! 4. **Order.** Sequence numbers follow commit order. The relay always
 //!    starts from the oldest pending entry and puts at most one entry per
 //!    task in a batch, so a task's later event is never published before an
@@ -29,7 +32,7 @@
 //! (and JetStream's `Nats-Msg-Id` window) let consumers drop such repeats.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -37,14 +40,13 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::OutboxConfig;
 use crate::event::{State, TaskEvent};
-use crate::publish::Outgoing;
 
 mod relay;
 mod store;
 mod writer;
 
 pub use relay::{Relay, RelayStep};
-pub use store::TaskRecord;
+pub use store::{Batch, TaskRecord};
 
 /// What became of an appended event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +123,16 @@ pub struct Stats {
     pub pending: AtomicU64,
     pub pending_bytes: AtomicU64,
     pub dead: AtomicU64,
+    /// The last group commit failed; the database is being re-opened.
+    #[serde(skip)]
+    pub storage_failing: AtomicBool,
+    /// When the relay last moved the queue forward or found it empty (ms
+    /// since the epoch; 0 = not started).
+    #[serde(skip)]
+    pub relay_progress_at: AtomicI64,
+    /// When a publish last failed transiently (ms): the broker did not answer.
+    #[serde(skip)]
+    pub broker_error_at: AtomicI64,
 }
 
 impl Stats {
@@ -148,7 +160,30 @@ pub struct DeadLetter {
     pub seq: u64,
     pub reason: String,
     pub failed_at: i64,
+    /// The event as JSON (`null` when the stored bytes are not JSON).
     pub event: serde_json::Value,
+    /// The stored bytes exactly, hex-encoded, when they are not a readable
+    /// event: nothing is ever dropped, even what cannot be decoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_hex: Option<String>,
+}
+
+impl DeadLetter {
+    /// The dead letter of a pending entry's stored bytes.
+    pub(crate) fn of_stored(seq: u64, reason: String, failed_at: i64, bytes: &[u8]) -> Self {
+        let readable = serde_json::from_slice::<TaskEvent>(bytes).is_ok();
+        Self {
+            seq,
+            reason,
+            failed_at,
+            event: serde_json::from_slice(bytes).unwrap_or_default(),
+            raw_hex: (!readable).then(|| hex(bytes)),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A request body that failed validation, kept for inspection.
@@ -170,6 +205,8 @@ pub struct Outbox {
 
 struct Inner {
     db: Arc<store::DbCell>,
+    /// Joined by [`Outbox::close`].
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     tx: mpsc::Sender<writer::Command>,
     stats: Arc<Stats>,
     notify: Arc<Notify>,
@@ -201,7 +238,7 @@ impl Outbox {
         let stats = Arc::new(Stats::default());
         let notify = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(16 * 1024);
-        writer::Writer::start(
+        let writer = writer::Writer::start(
             db.clone(),
             config.clone(),
             stats.clone(),
@@ -211,6 +248,7 @@ impl Outbox {
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
+                writer: std::sync::Mutex::new(Some(writer)),
                 tx,
                 stats,
                 notify,
@@ -252,7 +290,8 @@ impl Outbox {
     /// order, at most `batch`, at most one per task (a task's later event
     /// waits until its earlier one is acknowledged), looking at no more than
     /// `scan` entries.
-    pub fn read_batch(&self, batch: usize, scan: usize) -> Result<Vec<Outgoing>, OutboxError> {
+    /// Entries that cannot be decoded come back apart, to be dead-lettered.
+    pub fn read_batch(&self, batch: usize, scan: usize) -> Result<Batch, OutboxError> {
         store::read_batch(&*self.inner.db.get()?, batch, scan)
     }
 
@@ -313,6 +352,37 @@ impl Outbox {
                 return Ok(total);
             }
         }
+    }
+
+    /// Commits what is queued, stops and joins the writer thread, and
+    /// closes the database, so that the data dir can be opened again at
+    /// once. Every later call on any handle fails with `Closed`.
+    pub async fn close(&self) {
+        let _ = self.inner.tx.send(writer::Command::Stop).await;
+        let writer = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let db = self.inner.db.clone();
+        let closed = tokio::task::spawn_blocking(move || {
+            if let Some(Err(panic)) = writer.map(|w| w.join()) {
+                tracing::error!(cause = %crate::supervise::panic_message(&*panic), "outbox writer thread panicked");
+            }
+            db.close();
+        })
+        .await;
+        if let Err(e) = closed {
+            tracing::error!(error = %e, "closing the outbox failed");
+        }
+    }
+
+    /// Whether the writer thread is still there to take writes (for the
+    /// supervisor and the readiness check).
+    pub fn writer_alive(&self) -> bool {
+        let writer = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        writer.as_ref().is_some_and(|w| !w.is_finished())
     }
 
     async fn send(&self, command: writer::Command) -> Result<(), AppendError> {

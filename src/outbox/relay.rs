@@ -1,17 +1,26 @@
 //! The relay: drains the outbox through the publisher, oldest first.
 //!
 //! One step reads the oldest pending entries, keeps at most one per task
-//! (so retries and pipelining cannot reorder a task), hands the batch to the
-//! publisher with every message in flight at once, then records the outcome
-//! durably: acknowledged entries are deleted, permanently refused ones become
-//! dead letters, the rest stay for the next step after a capped backoff.
+//! (so retries and pipelining cannot reorder a task), encodes each event on
+//! its own, hands the batch to the publisher with every message in flight at
+//! once, then records the outcome durably: acknowledged entries are
+//! deleted, permanently refused ones become dead letters, the rest stay for
+//! the next step after a capped backoff.
+//!
+//! One event never stops the ones behind it: an entry that does not decode,
+//! an encoding error and even a panic while encoding one event (a bug that
+//! only some input reaches) make that event a dead letter with the reason,
+//! and the step goes on with the others.
 
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Outbox, OutboxError, Stats};
-use crate::publish::{Outgoing, PublishError, Publisher};
+use super::{now_ms, Outbox, OutboxError, Stats};
+use crate::publish::{Encoded, Outgoing, PublishError, Publisher};
+use crate::supervise::panic_message;
 
 /// What one relay step did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +43,19 @@ pub struct Relay {
     backoff: Duration,
 }
 
+/// Encodes one event, turning an error or a panic into the reason it is
+/// dead-lettered.
+fn encode(publisher: &dyn Publisher, o: &Outgoing) -> Result<Encoded, String> {
+    match catch_unwind(AssertUnwindSafe(|| publisher.encode(o))) {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!(
+            "encoding the event panicked: {}",
+            panic_message(&*panic)
+        )),
+    }
+}
+
 impl Relay {
     pub fn new(outbox: Outbox, publisher: Arc<dyn Publisher>) -> Self {
         let backoff = Duration::from_millis(outbox.config().retry_initial_ms);
@@ -44,25 +66,54 @@ impl Relay {
         }
     }
 
-    /// One batch: read, publish, record. Tests drive the relay with this.
+    /// One batch: read, encode, publish, record. Tests drive the relay with
+    /// this.
     pub async fn run_once(&mut self) -> Result<RelayStep, OutboxError> {
         let size = self.outbox.config().relay_batch;
         let outbox = self.outbox.clone();
         let batch = tokio::task::spawn_blocking(move || outbox.read_batch(size, size * 2))
             .await
             .map_err(|_| OutboxError::Closed)??;
-        if batch.is_empty() {
+        let stats = self.outbox.stats().clone();
+        if batch.ready.is_empty() && batch.unreadable.is_empty() {
+            stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
             return Ok(RelayStep::default());
         }
-        let mut results = self.publisher.publish(&batch).await;
-        self.isolate_permanent_failures(&batch, &mut results).await;
-        let (mut delivered, mut dead, mut step) = (Vec::new(), Vec::new(), RelayStep::default());
-        for (o, result) in batch.iter().zip(results) {
-            match result {
-                Ok(()) => delivered.push(o.seq),
-                Err(PublishError::Permanent(reason)) => {
-                    tracing::warn!(task_id = %o.event.task_id, event_id = %o.event.event_id, %reason, "dead-lettered");
+        let mut dead = Vec::new();
+        for (seq, reason) in batch.unreadable {
+            tracing::error!(seq, %reason, "dead-lettered");
+            dead.push((seq, reason));
+        }
+        let mut encoded = Vec::with_capacity(batch.ready.len());
+        for o in &batch.ready {
+            match encode(&*self.publisher, o) {
+                Ok(m) => encoded.push(m),
+                Err(reason) => {
+                    tracing::error!(task_id = %o.event.task_id, event_id = %o.event.event_id, %reason, "dead-lettered");
                     dead.push((o.seq, reason));
+                }
+            }
+        }
+        let mut results = if encoded.is_empty() {
+            Vec::new()
+        } else {
+            self.publisher.publish(&encoded).await
+        };
+        // A backend that answers for fewer messages than it was given leaves
+        // the rest pending, never lost.
+        results.resize(
+            encoded.len(),
+            Err(PublishError::Transient("no result".into())),
+        );
+        self.isolate_permanent_failures(&encoded, &mut results)
+            .await;
+        let (mut delivered, mut step) = (Vec::new(), RelayStep::default());
+        for (m, result) in encoded.iter().zip(results) {
+            match result {
+                Ok(()) => delivered.push(m.seq),
+                Err(PublishError::Permanent(reason)) => {
+                    tracing::warn!(task_id = %m.key, event_id = %m.id, %reason, "dead-lettered");
+                    dead.push((m.seq, reason));
                 }
                 Err(PublishError::Transient(reason)) => {
                     if step.retrying == 0 {
@@ -74,9 +125,13 @@ impl Relay {
         }
         step.published = delivered.len();
         step.dead_lettered = dead.len();
-        Stats::add(&self.outbox.stats().publish_retries, step.retrying as u64);
+        Stats::add(&stats.publish_retries, step.retrying as u64);
+        if step.retrying > 0 {
+            stats.broker_error_at.store(now_ms(), Ordering::Relaxed);
+        }
         if !delivered.is_empty() || !dead.is_empty() {
             self.outbox.complete(delivered, dead).await?;
+            stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
         }
         Ok(step)
     }
@@ -88,7 +143,7 @@ impl Relay {
     /// letters.
     async fn isolate_permanent_failures(
         &self,
-        batch: &[Outgoing],
+        batch: &[Encoded],
         results: &mut [Result<(), PublishError>],
     ) {
         let permanent = results
@@ -98,9 +153,9 @@ impl Relay {
         if permanent < 2 {
             return;
         }
-        for (o, result) in batch.iter().zip(results.iter_mut()) {
+        for (m, result) in batch.iter().zip(results.iter_mut()) {
             if matches!(result, Err(e) if e.is_permanent()) {
-                let alone = self.publisher.publish(std::slice::from_ref(o)).await;
+                let alone = self.publisher.publish(std::slice::from_ref(m)).await;
                 *result = alone
                     .into_iter()
                     .next()
@@ -117,6 +172,9 @@ impl Relay {
         let initial = Duration::from_millis(self.outbox.config().retry_initial_ms);
         let notify = self.outbox.notified();
         tokio::pin!(shutdown);
+        // A (re)started relay has not stalled yet.
+        let stats = self.outbox.stats().clone();
+        stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
         tracing::info!(publisher = self.publisher.name(), "relay started");
         loop {
             let step = {

@@ -5,6 +5,7 @@
 //! they never wait for the writer.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,7 @@ pub(super) struct DbCell {
     path: PathBuf,
     cache_bytes: usize,
     db: RwLock<Option<Arc<Database>>>,
+    closed: AtomicBool,
 }
 
 impl DbCell {
@@ -107,6 +109,7 @@ impl DbCell {
             path,
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -118,7 +121,29 @@ impl DbCell {
 
     pub(super) fn get(&self) -> Result<Arc<Database>, OutboxError> {
         let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
-        guard.clone().ok_or(OutboxError::Reopening)
+        match guard.clone() {
+            Some(db) => Ok(db),
+            None if self.closed.load(Ordering::Relaxed) => Err(OutboxError::Closed),
+            None => Err(OutboxError::Reopening),
+        }
+    }
+
+    /// Closes the file for good (see [`super::Outbox::close`]).
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(old) = old {
+            Self::wait_for_readers(&old);
+        }
+    }
+
+    /// Readers hold the database only for one short transaction, so
+    /// waiting for them is bounded.
+    fn wait_for_readers(db: &Arc<Database>) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Arc::strong_count(db) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Closes and re-opens the file. Readers hold the database only for one
@@ -126,10 +151,7 @@ impl DbCell {
     pub(super) fn reopen(&self) -> Result<(), OutboxError> {
         let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(old) = old {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            Self::wait_for_readers(&old);
         }
         let db = Self::create(&self.path, self.cache_bytes)?;
         *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
@@ -138,33 +160,42 @@ impl DbCell {
     }
 }
 
-pub(super) fn read_batch(
-    db: &Database,
-    batch: usize,
-    scan: usize,
-) -> Result<Vec<Outgoing>, OutboxError> {
+/// What the relay reads in one step.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The oldest entries, at most one per task, in sequence order.
+    pub ready: Vec<Outgoing>,
+    /// Entries that do not decode (only a foreign write or a format change
+    /// could cause this), with the reason: the relay dead-letters them with
+    /// their raw bytes so they neither block the queue nor stay forever.
+    pub unreadable: Vec<(u64, String)>,
+}
+
+pub(super) fn read_batch(db: &Database, batch: usize, scan: usize) -> Result<Batch, OutboxError> {
     let txn = db.begin_read()?;
     let table = txn.open_table(PENDING)?;
     let mut tasks = std::collections::HashSet::with_capacity(batch);
-    let mut out = Vec::with_capacity(batch.min(4096));
+    let mut out = Batch {
+        ready: Vec::with_capacity(batch.min(4096)),
+        unreadable: Vec::new(),
+    };
     for entry in table.iter()?.take(scan) {
-        if out.len() == batch {
+        if out.ready.len() == batch {
             break;
         }
         let (k, v) = entry?;
         let payload = bytes::Bytes::copy_from_slice(v.value());
         match serde_json::from_slice::<TaskEvent>(&payload) {
-            Ok(event) if tasks.insert(event.task_id.clone()) => out.push(Outgoing {
+            Ok(event) if tasks.insert(event.task_id.clone()) => out.ready.push(Outgoing {
                 seq: k.value(),
                 event,
                 payload,
             }),
             // A later event of a task already in this batch: next batch.
             Ok(_) => {}
-            // Only a foreign write could cause this; keep it visible, never block on it.
-            Err(e) => {
-                tracing::error!(seq = k.value(), error = %e, "unreadable outbox entry skipped")
-            }
+            Err(e) => out
+                .unreadable
+                .push((k.value(), format!("unreadable outbox entry: {e}"))),
         }
     }
     Ok(out)
@@ -175,10 +206,17 @@ pub(super) fn dead_letters(db: &Database, limit: usize) -> Result<Vec<DeadLetter
     let table = txn.open_table(DEAD)?;
     let mut out = Vec::new();
     for entry in table.iter()?.take(limit) {
-        let (_, v) = entry?;
-        if let Ok(letter) = serde_json::from_slice(v.value()) {
-            out.push(letter);
-        }
+        let (k, v) = entry?;
+        // A record that does not decode is shown with its bytes, never hidden.
+        out.push(
+            serde_json::from_slice(v.value()).unwrap_or_else(|e| DeadLetter {
+                seq: k.value(),
+                reason: format!("unreadable dead letter: {e}"),
+                failed_at: 0,
+                event: serde_json::Value::Null,
+                raw_hex: Some(super::hex(v.value())),
+            }),
+        );
     }
     Ok(out)
 }

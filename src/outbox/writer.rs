@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redb::{Durability, ReadableTable, ReadableTableMetadata};
+use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::store::{slot, DbCell, TaskRecord, DEAD, EXPIRY, PENDING, REJECTED, TASKS};
@@ -51,6 +52,8 @@ pub(super) enum Command {
     Prune {
         reply: Option<oneshot::Sender<Result<u64, OutboxError>>>,
     },
+    /// Commit what was queued before, then end the thread.
+    Stop,
 }
 
 /// The tables one append touches, open in the current write transaction.
@@ -97,7 +100,7 @@ impl Writer {
         stats: Arc<Stats>,
         notify: Arc<Notify>,
         rx: mpsc::Receiver<Command>,
-    ) -> Result<(), OutboxError> {
+    ) -> Result<std::thread::JoinHandle<()>, OutboxError> {
         let (next_seq, next_rejected);
         let txn = db.get()?.begin_write()?;
         {
@@ -137,21 +140,53 @@ impl Writer {
             .map_err(|source| OutboxError::DataDir {
                 path: "outbox writer thread".into(),
                 source,
-            })?;
-        Ok(())
+            })
     }
 
+    /// Until `Stop` or the last handle is gone.
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut group = Vec::with_capacity(MAX_GROUP);
         while let Some(first) = rx.blocking_recv() {
-            group.push(first);
-            while group.len() < MAX_GROUP {
+            let mut stop = matches!(first, Command::Stop);
+            if !stop {
+                group.push(first);
+            }
+            while !stop && group.len() < MAX_GROUP {
                 match rx.try_recv() {
+                    Ok(Command::Stop) => stop = true,
                     Ok(command) => group.push(command),
                     Err(_) => break,
                 }
             }
-            self.apply(&mut group);
+            if !group.is_empty() {
+                self.apply_supervised(&mut group);
+            }
+            if stop {
+                tracing::debug!("outbox writer stopped");
+                return;
+            }
+        }
+    }
+
+    /// A panic while applying a group (a bug, or redb refusing a damaged
+    /// file) must not end the thread that every write depends on: the
+    /// group is refused, and the writer starts again from a re-opened
+    /// database after `REOPEN_EVERY`, as after a storage error.
+    fn apply_supervised(&mut self, group: &mut Vec<Command>) {
+        let (seq_before, rej_before) = (self.next_seq, self.next_rejected);
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(group)));
+        if let Err(panic) = applied {
+            tracing::error!(
+                cause = %crate::supervise::panic_message(&*panic),
+                "outbox writer panicked; the group is refused and the database re-opened"
+            );
+            // Dropping the group's replies answers its callers "closed".
+            group.clear();
+            (self.next_seq, self.next_rejected) = (seq_before, rej_before);
+            self.broken = true;
+            self.last_reopen = Some(Instant::now());
+            self.stats.storage_failing.store(true, Ordering::Relaxed);
+            Stats::add(&self.stats.storage_errors, 1);
         }
     }
 
@@ -159,16 +194,20 @@ impl Writer {
         let (seq_before, rej_before) = (self.next_seq, self.next_rejected);
         let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
         let mut delta = Delta::default();
+        let mut queued = group.drain(..);
         let result = self
             .repair()
-            .and_then(|()| self.transaction(group.drain(..), &mut replies, &mut delta));
-        // Requests of a group that failed before the transaction ran still
-        // need their answer.
-        for command in group.drain(..) {
+            .and_then(|()| self.transaction(&mut queued, &mut replies, &mut delta));
+        // Requests of a group that failed before or part way through the
+        // transaction still need their answer: the group's error.
+        for command in queued {
             replies.push(command.into_reply());
         }
         let error = result.err();
         self.broken = error.is_some();
+        self.stats
+            .storage_failing
+            .store(self.broken, Ordering::Relaxed);
         if let Some(e) = &error {
             if !matches!(e, OutboxError::Reopening) {
                 tracing::error!(error = %e, "outbox commit failed; the group is refused");
@@ -345,13 +384,29 @@ impl Writer {
                         payload,
                         reply,
                     } => {
-                        let outcome = self.append(&mut tables, *event, payload, now, delta)?;
+                        // Faults for the tests below.
+                        #[cfg(test)]
+                        let injected = event.task_id == tests::FAIL_TASK;
+                        #[cfg(test)]
+                        assert!(event.task_id != tests::PANIC_TASK, "injected writer panic");
+                        let outcome = self.append(&mut tables, *event, payload, now, delta);
+                        #[cfg(test)]
+                        let outcome = if injected {
+                            Err(tests::injected())
+                        } else {
+                            outcome
+                        };
+                        // Each reply is queued before `?`: the command in
+                        // flight when a write fails gets the error too.
+                        let stored = outcome.as_ref().ok().cloned();
                         replies.push(Box::new(move |err| {
-                            let _ = reply.send(match err {
-                                Some(e) => Err(AppendError::Storage(e.to_string())),
-                                None => outcome,
+                            let _ = reply.send(match (err, stored) {
+                                (None, Some(stored)) => stored,
+                                (Some(e), _) => Err(AppendError::Storage(e.to_string())),
+                                (None, None) => Err(AppendError::Storage("not stored".into())),
                             });
                         }));
+                        let _answered_above = outcome?;
                     }
                     Command::Reject(r) => {
                         let bytes = serde_json::to_vec(&r).unwrap_or_default();
@@ -366,60 +421,47 @@ impl Writer {
                         dead: failed,
                         reply,
                     } => {
-                        for seq in delivered {
-                            if let Some(v) = tables.pending.remove(seq)? {
-                                delta.pending -= 1;
-                                delta.pending_bytes -= v.value().len() as i64;
-                                delta.published += 1;
+                        let done = (|| {
+                            for seq in delivered {
+                                if let Some(v) = tables.pending.remove(seq)? {
+                                    delta.pending -= 1;
+                                    delta.pending_bytes -= v.value().len() as i64;
+                                    delta.published += 1;
+                                }
                             }
-                        }
-                        for (seq, reason) in failed {
-                            let Some(v) = tables.pending.remove(seq)? else {
-                                continue;
-                            };
-                            let bytes = v.value().to_vec();
-                            drop(v);
-                            let letter = DeadLetter {
-                                seq,
-                                reason,
-                                failed_at: now,
-                                event: serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                                    String::from_utf8_lossy(&bytes).into_owned().into()
-                                }),
-                            };
-                            tables.dead.insert(
-                                seq,
-                                serde_json::to_vec(&letter).unwrap_or_default().as_slice(),
-                            )?;
-                            delta.pending -= 1;
-                            delta.pending_bytes -= bytes.len() as i64;
-                            delta.dead += 1;
-                            delta.dead_lettered += 1;
-                        }
+                            for (seq, reason) in failed {
+                                let Some(v) = tables.pending.remove(seq)? else {
+                                    continue;
+                                };
+                                let bytes = v.value().to_vec();
+                                drop(v);
+                                let letter = DeadLetter::of_stored(seq, reason, now, &bytes);
+                                tables.dead.insert(
+                                    seq,
+                                    serde_json::to_vec(&letter).unwrap_or_default().as_slice(),
+                                )?;
+                                delta.pending -= 1;
+                                delta.pending_bytes -= bytes.len() as i64;
+                                delta.dead += 1;
+                                delta.dead_lettered += 1;
+                            }
+                            Ok::<_, OutboxError>(())
+                        })();
                         replies.push(Box::new(move |err| {
                             let _ = reply
                                 .send(err.map_or(Ok(()), |e| Err(OutboxError::Db(redb_copy(e)))));
                         }));
+                        done?;
                     }
                     Command::Requeue { reply } => {
-                        let mut moved = 0;
-                        while let Some((_, v)) = tables.dead.pop_first()? {
-                            let letter: Option<DeadLetter> = serde_json::from_slice(v.value()).ok();
-                            drop(v);
-                            let Some(letter) = letter else { continue };
-                            let payload = serde_json::to_vec(&letter.event).unwrap_or_default();
-                            tables.pending.insert(self.next_seq, payload.as_slice())?;
-                            self.next_seq += 1;
-                            delta.pending += 1;
-                            delta.pending_bytes += payload.len() as i64;
-                            delta.dead -= 1;
-                            moved += 1;
-                        }
+                        let moved = self.requeue(&mut tables, delta);
+                        let count = moved.as_ref().ok().copied().unwrap_or(0);
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(
-                                err.map_or(Ok(moved), |e| Err(OutboxError::Db(redb_copy(e)))),
+                                err.map_or(Ok(count), |e| Err(OutboxError::Db(redb_copy(e)))),
                             );
                         }));
+                        moved?;
                     }
                     Command::Bury {
                         event,
@@ -433,52 +475,97 @@ impl Writer {
                             reason,
                             failed_at: now,
                             event: serde_json::to_value(&*event).unwrap_or_default(),
+                            raw_hex: None,
                         };
-                        tables.dead.insert(
+                        let stored = tables.dead.insert(
                             seq,
                             serde_json::to_vec(&letter).unwrap_or_default().as_slice(),
-                        )?;
+                        );
                         delta.dead += 1;
                         delta.dead_lettered += 1;
                         replies.push(Box::new(move |err| {
                             let _ = reply
                                 .send(err.map_or(Ok(seq), |e| Err(OutboxError::Db(redb_copy(e)))));
                         }));
+                        stored?;
                     }
+                    Command::Stop => {}
                     Command::Prune { reply } => {
-                        let cutoff = (now - window_ms).max(0) as u64;
-                        let mut expired = Vec::new();
-                        for entry in tables
-                            .expiry
-                            .range::<(u64, &str)>(..(cutoff, ""))?
-                            .take(PRUNE_BATCH)
-                        {
-                            let (k, _) = entry?;
-                            let (at, task) = k.value();
-                            expired.push((at, task.to_string()));
-                        }
-                        for (at, task) in &expired {
-                            tables.expiry.remove((*at, task.as_str()))?;
-                            tables.tasks.remove(task.as_str())?;
-                        }
-                        let pruned = expired.len() as u64;
-                        if pruned > 0 {
-                            tracing::debug!(pruned, "pruned expired task records");
+                        let pruned = (|| {
+                            let cutoff = (now - window_ms).max(0) as u64;
+                            let mut expired = Vec::new();
+                            for entry in tables
+                                .expiry
+                                .range::<(u64, &str)>(..(cutoff, ""))?
+                                .take(PRUNE_BATCH)
+                            {
+                                let (k, _) = entry?;
+                                let (at, task) = k.value();
+                                expired.push((at, task.to_string()));
+                            }
+                            for (at, task) in &expired {
+                                tables.expiry.remove((*at, task.as_str()))?;
+                                tables.tasks.remove(task.as_str())?;
+                            }
+                            Ok::<_, OutboxError>(expired.len() as u64)
+                        })();
+                        let count = pruned.as_ref().ok().copied().unwrap_or(0);
+                        if count > 0 {
+                            tracing::debug!(pruned = count, "pruned expired task records");
                         }
                         replies.push(Box::new(move |err| {
                             if let Some(reply) = reply {
-                                let _ =
-                                    reply.send(err.map_or(Ok(pruned), |e| {
-                                        Err(OutboxError::Db(redb_copy(e)))
-                                    }));
+                                let _ = reply.send(
+                                    err.map_or(Ok(count), |e| Err(OutboxError::Db(redb_copy(e)))),
+                                );
                             }
                         }));
+                        pruned?;
                     }
                 }
             }
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+impl Writer {
+    /// Moves every dead letter that holds a readable event back to the end
+    /// of the pending queue. A letter that cannot be decoded, or whose event
+    /// is not readable, stays where it is: requeueing never deletes.
+    fn requeue(&mut self, t: &mut Tables<'_>, delta: &mut Delta) -> Result<u64, OutboxError> {
+        let mut movable = Vec::new();
+        let mut kept = 0u64;
+        for entry in t.dead.iter()? {
+            let (k, v) = entry?;
+            // The event goes back as it was stored, once it is known to be
+            // readable.
+            let event = serde_json::from_slice::<DeadLetter>(v.value())
+                .ok()
+                .filter(|letter| letter.raw_hex.is_none())
+                .map(|letter| letter.event)
+                .filter(|event| TaskEvent::deserialize(event).is_ok());
+            match event.and_then(|e| serde_json::to_vec(&e).ok()) {
+                Some(payload) => movable.push((k.value(), payload)),
+                None => kept += 1,
+            }
+        }
+        if kept > 0 {
+            tracing::warn!(
+                kept,
+                "dead letters without a readable event stay where they are"
+            );
+        }
+        for (seq, payload) in &movable {
+            t.dead.remove(*seq)?;
+            t.pending.insert(self.next_seq, payload.as_slice())?;
+            self.next_seq += 1;
+            delta.pending += 1;
+            delta.pending_bytes += payload.len() as i64;
+            delta.dead -= 1;
+        }
+        Ok(movable.len() as u64)
     }
 }
 
@@ -497,7 +584,7 @@ impl Command {
                 let message = err.map_or_else(|| "not stored".to_string(), |e| e.to_string());
                 let _ = reply.send(Err(AppendError::Storage(message)));
             }),
-            Command::Reject(_) => Box::new(|_| {}),
+            Command::Reject(_) | Command::Stop => Box::new(|_| {}),
             Command::Complete { reply, .. } => fail(reply),
             Command::Requeue { reply } | Command::Bury { reply, .. } => fail(reply),
             Command::Prune { reply } => match reply {
@@ -514,4 +601,122 @@ fn redb_copy(e: &OutboxError) -> redb::Error {
     redb::Error::from(redb::StorageError::from(std::io::Error::other(
         e.to_string(),
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{parse, Source};
+
+    /// An append of this task fails as a write error would, after its
+    /// command was taken from the group.
+    pub(super) const FAIL_TASK: &str = "fail-in-the-middle";
+    /// An append of this task panics inside the transaction.
+    pub(super) const PANIC_TASK: &str = "panic-in-the-middle";
+
+    pub(super) fn injected() -> OutboxError {
+        OutboxError::Db(redb::Error::from(redb::StorageError::from(
+            std::io::Error::other("injected write error"),
+        )))
+    }
+
+    fn append(
+        tx: &mpsc::Sender<Command>,
+        task: &str,
+    ) -> oneshot::Receiver<Result<Appended, AppendError>> {
+        let body = format!(r#"{{"taskId":"{task}","state":"generating"}}"#);
+        let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+        let (reply, answer) = oneshot::channel();
+        let payload = serde_json::to_vec(&event).unwrap();
+        let event = Box::new(event);
+        tx.blocking_send(Command::Append {
+            event,
+            payload,
+            reply,
+        })
+        .unwrap();
+        answer
+    }
+
+    #[test]
+    fn the_writer_survives_a_panicking_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = OutboxConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..OutboxConfig::default()
+        };
+        let db = Arc::new(DbCell::open(dir.path().join("outbox.redb"), 1 << 20).unwrap());
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel(16);
+        let writer = Writer::start(db, config, stats.clone(), Arc::default(), rx).unwrap();
+        assert!(append(&tx, PANIC_TASK).blocking_recv().is_err(), "refused");
+        // Refused at once until the database is re-opened, then stored.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match append(&tx, "after").blocking_recv() {
+                Ok(Ok(Appended::New { seq })) => {
+                    assert_eq!(seq, 1, "the refused group used no sequence number");
+                    break;
+                }
+                Ok(Err(AppendError::Storage(_))) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => panic!("stored after the restart, got {other:?}"),
+            }
+        }
+        assert!(!stats.storage_failing.load(Ordering::Relaxed));
+        tx.blocking_send(Command::Stop).unwrap();
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_group_that_fails_part_way_answers_every_command_with_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = OutboxConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..OutboxConfig::default()
+        };
+        let db = Arc::new(DbCell::open(dir.path().join("outbox.redb"), 1 << 20).unwrap());
+        let stats = Arc::new(Stats::default());
+        // Queued before the thread starts, so they form one group.
+        let (tx, rx) = mpsc::channel(16);
+        let mut appends = Vec::new();
+        for task in ["before", FAIL_TASK, "after"] {
+            let body = format!(r#"{{"taskId":"{task}","state":"generating"}}"#);
+            let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+            let (reply, answer) = oneshot::channel();
+            let payload = serde_json::to_vec(&event).unwrap();
+            let event = Box::new(event);
+            tx.try_send(Command::Append {
+                event,
+                payload,
+                reply,
+            })
+            .unwrap();
+            appends.push(answer);
+        }
+        let (reply, completed) = oneshot::channel();
+        let complete = Command::Complete {
+            delivered: vec![],
+            dead: vec![],
+            reply,
+        };
+        tx.try_send(complete).unwrap();
+        tx.try_send(Command::Stop).unwrap();
+        let writer = Writer::start(db, config, stats.clone(), Arc::default(), rx).unwrap();
+        writer.join().unwrap();
+
+        for answer in appends {
+            match answer.blocking_recv() {
+                Ok(Err(AppendError::Storage(m))) => assert!(m.contains("injected"), "{m}"),
+                other => panic!("every append gets the storage error, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            completed.blocking_recv(),
+            Ok(Err(OutboxError::Db(_)))
+        ));
+        assert_eq!(stats.pending.load(Ordering::Relaxed), 0, "nothing counted");
+        assert!(stats.storage_failing.load(Ordering::Relaxed));
+    }
 }

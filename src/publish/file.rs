@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::{Outgoing, PublishError, Publisher};
+use super::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
 use crate::config::FileConfig;
 
 enum Sink {
@@ -45,8 +45,8 @@ impl FilePublisher {
     }
 }
 
-fn write_batch(sink: &mut Sink, batch: &[Outgoing]) -> std::io::Result<()> {
-    fn lines(out: impl Write, batch: &[Outgoing]) -> std::io::Result<()> {
+fn write_batch(sink: &mut Sink, batch: &[Encoded]) -> std::io::Result<()> {
+    fn lines(out: impl Write, batch: &[Encoded]) -> std::io::Result<()> {
         let mut out = BufWriter::with_capacity(64 * 1024, out);
         for m in batch {
             out.write_all(&m.payload)?;
@@ -71,10 +71,18 @@ impl Publisher for FilePublisher {
         "file"
     }
 
-    fn publish<'a>(
-        &'a self,
-        batch: &'a [Outgoing],
-    ) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
+        Ok(Encoded {
+            seq: o.seq,
+            destination: String::new(),
+            key: o.event.task_id.clone(),
+            id: o.event.event_id.clone(),
+            headers: Vec::new(),
+            payload: o.payload.clone(),
+        })
+    }
+
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
         let sink = self.sink.clone();
         let owned = batch.to_vec();
         async move {

@@ -17,7 +17,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::{render, CloudEvent, Outgoing, PublishError, Publisher, CONTENT_TYPE};
+use super::{
+    render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError, Publisher, CONTENT_TYPE,
+};
 use crate::config::KafkaConfig;
 use crate::event::SCHEMA_VERSION;
 
@@ -94,39 +96,34 @@ pub fn classify(err: &KafkaError) -> PublishError {
     }
 }
 
-fn headers(o: &Outgoing) -> OwnedHeaders {
+fn headers(o: &Outgoing) -> Vec<(&'static str, String)> {
     let ce = CloudEvent::of(&o.event);
-    let version = SCHEMA_VERSION.to_string();
-    let pairs: [(&str, &str); 8] = [
-        ("content-type", CONTENT_TYPE),
-        ("event-id", &ce.id),
-        ("schema-version", &version),
-        ("ce_specversion", "1.0"),
-        ("ce_id", &ce.id),
-        ("ce_source", ce.source),
-        ("ce_type", &ce.ty),
-        ("ce_subject", &ce.subject),
-    ];
-    let mut h = OwnedHeaders::new_with_capacity(pairs.len() + 1);
-    for (key, value) in pairs {
-        h = h.insert(Header {
-            key,
-            value: Some(value),
-        });
-    }
-    h.insert(Header {
-        key: "ce_time",
-        value: Some(&ce.time),
-    })
+    vec![
+        ("content-type", CONTENT_TYPE.into()),
+        ("event-id", ce.id.clone()),
+        ("schema-version", SCHEMA_VERSION.to_string()),
+        ("ce_specversion", "1.0".into()),
+        ("ce_id", ce.id),
+        ("ce_source", ce.source.into()),
+        ("ce_type", ce.ty),
+        ("ce_subject", ce.subject),
+        ("ce_time", ce.time),
+    ]
 }
 
 impl KafkaPublisher {
-    async fn send_one(&self, producer: &FutureProducer, o: &Outgoing) -> Result<(), PublishError> {
-        let topic = render(&self.config.topic, &o.event);
-        let mut record = FutureRecord::to(&topic)
-            .key(o.event.task_id.as_str())
-            .payload(o.payload.as_ref())
-            .headers(headers(o));
+    async fn send_one(&self, producer: &FutureProducer, m: &Encoded) -> Result<(), PublishError> {
+        let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
+        for (key, value) in &m.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            });
+        }
+        let mut record = FutureRecord::to(&m.destination)
+            .key(m.key.as_str())
+            .payload(m.payload.as_ref())
+            .headers(headers);
         // Enqueue; when librdkafka's local queue is full, wait for deliveries
         // to make room rather than failing the event.
         let delivery = loop {
@@ -154,10 +151,18 @@ impl Publisher for KafkaPublisher {
         "kafka"
     }
 
-    fn publish<'a>(
-        &'a self,
-        batch: &'a [Outgoing],
-    ) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
+        Ok(Encoded {
+            seq: o.seq,
+            destination: render(&self.config.topic, &o.event),
+            key: o.event.task_id.clone(),
+            id: o.event.event_id.clone(),
+            headers: headers(o),
+            payload: o.payload.clone(),
+        })
+    }
+
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
         async move {
             let producer = self.producer();
             // All sends are enqueued before any is awaited: librdkafka batches

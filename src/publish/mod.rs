@@ -27,6 +27,31 @@ pub struct Outgoing {
     pub payload: bytes::Bytes,
 }
 
+/// A message ready for the wire: everything derived from the event's
+/// content (destination, key, headers) computed once, by
+/// [`Publisher::encode`], so that sending it is only moving bytes.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// The outbox sequence number of the event.
+    pub seq: u64,
+    /// The Kafka topic or NATS subject.
+    pub destination: String,
+    /// The task id: Kafka's message key.
+    pub key: String,
+    /// The event id: JetStream's `Nats-Msg-Id`.
+    pub id: String,
+    /// Header names are the backend's own constants; values come from the event.
+    pub headers: Vec<(&'static str, String)>,
+    /// The message body.
+    pub payload: bytes::Bytes,
+}
+
+/// Why one event cannot be turned into a message. Retrying cannot help:
+/// the relay dead-letters the event with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode the event: {0}")]
+pub struct EncodeError(pub String);
+
 /// Why a publish did not succeed, classified once so callers branch on the
 /// class, never on message text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,11 +77,15 @@ pub trait Publisher: Send + Sync {
     /// Short backend name for logs and the admin status.
     fn name(&self) -> &'static str;
 
+    /// Everything about one message that depends on the event's content.
+    /// The relay calls it once per event and contains its errors and
+    /// panics to that event.
+    fn encode(&self, message: &Outgoing) -> Result<Encoded, EncodeError>;
+
     /// Publishes a batch. Returns one result per message, in batch order.
     /// Messages of one task never share a batch, so the backend may keep
     /// many in flight at once.
-    fn publish<'a>(&'a self, batch: &'a [Outgoing])
-        -> BoxFuture<'a, Vec<Result<(), PublishError>>>;
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>>;
 
     /// Waits (bounded) for anything the client still queues; called once at
     /// shutdown.

@@ -15,7 +15,9 @@ use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use tokio::sync::OnceCell;
 
-use super::{render, CloudEvent, Outgoing, PublishError, Publisher, CONTENT_TYPE};
+use super::{
+    render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError, Publisher, CONTENT_TYPE,
+};
 use crate::config::NatsConfig;
 use crate::event::SCHEMA_VERSION;
 
@@ -94,20 +96,23 @@ impl NatsPublisher {
             .map(|_| ())
     }
 
-    async fn send_one(&self, o: &Outgoing) -> Result<(), PublishError> {
-        let subject = render(&self.config.subject, &o.event);
-        let headers = headers(o);
+    async fn send_one(&self, m: &Encoded) -> Result<(), PublishError> {
+        let subject = m.destination.clone();
+        let mut headers = HeaderMap::new();
+        for (name, value) in &m.headers {
+            headers.insert(*name, value.as_str());
+        }
         if !self.config.jetstream {
             self.client
-                .publish_with_headers(subject, headers, o.payload.clone())
+                .publish_with_headers(subject, headers, m.payload.clone())
                 .await
                 .map_err(|e| PublishError::Transient(e.to_string()))?;
             return Ok(());
         }
         let message = PublishMessage::build()
-            .payload(o.payload.clone())
+            .payload(m.payload.clone())
             .headers(headers)
-            .message_id(&o.event.event_id);
+            .message_id(&m.id);
         let ack = self
             .js
             .send_publish(subject, message)
@@ -117,19 +122,19 @@ impl NatsPublisher {
     }
 }
 
-fn headers(o: &Outgoing) -> HeaderMap {
+fn headers(o: &Outgoing) -> Vec<(&'static str, String)> {
     let ce = CloudEvent::of(&o.event);
-    let mut h = HeaderMap::new();
-    h.insert("Content-Type", CONTENT_TYPE);
-    h.insert("Event-Id", ce.id.as_str());
-    h.insert("Schema-Version", SCHEMA_VERSION.to_string().as_str());
-    h.insert("ce-specversion", "1.0");
-    h.insert("ce-id", ce.id.as_str());
-    h.insert("ce-source", ce.source);
-    h.insert("ce-type", ce.ty.as_str());
-    h.insert("ce-subject", ce.subject.as_str());
-    h.insert("ce-time", ce.time.as_str());
-    h
+    vec![
+        ("Content-Type", CONTENT_TYPE.into()),
+        ("Event-Id", ce.id.clone()),
+        ("Schema-Version", SCHEMA_VERSION.to_string()),
+        ("ce-specversion", "1.0".into()),
+        ("ce-id", ce.id),
+        ("ce-source", ce.source.into()),
+        ("ce-type", ce.ty),
+        ("ce-subject", ce.subject),
+        ("ce-time", ce.time),
+    ]
 }
 
 /// Permanent: the message itself is refused (too large for the server or
@@ -158,10 +163,18 @@ impl Publisher for NatsPublisher {
         }
     }
 
-    fn publish<'a>(
-        &'a self,
-        batch: &'a [Outgoing],
-    ) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
+        Ok(Encoded {
+            seq: o.seq,
+            destination: render(&self.config.subject, &o.event),
+            key: o.event.task_id.clone(),
+            id: o.event.event_id.clone(),
+            headers: headers(o),
+            payload: o.payload.clone(),
+        })
+    }
+
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
         async move {
             let limit = Duration::from_millis(self.config.ack_timeout_ms);
             let timed_out = || {

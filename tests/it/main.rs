@@ -14,3 +14,4 @@ mod outbox;
 mod poll;
 mod readme;
 mod storage;
+mod supervise;

@@ -631,3 +631,86 @@ async fn sigterm_exits_cleanly_and_keeps_the_backlog() {
     assert_eq!(pending(&app), COUNT as u64, "the backlog survived the stop");
     app.stop().await;
 }
+
+/// Bytes in the outbox that do not decode (a foreign write, a format
+/// change) neither block the queue nor stay pending forever: the relay
+/// turns them into a dead letter that keeps them exactly, and the events
+/// behind them are published. Requeueing never deletes a dead letter it
+/// cannot decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_entries_become_dead_letters_and_requeue_keeps_them() {
+    use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
+    const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
+    const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
+    let junk: &[u8] = b"\xff\x00 not an event {";
+    let bad_letter: &[u8] = b"not a dead letter";
+
+    let url = brokers::nats().await;
+    let (stream, prefix) = (unique("JUNK").to_uppercase(), unique("junk"));
+    let subject = nats::create_stream(&url, &stream, &prefix, Duration::from_secs(120)).await;
+    let dir = temp_dir();
+    let config = config(dir.path(), jetstream_publisher(&url, &subject, None));
+    // Create the tables, then write what the outbox cannot read, at the head.
+    TestApp::start(config.clone()).await.stop().await;
+    let file = dir.path().join("outbox.redb");
+    {
+        let db = redb::Database::open(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(PENDING).unwrap().insert(1, junk).unwrap();
+        txn.open_table(DEAD).unwrap().insert(2, bad_letter).unwrap();
+        txn.commit().unwrap();
+    }
+
+    let app = TestApp::start(config.clone()).await;
+    let run = unique("task");
+    let tasks: Vec<String> = (0..5).map(|n| format!("{run}_{n}")).collect();
+    for t in &tasks {
+        assert_eq!(app.callback(&callbacks::success(t)).await, StatusCode::OK);
+    }
+    app.drained(Duration::from_secs(60)).await;
+    let stored = nats::read_stream(
+        &url,
+        &stream,
+        tasks.len() as u64,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    let got: Vec<&str> = stored
+        .iter()
+        .map(|m| m.value["taskId"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        got.len(),
+        tasks.len(),
+        "the events behind the junk: {got:?}"
+    );
+
+    // Both are listed with their bytes, exactly.
+    let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+    let letters = dead_letters(&app.http).await;
+    let shown: Vec<(&Value, &Value)> = letters.iter().map(|l| (&l["seq"], &l["rawHex"])).collect();
+    assert_eq!(
+        shown,
+        [
+            (&json!(1), &json!(hex(junk))),
+            (&json!(2), &json!(hex(bad_letter)))
+        ]
+    );
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("unreadable outbox entry"), "{reason}");
+
+    let (status, answer) = app
+        .http
+        .post_json("/admin/dead-letters/requeue", &json!({}))
+        .await;
+    assert_eq!((status, &answer["requeued"]), (StatusCode::OK, &json!(0)));
+    app.stop().await;
+
+    let db = redb::Database::open(&file).unwrap();
+    let txn = db.begin_read().unwrap();
+    let dead = txn.open_table(DEAD).unwrap();
+    assert_eq!(dead.len().unwrap(), 2, "requeue deleted nothing");
+    assert_eq!(dead.get(2).unwrap().unwrap().value(), bad_letter);
+    assert_eq!(txn.open_table(PENDING).unwrap().len().unwrap(), 0);
+}

@@ -4,11 +4,13 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use hookbridge::config::{Config, PublisherConfig};
 use hookbridge::outbox::Outbox;
+use hookbridge::publish::Publisher;
 use hookbridge::App;
 use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
@@ -144,19 +146,21 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn start(config: Config) -> Self {
-        // A previous instance on the same data dir may still be closing its
-        // database in the background.
-        let mut tries = 0;
-        let app = loop {
-            match App::build(config.clone()).await {
-                Ok(app) => break app,
-                Err(e) if tries < 50 && format!("{e:#}").contains("already open") => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("app builds: {e:#}"),
-            }
-        };
+        let app = App::build(config)
+            .await
+            .unwrap_or_else(|e| panic!("app builds: {e:#}"));
+        Self::run(app)
+    }
+
+    /// With a publisher made by the test (a wrapper that injects faults).
+    pub async fn start_with(config: Config, publisher: Arc<dyn Publisher>) -> Self {
+        let app = App::with_publisher(config, publisher)
+            .await
+            .unwrap_or_else(|e| panic!("app builds: {e:#}"));
+        Self::run(app)
+    }
+
+    fn run(app: App) -> Self {
         let addr = app.local_addr();
         let outbox = app.outbox().clone();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -181,8 +185,7 @@ impl TestApp {
             .expect("app stops within 30 s")
             .unwrap()
             .unwrap();
-        // The writer thread lets go of the database once every handle is
-        // gone; a restart on the same data dir waits for that (see `start`).
+        // The app closed the outbox before returning: the data dir is free.
         self.handle = None;
     }
 
