@@ -308,6 +308,12 @@ pub struct ProviderConfig {
     /// Confirm every callback against the status endpoint before publishing
     /// it; unconfirmed ones become dead letters. Needs `api_key`.
     pub verify: bool,
+    /// Verify mode: most callbacks awaiting verification at once; past it
+    /// the webhook answers 503. A repeated (taskId, state) takes no room.
+    pub max_held: u64,
+    /// Memory for the page cache of the task registry
+    /// (`<outbox.data_dir>/tasks.redb`: registrations and held callbacks), in MiB.
+    pub registry_cache_mib: usize,
 }
 
 impl Default for ProviderConfig {
@@ -324,6 +330,8 @@ impl Default for ProviderConfig {
             public_url: None,
             tasks_token: None,
             verify: false,
+            max_held: 100_000,
+            registry_cache_mib: 32,
         }
     }
 }
@@ -530,15 +538,11 @@ impl Config {
                     return invalid("publisher.brokers", "must list at least one broker");
                 }
                 check_template("publisher.topic", &k.topic)?;
-                for key in ["acks", "enable.idempotence", "bootstrap.servers"] {
-                    if k.options.keys().any(|k| librdkafka_key(k) == key) {
-                        return Err(ConfigError::Invalid {
-                            key: "publisher.options",
-                            reason: format!(
-                                "`{key}` is set by hookbridge and may not be overridden"
-                            ),
-                        });
-                    }
+                if let Some(key) = k.options.keys().find_map(|k| reserved_kafka_option(k)) {
+                    return Err(ConfigError::Invalid {
+                        key: "publisher.options",
+                        reason: format!("`{key}` is set by hookbridge and may not be overridden"),
+                    });
                 }
                 Ok(())
             }
@@ -602,6 +606,12 @@ impl Config {
         {
             return invalid("provider.api_key", "must not be empty");
         }
+        if p.max_held == 0 {
+            return invalid("provider.max_held", "must be at least 1");
+        }
+        if p.registry_cache_mib == 0 {
+            return invalid("provider.registry_cache_mib", "must be at least 1");
+        }
         if p.verify && p.api_key.is_none() {
             return invalid("provider.verify", "needs provider.api_key");
         }
@@ -652,6 +662,26 @@ fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
 /// means `sasl.password`.
 pub fn librdkafka_key(key: &str) -> String {
     key.replace('_', ".")
+}
+
+/// The librdkafka property hookbridge sets itself that `key` would
+/// override, under any of its names: an alias (`acks` is
+/// `request.required.acks`, `bootstrap.servers` is `metadata.broker.list`)
+/// or the `topic.` prefix that sets a topic property globally.
+fn reserved_kafka_option(key: &str) -> Option<&'static str> {
+    const RESERVED: [(&str, &str); 5] = [
+        ("acks", "acks"),
+        ("request.required.acks", "acks"),
+        ("enable.idempotence", "enable.idempotence"),
+        ("bootstrap.servers", "bootstrap.servers"),
+        ("metadata.broker.list", "bootstrap.servers"),
+    ];
+    let key = librdkafka_key(key.trim()).to_ascii_lowercase();
+    let key = key.strip_prefix("topic.").unwrap_or(&key);
+    RESERVED
+        .iter()
+        .find(|(name, _)| *name == key)
+        .map(|&(_, reserved)| reserved)
 }
 
 fn check_template(key: &'static str, template: &str) -> Result<(), ConfigError> {
@@ -743,6 +773,34 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("enable.idempotence"), "{err}");
         assert_eq!(librdkafka_key("sasl_password"), "sasl.password");
+    }
+
+    /// `request.required.acks` is `acks` under its other name; both would
+    /// weaken "published means acknowledged by all in-sync replicas".
+    #[test]
+    fn delivery_guarantees_cannot_be_overridden_under_another_name() {
+        for key in [
+            "acks",
+            "\"request.required.acks\"",
+            "request_required_acks",
+            "\"Request.Required.Acks\"",
+            "\"topic.request.required.acks\"",
+            "\"topic.acks\"",
+            "enable_idempotence",
+            "\"metadata.broker.list\"",
+        ] {
+            let text = format!(
+                "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\n{key} = \"1\"\n"
+            );
+            let err = Config::from_toml(&text).expect_err(key).to_string();
+            assert!(
+                err.contains("publisher.options") && err.contains("may not be overridden"),
+                "{key}: {err}"
+            );
+        }
+        let fine = "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n\
+                    [publisher.options]\n\"linger.ms\" = \"5\"\n\"topic.metadata.refresh.interval.ms\" = \"1000\"\n";
+        Config::from_toml(fine).unwrap();
     }
 
     #[test]

@@ -18,10 +18,7 @@ use super::admin::{check_bearer, internal};
 use super::{constant_time_eq, ApiError, AppState};
 use crate::event::{task_id_problem, TaskEvent};
 use crate::outbox::now_ms;
-use crate::poll::{Origin, PollStats, Registration};
-
-/// Most callbacks held for verification at once; past it the webhook answers 503.
-const MAX_HELD: u64 = 100_000;
+use crate::poll::{Holding, Origin, PollStats, Registration};
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.tasks.tasks_token else {
@@ -204,28 +201,27 @@ pub(super) async fn check_callback_token(
 }
 
 /// Verify mode: stores the callback for the verifier (durable when it
-/// returns); nothing is published before the provider confirms it.
+/// returns); nothing is published before the provider confirms it. A
+/// callback whose (taskId, state) is already held is answered as held.
 pub(super) async fn hold_for_verification(
     state: &AppState,
     event: TaskEvent,
 ) -> Result<(), ApiError> {
-    let registry = &state.tasks.registry;
-    let (_, held) = registry.blocking(|r| r.counts()).await.map_err(|e| {
-        tracing::error!(error = %e, "cannot read the task registry");
-        ApiError::Unavailable
-    })?;
-    if held >= MAX_HELD {
-        return Err(ApiError::Backlog);
-    }
-    let task_id = event.task_id.clone();
-    registry
-        .blocking(move |r| r.hold(&event, now_ms()))
+    let (task_id, max) = (event.task_id.clone(), state.tasks.max_held);
+    let holding = state
+        .tasks
+        .registry
+        .blocking(move |r| r.hold(&event, now_ms(), max))
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "cannot hold a callback for verification");
             ApiError::Unavailable
         })?;
-    tracing::debug!(%task_id, "callback held for verification");
+    match holding {
+        Holding::Held(_) => tracing::debug!(%task_id, "callback held for verification"),
+        Holding::Duplicate => tracing::debug!(%task_id, "callback already held"),
+        Holding::Full => return Err(ApiError::Backlog),
+    }
     Ok(())
 }
 

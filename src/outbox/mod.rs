@@ -325,9 +325,28 @@ impl Outbox {
     /// Stores `event` straight in the dead letters with `reason`, without
     /// publishing it (for example a callback the provider did not confirm).
     pub async fn bury(&self, event: TaskEvent, reason: String) -> Result<u64, OutboxError> {
+        let event = serde_json::to_value(&event).unwrap_or_default();
+        self.bury_letter(event, None, reason).await
+    }
+
+    /// Like [`Outbox::bury`], for stored bytes that are not a readable event
+    /// (an entry of another store that cannot be decoded): the dead letter
+    /// keeps them exactly, as [`DeadLetter::raw_hex`].
+    pub async fn bury_raw(&self, bytes: &[u8], reason: String) -> Result<u64, OutboxError> {
+        let letter = DeadLetter::of_stored(0, String::new(), 0, bytes);
+        self.bury_letter(letter.event, letter.raw_hex, reason).await
+    }
+
+    async fn bury_letter(
+        &self,
+        event: serde_json::Value,
+        raw_hex: Option<String>,
+        reason: String,
+    ) -> Result<u64, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.send(writer::Command::Bury {
-            event: Box::new(event),
+            event,
+            raw_hex,
             reason,
             reply,
         })

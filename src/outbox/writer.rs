@@ -45,7 +45,10 @@ pub(super) enum Command {
         reply: oneshot::Sender<Result<u64, OutboxError>>,
     },
     Bury {
-        event: Box<TaskEvent>,
+        /// The event as JSON (`null` when the stored bytes are not JSON).
+        event: serde_json::Value,
+        /// The stored bytes, hex-encoded, when they are not a readable event.
+        raw_hex: Option<String>,
         reason: String,
         reply: oneshot::Sender<Result<u64, OutboxError>>,
     },
@@ -465,6 +468,7 @@ impl Writer {
                     }
                     Command::Bury {
                         event,
+                        raw_hex,
                         reason,
                         reply,
                     } => {
@@ -474,8 +478,8 @@ impl Writer {
                             seq,
                             reason,
                             failed_at: now,
-                            event: serde_json::to_value(&*event).unwrap_or_default(),
-                            raw_hex: None,
+                            event,
+                            raw_hex,
                         };
                         let stored = tables.dead.insert(
                             seq,

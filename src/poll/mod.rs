@@ -69,7 +69,10 @@ mod verifier;
 
 pub use client::{ProviderClient, ProviderError};
 pub use reconciler::{ReconcileStep, Reconciler};
-pub use registry::{Origin, Registration, Registry, RegistryError};
+pub use registry::{
+    Held, HeldDue, Holding, Origin, Registration, Registry, RegistryError, RegistryOptions,
+    Unreadable,
+};
 pub use verifier::{Verifier, VerifyStep};
 
 /// Counters of the provider integration, shown under `poll` in `/admin/status`.
@@ -135,6 +138,8 @@ pub struct Tasks {
     pub public_url: Option<String>,
     pub tasks_token: Option<Secret>,
     pub verify: bool,
+    /// `provider.max_held`.
+    pub max_held: u64,
     /// `reconcile.first_poll_after_secs`, in milliseconds.
     pub first_poll_after_ms: i64,
 }
@@ -145,7 +150,14 @@ impl Tasks {
     pub fn open(config: &Config) -> anyhow::Result<Self> {
         use anyhow::Context;
         let stats = Arc::new(PollStats::default());
-        let registry = Registry::open(&config.outbox.data_dir)?;
+        let options = RegistryOptions {
+            cache_bytes: config
+                .provider
+                .registry_cache_mib
+                .saturating_mul(1024 * 1024),
+            reconciled: config.reconcile.enabled && config.provider.api_key.is_some(),
+        };
+        let registry = Registry::open(&config.outbox.data_dir, options)?;
         let client = match &config.provider.api_key {
             Some(_) => Some(Arc::new(
                 ProviderClient::new(&config.provider, stats.clone())
@@ -164,6 +176,7 @@ impl Tasks {
                 .map(|u| u.trim_end_matches('/').to_string()),
             tasks_token: config.provider.tasks_token.clone(),
             verify: config.provider.verify,
+            max_held: config.provider.max_held,
             first_poll_after_ms: (config.reconcile.first_poll_after_secs as i64)
                 .saturating_mul(1000),
         })

@@ -16,10 +16,10 @@ use std::future::Future;
 
 use futures::StreamExt;
 
-use super::registry::Held;
+use super::registry::{Held, Unreadable};
 use super::{retry_pause, run_worker, PollStats, ProviderError, RegistryError, Tasks, Worker};
 use crate::config::ReconcileConfig;
-use crate::event::{Source, TaskEvent};
+use crate::event::{self, Source, TaskEvent};
 use crate::outbox::{now_ms, Outbox};
 
 const BATCH: usize = 256;
@@ -48,20 +48,43 @@ pub enum Verdict {
 /// Compares a callback with the provider's record of the same task.
 pub fn judge(callback: &TaskEvent, record: &TaskEvent) -> Verdict {
     let (said, actual) = (callback.state, record.state);
+    let confirmed = || Verdict::Confirmed(Box::new(confirmed(callback, record)));
     if said == actual {
-        let mut confirmed = record.clone();
-        confirmed.source = Source::Webhook;
-        confirmed.received_at = callback.received_at;
-        return Verdict::Confirmed(Box::new(confirmed));
+        return confirmed();
     }
     let difference = format!("the callback says {said}, the provider says {actual}");
     if said.is_terminal() && actual.is_terminal() {
         Verdict::Refuted(format!("not confirmed: {difference}"))
     } else if !said.is_terminal() && actual.rank() > said.rank() {
-        Verdict::Confirmed(Box::new(callback.clone()))
+        confirmed()
     } else {
         Verdict::Unsure(difference)
     }
+}
+
+/// What a confirmed callback publishes: the provider's record, never the
+/// sender's fields (an unsigned callback's sender is untrusted: its output
+/// URLs, error, model and orderId must not reach the broker). Only the
+/// callback's state and receive time are kept. When the provider is
+/// already further along, the record is taken back to the callback's
+/// state: what only the later state has (outputs, error, completion time,
+/// credits) is left out.
+fn confirmed(callback: &TaskEvent, record: &TaskEvent) -> TaskEvent {
+    let mut event = record.clone();
+    event.source = Source::Webhook;
+    event.received_at = callback.received_at;
+    if record.state != callback.state {
+        event.state = callback.state;
+        event.event_id = event::event_id(&event.task_id, callback.state);
+        event.provider_state = callback.state.as_str().to_string();
+        event.outputs = Default::default();
+        event.error = None;
+        event.credits_used = None;
+        event.complete_time = None;
+        event.update_time = None;
+        event.conflicts_with = None;
+    }
+    event
 }
 
 enum Outcome {
@@ -103,11 +126,19 @@ impl Verifier {
             return Ok(step);
         }
         let now = now_ms();
-        let held = self
+        let due = self
             .tasks
             .registry
             .blocking(move |r| r.held_due(now, BATCH))
             .await?;
+        let (held, mut released) = (due.held, Vec::new());
+        for entry in due.unreadable {
+            let seq = entry.seq;
+            if self.bury_unreadable(entry).await {
+                step.unconfirmed += 1;
+                released.push(seq);
+            }
+        }
         let this = &*self;
         let outcomes: Vec<_> = futures::stream::iter(held)
             .map(|h| async move {
@@ -117,7 +148,7 @@ impl Verifier {
             .buffer_unordered(self.max_in_flight)
             .collect()
             .await;
-        let (mut released, mut retry) = (Vec::new(), Vec::new());
+        let mut retry = Vec::new();
         for (mut h, outcome) in outcomes {
             match outcome {
                 Outcome::Verified => step.verified += 1,
@@ -202,6 +233,27 @@ impl Verifier {
         }
     }
 
+    /// Buries a held entry that cannot be read, its bytes kept exactly, with
+    /// the reason; `false` if the outbox could not store it (tried again
+    /// next step).
+    async fn bury_unreadable(&self, entry: Unreadable) -> bool {
+        let reason = format!(
+            "unreadable held callback (not verified, not published): {}",
+            entry.error
+        );
+        tracing::warn!(seq = entry.seq, %reason, "held callback buried as a dead letter");
+        match self.outbox.bury_raw(&entry.raw, reason).await {
+            Ok(_) => {
+                PollStats::add(&self.tasks.stats.unconfirmed, 1);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store the dead letter; will retry");
+                false
+            }
+        }
+    }
+
     /// Runs until `shutdown` resolves; held callbacks survive a restart.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tracing::info!("callback verifier started");
@@ -261,6 +313,46 @@ mod tests {
             judge(&callback, &event("generating", Source::Poll, 9)),
             Verdict::Unsure(_)
         ));
+    }
+
+    /// The sender of a callback is untrusted: a confirmed one carries the
+    /// provider's fields, whichever state the provider is at.
+    #[test]
+    fn a_confirmed_callback_carries_none_of_the_senders_fields() {
+        let forged = |state: &str| {
+            let body = json!({"taskId": "task_1", "state": state, "model": "evil",
+                "orderId": "order_evil", "creditsUsed": 9,
+                "output": [{"url": "https://attacker.example/x.mp4"}],
+                "error": {"code": "666", "message": "click https://attacker.example"}});
+            from_value(body, Source::Webhook, 7).unwrap()
+        };
+        let mut record = event("success", Source::Poll, 9);
+        record.model = Some("seedance-20".into());
+        record.order_id = Some("order_1".into());
+        for state in ["generating", "success"] {
+            let Verdict::Confirmed(e) = judge(&forged(state), &record) else {
+                panic!("{state}: confirmed")
+            };
+            let shown = serde_json::to_string(&*e).unwrap();
+            assert!(
+                !shown.contains("evil") && !shown.contains("attacker"),
+                "{shown}"
+            );
+            assert_eq!(e.model.as_deref(), Some("seedance-20"));
+            assert_eq!(e.order_id.as_deref(), Some("order_1"));
+            assert_eq!((e.state.as_str(), e.received_at), (state, 7));
+            assert_eq!(e.event_id, event::event_id("task_1", e.state));
+        }
+        let Verdict::Confirmed(e) = judge(&forged("generating"), &record) else {
+            unreachable!()
+        };
+        assert_eq!(e.provider_state, "generating");
+        assert!(e.error.is_none() && e.credits_used.is_none() && e.complete_time.is_none());
+        assert_eq!(
+            serde_json::to_value(&*e).unwrap()["outputs"],
+            json!([]),
+            "outputs belong to the later state"
+        );
     }
 
     #[test]

@@ -1,0 +1,538 @@
+//! Registered tasks and callbacks awaiting verification, in their own redb
+//! file (`<outbox.data_dir>/tasks.redb`), apart from the outbox so that the
+//! outbox's single writer never waits for polling bookkeeping.
+//!
+//! Tables: `tasks` (taskId -> [`Registration`] as JSON), `due`
+//! ((next_poll_at, taskId) for every task not done: the reconciler reads it
+//! in order), `by_age` ((registered_at, taskId), for pruning), `held`
+//! (seq -> [`Held`]: callbacks stored for the verifier) and `held_keys`
+//! ((taskId, state) -> seq: one held callback per task state).
+//!
+//! Invariants:
+//!
+//! - Registrations and held callbacks are committed with fsync before the
+//!   HTTP answer; so is every change that ends a task or releases a held
+//!   callback (repeating one would bury a second dead letter). Plain
+//!   schedule updates are committed without fsync.
+//! - A registration is pruned only once finished (terminal event seen, or
+//!   buried as stuck or unknown), so no retention setting can make a task
+//!   vanish before its deadline, and polling halted by a revoked key still
+//!   finds every task after a restart. Only when no reconciler runs (nothing
+//!   would ever finish them) are unfinished ones pruned by age.
+//! - The held queue is bounded and cannot be clogged: a repeated (taskId,
+//!   state) is not held twice, and an entry that cannot be read is handed
+//!   to the verifier as [`Unreadable`] to be buried, never skipped.
+//! - After an I/O error the database is re-opened (`cell.rs`).
+//!
+//! Every method blocks on disk I/O: async callers go through
+//! [`Registry::blocking`].
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::event::TaskEvent;
+
+mod cell;
+#[cfg(test)]
+mod tests;
+
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
+const BY_AGE: TableDefinition<(u64, &str), ()> = TableDefinition::new("by_age");
+const HELD: TableDefinition<u64, &[u8]> = TableDefinition::new("held");
+const HELD_KEYS: TableDefinition<(&str, &str), u64> = TableDefinition::new("held_keys");
+
+/// How the task came to hookbridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Created through `POST /tasks`: its callbacks must carry the token.
+    Created,
+    /// Registered through `POST /tasks/{taskId}/watch`: no token.
+    Watched,
+}
+
+/// One registered task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Registration {
+    /// The secret of the task's `callBackUrl` (tasks created through hookbridge).
+    pub token: Option<String>,
+    pub origin: Origin,
+    /// Milliseconds since the epoch.
+    pub registered_at: i64,
+    pub next_poll_at: i64,
+    /// Polls so far that found the task unfinished or failed.
+    pub attempts: u32,
+    /// Terminal event seen, or given up (dead letter): never polled again.
+    pub done: bool,
+    /// The last record polled, kept for the dead letter of a stuck task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<Box<TaskEvent>>,
+    /// The last polling error, for the same dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A callback stored for the verifier.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Held {
+    #[serde(skip)]
+    pub seq: u64,
+    pub event: TaskEvent,
+    pub attempts: u32,
+    pub next_at: i64,
+}
+
+/// A held entry that cannot be decoded (written by another version, or
+/// damaged): the verifier buries it with `error` as the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    pub seq: u64,
+    /// The stored bytes, whole.
+    pub raw: Vec<u8>,
+    pub error: String,
+}
+
+/// What [`Registry::held_due`] found.
+#[derive(Debug, Default)]
+pub struct HeldDue {
+    /// Due callbacks, oldest first, at most one per task.
+    pub held: Vec<Held>,
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// What became of a callback offered to [`Registry::hold`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Stored (durably) under this sequence number.
+    Held(u64),
+    /// The same (taskId, state) is already awaiting verification.
+    Duplicate,
+    /// The held queue is at its cap; nothing stored.
+    Full,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot use data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("task registry database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("the task registry is shutting down")]
+    Closed,
+    #[error("the task registry database is being re-opened after a storage error")]
+    Reopening,
+}
+
+crate::redb_errors!(
+    RegistryError:
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// How the registry is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryOptions {
+    /// Memory for the database's page cache, in bytes.
+    pub cache_bytes: usize,
+    /// A reconciler runs and will finish every registration (terminal event,
+    /// stuck or unknown): unfinished ones are then never pruned.
+    pub reconciled: bool,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 32 * 1024 * 1024,
+            reconciled: true,
+        }
+    }
+}
+
+/// Handle to the registry; cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    db: Arc<cell::DbCell>,
+    reconciled: bool,
+    tasks_added: Arc<Notify>,
+    held_added: Arc<Notify>,
+    /// Registrations on disk (approximate after pruning): lets the webhook
+    /// skip the lookup entirely where no task was ever registered.
+    known: Arc<AtomicU64>,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn write(db: &Database, durable: bool) -> Result<redb::WriteTransaction, RegistryError> {
+    let mut txn = db.begin_write()?;
+    if !durable {
+        txn.set_durability(Durability::None)?;
+    }
+    Ok(txn)
+}
+
+impl Registry {
+    pub fn open(dir: &Path, options: RegistryOptions) -> Result<Self, RegistryError> {
+        let io_err = |source| RegistryError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        let db = cell::DbCell::open(dir.join("tasks.redb"), options.cache_bytes)?;
+        let known = db.with(|db| {
+            let txn = db.begin_write()?;
+            let known = txn.open_table(TASKS)?.len()?;
+            txn.open_table(DUE)?;
+            txn.open_table(BY_AGE)?;
+            txn.open_table(HELD)?;
+            txn.open_table(HELD_KEYS)?;
+            txn.commit()?;
+            Ok(known)
+        })?;
+        Ok(Self {
+            db: Arc::new(db),
+            reconciled: options.reconciled,
+            tasks_added: Arc::new(Notify::new()),
+            held_added: Arc::new(Notify::new()),
+            known: Arc::new(AtomicU64::new(known)),
+        })
+    }
+
+    /// No task was ever registered (cheap: no disk access).
+    pub fn is_empty(&self) -> bool {
+        self.known.load(Ordering::Relaxed) == 0
+    }
+
+    /// Runs `f` on the blocking thread pool.
+    pub async fn blocking<T, F>(&self, f: F) -> Result<T, RegistryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(|_| RegistryError::Closed)?
+    }
+
+    /// Registers a task unless it already is; returns the registration in
+    /// force and whether it is new. Durable when it returns.
+    pub fn register(
+        &self,
+        task_id: &str,
+        registration: Registration,
+    ) -> Result<(Registration, bool), RegistryError> {
+        let outcome = self.db.with(|db| {
+            let txn = write(db, true)?;
+            let outcome = {
+                let mut tasks = txn.open_table(TASKS)?;
+                let existing = tasks
+                    .get(task_id)?
+                    .and_then(|v| serde_json::from_slice::<Registration>(v.value()).ok());
+                match existing {
+                    Some(existing) => (existing, false),
+                    None => {
+                        tasks.insert(task_id, encode(&registration).as_slice())?;
+                        let mut due = txn.open_table(DUE)?;
+                        due.insert((registration.next_poll_at.max(0) as u64, task_id), ())?;
+                        let mut by_age = txn.open_table(BY_AGE)?;
+                        by_age.insert((registration.registered_at.max(0) as u64, task_id), ())?;
+                        (registration, true)
+                    }
+                }
+            };
+            txn.commit()?;
+            Ok(outcome)
+        })?;
+        if outcome.1 {
+            self.known.fetch_add(1, Ordering::Relaxed);
+            self.tasks_added.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    pub fn get(&self, task_id: &str) -> Result<Option<Registration>, RegistryError> {
+        self.db.with(|db| {
+            let txn = db.begin_read()?;
+            let tasks = txn.open_table(TASKS)?;
+            Ok(tasks
+                .get(task_id)?
+                .and_then(|v| serde_json::from_slice(v.value()).ok()))
+        })
+    }
+
+    /// Tasks not done whose next poll is at or before `now`, earliest first.
+    pub fn due(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, Registration)>, RegistryError> {
+        self.db.with(|db| {
+            let txn = db.begin_read()?;
+            let (due, tasks) = (txn.open_table(DUE)?, txn.open_table(TASKS)?);
+            let mut out = Vec::new();
+            for entry in due.range::<(u64, &str)>(..=(now.max(0) as u64, "\u{10ffff}"))? {
+                let (key, _) = entry?;
+                let (_, task_id) = key.value();
+                if let Some(r) = tasks.get(task_id)? {
+                    if let Ok(registration) = serde_json::from_slice(r.value()) {
+                        out.push((task_id.to_string(), registration));
+                    }
+                }
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The earliest next poll of a task not done.
+    pub fn next_due(&self) -> Result<Option<i64>, RegistryError> {
+        self.db.with(|db| {
+            let txn = db.begin_read()?;
+            let due = txn.open_table(DUE)?;
+            let first = due.first()?.map(|(k, _)| k.value().0 as i64);
+            Ok(first)
+        })
+    }
+
+    /// Writes back what the reconciler decided. Fsynced only if a task ended.
+    pub fn save(&self, updates: &[(String, Registration)]) -> Result<(), RegistryError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        self.db.with(|db| {
+            let txn = write(db, updates.iter().any(|(_, r)| r.done))?;
+            {
+                let mut tasks = txn.open_table(TASKS)?;
+                let mut due = txn.open_table(DUE)?;
+                let mut by_age = txn.open_table(BY_AGE)?;
+                for (task_id, registration) in updates {
+                    let old = tasks
+                        .get(task_id.as_str())?
+                        .and_then(|v| serde_json::from_slice::<Registration>(v.value()).ok());
+                    // Pruned meanwhile: nothing to update.
+                    let Some(old) = old else { continue };
+                    if !old.done {
+                        due.remove((old.next_poll_at.max(0) as u64, task_id.as_str()))?;
+                    }
+                    if registration.done {
+                        // Back in line for pruning (`prune` may have set an
+                        // unfinished one aside).
+                        by_age.insert((old.registered_at.max(0) as u64, task_id.as_str()), ())?;
+                    } else {
+                        due.insert(
+                            (registration.next_poll_at.max(0) as u64, task_id.as_str()),
+                            (),
+                        )?;
+                    }
+                    tasks.insert(task_id.as_str(), encode(registration).as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Stores a callback for the verifier unless the same (taskId, state)
+    /// is already held or `max` callbacks are (in that order: a repeat is
+    /// answered as held even when the queue is full). Durable when it
+    /// returns `Held`.
+    pub fn hold(&self, event: &TaskEvent, now: i64, max: u64) -> Result<Holding, RegistryError> {
+        let outcome = self.db.with(|db| {
+            let txn = write(db, true)?;
+            let outcome = {
+                let mut held = txn.open_table(HELD)?;
+                let mut keys = txn.open_table(HELD_KEYS)?;
+                let key = (event.task_id.as_str(), event.state.as_str());
+                let existing = keys.get(key)?.map(|seq| seq.value());
+                // A key whose entry was released some other way is stale.
+                if let Some(seq) = existing {
+                    if held.get(seq)?.is_some() {
+                        return Ok(Holding::Duplicate);
+                    }
+                }
+                if held.len()? >= max {
+                    return Ok(Holding::Full);
+                }
+                let seq = held.last()?.map_or(1, |(k, _)| k.value() + 1);
+                let entry = Held {
+                    seq,
+                    event: event.clone(),
+                    attempts: 0,
+                    next_at: now,
+                };
+                held.insert(seq, encode(&entry).as_slice())?;
+                keys.insert(key, seq)?;
+                Holding::Held(seq)
+            };
+            txn.commit()?;
+            Ok(outcome)
+        })?;
+        if matches!(outcome, Holding::Held(_)) {
+            self.held_added.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    /// Held callbacks due for verification, oldest first, at most one per
+    /// task (so a task's callbacks are appended in the order they came), and
+    /// every entry met that cannot be read.
+    pub fn held_due(&self, now: i64, limit: usize) -> Result<HeldDue, RegistryError> {
+        self.db.with(|db| {
+            let txn = db.begin_read()?;
+            let held = txn.open_table(HELD)?;
+            let mut out = HeldDue::default();
+            let mut tasks = std::collections::HashSet::new();
+            for entry in held.iter()? {
+                if out.held.len() + out.unreadable.len() >= limit {
+                    break;
+                }
+                let (k, v) = entry?;
+                match serde_json::from_slice::<Held>(v.value()) {
+                    Ok(mut h) => {
+                        // A task's later callback waits for its earlier one.
+                        if tasks.insert(h.event.task_id.clone()) && h.next_at <= now {
+                            h.seq = k.value();
+                            out.held.push(h);
+                        }
+                    }
+                    Err(e) => out.unreadable.push(Unreadable {
+                        seq: k.value(),
+                        raw: v.value().to_vec(),
+                        error: e.to_string(),
+                    }),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The earliest next verification attempt (an unreadable entry is due
+    /// at once).
+    pub fn next_held(&self) -> Result<Option<i64>, RegistryError> {
+        self.db.with(|db| {
+            let txn = db.begin_read()?;
+            let held = txn.open_table(HELD)?;
+            let mut next = None;
+            for entry in held.iter()? {
+                let (_, v) = entry?;
+                let at = serde_json::from_slice::<Held>(v.value()).map_or(0, |h| h.next_at);
+                next = Some(next.map_or(at, |n: i64| n.min(at)));
+            }
+            Ok(next)
+        })
+    }
+
+    /// Deletes settled held callbacks (by sequence number) and reschedules
+    /// the others.
+    pub fn settle_held(&self, released: &[u64], retry: &[Held]) -> Result<(), RegistryError> {
+        if released.is_empty() && retry.is_empty() {
+            return Ok(());
+        }
+        self.db.with(|db| {
+            let txn = write(db, !released.is_empty())?;
+            {
+                let mut held = txn.open_table(HELD)?;
+                let mut keys = txn.open_table(HELD_KEYS)?;
+                for seq in released {
+                    let removed = held
+                        .remove(*seq)?
+                        .and_then(|v| serde_json::from_slice::<Held>(v.value()).ok());
+                    if let Some(h) = removed {
+                        let key = (h.event.task_id.as_str(), h.event.state.as_str());
+                        if keys.get(key)?.is_some_and(|s| s.value() == *seq) {
+                            keys.remove(key)?;
+                        }
+                    }
+                }
+                for h in retry {
+                    held.insert(h.seq, encode(h).as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+    }
+
+    /// (tasks not done, callbacks awaiting verification).
+    pub fn counts(&self) -> Result<(u64, u64), RegistryError> {
+        self.db.with(|db| {
+            let txn = db.begin_read()?;
+            Ok((txn.open_table(DUE)?.len()?, txn.open_table(HELD)?.len()?))
+        })
+    }
+
+    /// Forgets finished registrations older than `before` (ms), at most
+    /// `limit` looked at; returns how many were forgotten. Unfinished ones
+    /// are set aside until they finish (`save` puts them back in line),
+    /// unless no reconciler runs.
+    pub fn prune(&self, before: i64, limit: usize) -> Result<u64, RegistryError> {
+        self.db.with(|db| {
+            let txn = write(db, false)?;
+            let pruned = {
+                let mut tasks = txn.open_table(TASKS)?;
+                let mut due = txn.open_table(DUE)?;
+                let mut by_age = txn.open_table(BY_AGE)?;
+                let mut old = Vec::new();
+                for entry in by_age
+                    .range::<(u64, &str)>(..(before.max(0) as u64, ""))?
+                    .take(limit)
+                {
+                    let (k, _) = entry?;
+                    let (at, task_id) = k.value();
+                    old.push((at, task_id.to_string()));
+                }
+                let mut pruned = 0;
+                for (at, task_id) in &old {
+                    by_age.remove((*at, task_id.as_str()))?;
+                    let registration = tasks
+                        .get(task_id.as_str())?
+                        .and_then(|v| serde_json::from_slice::<Registration>(v.value()).ok());
+                    if let Some(r) = &registration {
+                        if !r.done {
+                            if self.reconciled {
+                                continue;
+                            }
+                            due.remove((r.next_poll_at.max(0) as u64, task_id.as_str()))?;
+                        }
+                    }
+                    tasks.remove(task_id.as_str())?;
+                    pruned += 1;
+                }
+                pruned
+            };
+            txn.commit()?;
+            Ok(pruned)
+        })
+    }
+
+    /// Resolves when a task was registered since the last call.
+    pub async fn task_added(&self) {
+        self.tasks_added.notified().await
+    }
+
+    /// Resolves when a callback was held since the last call.
+    pub async fn callback_held(&self) {
+        self.held_added.notified().await
+    }
+}

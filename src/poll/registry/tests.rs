@@ -1,0 +1,181 @@
+use super::*;
+use crate::event::{Source, State};
+
+fn registration(at: i64, next: i64) -> Registration {
+    Registration {
+        token: Some("t".into()),
+        origin: Origin::Created,
+        registered_at: at,
+        next_poll_at: next,
+        attempts: 0,
+        done: false,
+        last_event: None,
+        last_error: None,
+    }
+}
+
+fn open(dir: &Path) -> Registry {
+    Registry::open(dir, RegistryOptions::default()).unwrap()
+}
+
+fn callback(task_id: &str, state: &str) -> TaskEvent {
+    let body = serde_json::json!({"taskId": task_id, "state": state});
+    crate::event::from_value(body, Source::Webhook, 5).unwrap()
+}
+
+#[test]
+fn due_order_updates_and_pruning() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    assert!(registry.is_empty());
+    assert!(registry.register("b", registration(1, 20)).unwrap().1);
+    assert!(!registry.is_empty());
+    assert!(registry.register("a", registration(2, 10)).unwrap().1);
+    let (kept, new) = registry.register("a", registration(3, 99)).unwrap();
+    assert!(!new, "a second registration keeps the first");
+    assert_eq!(kept.next_poll_at, 10);
+
+    let due: Vec<_> = registry
+        .due(15, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(due, ["a"]);
+    assert_eq!(registry.next_due().unwrap(), Some(10));
+
+    let mut a = registry.get("a").unwrap().unwrap();
+    a.next_poll_at = 30;
+    a.attempts = 1;
+    let mut b = registry.get("b").unwrap().unwrap();
+    b.done = true;
+    registry.save(&[("a".into(), a), ("b".into(), b)]).unwrap();
+    assert_eq!(registry.next_due().unwrap(), Some(30));
+    assert_eq!(registry.counts().unwrap(), (1, 0));
+    assert!(registry.get("b").unwrap().unwrap().done);
+
+    assert_eq!(registry.prune(2, 100).unwrap(), 1, "b registered at 1");
+    assert!(registry.get("b").unwrap().is_none());
+}
+
+/// A registration older than the retention is kept while its task is not
+/// finished (its deadline may lie further out), and pruned once it is.
+#[test]
+fn unfinished_registrations_are_pruned_only_once_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    registry.register("slow", registration(1, 50)).unwrap();
+    assert_eq!(registry.prune(1_000, 100).unwrap(), 0);
+    assert_eq!(
+        registry.prune(1_000, 100).unwrap(),
+        0,
+        "set aside, not rescanned"
+    );
+    assert_eq!(registry.due(60, 10).unwrap().len(), 1, "still polled");
+
+    let mut slow = registry.get("slow").unwrap().unwrap();
+    slow.done = true;
+    registry.save(&[("slow".into(), slow)]).unwrap();
+    assert_eq!(registry.prune(1_000, 100).unwrap(), 1);
+    assert!(registry.get("slow").unwrap().is_none());
+    assert_eq!(registry.counts().unwrap(), (0, 0));
+
+    // Without a reconciler nothing would ever finish them: pruned by age.
+    let dir = tempfile::tempdir().unwrap();
+    let options = RegistryOptions {
+        reconciled: false,
+        ..RegistryOptions::default()
+    };
+    let registry = Registry::open(dir.path(), options).unwrap();
+    registry.register("idle", registration(1, 50)).unwrap();
+    assert_eq!(registry.prune(1_000, 100).unwrap(), 1);
+    assert_eq!(registry.counts().unwrap(), (0, 0));
+    assert_eq!(registry.next_due().unwrap(), None);
+}
+
+#[test]
+fn held_callbacks_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (callback("task_1", "success"), callback("task_2", "success"));
+    {
+        let registry = open(dir.path());
+        assert_eq!(registry.hold(&one, 100, 10).unwrap(), Holding::Held(1));
+        assert_eq!(registry.hold(&two, 200, 10).unwrap(), Holding::Held(2));
+    }
+    let registry = open(dir.path());
+    let due = registry.held_due(150, 10).unwrap();
+    assert_eq!(due.held.len(), 1);
+    assert_eq!((due.held[0].seq, &due.held[0].event), (1, &one));
+    let mut retry = due.held[0].clone();
+    retry.next_at = 500;
+    registry.settle_held(&[2], &[retry]).unwrap();
+    assert_eq!(registry.next_held().unwrap(), Some(500));
+    assert_eq!(registry.counts().unwrap(), (0, 1));
+}
+
+#[test]
+fn held_callbacks_are_deduplicated_ordered_per_task_and_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    let generating = callback("task_1", "generating");
+    assert_eq!(registry.hold(&generating, 1, 3).unwrap(), Holding::Held(1));
+    for _ in 0..100 {
+        assert_eq!(
+            registry.hold(&generating, 1, 3).unwrap(),
+            Holding::Duplicate
+        );
+    }
+    assert_eq!(
+        registry.hold(&callback("task_1", "success"), 1, 3).unwrap(),
+        Holding::Held(2)
+    );
+    assert_eq!(
+        registry.hold(&callback("task_2", "fail"), 1, 3).unwrap(),
+        Holding::Held(3)
+    );
+    assert_eq!(
+        registry.hold(&callback("task_3", "fail"), 1, 3).unwrap(),
+        Holding::Full
+    );
+    assert_eq!(
+        registry.hold(&generating, 1, 3).unwrap(),
+        Holding::Duplicate,
+        "a repeat is not refused when full"
+    );
+    let due = registry.held_due(10, 10).unwrap();
+    let seqs: Vec<u64> = due.held.iter().map(|h| h.seq).collect();
+    assert_eq!(seqs, [1, 3], "task_1's success waits for its generating");
+
+    // Released: the same state may be held again.
+    registry.settle_held(&[1], &[]).unwrap();
+    assert!(matches!(
+        registry.hold(&generating, 1, 3).unwrap(),
+        Holding::Held(_)
+    ));
+    assert_eq!(due.held[0].event.state, State::Generating);
+}
+
+#[test]
+fn unreadable_held_entries_are_reported_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Database::create(dir.path().join("tasks.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut held = txn.open_table(HELD).unwrap();
+            held.insert(7, b"\xffnot json".as_slice()).unwrap();
+            held.insert(8, br#"{"event": 1}"#.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let registry = open(dir.path());
+    assert_eq!(registry.next_held().unwrap(), Some(0), "due at once");
+    let due = registry.held_due(1, 10).unwrap();
+    assert!(due.held.is_empty());
+    let seqs: Vec<u64> = due.unreadable.iter().map(|u| u.seq).collect();
+    assert_eq!(seqs, [7, 8]);
+    assert_eq!(due.unreadable[0].raw, b"\xffnot json");
+    assert!(!due.unreadable[1].error.is_empty());
+    registry.settle_held(&seqs, &[]).unwrap();
+    assert_eq!(registry.counts().unwrap(), (0, 0));
+}
