@@ -487,3 +487,159 @@ async fn tasks_that_never_finish_or_do_not_exist_become_dead_letters() {
     assert!(lines(&out).is_empty(), "nothing published");
     app.stop().await;
 }
+
+/// A task created straight at the simulator, once the provider reports it
+/// finished.
+async fn finished_task(sim: &hookbridge::sim::Simulator) -> String {
+    let task_id = sim_create(sim).await;
+    eventually(WAIT, "the task to finish at the provider", || async {
+        (sim.state(&task_id) == Some("success")).then_some(())
+    })
+    .await;
+    task_id
+}
+
+/// Verify mode: the sender of an unsigned callback is untrusted. Forged
+/// `generating` and `success` callbacks for a real task are published (the
+/// provider confirms those states) with the provider's fields: none of the
+/// sender's output URLs, error, model or orderId reach Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_callbacks_are_published_with_the_providers_fields() {
+    let bootstrap = brokers::kafka().await;
+    let topic = unique("verified");
+    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let sim = start_sim(Faults::default()).await;
+    let dir = temp_dir();
+    let publisher = crate::kafka::kafka_publisher(&bootstrap, &topic);
+    let mut c = poll_config(dir.path(), &sim, publisher);
+    c.provider.verify = true;
+    c.reconcile.enabled = false; // only the verifier may publish here
+    let app = TestApp::start(c).await;
+
+    let task_id = finished_task(&sim).await;
+    let forged = |state: &str| {
+        json!({"code": 200, "msg": "success", "data": {
+            "taskId": task_id, "state": state, "model": "attacker-model",
+            "orderId": "attacker-order", "creditsUsed": 999,
+            "output": [{"url": "https://attacker.example/malware.mp4"}],
+            "error": {"code": "500", "message": "visit https://attacker.example"},
+        }})
+    };
+    for state in ["generating", "success"] {
+        assert_eq!(
+            app.callback(&forged(state)).await,
+            StatusCode::OK,
+            "{state}"
+        );
+    }
+
+    let records = kafka::consume(&bootstrap, &topic, 2, WAIT, Duration::from_secs(2)).await;
+    let states: Vec<&str> = records.iter().map(|r| r.state()).collect();
+    assert_eq!(states, ["generating", "success"], "{records:?}");
+    for r in &records {
+        assert_valid_event(&r.value);
+        let text = r.value.to_string();
+        assert!(
+            !text.contains("attacker"),
+            "a forged field was published: {text}"
+        );
+        assert_eq!(r.key, task_id);
+        assert_eq!(r.value["source"], "webhook");
+        assert_eq!(r.value["model"], "seedance-20", "the provider's model");
+        assert_eq!(r.value["orderId"], format!("order_{task_id}"));
+        assert!(r.value["error"].is_null(), "{text}");
+    }
+    assert_eq!(records[0].value["outputs"], json!([]), "no outputs yet");
+    assert_eq!(
+        records[1].value["outputs"][0]["url"],
+        format!("https://static.kinovi.ai/generated/{task_id}.mp4"),
+        "the provider's output"
+    );
+    assert_eq!(poll_status(&app).await["counters"]["verified"], 2);
+    app.stop().await;
+}
+
+/// Verify mode: the held queue cannot be clogged. 1,000 entries that cannot
+/// be read (left by another version, or damaged) fill it to its cap: each
+/// becomes a dead letter with the reason and the queue empties. 1,000
+/// copies of one forged callback then take one place, and a genuine
+/// callback still reaches JetStream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_held_callbacks_never_fill_the_queue() {
+    const JUNK: u64 = 1_000;
+    let url = brokers::nats().await;
+    let (stream, prefix) = (unique("HELD").to_uppercase(), unique("held"));
+    let subject = nats::create_stream(&url, &stream, &prefix, Duration::from_secs(1)).await;
+    let sim = start_sim(Faults::default()).await;
+    let dir = temp_dir();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        let held: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("held");
+        let db = redb::Database::create(data.join("tasks.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(held).unwrap();
+            for seq in 1..=JUNK {
+                let junk = match seq % 3 {
+                    0 => format!("\u{1}garbage {seq}").into_bytes(),
+                    1 => vec![0xff, 0xfe, seq as u8],
+                    _ => format!(r#"{{"event": {{"taskId": {seq}}}}}"#).into_bytes(),
+                };
+                table.insert(seq, junk.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let publisher = crate::nats::jetstream_publisher(&url, &subject, None);
+    let mut c = poll_config(&data, &sim, publisher);
+    c.provider.verify = true;
+    c.provider.max_held = JUNK;
+    c.reconcile.enabled = false;
+    c.reconcile.unknown_task_grace_secs = 3600; // forged callbacks stay held
+    let app = TestApp::start(c).await;
+
+    let letters = eventually(WAIT, "every unreadable entry buried", || async {
+        let letters = app.outbox.dead_letters(2 * JUNK as usize).unwrap();
+        (letters.len() as u64 == JUNK).then_some(letters)
+    })
+    .await;
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.reason.starts_with("unreadable held callback")),
+        "{:?}",
+        letters.first()
+    );
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.event.to_string().contains("garbage")),
+        "the stored bytes are kept"
+    );
+    let poll = poll_status(&app).await;
+    assert_eq!(poll["awaitingVerification"], 0, "{poll}");
+
+    let ghost = unique("task_forged");
+    let forged = crate::support::callbacks::success(&ghost);
+    for _ in 0..JUNK {
+        assert_eq!(app.callback(&forged).await, StatusCode::OK);
+    }
+    assert_eq!(poll_status(&app).await["awaitingVerification"], 1);
+
+    let task_id = finished_task(&sim).await;
+    let genuine = sim.record(&task_id, "success", Variant::Envelope).unwrap();
+    assert_eq!(app.callback(&genuine).await, StatusCode::OK);
+    let stored = nats::read_stream(&url, &stream, 1, WAIT, Duration::from_secs(2)).await;
+    assert_eq!(stored.len(), 1, "only the genuine callback: {stored:?}");
+    assert_eq!(stored[0].value["taskId"], task_id.as_str());
+    assert_eq!(stored[0].value["state"], "success");
+    let poll = poll_status(&app).await;
+    assert_eq!(poll["counters"]["unconfirmed"], JUNK, "{poll}");
+    assert_eq!(poll["counters"]["verified"], 1, "{poll}");
+    assert_eq!(
+        poll["awaitingVerification"], 1,
+        "the forged one waits: {poll}"
+    );
+    app.stop().await;
+}
