@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::admin::{check_bearer, internal};
+use super::admin::check_bearer;
 use super::{constant_time_eq, ApiError, AppState};
 use crate::event::{task_id_problem, TaskEvent};
 use crate::outbox::now_ms;
@@ -68,7 +68,10 @@ async fn register(
         .registry
         .blocking(move |r| r.register(&id, registration))
         .await
-        .map_err(internal)?;
+        .map_err(|e| {
+            tracing::error!(%task_id, error = %e, "cannot register a task");
+            ApiError::Unavailable
+        })?;
     if new {
         PollStats::add(&state.tasks.stats.registered, 1);
         tracing::info!(%task_id, origin = ?registration.origin, "task registered");

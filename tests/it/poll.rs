@@ -643,3 +643,68 @@ async fn junk_held_callbacks_never_fill_the_queue() {
     );
     app.stop().await;
 }
+
+/// The task registry shares the data dir with the outbox: when the disk
+/// fills up, registering answers 503 (nothing registered), and once there
+/// is space again the registry re-opens by itself, no restart needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_recovers_from_a_full_disk() {
+    use std::io::Write;
+    let bootstrap = brokers::kafka().await;
+    let topic = unique("regdisk");
+    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let sim = start_sim(Faults::default()).await;
+    let dir = temp_dir();
+    let disk = crate::storage::SmallDisk::mount(&dir.path().join("disk"), "4m");
+    let publisher = crate::kafka::kafka_publisher(&bootstrap, &topic);
+    let mut c = poll_config(&disk.path.join("data"), &sim, publisher);
+    c.reconcile.enabled = false;
+    let app = TestApp::start(c).await;
+    let watch = |task: String| {
+        let app = &app;
+        async move {
+            let path = format!("/tasks/{task}/watch");
+            send(app, &path, Some(TASKS_TOKEN), &json!({})).await
+        }
+    };
+
+    // Fill the disk to the last byte.
+    let ballast = disk.path.join("ballast");
+    let mut file = std::fs::File::create(&ballast).unwrap();
+    while file.write_all(&[7u8; 16 * 1024]).is_ok() {}
+    while file.write_all(&[7u8; 512]).is_ok() {}
+    let _ = file.sync_all();
+    drop(file);
+
+    let long = "x".repeat(400);
+    let mut refused = None;
+    for i in 0..5_000 {
+        let (status, answer) = watch(format!("task_{i}_{long}")).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(answer["error"], "storage_unavailable", "{answer}");
+            refused = Some(i);
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    let refused = refused.expect("the disk never filled up");
+    eprintln!("{refused} registrations before the disk was full");
+    app.http.assert_healthy().await;
+
+    std::fs::remove_file(&ballast).unwrap();
+    let task_id = finished_task(&sim).await;
+    eventually(WAIT, "a registration to be accepted again", || async {
+        (watch(task_id.clone()).await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    let poll = poll_status(&app).await;
+    assert_eq!(poll["activeTasks"], refused + 1, "{poll}");
+    // The registry answers the webhook's lookups again: a callback for the
+    // watched task is published.
+    let genuine = sim.record(&task_id, "success", Variant::Envelope).unwrap();
+    assert_eq!(app.callback(&genuine).await, StatusCode::OK);
+    let records = kafka::consume(&bootstrap, &topic, 1, WAIT, Duration::from_secs(1)).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].key, task_id);
+    app.stop().await;
+}

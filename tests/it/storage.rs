@@ -15,12 +15,12 @@ use crate::support::{nats, unique};
 
 /// A small tmpfs, unmounted on drop. Mounting needs root (or
 /// CAP_SYS_ADMIN), which the project's test machines and CI have.
-struct SmallDisk {
-    path: PathBuf,
+pub(crate) struct SmallDisk {
+    pub(crate) path: PathBuf,
 }
 
 impl SmallDisk {
-    fn mount(at: &Path, size: &str) -> Self {
+    pub(crate) fn mount(at: &Path, size: &str) -> Self {
         std::fs::create_dir_all(at).unwrap();
         let status = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
