@@ -179,3 +179,37 @@ fn unreadable_held_entries_are_reported_not_skipped() {
     registry.settle_held(&seqs, &[]).unwrap();
     assert_eq!(registry.counts().unwrap(), (0, 0));
 }
+
+/// The page cache is the configured size, not redb's 1 GiB default: with a
+/// 1 MiB cache, ~8 MiB of registrations evict pages and the cache stays
+/// within its size; with 64 MiB nothing is evicted. (The counters need
+/// redb's `cache_metrics` feature, enabled for tests only.)
+#[test]
+fn the_page_cache_has_the_configured_size() {
+    let stats_with = |cache_bytes: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RegistryOptions {
+            cache_bytes,
+            reconciled: true,
+        };
+        let registry = Registry::open(dir.path(), options).unwrap();
+        let updates: Vec<_> = (0..32)
+            .map(|i| {
+                let mut r = registration(i, i);
+                r.last_error = Some(format!("{i}{}", "e".repeat(256 * 1024)));
+                (format!("task_{i}"), r)
+            })
+            .collect();
+        for (task_id, r) in &updates {
+            registry.register(task_id, r.clone()).unwrap();
+        }
+        registry.save(&updates).unwrap();
+        assert_eq!(registry.due(i64::MAX, 1_000).unwrap().len(), 32);
+        registry.db.with(|db| Ok(db.cache_stats())).unwrap()
+    };
+    let small = stats_with(1024 * 1024);
+    assert!(small.evictions() > 0, "{small:?}");
+    assert!(small.used_bytes() <= 2 * 1024 * 1024, "{small:?}");
+    let large = stats_with(64 * 1024 * 1024);
+    assert_eq!(large.evictions(), 0, "{large:?}");
+}
