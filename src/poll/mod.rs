@@ -20,9 +20,10 @@
 //!   stores a callback durably as "to verify" and answers 200 at once (the
 //!   provider's advice: answer fast). The verifier then fetches the task with
 //!   our own key; a confirmed callback is appended (the provider's record,
-//!   `source = "webhook"`), an unconfirmed one (unknown task, other state) is
-//!   buried as a dead letter with the reason. A forged callback therefore
-//!   never reaches the broker.
+//!   `source = "webhook"`: none of the sender's fields), an unconfirmed one
+//!   (unknown task, other state) is buried as a dead letter with the reason.
+//!   A forged callback therefore never reaches the broker. The held queue
+//!   keeps one callback per (taskId, state) and at most `provider.max_held`.
 //!
 //! Per-task callback tokens: a task created through `POST /tasks` gets a
 //! `callBackUrl` carrying 32 random bytes; a callback for that task without

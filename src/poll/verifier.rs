@@ -2,15 +2,19 @@
 //! provider's status endpoint before anything is published.
 //!
 //! A terminal callback is confirmed when the provider reports the same
-//! state; what is appended is the provider's record (our own key fetched it,
-//! so outputs and errors are the provider's, not the caller's), marked
-//! `source = "webhook"` with the callback's receive time. A non-terminal
-//! callback is confirmed when the provider is at that state or later. A
+//! state, a non-terminal one when the provider is at that state or later.
+//! What is appended is always the provider's record (our own key fetched
+//! it), taken back to the callback's state if the provider is further
+//! along, marked `source = "webhook"` with the callback's receive time:
+//! nothing else the sender wrote reaches the broker. A
 //! different terminal state, a 403 or a 400 refute the callback at once; a
 //! 404 or a state that lags behind only after
 //! `reconcile.unknown_task_grace_secs` (the status endpoint may trail the
 //! callback). Refuted callbacks become dead letters with the reason.
-//! Provider outages leave callbacks held, retried without a deadline.
+//! Provider outages leave callbacks held, retried without a deadline. A
+//! held entry that cannot be read is buried whole with the reason, so junk
+//! never sits in the capped queue. One callback per task is checked per
+//! step, oldest first, so a task's callbacks are appended in arrival order.
 
 use std::future::Future;
 
