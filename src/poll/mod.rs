@@ -61,7 +61,7 @@ use serde_json::{json, Value};
 
 use crate::config::{Config, ReconcileConfig, Secret};
 use crate::event::{self, Source, State, TaskEvent};
-use crate::outbox::now_ms;
+use crate::outbox::{now_ms, Outbox};
 
 pub mod client;
 mod reconciler;
@@ -246,6 +246,33 @@ const IDLE: Duration = Duration::from_secs(5);
 /// saved does not spin the loop.
 const MIN_PAUSE: Duration = Duration::from_millis(10);
 
+/// What both workers (the reconciler, the verifier) are made of.
+struct WorkerParts {
+    tasks: Tasks,
+    client: Arc<ProviderClient>,
+    outbox: Outbox,
+    config: ReconcileConfig,
+    max_in_flight: usize,
+}
+
+impl WorkerParts {
+    /// `None` when there is no provider client (no API key).
+    fn new(
+        tasks: Tasks,
+        outbox: Outbox,
+        config: ReconcileConfig,
+        max_in_flight: usize,
+    ) -> Option<Self> {
+        Some(Self {
+            client: tasks.client.clone()?,
+            tasks,
+            outbox,
+            config,
+            max_in_flight: max_in_flight.max(1),
+        })
+    }
+}
+
 /// A background worker of this module (the reconciler, the verifier), as
 /// [`run_worker`] drives it.
 trait Worker {
@@ -264,7 +291,13 @@ trait Worker {
 /// until the next due time (between [`MIN_PAUSE`] and [`IDLE`]) or a
 /// wake-up. A halted worker only waits for shutdown. A step cut short by
 /// shutdown loses nothing: the registry still says what is due.
-async fn run_worker<W: Worker>(worker: &mut W, shutdown: impl Future<Output = ()>) {
+async fn run_worker<W: Worker>(mut worker: W, shutdown: impl Future<Output = ()>) {
+    tracing::info!("{} started", W::NAME);
+    run_steps(&mut worker, shutdown).await;
+    tracing::info!("{} stopped", W::NAME);
+}
+
+async fn run_steps<W: Worker>(worker: &mut W, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         let step = tokio::select! {

@@ -8,7 +8,7 @@ use futures::StreamExt;
 
 use super::{
     retry_pause, run_worker, synthetic_pending, PollStats, ProviderError, Registration,
-    RegistryError, Tasks, Worker,
+    RegistryError, Tasks, Worker, WorkerParts,
 };
 use crate::config::ReconcileConfig;
 use crate::event::TaskEvent;
@@ -41,10 +41,7 @@ enum Visit {
 }
 
 pub struct Reconciler {
-    tasks: Tasks,
-    outbox: Outbox,
-    config: ReconcileConfig,
-    max_in_flight: usize,
+    p: WorkerParts,
 }
 
 impl Reconciler {
@@ -55,17 +52,11 @@ impl Reconciler {
         config: ReconcileConfig,
         max_in_flight: usize,
     ) -> Option<Self> {
-        tasks.client.as_ref()?;
-        Some(Self {
-            tasks,
-            outbox,
-            config,
-            max_in_flight: max_in_flight.max(1),
-        })
+        WorkerParts::new(tasks, outbox, config, max_in_flight).map(|p| Self { p })
     }
 
     fn stats(&self) -> &PollStats {
-        &self.tasks.stats
+        &self.p.tasks.stats
     }
 
     /// Polls every task that is due now. Tests drive the reconciler with this.
@@ -77,6 +68,7 @@ impl Reconciler {
         }
         let now = now_ms();
         let due = self
+            .p
             .tasks
             .registry
             .blocking(move |r| r.due(now, BATCH))
@@ -87,7 +79,7 @@ impl Reconciler {
                 let (registration, visit) = this.visit(&task_id, registration).await;
                 (task_id, registration, visit)
             })
-            .buffer_unordered(self.max_in_flight)
+            .buffer_unordered(self.p.max_in_flight)
             .collect()
             .await;
         let mut updates = Vec::with_capacity(visits.len());
@@ -110,7 +102,8 @@ impl Reconciler {
             }
             updates.push((task_id, registration));
         }
-        self.tasks
+        self.p
+            .tasks
             .registry
             .blocking(move |r| r.save(&updates))
             .await?;
@@ -122,13 +115,13 @@ impl Reconciler {
             r.done = true;
             return (r, Visit::AlreadyDone);
         }
-        let client = self.tasks.client.as_ref().expect("checked in new");
+        let client = &self.p.client;
         let polled = client.record_info(task_id).await;
         let now = now_ms();
-        let grace_ms = self.config.unknown_task_grace_secs as i64 * 1000;
+        let grace_ms = self.p.config.unknown_task_grace_secs as i64 * 1000;
         let outcome = match polled {
             Ok(event) if event.state.is_terminal() => {
-                return match self.outbox.append(event).await {
+                return match self.p.outbox.append(event).await {
                     Ok(appended) => {
                         tracing::info!(%task_id, ?appended, "terminal state found by polling");
                         r.done = true;
@@ -143,16 +136,16 @@ impl Reconciler {
                     // The task did finish: try again soon, whatever the deadline.
                     Err(e) => {
                         tracing::warn!(%task_id, error = %e, "cannot store the polled event; will retry");
-                        r.next_poll_at = now + self.config.poll_initial_ms as i64;
+                        r.next_poll_at = now + self.p.config.poll_initial_ms as i64;
                         (r, Visit::Again { published: false })
                     }
                 };
             }
             Ok(event) => {
                 let mut published = false;
-                if self.config.publish_progress {
+                if self.p.config.publish_progress {
                     published =
-                        matches!(self.outbox.append(event.clone()).await, Ok(a) if a.is_stored());
+                        matches!(self.p.outbox.append(event.clone()).await, Ok(a) if a.is_stored());
                 }
                 r.last_event = Some(Box::new(event));
                 r.last_error = None;
@@ -185,11 +178,11 @@ impl Reconciler {
                 false
             }
         };
-        let deadline_at = r.registered_at + self.config.deadline_secs as i64 * 1000;
+        let deadline_at = r.registered_at + self.p.config.deadline_secs as i64 * 1000;
         if now >= deadline_at {
             let mut reason = format!(
                 "stuck: no terminal state after {} s",
-                self.config.deadline_secs
+                self.p.config.deadline_secs
             );
             if let Some(error) = &r.last_error {
                 reason.push_str(&format!(" (last poll: {error})"));
@@ -205,7 +198,7 @@ impl Reconciler {
                 },
             );
         }
-        let pause = retry_pause(&self.config, r.attempts);
+        let pause = retry_pause(&self.p.config, r.attempts);
         r.attempts = r.attempts.saturating_add(1);
         // One last look exactly at the deadline.
         r.next_poll_at = (now + pause.as_millis() as i64).min(deadline_at);
@@ -213,7 +206,7 @@ impl Reconciler {
     }
 
     async fn finished_in_outbox(&self, task_id: &str) -> bool {
-        let (outbox, id) = (self.outbox.clone(), task_id.to_string());
+        let (outbox, id) = (self.p.outbox.clone(), task_id.to_string());
         matches!(
             tokio::task::spawn_blocking(move || outbox.task(&id)).await,
             Ok(Ok(Some(record))) if record.furthest.is_some_and(|s| s.is_terminal())
@@ -228,7 +221,7 @@ impl Reconciler {
             None => synthetic_pending(task_id, now),
         };
         tracing::warn!(%task_id, %reason, "registered task given up; kept as a dead letter");
-        match self.outbox.bury(event, reason).await {
+        match self.p.outbox.bury(event, reason).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(%task_id, error = %e, "cannot store the dead letter; will retry");
@@ -239,14 +232,13 @@ impl Reconciler {
 
     /// Runs until `shutdown` resolves. A step cut short by shutdown loses
     /// nothing: the registry still says what is due.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tracing::info!(
-            first_poll_after_secs = self.config.first_poll_after_secs,
-            deadline_secs = self.config.deadline_secs,
-            "reconciler started"
+            first_poll_after_secs = self.p.config.first_poll_after_secs,
+            deadline_secs = self.p.config.deadline_secs,
+            "polling registered tasks"
         );
-        run_worker(&mut self, shutdown).await;
-        tracing::info!("reconciler stopped");
+        run_worker(self, shutdown).await
     }
 }
 
@@ -258,11 +250,11 @@ impl Worker for Reconciler {
     }
 
     async fn next_due(&self) -> Option<i64> {
-        let next = self.tasks.registry.blocking(|r| r.next_due()).await;
+        let next = self.p.tasks.registry.blocking(|r| r.next_due()).await;
         next.ok().flatten()
     }
 
     async fn wake(&self) {
-        self.tasks.registry.task_added().await
+        self.p.tasks.registry.task_added().await
     }
 }

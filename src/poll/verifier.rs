@@ -21,7 +21,9 @@ use std::future::Future;
 use futures::StreamExt;
 
 use super::registry::{Held, Unreadable};
-use super::{retry_pause, run_worker, PollStats, ProviderError, RegistryError, Tasks, Worker};
+use super::{
+    retry_pause, run_worker, PollStats, ProviderError, RegistryError, Tasks, Worker, WorkerParts,
+};
 use crate::config::ReconcileConfig;
 use crate::event::{self, Source, TaskEvent};
 use crate::outbox::{now_ms, Outbox};
@@ -99,10 +101,7 @@ enum Outcome {
 }
 
 pub struct Verifier {
-    tasks: Tasks,
-    outbox: Outbox,
-    config: ReconcileConfig,
-    max_in_flight: usize,
+    p: WorkerParts,
 }
 
 impl Verifier {
@@ -113,24 +112,19 @@ impl Verifier {
         config: ReconcileConfig,
         max_in_flight: usize,
     ) -> Option<Self> {
-        tasks.client.as_ref()?;
-        Some(Self {
-            tasks,
-            outbox,
-            config,
-            max_in_flight: max_in_flight.max(1),
-        })
+        WorkerParts::new(tasks, outbox, config, max_in_flight).map(|p| Self { p })
     }
 
     /// Verifies every held callback that is due. Tests drive it with this.
     pub async fn run_once(&mut self) -> Result<VerifyStep, RegistryError> {
         let mut step = VerifyStep::default();
-        if self.tasks.stats.halted().is_some() {
+        if self.p.tasks.stats.halted().is_some() {
             step.halted = true;
             return Ok(step);
         }
         let now = now_ms();
         let due = self
+            .p
             .tasks
             .registry
             .blocking(move |r| r.held_due(now, BATCH))
@@ -149,7 +143,7 @@ impl Verifier {
                 let outcome = this.check(&h).await;
                 (h, outcome)
             })
-            .buffer_unordered(self.max_in_flight)
+            .buffer_unordered(self.p.max_in_flight)
             .collect()
             .await;
         let mut retry = Vec::new();
@@ -163,7 +157,7 @@ impl Verifier {
                 }
                 Outcome::Retry => {
                     step.retrying += 1;
-                    let pause = retry_pause(&self.config, h.attempts);
+                    let pause = retry_pause(&self.p.config, h.attempts);
                     h.attempts = h.attempts.saturating_add(1);
                     h.next_at = now_ms() + pause.as_millis() as i64;
                     retry.push(h);
@@ -172,7 +166,8 @@ impl Verifier {
             }
             released.push(h.seq);
         }
-        self.tasks
+        self.p
+            .tasks
             .registry
             .blocking(move |r| r.settle_held(&released, &retry))
             .await?;
@@ -182,16 +177,16 @@ impl Verifier {
     async fn check(&self, held: &Held) -> Outcome {
         let callback = &held.event;
         let task_id = callback.task_id.as_str();
-        let client = self.tasks.client.as_ref().expect("checked in new");
+        let client = &self.p.client;
         let in_grace =
-            now_ms() - callback.received_at < self.config.unknown_task_grace_secs as i64 * 1000;
+            now_ms() - callback.received_at < self.p.config.unknown_task_grace_secs as i64 * 1000;
         let verdict = match client.record_info(task_id).await {
             Ok(record) => judge(callback, &record),
             Err(ProviderError::UnknownTask) => {
                 Verdict::Unsure(ProviderError::UnknownTask.to_string())
             }
             Err(ProviderError::Unauthorized) => {
-                self.tasks.stats.halt(format!(
+                self.p.tasks.stats.halt(format!(
                     "{} while verifying a callback for task {task_id}",
                     ProviderError::Unauthorized
                 ));
@@ -208,9 +203,9 @@ impl Verifier {
         };
         let reason = match verdict {
             Verdict::Confirmed(event) => {
-                return match self.outbox.append(*event).await {
+                return match self.p.outbox.append(*event).await {
                     Ok(appended) => {
-                        PollStats::add(&self.tasks.stats.verified, 1);
+                        PollStats::add(&self.p.tasks.stats.verified, 1);
                         tracing::debug!(%task_id, ?appended, "callback confirmed");
                         Outcome::Verified
                     }
@@ -225,9 +220,9 @@ impl Verifier {
             Verdict::Refuted(reason) => reason,
         };
         tracing::warn!(%task_id, %reason, "callback not confirmed by the provider; kept as a dead letter");
-        match self.outbox.bury(callback.clone(), reason).await {
+        match self.p.outbox.bury(callback.clone(), reason).await {
             Ok(_) => {
-                PollStats::add(&self.tasks.stats.unconfirmed, 1);
+                PollStats::add(&self.p.tasks.stats.unconfirmed, 1);
                 Outcome::Unconfirmed
             }
             Err(e) => {
@@ -246,9 +241,9 @@ impl Verifier {
             entry.error
         );
         tracing::warn!(seq = entry.seq, %reason, "held callback buried as a dead letter");
-        match self.outbox.bury_raw(&entry.raw, reason).await {
+        match self.p.outbox.bury_raw(&entry.raw, reason).await {
             Ok(_) => {
-                PollStats::add(&self.tasks.stats.unconfirmed, 1);
+                PollStats::add(&self.p.tasks.stats.unconfirmed, 1);
                 true
             }
             Err(e) => {
@@ -259,27 +254,25 @@ impl Verifier {
     }
 
     /// Runs until `shutdown` resolves; held callbacks survive a restart.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
-        tracing::info!("callback verifier started");
-        run_worker(&mut self, shutdown).await;
-        tracing::info!("callback verifier stopped");
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        run_worker(self, shutdown).await
     }
 }
 
 impl Worker for Verifier {
-    const NAME: &'static str = "verifier";
+    const NAME: &'static str = "callback verifier";
 
     async fn step(&mut self) -> Result<bool, RegistryError> {
         Ok(self.run_once().await?.halted)
     }
 
     async fn next_due(&self) -> Option<i64> {
-        let next = self.tasks.registry.blocking(|r| r.next_held()).await;
+        let next = self.p.tasks.registry.blocking(|r| r.next_held()).await;
         next.ok().flatten()
     }
 
     async fn wake(&self) {
-        self.tasks.registry.callback_held().await
+        self.p.tasks.registry.callback_held().await
     }
 }
 
