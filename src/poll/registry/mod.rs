@@ -74,7 +74,13 @@ pub struct Registration {
     /// Terminal event seen, or given up (dead letter): never polled again.
     pub done: bool,
     /// The last record polled, kept for the dead letter of a stuck task.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// One this version cannot read (stored by another) reads as none: the
+    /// registration itself must stay readable.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_event"
+    )]
     pub last_event: Option<Box<TaskEvent>>,
     /// The last polling error, for the same dead letter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -175,6 +181,13 @@ pub struct Registry {
     /// Registrations on disk (approximate after pruning): lets the webhook
     /// skip the lookup entirely where no task was ever registered.
     known: Arc<AtomicU64>,
+}
+
+fn lenient_event<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Box<TaskEvent>>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(value).ok())
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {

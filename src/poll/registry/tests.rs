@@ -213,3 +213,18 @@ fn the_page_cache_has_the_configured_size() {
     let large = stats_with(64 * 1024 * 1024);
     assert_eq!(large.evictions(), 0, "{large:?}");
 }
+
+/// A registration stays readable when its last polled record is not (a
+/// record stored by a version whose event shape differed): the task keeps
+/// its token and its place in the schedule.
+#[test]
+fn a_registration_with_an_unreadable_last_event_stays_readable() {
+    let mut stored = serde_json::to_value(registration(1, 2)).unwrap();
+    stored["lastEvent"] = serde_json::json!({"taskId": 5, "outputs": "not a list"});
+    let r: Registration = serde_json::from_value(stored).unwrap();
+    assert_eq!((r.token.as_deref(), r.last_event), (Some("t"), None));
+    let mut with_event = registration(1, 2);
+    with_event.last_event = Some(Box::new(callback("task_1", "generating")));
+    let back: Registration = serde_json::from_slice(&encode(&with_event)).unwrap();
+    assert_eq!(back, with_event);
+}
