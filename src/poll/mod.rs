@@ -71,8 +71,8 @@ mod verifier;
 pub use client::{ProviderClient, ProviderError};
 pub use reconciler::{ReconcileStep, Reconciler};
 pub use registry::{
-    Held, HeldDue, Holding, Origin, Registration, Registry, RegistryError, RegistryOptions,
-    Unreadable,
+    Due, Held, HeldDue, Holding, Origin, Registration, Registry, RegistryError, RegistryOptions,
+    Unreadable, UnreadableTask,
 };
 pub use verifier::{Verifier, VerifyStep};
 

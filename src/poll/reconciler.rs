@@ -8,7 +8,7 @@ use futures::StreamExt;
 
 use super::{
     retry_pause, run_worker, synthetic_pending, PollStats, ProviderError, Registration,
-    RegistryError, Tasks, Worker, WorkerParts,
+    RegistryError, Tasks, UnreadableTask, Worker, WorkerParts,
 };
 use crate::config::ReconcileConfig;
 use crate::event::TaskEvent;
@@ -73,8 +73,20 @@ impl Reconciler {
             .registry
             .blocking(move |r| r.due(now, BATCH))
             .await?;
+        let mut unreadable = Vec::new();
+        for entry in due.unreadable {
+            if self.bury_unreadable(&entry).await {
+                step.buried += 1;
+                unreadable.push(entry);
+            }
+        }
+        self.p
+            .tasks
+            .registry
+            .blocking(move |r| r.forget_unreadable(&unreadable))
+            .await?;
         let this = &*self;
-        let visits: Vec<_> = futures::stream::iter(due)
+        let visits: Vec<_> = futures::stream::iter(due.tasks)
             .map(|(task_id, registration)| async move {
                 let (registration, visit) = this.visit(&task_id, registration).await;
                 (task_id, registration, visit)
@@ -211,6 +223,26 @@ impl Reconciler {
             tokio::task::spawn_blocking(move || outbox.task(&id)).await,
             Ok(Ok(Some(record))) if record.furthest.is_some_and(|s| s.is_terminal())
         )
+    }
+
+    /// A scheduled task whose registration cannot be read, as a dead letter
+    /// holding the stored registration exactly; `false` if the outbox could
+    /// not store it (tried again next step).
+    async fn bury_unreadable(&self, entry: &UnreadableTask) -> bool {
+        let task_id = entry.task_id.as_str();
+        let reason = format!(
+            "unreadable registration of task {task_id}, no longer polled: {}",
+            entry.error
+        );
+        tracing::warn!(%task_id, %reason, "registered task given up; kept as a dead letter");
+        let stored = entry.raw.as_deref().unwrap_or_default();
+        match self.p.outbox.bury_raw(stored, reason).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(%task_id, error = %e, "cannot store the dead letter; will retry");
+                false
+            }
+        }
     }
 
     /// The last polled record (or a synthetic `pending` one) as a dead

@@ -718,3 +718,59 @@ async fn registry_recovers_from_a_full_disk() {
     assert_eq!(records[0].key, task_id);
     app.stop().await;
 }
+
+/// A registration that cannot be read (damaged on disk) becomes a dead
+/// letter holding what was stored, and polling goes on for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_registration_becomes_a_dead_letter() {
+    let bootstrap = brokers::kafka().await;
+    let topic = unique("unreadable");
+    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let sim = start_sim(drop_all()).await;
+    let dir = temp_dir();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        let tasks: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("tasks");
+        let due: redb::TableDefinition<(u64, &str), ()> = redb::TableDefinition::new("due");
+        let db = redb::Database::create(data.join("tasks.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(tasks)
+            .unwrap()
+            .insert("task_damaged", br#"{"origin": 7}"#.as_slice())
+            .unwrap();
+        txn.open_table(due)
+            .unwrap()
+            .insert((1, "task_damaged"), ())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let publisher = crate::kafka::kafka_publisher(&bootstrap, &topic);
+    let app = TestApp::start(poll_config(&data, &sim, publisher)).await;
+    let task_id = create_task(&app, "after the damaged one").await;
+
+    let records = kafka::consume(&bootstrap, &topic, 1, WAIT, Duration::from_secs(1)).await;
+    assert_eq!(
+        records[0].key, task_id,
+        "the good task is polled and published"
+    );
+    let letters = app.outbox.dead_letters(10).unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0]
+            .reason
+            .starts_with("unreadable registration of task task_damaged"),
+        "{}",
+        letters[0].reason
+    );
+    assert_eq!(letters[0].event["origin"], 7, "what was stored");
+    let hex: String = br#"{"origin": 7}"#.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(letters[0].raw_hex.as_deref(), Some(hex.as_str()), "exactly");
+    let poll = eventually(WAIT, "no active task left", || async {
+        let poll = poll_status(&app).await;
+        (poll["activeTasks"] == 0).then_some(poll)
+    })
+    .await;
+    assert_eq!(poll["halted"], Value::Null);
+    app.stop().await;
+}

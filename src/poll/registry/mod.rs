@@ -116,6 +116,26 @@ pub struct HeldDue {
     pub unreadable: Vec<Unreadable>,
 }
 
+/// What [`Registry::due`] found.
+#[derive(Debug, Default)]
+pub struct Due {
+    /// Tasks due for a poll, earliest first.
+    pub tasks: Vec<(String, Registration)>,
+    pub unreadable: Vec<UnreadableTask>,
+}
+
+/// A scheduled task whose registration cannot be read (damaged, or
+/// missing): the reconciler buries it with `error` as the reason instead of
+/// meeting it at the head of the schedule forever.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnreadableTask {
+    pub task_id: String,
+    due_at: u64,
+    /// The stored registration, whole, if there is one.
+    pub raw: Option<Vec<u8>>,
+    pub error: String,
+}
+
 /// What became of a callback offered to [`Registry::hold`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holding {
@@ -292,29 +312,65 @@ impl Registry {
         })
     }
 
-    /// Tasks not done whose next poll is at or before `now`, earliest first.
-    pub fn due(
-        &self,
-        now: i64,
-        limit: usize,
-    ) -> Result<Vec<(String, Registration)>, RegistryError> {
+    /// Tasks not done whose next poll is at or before `now`, earliest
+    /// first, and every registration met on the way that cannot be read.
+    pub fn due(&self, now: i64, limit: usize) -> Result<Due, RegistryError> {
         self.db.with(|db| {
             let txn = db.begin_read()?;
             let (due, tasks) = (txn.open_table(DUE)?, txn.open_table(TASKS)?);
-            let mut out = Vec::new();
+            let mut out = Due::default();
             for entry in due.range::<(u64, &str)>(..=(now.max(0) as u64, "\u{10ffff}"))? {
-                let (key, _) = entry?;
-                let (_, task_id) = key.value();
-                if let Some(r) = tasks.get(task_id)? {
-                    if let Ok(registration) = serde_json::from_slice(r.value()) {
-                        out.push((task_id.to_string(), registration));
-                    }
-                }
-                if out.len() >= limit {
+                if out.tasks.len() + out.unreadable.len() >= limit {
                     break;
+                }
+                let (key, _) = entry?;
+                let (at, task_id) = key.value();
+                let raw = tasks.get(task_id)?.map(|v| v.value().to_vec());
+                let decoded = raw.as_deref().map(serde_json::from_slice::<Registration>);
+                match decoded {
+                    Some(Ok(registration)) => out.tasks.push((task_id.to_string(), registration)),
+                    Some(Err(e)) => out.unreadable.push(UnreadableTask {
+                        task_id: task_id.to_string(),
+                        due_at: at,
+                        raw,
+                        error: e.to_string(),
+                    }),
+                    None => out.unreadable.push(UnreadableTask {
+                        task_id: task_id.to_string(),
+                        due_at: at,
+                        raw: None,
+                        error: "scheduled, but its registration is missing".into(),
+                    }),
                 }
             }
             Ok(out)
+        })
+    }
+
+    /// Deletes registrations [`Registry::due`] could not read (once their
+    /// dead letter is stored): they are never polled again. Durable.
+    pub fn forget_unreadable(&self, entries: &[UnreadableTask]) -> Result<(), RegistryError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.db.with(|db| {
+            let txn = write(db, true)?;
+            {
+                let mut tasks = txn.open_table(TASKS)?;
+                let mut due = txn.open_table(DUE)?;
+                for entry in entries {
+                    let id = entry.task_id.as_str();
+                    due.remove((entry.due_at, id))?;
+                    let readable = tasks
+                        .get(id)?
+                        .is_some_and(|v| serde_json::from_slice::<Registration>(v.value()).is_ok());
+                    if !readable {
+                        tasks.remove(id)?;
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
         })
     }
 

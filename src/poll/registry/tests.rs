@@ -38,6 +38,7 @@ fn due_order_updates_and_pruning() {
     let due: Vec<_> = registry
         .due(15, 10)
         .unwrap()
+        .tasks
         .into_iter()
         .map(|(id, _)| id)
         .collect();
@@ -71,7 +72,7 @@ fn unfinished_registrations_are_pruned_only_once_finished() {
         0,
         "set aside, not rescanned"
     );
-    assert_eq!(registry.due(60, 10).unwrap().len(), 1, "still polled");
+    assert_eq!(registry.due(60, 10).unwrap().tasks.len(), 1, "still polled");
 
     let mut slow = registry.get("slow").unwrap().unwrap();
     slow.done = true;
@@ -204,7 +205,7 @@ fn the_page_cache_has_the_configured_size() {
             registry.register(task_id, r.clone()).unwrap();
         }
         registry.save(&updates).unwrap();
-        assert_eq!(registry.due(i64::MAX, 1_000).unwrap().len(), 32);
+        assert_eq!(registry.due(i64::MAX, 1_000).unwrap().tasks.len(), 32);
         registry.db.with(|db| Ok(db.cache_stats())).unwrap()
     };
     let small = stats_with(1024 * 1024);
@@ -227,4 +228,38 @@ fn a_registration_with_an_unreadable_last_event_stays_readable() {
     with_event.last_event = Some(Box::new(callback("task_1", "generating")));
     let back: Registration = serde_json::from_slice(&encode(&with_event)).unwrap();
     assert_eq!(back, with_event);
+}
+
+/// A scheduled task whose registration cannot be read is reported (not met
+/// at the head of the schedule forever) and can be forgotten.
+#[test]
+fn unreadable_registrations_are_reported_then_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let registry = open(dir.path());
+        registry.register("good", registration(1, 20)).unwrap();
+        registry.register("bad", registration(1, 10)).unwrap();
+    }
+    {
+        let db = Database::create(dir.path().join("tasks.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(TASKS)
+            .unwrap()
+            .insert("bad", b"\x00damaged".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let registry = open(dir.path());
+    let due = registry.due(100, 10).unwrap();
+    assert_eq!(due.tasks.len(), 1);
+    assert_eq!(due.unreadable.len(), 1);
+    assert_eq!(due.unreadable[0].task_id, "bad");
+    assert_eq!(
+        due.unreadable[0].raw.as_deref(),
+        Some(b"\x00damaged".as_slice())
+    );
+    registry.forget_unreadable(&due.unreadable).unwrap();
+    assert_eq!(registry.next_due().unwrap(), Some(20));
+    assert!(registry.get("bad").unwrap().is_none());
+    assert_eq!(registry.counts().unwrap(), (1, 0));
 }
