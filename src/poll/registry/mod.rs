@@ -22,6 +22,8 @@
 //! - The held queue is bounded and cannot be clogged: a repeated (taskId,
 //!   state) is not held twice, and an entry that cannot be read is handed
 //!   to the verifier as [`Unreadable`] to be buried, never skipped.
+//! - A registration that cannot be read is handed to the reconciler as
+//!   [`UnreadableTask`] to be buried, and the webhook fails closed on it.
 //! - After an I/O error the database is re-opened (`cell.rs`).
 //!
 //! Every method blocks on disk I/O: async callers go through
@@ -160,6 +162,8 @@ pub enum RegistryError {
     Closed,
     #[error("the task registry database is being re-opened after a storage error")]
     Reopening,
+    #[error("unreadable {0}")]
+    Unreadable(String),
 }
 
 crate::redb_errors!(
@@ -302,13 +306,19 @@ impl Registry {
         Ok(outcome)
     }
 
+    /// The task's registration. One that cannot be read is an error, not
+    /// "not registered": the webhook fails closed on it rather than skip the
+    /// token check (the reconciler buries it).
     pub fn get(&self, task_id: &str) -> Result<Option<Registration>, RegistryError> {
         self.db.with(|db| {
             let txn = db.begin_read()?;
             let tasks = txn.open_table(TASKS)?;
-            Ok(tasks
-                .get(task_id)?
-                .and_then(|v| serde_json::from_slice(v.value()).ok()))
+            let Some(v) = tasks.get(task_id)? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| RegistryError::Unreadable(format!("registration of {task_id}: {e}")))
         })
     }
 

@@ -250,6 +250,10 @@ fn unreadable_registrations_are_reported_then_forgotten() {
         txn.commit().unwrap();
     }
     let registry = open(dir.path());
+    assert!(
+        matches!(registry.get("bad"), Err(RegistryError::Unreadable(_))),
+        "not taken for unregistered"
+    );
     let due = registry.due(100, 10).unwrap();
     assert_eq!(due.tasks.len(), 1);
     assert_eq!(due.unreadable.len(), 1);
