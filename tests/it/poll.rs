@@ -618,11 +618,14 @@ async fn junk_held_callbacks_never_fill_the_queue() {
         "{:?}",
         letters.first()
     );
+    let garbage: String = b"garbage".iter().map(|b| format!("{b:02x}")).collect();
     assert!(
-        letters
-            .iter()
-            .any(|l| l.event.to_string().contains("garbage")),
-        "the stored bytes are kept"
+        letters.iter().all(|l| l.raw_hex.is_some())
+            && letters
+                .iter()
+                .any(|l| l.raw_hex.as_deref().unwrap_or_default().contains(&garbage)),
+        "the stored bytes are kept exactly: {:?}",
+        letters.first()
     );
     eventually(WAIT, "the held queue to empty", || async {
         (poll_status(&app).await["awaitingVerification"] == 0).then_some(())
