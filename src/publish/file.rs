@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::{Outgoing, PublishError, Publisher};
+use super::{EncodeError, Outgoing, PublishError, Publisher};
 use crate::config::FileConfig;
 
 enum Sink {
@@ -45,19 +45,30 @@ impl FilePublisher {
     }
 }
 
-fn write_batch(sink: &mut Sink, batch: &[Outgoing]) -> std::io::Result<()> {
-    fn lines(out: impl Write, batch: &[Outgoing]) -> std::io::Result<()> {
+/// One event as one line of the file: its JSON and a newline. Total: a payload holding a
+/// line break of its own (which would make two lines of one event) is an [`EncodeError`].
+pub fn encode(o: &Outgoing) -> Result<Vec<u8>, EncodeError> {
+    if o.payload.contains(&b'\n') {
+        return Err(EncodeError::NotOneLine);
+    }
+    let mut line = Vec::with_capacity(o.payload.len() + 1);
+    line.extend_from_slice(&o.payload);
+    line.push(b'\n');
+    Ok(line)
+}
+
+fn write_batch(sink: &mut Sink, lines: &[Vec<u8>]) -> std::io::Result<()> {
+    fn write_lines(out: impl Write, lines: &[Vec<u8>]) -> std::io::Result<()> {
         let mut out = BufWriter::with_capacity(64 * 1024, out);
-        for m in batch {
-            out.write_all(&m.payload)?;
-            out.write_all(b"\n")?;
+        for line in lines {
+            out.write_all(line)?;
         }
         out.flush()
     }
     match sink {
-        Sink::Stdout => lines(std::io::stdout().lock(), batch),
+        Sink::Stdout => write_lines(std::io::stdout().lock(), lines),
         Sink::File { file, fsync } => {
-            lines(&*file, batch)?;
+            write_lines(&*file, lines)?;
             if *fsync {
                 file.sync_data()?;
             }
@@ -76,12 +87,15 @@ impl Publisher for FilePublisher {
         batch: &'a [Outgoing],
     ) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
         let sink = self.sink.clone();
-        let owned = batch.to_vec();
+        let mut lines = Vec::with_capacity(batch.len());
+        let encoded: Vec<Result<(), EncodeError>> = batch
+            .iter()
+            .map(|o| encode(o).map(|line| lines.push(line)))
+            .collect();
         async move {
-            let n = owned.len();
             let result = tokio::task::spawn_blocking(move || {
                 let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
-                write_batch(&mut sink, &owned)
+                write_batch(&mut sink, &lines)
             })
             .await;
             // A write error (disk full, closed pipe) may heal: retry later.
@@ -90,7 +104,10 @@ impl Publisher for FilePublisher {
                 Ok(Err(e)) => Err(PublishError::Transient(format!("write failed: {e}"))),
                 Err(e) => Err(PublishError::Transient(format!("writer task failed: {e}"))),
             };
-            vec![outcome; n]
+            encoded
+                .into_iter()
+                .map(|r| r.map_or_else(|e| Err(e.into()), |()| outcome.clone()))
+                .collect()
         }
         .boxed()
     }

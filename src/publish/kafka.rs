@@ -17,7 +17,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::{render, CloudEvent, Outgoing, PublishError, Publisher, CONTENT_TYPE};
+use super::{
+    check_topic, render, CloudEvent, EncodeError, Outgoing, PublishError, Publisher, CONTENT_TYPE,
+};
 use crate::config::KafkaConfig;
 use crate::event::SCHEMA_VERSION;
 
@@ -94,39 +96,62 @@ pub fn classify(err: &KafkaError) -> PublishError {
     }
 }
 
-fn headers(o: &Outgoing) -> OwnedHeaders {
+/// One event as a Kafka record, before it meets a producer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRecord {
+    /// The rendered topic, checked to be a legal topic name.
+    pub topic: String,
+    /// The task id: one task stays on one partition.
+    pub key: String,
+    /// CloudEvents binary-mode headers plus `event-id` and `schema-version`.
+    pub headers: Vec<(&'static str, String)>,
+    pub payload: bytes::Bytes,
+}
+
+/// Encodes one event for `config`'s topic template. Total: an event whose record would be
+/// refused (an illegal rendered topic) is an [`EncodeError`], never a panic.
+pub fn encode(o: &Outgoing, config: &KafkaConfig) -> Result<EncodedRecord, EncodeError> {
+    let topic = render(&config.topic, &o.event, &config.models);
+    check_topic(&topic)?;
     let ce = CloudEvent::of(&o.event);
-    let version = SCHEMA_VERSION.to_string();
-    let pairs: [(&str, &str); 8] = [
-        ("content-type", CONTENT_TYPE),
-        ("event-id", &ce.id),
-        ("schema-version", &version),
-        ("ce_specversion", "1.0"),
-        ("ce_id", &ce.id),
-        ("ce_source", ce.source),
-        ("ce_type", &ce.ty),
-        ("ce_subject", &ce.subject),
+    // Kafka header values and keys are plain bytes: any string is a valid one.
+    let headers = vec![
+        ("content-type", CONTENT_TYPE.to_string()),
+        ("event-id", ce.id.clone()),
+        ("schema-version", SCHEMA_VERSION.to_string()),
+        ("ce_specversion", "1.0".to_string()),
+        ("ce_id", ce.id),
+        ("ce_source", ce.source.to_string()),
+        ("ce_type", ce.ty),
+        ("ce_subject", ce.subject),
+        ("ce_time", ce.time),
     ];
-    let mut h = OwnedHeaders::new_with_capacity(pairs.len() + 1);
-    for (key, value) in pairs {
+    Ok(EncodedRecord {
+        topic,
+        key: o.event.task_id.clone(),
+        headers,
+        payload: o.payload.clone(),
+    })
+}
+
+fn owned_headers(record: &EncodedRecord) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (key, value) in &record.headers {
         h = h.insert(Header {
             key,
-            value: Some(value),
+            value: Some(value.as_str()),
         });
     }
-    h.insert(Header {
-        key: "ce_time",
-        value: Some(&ce.time),
-    })
+    h
 }
 
 impl KafkaPublisher {
     async fn send_one(&self, producer: &FutureProducer, o: &Outgoing) -> Result<(), PublishError> {
-        let topic = render(&self.config.topic, &o.event);
-        let mut record = FutureRecord::to(&topic)
-            .key(o.event.task_id.as_str())
-            .payload(o.payload.as_ref())
-            .headers(headers(o));
+        let encoded = encode(o, &self.config)?;
+        let mut record = FutureRecord::to(&encoded.topic)
+            .key(encoded.key.as_str())
+            .payload(encoded.payload.as_ref())
+            .headers(owned_headers(&encoded));
         // Enqueue; when librdkafka's local queue is full, wait for deliveries
         // to make room rather than failing the event.
         let delivery = loop {

@@ -9,14 +9,19 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
-use async_nats::{Client, ConnectOptions, HeaderMap};
+use async_nats::{Client, ConnectOptions, HeaderMap, HeaderValue};
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use tokio::sync::OnceCell;
 
-use super::{render, CloudEvent, Outgoing, PublishError, Publisher, CONTENT_TYPE};
+use super::{
+    check_subject, render, CloudEvent, EncodeError, Outgoing, PublishError, Publisher, CONTENT_TYPE,
+};
 use crate::config::NatsConfig;
 use crate::event::SCHEMA_VERSION;
+
+/// JetStream's deduplication header.
+const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
 /// JetStream API error: "message size exceeds maximum allowed".
 const JS_MESSAGE_TOO_LARGE: u64 = 10054;
@@ -78,19 +83,20 @@ impl NatsPublisher {
     }
 
     async fn send_one(&self, o: &Outgoing) -> Result<(), PublishError> {
-        let subject = render(&self.config.subject, &o.event);
-        let headers = headers(o);
+        let EncodedMessage {
+            subject,
+            headers,
+            payload,
+        } = encode(o, &self.config)?;
         if !self.config.jetstream {
             self.client
-                .publish_with_headers(subject, headers, o.payload.clone())
+                .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|e| PublishError::Transient(e.to_string()))?;
             return Ok(());
         }
-        let message = PublishMessage::build()
-            .payload(o.payload.clone())
-            .headers(headers)
-            .message_id(&o.event.event_id);
+        // The headers already hold `Nats-Msg-Id`.
+        let message = PublishMessage::build().payload(payload).headers(headers);
         let ack = self
             .js
             .send_publish(subject, message)
@@ -100,19 +106,52 @@ impl NatsPublisher {
     }
 }
 
-fn headers(o: &Outgoing) -> HeaderMap {
+/// One event as a NATS message, before it meets a connection.
+#[derive(Debug, Clone)]
+pub struct EncodedMessage {
+    /// The rendered subject, checked to be one a message may be published to.
+    pub subject: String,
+    /// CloudEvents headers, `Event-Id`, `Schema-Version`, and `Nats-Msg-Id` (the event id)
+    /// for JetStream's deduplication.
+    pub headers: HeaderMap,
+    pub payload: bytes::Bytes,
+}
+
+/// Encodes one event for `config`'s subject template. Total: a value a header cannot carry
+/// or an illegal rendered subject is an [`EncodeError`], never a panic (async-nats panics
+/// on a header value with a line break, so values go through its fallible parser).
+pub fn encode(o: &Outgoing, config: &NatsConfig) -> Result<EncodedMessage, EncodeError> {
+    let subject = render(&config.subject, &o.event, &config.models);
+    check_subject(&subject)?;
     let ce = CloudEvent::of(&o.event);
-    let mut h = HeaderMap::new();
-    h.insert("Content-Type", CONTENT_TYPE);
-    h.insert("Event-Id", ce.id.as_str());
-    h.insert("Schema-Version", SCHEMA_VERSION.to_string().as_str());
-    h.insert("ce-specversion", "1.0");
-    h.insert("ce-id", ce.id.as_str());
-    h.insert("ce-source", ce.source);
-    h.insert("ce-type", ce.ty.as_str());
-    h.insert("ce-subject", ce.subject.as_str());
-    h.insert("ce-time", ce.time.as_str());
-    h
+    let version = SCHEMA_VERSION.to_string();
+    let pairs: [(&'static str, &str); 10] = [
+        ("Content-Type", CONTENT_TYPE),
+        ("Event-Id", &ce.id),
+        ("Schema-Version", &version),
+        ("ce-specversion", "1.0"),
+        ("ce-id", &ce.id),
+        ("ce-source", ce.source),
+        ("ce-type", &ce.ty),
+        ("ce-subject", &ce.subject),
+        ("ce-time", &ce.time),
+        (NATS_MSG_ID, &o.event.event_id),
+    ];
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        let value = value
+            .parse::<HeaderValue>()
+            .map_err(|_| EncodeError::Header {
+                name,
+                problem: "a header value cannot contain a line break",
+            })?;
+        headers.insert(name, value);
+    }
+    Ok(EncodedMessage {
+        subject,
+        headers,
+        payload: o.payload.clone(),
+    })
 }
 
 /// Permanent: the message itself is refused (too large for the server or
