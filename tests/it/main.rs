@@ -6,6 +6,7 @@
 mod support;
 
 mod dedup;
+mod hostile;
 mod ingress;
 mod kafka;
 mod nats;
