@@ -7,6 +7,11 @@
 //! keys and nesting deeper than [`MAX_DEPTH`], with a typed [`ParseError`] naming the place.
 //! [`verbatim_outputs`] then takes the `output` items from the body's own text, so numbers of
 //! any size reach the broker exactly as sent.
+//!
+//! serde_json's `arbitrary_precision` feature would also keep big numbers, but it is global
+//! to the whole dependency graph (axum, async-nats, jsonschema) and changes how numbers
+//! deserialize inside untagged and flattened types there; `raw_value`, which the graph
+//! already enables, changes nothing for anyone else.
 
 use std::fmt;
 use std::ops::Deref;

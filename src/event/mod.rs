@@ -292,13 +292,9 @@ fn is_invisible(c: char) -> bool {
 /// document; both dialects are accepted either way). The preferred entry point: only here
 /// are repeated keys refused and output numbers kept as written.
 pub fn parse(body: &[u8], source: Source, received_at_ms: i64) -> Result<TaskEvent, ParseError> {
-    let record = Record::of(json::read(body)?)?;
-    let envelope = !record.prefix.is_empty();
-    let mut event = record.into_event(source, received_at_ms)?;
-    if !event.outputs.is_empty() {
-        event.outputs = json::verbatim_outputs(body, envelope)?;
-    }
-    Ok(event)
+    let mut record = Record::of(json::read(body)?)?;
+    record.body = Some(body);
+    record.into_event(source, received_at_ms)
 }
 
 /// Same as [`parse`], from an already-parsed JSON value. serde_json has then already kept
@@ -315,12 +311,15 @@ pub fn from_value(
 
 /// A task record being taken apart; `prefix` makes error messages name fields as the
 /// client wrote them.
-struct Record {
+struct Record<'a> {
     map: Map<String, Value>,
     prefix: &'static str,
+    /// The body's bytes, when there are any: output items are then taken from them as
+    /// written rather than re-serialized from `map`.
+    body: Option<&'a [u8]>,
 }
 
-impl Record {
+impl Record<'_> {
     /// Finds the record in a body: the body itself, or its `data` when it is an envelope.
     fn of(value: Value) -> Result<Self, ParseError> {
         let Value::Object(mut top) = value else {
@@ -331,6 +330,7 @@ impl Record {
             (false, Some(Value::Object(data))) => Self {
                 map: data,
                 prefix: "data.",
+                body: None,
             },
             (false, Some(other)) => {
                 return Err(wrong_type("data".into(), "an object", &other));
@@ -338,6 +338,7 @@ impl Record {
             (_, _) => Self {
                 map: top,
                 prefix: "",
+                body: None,
             },
         })
     }
@@ -429,20 +430,21 @@ impl Record {
                 return Err(wrong_type(self.path("output"), "an array or null", &other));
             }
         };
+        if let Some((i, item)) = items.iter().enumerate().find(|(_, v)| !v.is_object()) {
+            let field = self.path(&format!("output[{i}]"));
+            return Err(wrong_type(field, "an object", item));
+        }
+        if let Some(body) = self.body {
+            return json::verbatim_outputs(body, !self.prefix.is_empty());
+        }
         items
-            .into_iter()
-            .enumerate()
-            .map(|(i, item)| match item {
-                Value::Object(object) => {
-                    Output::from_map(&object).map_err(|e| ParseError::InvalidJson(e.to_string()))
-                }
-                other => Err(wrong_type(
-                    self.path(&format!("output[{i}]")),
-                    "an object",
-                    &other,
-                )),
+            .iter()
+            .map(|item| match item {
+                Value::Object(object) => Output::from_map(object),
+                _ => Err(serde::de::Error::custom("not an object")),
             })
-            .collect()
+            .collect::<Result<_, _>>()
+            .map_err(|e| ParseError::InvalidJson(e.to_string()))
     }
 
     fn error(&mut self) -> Result<Option<TaskError>, ParseError> {

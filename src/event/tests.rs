@@ -1084,3 +1084,22 @@ fn strict_reading_keeps_the_invalid_json_answer() {
         );
     }
 }
+
+#[test]
+fn verbatim_outputs_come_from_the_record_itself() {
+    let envelope = r#"{"output":[{"top":1}],"data":{"taskId":"t","state":"success",
+        "output":[{"inner": 1}]}}"#;
+    let event = parse(envelope.as_bytes(), Source::Webhook, NOW).unwrap();
+    assert_eq!(event.outputs.len(), 1);
+    assert_eq!(event.outputs[0].as_json(), r#"{"inner":1}"#);
+    let bare = r#"{"taskId":"t","state":"success","data":{"output":[{"inner":1}]},
+        "output":[{"top": 1}]}"#;
+    let event = parse(bare.as_bytes(), Source::Webhook, NOW).unwrap();
+    assert_eq!(event.outputs[0].as_json(), r#"{"top":1}"#);
+    // Both entry points agree on ordinary values.
+    let body = DOC_SUCCESS.as_bytes();
+    let from_bytes = parse(body, Source::Webhook, NOW).unwrap();
+    let value: Value = serde_json::from_slice(body).unwrap();
+    let from_value = from_value(value, Source::Webhook, NOW).unwrap();
+    assert_eq!(*from_bytes.outputs[0], *from_value.outputs[0]);
+}
