@@ -186,6 +186,11 @@ pub struct KafkaConfig {
     /// Topic template; `{model}` and `{state}` are replaced per event.
     #[serde(default = "default_topic")]
     pub topic: String,
+    /// Allowlist of model names `{model}` may become (each 1-64 characters of
+    /// `[A-Za-z0-9_-]`); any other model becomes `unknown`. Empty (the default): the
+    /// provider's model with every other character replaced by `_`, cut to 64 characters.
+    #[serde(default)]
+    pub models: Vec<String>,
     /// How long librdkafka tries one message before reporting it failed; the
     /// relay then retries it, so this bounds one attempt, not the event's life.
     #[serde(default = "default_message_timeout_ms")]
@@ -215,6 +220,11 @@ pub struct NatsConfig {
     /// Subject template; `{model}` and `{state}` are replaced per event.
     #[serde(default = "default_subject")]
     pub subject: String,
+    /// Allowlist of model names `{model}` may become (each 1-64 characters of
+    /// `[A-Za-z0-9_-]`); any other model becomes `unknown`. Empty (the default): the
+    /// provider's model with every other character replaced by `_`, cut to 64 characters.
+    #[serde(default)]
+    pub models: Vec<String>,
     /// Publish through JetStream and wait for its PubAck (recommended). When
     /// false, core NATS publishing is used: acknowledged by nobody, so an
     /// event is "published" once the server has it after a flush.
@@ -529,6 +539,8 @@ impl Config {
             }
         }
         self.validate_provider()?;
+        crate::publish::check_config(&self.publisher)
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         match &self.publisher {
             PublisherConfig::File(f) if f.path.is_empty() => {
                 invalid("publisher.path", "must be a file path or `-`")

@@ -238,7 +238,7 @@ impl ProviderClient {
                 other => Err(final_error(other, code)),
             };
         }
-        match event::from_value(value, Source::Poll, now_ms()) {
+        match event::parse(body, Source::Poll, now_ms()) {
             Ok(event) if event.task_id == task_id => Ok(event),
             Ok(event) => fail(format!(
                 "asked for task {task_id:?}, got {:?}",

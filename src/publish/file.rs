@@ -45,19 +45,30 @@ impl FilePublisher {
     }
 }
 
-fn write_batch(sink: &mut Sink, batch: &[Encoded]) -> std::io::Result<()> {
-    fn lines(out: impl Write, batch: &[Encoded]) -> std::io::Result<()> {
+/// One event as one line of the file: its JSON and a newline. Total: a payload holding a
+/// line break of its own (which would make two lines of one event) is an [`EncodeError`].
+pub fn encode(o: &Outgoing) -> Result<Vec<u8>, EncodeError> {
+    if o.payload.contains(&b'\n') {
+        return Err(EncodeError::NotOneLine);
+    }
+    let mut line = Vec::with_capacity(o.payload.len() + 1);
+    line.extend_from_slice(&o.payload);
+    line.push(b'\n');
+    Ok(line)
+}
+
+fn write_batch(sink: &mut Sink, lines: &[bytes::Bytes]) -> std::io::Result<()> {
+    fn write_lines(out: impl Write, lines: &[bytes::Bytes]) -> std::io::Result<()> {
         let mut out = BufWriter::with_capacity(64 * 1024, out);
-        for m in batch {
-            out.write_all(&m.payload)?;
-            out.write_all(b"\n")?;
+        for line in lines {
+            out.write_all(line)?;
         }
         out.flush()
     }
     match sink {
-        Sink::Stdout => lines(std::io::stdout().lock(), batch),
+        Sink::Stdout => write_lines(std::io::stdout().lock(), lines),
         Sink::File { file, fsync } => {
-            lines(&*file, batch)?;
+            write_lines(&*file, lines)?;
             if *fsync {
                 file.sync_data()?;
             }
@@ -71,6 +82,7 @@ impl Publisher for FilePublisher {
         "file"
     }
 
+    /// The payload of the result is the whole line, newline included.
     fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
         Ok(Encoded {
             seq: o.seq,
@@ -78,18 +90,17 @@ impl Publisher for FilePublisher {
             key: o.event.task_id.clone(),
             id: o.event.event_id.clone(),
             headers: Vec::new(),
-            payload: o.payload.clone(),
+            payload: encode(o)?.into(),
         })
     }
 
     fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
         let sink = self.sink.clone();
-        let owned = batch.to_vec();
+        let lines: Vec<bytes::Bytes> = batch.iter().map(|m| m.payload.clone()).collect();
         async move {
-            let n = owned.len();
             let result = tokio::task::spawn_blocking(move || {
                 let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
-                write_batch(&mut sink, &owned)
+                write_batch(&mut sink, &lines)
             })
             .await;
             // A write error (disk full, closed pipe) may heal: retry later.
@@ -98,7 +109,7 @@ impl Publisher for FilePublisher {
                 Ok(Err(e)) => Err(PublishError::Transient(format!("write failed: {e}"))),
                 Err(e) => Err(PublishError::Transient(format!("writer task failed: {e}"))),
             };
-            vec![outcome; n]
+            vec![outcome; batch.len()]
         }
         .boxed()
     }

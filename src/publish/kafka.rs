@@ -18,7 +18,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use super::{
-    render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError, Publisher, CONTENT_TYPE,
+    check_topic, render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError, Publisher,
+    CONTENT_TYPE,
 };
 use crate::config::KafkaConfig;
 use crate::event::SCHEMA_VERSION;
@@ -96,19 +97,42 @@ pub fn classify(err: &KafkaError) -> PublishError {
     }
 }
 
-fn headers(o: &Outgoing) -> Vec<(&'static str, String)> {
+/// One event as a Kafka record, before it meets a producer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRecord {
+    /// The rendered topic, checked to be a legal topic name.
+    pub topic: String,
+    /// The task id: one task stays on one partition.
+    pub key: String,
+    /// CloudEvents binary-mode headers plus `event-id` and `schema-version`.
+    pub headers: Vec<(&'static str, String)>,
+    pub payload: bytes::Bytes,
+}
+
+/// Encodes one event for `config`'s topic template. Total: an event whose record would be
+/// refused (an illegal rendered topic) is an [`EncodeError`], never a panic.
+pub fn encode(o: &Outgoing, config: &KafkaConfig) -> Result<EncodedRecord, EncodeError> {
+    let topic = render(&config.topic, &o.event, &config.models);
+    check_topic(&topic)?;
     let ce = CloudEvent::of(&o.event);
-    vec![
-        ("content-type", CONTENT_TYPE.into()),
+    // Kafka header values and keys are plain bytes: any string is a valid one.
+    let headers = vec![
+        ("content-type", CONTENT_TYPE.to_string()),
         ("event-id", ce.id.clone()),
         ("schema-version", SCHEMA_VERSION.to_string()),
-        ("ce_specversion", "1.0".into()),
+        ("ce_specversion", "1.0".to_string()),
         ("ce_id", ce.id),
-        ("ce_source", ce.source.into()),
+        ("ce_source", ce.source.to_string()),
         ("ce_type", ce.ty),
         ("ce_subject", ce.subject),
         ("ce_time", ce.time),
-    ]
+    ];
+    Ok(EncodedRecord {
+        topic,
+        key: o.event.task_id.clone(),
+        headers,
+        payload: o.payload.clone(),
+    })
 }
 
 impl KafkaPublisher {
@@ -152,13 +176,14 @@ impl Publisher for KafkaPublisher {
     }
 
     fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
+        let record = encode(o, &self.config)?;
         Ok(Encoded {
             seq: o.seq,
-            destination: render(&self.config.topic, &o.event),
-            key: o.event.task_id.clone(),
+            destination: record.topic,
+            key: record.key,
             id: o.event.event_id.clone(),
-            headers: headers(o),
-            payload: o.payload.clone(),
+            headers: record.headers,
+            payload: record.payload,
         })
     }
 

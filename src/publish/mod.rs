@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::config::PublisherConfig;
-use crate::event::TaskEvent;
+use crate::event::{TaskEvent, MAX_TIME_MS};
 
 pub mod file;
 #[cfg(feature = "kafka")]
@@ -45,12 +45,6 @@ pub struct Encoded {
     /// The message body.
     pub payload: bytes::Bytes,
 }
-
-/// Why one event cannot be turned into a message. Retrying cannot help:
-/// the relay dead-letters the event with this reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot encode the event: {0}")]
-pub struct EncodeError(pub String);
 
 /// Why a publish did not succeed, classified once so callers branch on the
 /// class, never on message text.
@@ -106,36 +100,159 @@ pub async fn build(config: &PublisherConfig) -> anyhow::Result<Box<dyn Publisher
     })
 }
 
-/// Expands `{model}` and `{state}` in a topic or subject template. Values are
-/// reduced to `[A-Za-z0-9_-]` so they stay one valid token of a Kafka topic
-/// name or NATS subject whatever the provider sends.
-pub fn render(template: &str, event: &TaskEvent) -> String {
+/// Why one event cannot be put into a broker message. Permanent for that event: the relay
+/// dead-letters it with this reason and goes on with the next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("topic {topic:?} is not a valid Kafka topic name: {problem}")]
+    Topic {
+        topic: String,
+        problem: &'static str,
+    },
+    #[error("subject {subject:?} is not a valid NATS subject: {problem}")]
+    Subject {
+        subject: String,
+        problem: &'static str,
+    },
+    #[error("header {name} cannot carry its value: {problem}")]
+    Header {
+        name: &'static str,
+        problem: &'static str,
+    },
+    #[error("the event's JSON is not a single line")]
+    NotOneLine,
+}
+
+impl From<EncodeError> for PublishError {
+    fn from(e: EncodeError) -> Self {
+        Self::Permanent(e.to_string())
+    }
+}
+
+/// Longest `{model}` value put into a topic or subject, in bytes.
+pub const MAX_MODEL_TOKEN: usize = 64;
+/// What `{model}` becomes for an event without a model, or with one the allowlist lacks.
+pub const UNKNOWN_MODEL: &str = "unknown";
+/// Longest Kafka topic name (the broker's own limit).
+const MAX_TOPIC: usize = 249;
+/// Longest subject hookbridge publishes to; NATS itself only bounds the protocol line.
+const MAX_SUBJECT: usize = 1024;
+
+/// Expands `{model}` and `{state}` in a topic or subject template.
+///
+/// `{state}` is one of five fixed words. `{model}` is the event's model when `models` (the
+/// `publisher.models` allowlist) lists it exactly; any other model, and a missing one, is
+/// [`UNKNOWN_MODEL`]. With an empty allowlist the model is reduced to `[A-Za-z0-9_-]` (other
+/// characters become `_`) and cut to [`MAX_MODEL_TOKEN`] bytes. Either way the value is one
+/// token that can be neither a NATS wildcard nor a separator; the result is still checked
+/// by [`check_topic`] / [`check_subject`], since the template's fixed text counts too.
+pub fn render(template: &str, event: &TaskEvent, models: &[String]) -> String {
     if !template.contains('{') {
         return template.to_string();
     }
-    let model = event.model.as_deref().unwrap_or("unknown");
     template
-        .replace("{model}", &token(model))
+        .replace("{model}", &model_token(event.model.as_deref(), models))
         .replace("{state}", event.state.as_str())
 }
 
-fn token(value: &str) -> String {
-    let cleaned: String = value
+/// The `{model}` value of [`render`].
+pub fn model_token(model: Option<&str>, models: &[String]) -> String {
+    let Some(model) = model else {
+        return UNKNOWN_MODEL.into();
+    };
+    if !models.is_empty() {
+        return match models.iter().find(|m| *m == model) {
+            Some(listed) => listed.clone(),
+            None => UNKNOWN_MODEL.into(),
+        };
+    }
+    let cleaned: String = model
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(100)
+        .map(|c| if is_token_char(c) { c } else { '_' })
+        .take(MAX_MODEL_TOKEN)
         .collect();
     if cleaned.is_empty() {
-        "unknown".into()
+        UNKNOWN_MODEL.into()
     } else {
         cleaned
     }
+}
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+/// Whether `name` may be listed in `publisher.models`: 1 to [`MAX_MODEL_TOKEN`] characters
+/// of `[A-Za-z0-9_-]`, so that it is used in topics and subjects as it is.
+pub fn is_model_token(name: &str) -> bool {
+    (1..=MAX_MODEL_TOKEN).contains(&name.len()) && name.chars().all(is_token_char)
+}
+
+/// A legal Kafka topic name: 1 to 249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
+pub fn check_topic(topic: &str) -> Result<(), EncodeError> {
+    let problem = if topic.is_empty() || topic.len() > MAX_TOPIC {
+        Some("must be 1 to 249 characters long")
+    } else if !topic.chars().all(|c| is_token_char(c) || c == '.') {
+        Some("may only contain A-Z, a-z, 0-9, '.', '_' and '-'")
+    } else if topic == "." || topic == ".." {
+        Some("must not be '.' or '..'")
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(EncodeError::Topic {
+            topic: topic.to_string(),
+            problem,
+        }),
+    }
+}
+
+/// A subject a message may be published to: non-empty tokens separated by `.`, no
+/// whitespace or control characters, no wildcard (`*`, `>`), at most 1024 bytes.
+pub fn check_subject(subject: &str) -> Result<(), EncodeError> {
+    let problem = if subject.is_empty() || subject.len() > MAX_SUBJECT {
+        Some("must be 1 to 1024 bytes long")
+    } else if subject.split('.').any(str::is_empty) {
+        Some("must not have an empty token (leading, trailing or double '.')")
+    } else if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("must not contain whitespace or control characters")
+    } else if subject.contains(['*', '>']) {
+        Some("must not contain the wildcards '*' or '>'")
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(EncodeError::Subject {
+            subject: subject.to_string(),
+            problem,
+        }),
+    }
+}
+
+/// Start-up check of the publisher settings this module interprets: `publisher.models`
+/// entries, and templates that render to a legal topic or subject for every state and
+/// model. Returns the key at fault and why.
+pub fn check_config(config: &PublisherConfig) -> Result<(), (&'static str, String)> {
+    type Check = fn(&str) -> Result<(), EncodeError>;
+    let (key, template, models, check): (_, _, _, Check) = match config {
+        PublisherConfig::File(_) => return Ok(()),
+        PublisherConfig::Kafka(k) => ("publisher.topic", &k.topic, &k.models, check_topic),
+        PublisherConfig::Nats(n) => ("publisher.subject", &n.subject, &n.models, check_subject),
+    };
+    if let Some(bad) = models.iter().find(|m| !is_model_token(m)) {
+        return Err((
+            "publisher.models",
+            format!("{bad:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'"),
+        ));
+    }
+    // The longest `{model}` value, and the longest state word.
+    let longest = "m".repeat(MAX_MODEL_TOKEN);
+    let filled = template
+        .replace("{model}", &longest)
+        .replace("{state}", "generating");
+    check(&filled).map_err(|e| (key, e.to_string()))
 }
 
 /// CloudEvents attributes shared by the backends (binary content mode).
@@ -153,48 +270,48 @@ pub const CE_SOURCE: &str = "https://kinovi.ai/api/v1/jobs";
 pub const CONTENT_TYPE: &str = "application/json";
 
 impl CloudEvent {
+    /// Never fails: the time is the provider's `updateTime` (else the arrival time), which
+    /// the parser keeps within the years 1970 to 9999; anything else is clamped into them.
     pub fn of(event: &TaskEvent) -> Self {
-        let millis = event.update_time.unwrap_or(event.received_at).max(0) as u64;
-        let time = std::time::UNIX_EPOCH + Duration::from_millis(millis);
         Self {
             id: event.event_id.clone(),
             source: CE_SOURCE,
             ty: format!("ai.kinovi.task.{}", event.state.as_str()),
             subject: event.task_id.clone(),
-            time: humantime::format_rfc3339_millis(time).to_string(),
+            time: rfc3339_millis(event.update_time.unwrap_or(event.received_at)),
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::{parse, Source};
-
-    fn event(model: &str) -> TaskEvent {
-        let body = format!(
-            r#"{{"taskId":"t1","model":"{model}","state":"success","updateTime":1735599754000}}"#
-        );
-        parse(body.as_bytes(), Source::Webhook, 1).unwrap()
-    }
-
-    #[test]
-    fn templates_expand_to_safe_tokens() {
-        let e = event("seedance-20");
-        assert_eq!(
-            render("kinovi.{model}.{state}", &e),
-            "kinovi.seedance-20.success"
-        );
-        let e = event("a.b c>*");
-        assert_eq!(render("k.{model}", &e), "k.a_b_c__");
-        assert_eq!(render("fixed", &e), "fixed");
-    }
-
-    #[test]
-    fn cloud_event_time_is_rfc3339() {
-        let ce = CloudEvent::of(&event("m"));
-        assert_eq!(ce.time, "2024-12-30T23:02:34.000Z");
-        assert_eq!(ce.ty, "ai.kinovi.task.success");
-        assert_eq!(ce.subject, "t1");
-    }
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for milliseconds since the epoch, clamped to
+/// `0..=MAX_TIME_MS` (the range in which RFC 3339 has four-digit years).
+pub fn rfc3339_millis(ms: i64) -> String {
+    let ms = ms.clamp(0, MAX_TIME_MS);
+    let (days, ms) = (ms / 86_400_000, ms % 86_400_000);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
 }
+
+/// Gregorian (year, month, day) of a day count since 1970-01-01, for counts >= 0 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests;

@@ -10,16 +10,20 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
-use async_nats::{Client, ConnectOptions, HeaderMap};
+use async_nats::{Client, ConnectOptions, HeaderMap, HeaderValue};
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use tokio::sync::OnceCell;
 
 use super::{
-    render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError, Publisher, CONTENT_TYPE,
+    check_subject, render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError, Publisher,
+    CONTENT_TYPE,
 };
 use crate::config::NatsConfig;
 use crate::event::SCHEMA_VERSION;
+
+/// JetStream's deduplication header.
+const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
 /// JetStream API error: "message size exceeds maximum allowed".
 const JS_MESSAGE_TOO_LARGE: u64 = 10054;
@@ -100,7 +104,11 @@ impl NatsPublisher {
         let subject = m.destination.clone();
         let mut headers = HeaderMap::new();
         for (name, value) in &m.headers {
-            headers.insert(*name, value.as_str());
+            // `encode` checked every value; async-nats panics on one it cannot carry.
+            let value = value.parse::<HeaderValue>().map_err(|_| {
+                PublishError::Permanent(format!("header {name} cannot carry its value"))
+            })?;
+            headers.insert(*name, value);
         }
         if !self.config.jetstream {
             self.client
@@ -109,10 +117,10 @@ impl NatsPublisher {
                 .map_err(|e| PublishError::Transient(e.to_string()))?;
             return Ok(());
         }
+        // The headers already hold `Nats-Msg-Id`.
         let message = PublishMessage::build()
             .payload(m.payload.clone())
-            .headers(headers)
-            .message_id(&m.id);
+            .headers(headers);
         let ack = self
             .js
             .send_publish(subject, message)
@@ -122,19 +130,52 @@ impl NatsPublisher {
     }
 }
 
-fn headers(o: &Outgoing) -> Vec<(&'static str, String)> {
+/// One event as a NATS message, before it meets a connection.
+#[derive(Debug, Clone)]
+pub struct EncodedMessage {
+    /// The rendered subject, checked to be one a message may be published to.
+    pub subject: String,
+    /// CloudEvents headers, `Event-Id`, `Schema-Version`, and `Nats-Msg-Id` (the event id)
+    /// for JetStream's deduplication; every value checked to be one a header can carry.
+    pub headers: Vec<(&'static str, String)>,
+    pub payload: bytes::Bytes,
+}
+
+/// Encodes one event for `config`'s subject template. Total: a value a header cannot carry
+/// or an illegal rendered subject is an [`EncodeError`], never a panic (async-nats panics
+/// on a header value with a line break, so values go through its fallible parser).
+pub fn encode(o: &Outgoing, config: &NatsConfig) -> Result<EncodedMessage, EncodeError> {
+    let subject = render(&config.subject, &o.event, &config.models);
+    check_subject(&subject)?;
     let ce = CloudEvent::of(&o.event);
-    vec![
-        ("Content-Type", CONTENT_TYPE.into()),
-        ("Event-Id", ce.id.clone()),
-        ("Schema-Version", SCHEMA_VERSION.to_string()),
-        ("ce-specversion", "1.0".into()),
-        ("ce-id", ce.id),
-        ("ce-source", ce.source.into()),
-        ("ce-type", ce.ty),
-        ("ce-subject", ce.subject),
-        ("ce-time", ce.time),
-    ]
+    let version = SCHEMA_VERSION.to_string();
+    let pairs: [(&'static str, &str); 10] = [
+        ("Content-Type", CONTENT_TYPE),
+        ("Event-Id", &ce.id),
+        ("Schema-Version", &version),
+        ("ce-specversion", "1.0"),
+        ("ce-id", &ce.id),
+        ("ce-source", ce.source),
+        ("ce-type", &ce.ty),
+        ("ce-subject", &ce.subject),
+        ("ce-time", &ce.time),
+        (NATS_MSG_ID, &o.event.event_id),
+    ];
+    let mut headers = Vec::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        if value.parse::<HeaderValue>().is_err() {
+            return Err(EncodeError::Header {
+                name,
+                problem: "a header value cannot contain a line break",
+            });
+        }
+        headers.push((name, value.to_string()));
+    }
+    Ok(EncodedMessage {
+        subject,
+        headers,
+        payload: o.payload.clone(),
+    })
 }
 
 /// Permanent: the message itself is refused (too large for the server or
@@ -164,13 +205,14 @@ impl Publisher for NatsPublisher {
     }
 
     fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
+        let message = encode(o, &self.config)?;
         Ok(Encoded {
             seq: o.seq,
-            destination: render(&self.config.subject, &o.event),
+            destination: message.subject,
             key: o.event.task_id.clone(),
             id: o.event.event_id.clone(),
-            headers: headers(o),
-            payload: o.payload.clone(),
+            headers: message.headers,
+            payload: message.payload,
         })
     }
 

@@ -15,6 +15,7 @@ pub fn kafka_publisher(bootstrap: &str, topic: &str) -> PublisherConfig {
         topic: topic.to_string(),
         message_timeout_ms: 10_000,
         options: BTreeMap::new(),
+        models: Vec::new(),
     })
 }
 

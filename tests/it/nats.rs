@@ -20,6 +20,7 @@ pub fn jetstream_publisher(
         ack_timeout_ms: 2000,
         token: None,
         stream,
+        models: Vec::new(),
     })
 }
 

@@ -73,6 +73,7 @@ async fn full_disk_answers_503_never_200_and_recovers_when_space_returns() {
         ack_timeout_ms: 1000,
         token: None,
         stream: None,
+        models: Vec::new(),
     });
     let app = TestApp::start(config(&disk.path.join("data"), publisher)).await;
     let url = format!("https://static.kinovi.ai/{}", "v".repeat(1500));

@@ -73,7 +73,10 @@ impl Publisher for Faulty {
     fn encode(&self, message: &Outgoing) -> Result<Encoded, EncodeError> {
         match self.fault(&message.event.task_id) {
             Some(Fault::EncodePanic) => panic!("injected encoding panic"),
-            Some(Fault::EncodeError) => Err(EncodeError("injected encoding error".into())),
+            Some(Fault::EncodeError) => Err(EncodeError::Header {
+                name: "fault",
+                problem: "injected encoding error",
+            }),
             _ => self.inner.encode(message),
         }
     }
