@@ -7,6 +7,7 @@ mod support;
 
 mod config_files;
 mod dedup;
+mod examples;
 mod ingress;
 mod kafka;
 mod nats;
