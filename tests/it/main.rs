@@ -7,6 +7,7 @@ mod support;
 
 mod config_files;
 mod dedup;
+mod deploy;
 mod examples;
 mod ingress;
 mod kafka;
