@@ -17,7 +17,7 @@
 //! Run it against a server (prints one JSON line per processed event):
 //!
 //! ```sh
-//! cargo run --example jetstream_consumer -- --url nats://127.0.0.1:4222 --stream KINOVI --subject 'kinovi.tasks.>'
+//! cargo run --example jetstream_consumer -- --url nats://127.0.0.1:4222 --stream KINOVI_TASKS --subject 'kinovi.tasks.>'
 //! ```
 //!
 //! Every option can also come from the environment (`NATS_URL`,
@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     url: String,
     /// The stream that captures hookbridge's subjects.
-    #[arg(long, env = "NATS_STREAM", default_value = "KINOVI")]
+    #[arg(long, env = "NATS_STREAM", default_value = "KINOVI_TASKS")]
     stream: String,
     /// Subject filter (empty: the whole stream).
     #[arg(long, env = "NATS_SUBJECT", default_value = "kinovi.tasks.>")]

@@ -13,7 +13,7 @@
 //! Run it against a broker (prints one JSON line per processed event):
 //!
 //! ```sh
-//! cargo run --example kafka_consumer -- --brokers 127.0.0.1:9092 --topic kinovi.tasks
+//! cargo run --example kafka_consumer -- --brokers 127.0.0.1:9092 --topic kinovi.task-events
 //! ```
 //!
 //! Every option can also come from the environment (`KAFKA_BROKERS`,
@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
     /// The topic hookbridge publishes to (`publisher.topic`).
-    #[arg(long, env = "KAFKA_TOPIC", default_value = "kinovi.tasks")]
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "kinovi.task-events")]
     topic: String,
     /// Consumer group: its committed offsets are where a restart resumes.
     #[arg(long, env = "KAFKA_GROUP", default_value = "hookbridge-example")]
