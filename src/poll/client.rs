@@ -509,6 +509,49 @@ mod tests {
         assert_eq!(creates, 2, "the set-up's and this one, no retry");
     }
 
+    /// A chunked answer (no content-length) past 1 MiB is cut off, not read
+    /// whole.
+    #[tokio::test]
+    async fn answers_over_the_cap_are_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                socket.read_exact(&mut byte).await.unwrap();
+                request.push(byte[0]);
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                        transfer-encoding: chunked\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b' '; 64 * 1024];
+            // 2 MiB in all, unless the client hangs up first.
+            for _ in 0..32 {
+                let framed =
+                    [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+                if socket.write_all(&framed).await.is_err() {
+                    return;
+                }
+            }
+            let _ = socket.write_all(b"0\r\n\r\n").await;
+        });
+        let stats = Arc::new(PollStats::default());
+        let mut config = config(format!("http://{addr}"), "k");
+        config.max_retries = 0;
+        let client = ProviderClient::new(&config, stats).unwrap();
+        let err = client.record_info("t").await.unwrap_err();
+        assert_eq!(
+            err,
+            ProviderError::Transient(format!(
+                "reading the answer failed: longer than {MAX_ANSWER_BYTES} bytes"
+            ))
+        );
+        server.await.unwrap();
+    }
+
     #[tokio::test]
     async fn unreachable_provider_is_transient() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
