@@ -42,7 +42,7 @@
 //! - **No registered task forgotten** ([`poll`]): tasks created through
 //!   `POST /tasks` or watched are polled when their callback does not come,
 //!   and dead-lettered as `stuck` at their deadline; verify mode keeps forged
-//!   callbacks off the broker. [`sim`] simulates the provider for tests.
+//!   callbacks off the broker. `sim` (feature `sim`) simulates the provider for tests.
 //! - **One bad event never stops the flow** ([`outbox::Relay`]): each event
 //!   is encoded on its own; an error or a panic there, or an entry that does
 //!   not decode, makes that one event a dead letter and the relay goes on.
@@ -61,6 +61,7 @@ pub mod http;
 pub mod outbox;
 pub mod poll;
 pub mod publish;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod supervise;
 pub mod telemetry;

@@ -18,14 +18,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Method, Request, StatusCode};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -36,8 +31,8 @@ use crate::event::{self, Source, TaskEvent};
 use crate::outbox::now_ms;
 
 /// An HTTP/1 client for `http://` and `https://` URLs (rustls, ring, the
-/// system's root certificates).
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// system's root certificates). It follows no redirects: a 3xx is an answer.
+pub type HttpClient = reqwest::Client;
 
 /// Largest provider answer read, in bytes.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
@@ -98,28 +93,18 @@ pub fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
 /// the system only `http://` URLs work; `https_required` turns that into an
 /// error at start-up instead of a TLS failure on every request.
 pub fn http_client(https_required: bool) -> std::io::Result<HttpClient> {
-    let provider = rustls::crypto::ring::default_provider();
-    let builder = match hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_native_roots(provider.clone())
-    {
-        Ok(builder) => builder,
-        Err(e) if https_required => {
-            return Err(std::io::Error::other(format!(
-                "no trusted root certificates found on this system ({e}); install ca-certificates"
-            )))
-        }
-        Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-            rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-                .with_safe_default_protocol_versions()
-                .map_err(std::io::Error::other)?
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        ),
-    };
-    let connector = builder.https_or_http().enable_http1().build();
-    Ok(Client::builder(TokioExecutor::new())
+    if https_required && rustls_native_certs::load_native_certs().certs.is_empty() {
+        return Err(std::io::Error::other(
+            "no trusted root certificates found on this system; install ca-certificates",
+        ));
+    }
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .http1_only()
+        .redirect(reqwest::redirect::Policy::none())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector))
+        .build()
+        .map_err(|e| std::io::Error::other(error_chain(&e.without_url())))
 }
 
 /// Spaces requests out to at most one per `period`.
@@ -255,38 +240,50 @@ impl ProviderClient {
         url: &str,
         body: Option<Bytes>,
     ) -> Result<(StatusCode, Option<Duration>, Bytes), String> {
-        let mut request = Request::builder().method(method).uri(url);
+        let mut request = self.http.request(method, url);
         if let Some(key) = &self.key {
             let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
                 .map_err(|_| "the API key is not a valid header value".to_string())?;
             value.set_sensitive(true);
             request = request.header(AUTHORIZATION, value);
         }
-        if body.is_some() {
-            request = request.header(CONTENT_TYPE, "application/json");
+        if let Some(body) = body {
+            request = request.header(CONTENT_TYPE, "application/json").body(body);
         }
-        let request = request
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| format!("invalid request: {e}"))?;
         let exchange = async {
-            let response = self
-                .http
-                .request(request)
+            let mut response = request
+                .send()
                 .await
-                .map_err(|e| format!("request failed: {}", error_chain(&e)))?;
+                .map_err(|e| format!("request failed: {}", error_chain(&e.without_url())))?;
             let status = response.status();
             let delay = retry_after(response.headers().get(RETRY_AFTER));
-            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| format!("reading the answer failed: {e}"))?
-                .to_bytes();
+            let body = read_capped(&mut response, MAX_ANSWER_BYTES).await?;
             Ok((status, delay, body))
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
     }
+}
+
+/// Reads the body chunk by chunk and stops at `cap` bytes, whatever
+/// `content-length` claims.
+async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Bytes, String> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        format!(
+            "reading the answer failed: {}",
+            error_chain(&e.without_url())
+        )
+    })? {
+        if body.len() + chunk.len() > cap {
+            return Err(format!(
+                "reading the answer failed: longer than {cap} bytes"
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 fn final_error(class: Class, status: u16) -> ProviderError {
@@ -510,6 +507,49 @@ mod tests {
             .filter(|r| r.endpoint == "createTask")
             .count();
         assert_eq!(creates, 2, "the set-up's and this one, no retry");
+    }
+
+    /// A chunked answer (no content-length) past 1 MiB is cut off, not read
+    /// whole.
+    #[tokio::test]
+    async fn answers_over_the_cap_are_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                socket.read_exact(&mut byte).await.unwrap();
+                request.push(byte[0]);
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                        transfer-encoding: chunked\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b' '; 64 * 1024];
+            // 2 MiB in all, unless the client hangs up first.
+            for _ in 0..32 {
+                let framed =
+                    [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+                if socket.write_all(&framed).await.is_err() {
+                    return;
+                }
+            }
+            let _ = socket.write_all(b"0\r\n\r\n").await;
+        });
+        let stats = Arc::new(PollStats::default());
+        let mut config = config(format!("http://{addr}"), "k");
+        config.max_retries = 0;
+        let client = ProviderClient::new(&config, stats).unwrap();
+        let err = client.record_info("t").await.unwrap_err();
+        assert_eq!(
+            err,
+            ProviderError::Transient(format!(
+                "reading the answer failed: longer than {MAX_ANSWER_BYTES} bytes"
+            ))
+        );
+        server.await.unwrap();
     }
 
     #[tokio::test]

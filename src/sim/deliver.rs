@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request};
 
 use super::{lock, render, Delivery, DeliveryResult, Outcome, Shared};
 use crate::outbox::now_ms;
@@ -78,20 +76,16 @@ async fn send(shared: &Shared, task_id: &str, state: &'static str) {
         serde_json::to_vec(&render(&task, state, faults.variant, now_ms())).unwrap_or_default(),
     );
     for _ in 0..copies {
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(&url)
-            .header("content-type", "application/json")
-            .body(Full::new(body.clone()));
-        let result = match request {
-            Err(e) => DeliveryResult::Failed(format!("invalid callBackUrl: {e}")),
-            Ok(request) => {
-                match tokio::time::timeout(TIMEOUT, shared.http.request(request)).await {
-                    Ok(Ok(response)) => DeliveryResult::Sent(response.status().as_u16()),
-                    Ok(Err(e)) => DeliveryResult::Failed(e.to_string()),
-                    Err(_) => DeliveryResult::Failed(format!("no answer within {TIMEOUT:?}")),
-                }
-            }
+        let request = shared
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .send();
+        let result = match tokio::time::timeout(TIMEOUT, request).await {
+            Ok(Ok(response)) => DeliveryResult::Sent(response.status().as_u16()),
+            Ok(Err(e)) => DeliveryResult::Failed(e.to_string()),
+            Err(_) => DeliveryResult::Failed(format!("no answer within {TIMEOUT:?}")),
         };
         log(shared, task_id, state, result);
     }

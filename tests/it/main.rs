@@ -7,6 +7,8 @@ mod support;
 
 mod config_files;
 mod dedup;
+mod deploy;
+mod examples;
 mod hostile;
 mod ingress;
 mod kafka;

@@ -22,7 +22,7 @@
 //! section, after the blocks that follow it have run.
 //!
 //! The environment the blocks see:
-//! - `cargo run [--release] [--bin NAME] [-- ARGS]` runs the binary this
+//! - `cargo run [--release] [--features F] [--bin NAME] [-- ARGS]` runs the binary this
 //!   test suite already built (`CARGO_BIN_EXE_hookbridge`,
 //!   `CARGO_BIN_EXE_kinovi-sim`); `cargo build ...` does nothing; any other
 //!   cargo command fails (mark such a block skip). `hookbridge` and
@@ -225,6 +225,8 @@ cargo() {
       --release | -q | --quiet | --locked | --offline) shift ;;
       --bin) bin=$2; shift 2 ;;
       --bin=*) bin=${1#--bin=}; shift ;;
+      --features) shift 2 ;;
+      --features=*) shift ;;
       --) shift; break ;;
       *) break ;;
     esac
