@@ -1,22 +1,37 @@
-//! The HTTP surface: the provider's callback endpoint, a health check, the
-//! task registration endpoints, and the operator endpoints. `router(state)`
-//! is all a test needs.
+//! The HTTP surface, on two listeners. The public one ([`public`]) serves
+//! the provider's callback endpoint, the task registration endpoints and a
+//! health check; the admin one ([`admin_router`]) serves the operator
+//! endpoints. `router(state)` (the public routes without the edge limits)
+//! is all a router test needs; [`serve()`] runs a router on a socket.
 
-use axum::extract::DefaultBodyLimit;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
-use crate::config::Secret;
+use crate::config::{Config, Secret};
 use crate::outbox::Outbox;
 
 mod admin;
 mod error;
+mod limit;
+mod serve;
 mod tasks;
+mod tls;
 mod webhook;
 
-pub use admin::constant_time_eq;
+pub use admin::{constant_time_eq, AdminGuard};
 pub use error::ApiError;
+pub use limit::RateLimit;
+pub use serve::{serve, Limits};
+pub use tls::{Tls, TlsError};
 
 /// What handlers share.
 #[derive(Clone)]
@@ -24,13 +39,15 @@ pub struct AppState {
     pub outbox: Outbox,
     pub publisher_name: &'static str,
     pub body_limit: usize,
+    /// `admin.token`.
     pub admin_token: Option<Secret>,
-    /// No token set and the listener is on loopback: admin is open to it.
+    /// The admin listener is on loopback.
     pub admin_on_loopback: bool,
     /// Registered tasks, the provider client and the task endpoints' settings.
     pub tasks: crate::poll::Tasks,
 }
 
+/// The public routes, with the body size limit only.
 pub fn router(state: AppState) -> Router {
     let limit = state.body_limit;
     Router::new()
@@ -41,10 +58,83 @@ pub fn router(state: AppState) -> Router {
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The public routes with the edge's limits: rate limits first (a refused
+/// request costs no body read), then the body deadline.
+pub fn public(state: AppState, config: &Config) -> Router {
+    let deadline = BodyDeadline {
+        timeout: Duration::from_millis(config.server.body_timeout_ms),
+        limit: config.server.body_limit_bytes,
+        rejects: Some(state.outbox.clone()),
+    };
+    let rate = Arc::new(RateLimit::new(
+        &config.server.rate_limit,
+        state.outbox.stats().clone(),
+    ));
+    router(state)
+        .layer(middleware::from_fn_with_state(deadline, read_body))
+        .layer(middleware::from_fn_with_state(rate, limit::enforce))
+}
+
+/// The operator routes, behind the admin guard (Host, cross-site, token).
+pub fn admin_router(state: AppState, config: &Config) -> Router {
+    let guard = Arc::new(AdminGuard::new(&config.admin));
+    let deadline = BodyDeadline {
+        timeout: Duration::from_millis(config.server.body_timeout_ms),
+        limit: 64 * 1024,
+        rejects: None,
+    };
+    Router::new()
         .route("/admin/status", get(admin::status))
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route("/admin/dead-letters/requeue", post(admin::requeue))
         .route("/admin/rejected", get(admin::rejected))
-        .layer(DefaultBodyLimit::max(limit))
+        .route_layer(middleware::from_fn_with_state(guard, admin::guard))
+        .layer(middleware::from_fn_with_state(deadline, read_body))
         .with_state(state)
+}
+
+/// How long, and how much, a request body may take.
+#[derive(Clone)]
+struct BodyDeadline {
+    timeout: Duration,
+    limit: usize,
+    /// Where an oversized body is counted as rejected (public listener).
+    rejects: Option<Outbox>,
+}
+
+/// Reads the whole body within the deadline before any handler runs, so a
+/// body that trickles or stalls is answered 408 (and its connection closed)
+/// instead of holding a handler, and an oversized one 413.
+async fn read_body(State(d): State<BodyDeadline>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(d.timeout, Limited::new(body, d.limit).collect()).await;
+    let bytes = match read {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            if let Some(outbox) = &d.rejects {
+                outbox.reject(b"", "body over the size limit (not kept)");
+            }
+            return close(ApiError::TooLarge(d.limit).into_response());
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "request body cut off");
+            return close(ApiError::InvalidPayload("request body cut off".into()).into_response());
+        }
+        Err(_) => return close(ApiError::Timeout.into_response()),
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// The rest of the request was not read: the connection cannot be reused.
+fn close(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
