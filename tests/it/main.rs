@@ -6,6 +6,7 @@
 mod support;
 
 mod dedup;
+mod edge;
 mod ingress;
 mod kafka;
 mod nats;

@@ -24,6 +24,9 @@ pub fn config(data_dir: &Path, publisher: PublisherConfig) -> Config {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    // Tests send bursts from one address; tests/it/edge.rs sets limits.
+    config.server.rate_limit.per_client_per_sec = 0;
+    config.server.rate_limit.global_per_sec = 0;
     config.outbox.data_dir = data_dir.to_path_buf();
     config.outbox.retry_initial_ms = 50;
     config.outbox.retry_max_ms = 1000;
@@ -259,6 +262,8 @@ impl ChildApp {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"));
         cmd.env("HOOKBRIDGE_SERVER__LISTEN", addr.to_string())
             .env("HOOKBRIDGE_ADMIN__LISTEN", admin_addr.to_string())
+            .env("HOOKBRIDGE_SERVER__RATE_LIMIT__PER_CLIENT_PER_SEC", "0")
+            .env("HOOKBRIDGE_SERVER__RATE_LIMIT__GLOBAL_PER_SEC", "0")
             .env("HOOKBRIDGE_OUTBOX__DATA_DIR", data_dir)
             .env("HOOKBRIDGE_OUTBOX__RETRY_INITIAL_MS", "50")
             .env("HOOKBRIDGE_OUTBOX__RETRY_MAX_MS", "1000")
