@@ -2,9 +2,11 @@
 //! the configured limits, tracked so that shutdown can wait for it and then
 //! drop it.
 //!
-//! - At most `max_connections` are served at once: the loop takes a permit
-//!   *before* `accept`, so excess connections wait in the kernel's accept
-//!   queue and never cost a file descriptor.
+//! - At most `max_connections` are served at once. A connection that
+//!   arrives at the cap evicts an idle one, the oldest that never completed
+//!   a request head first (a slow-loris), else the oldest idle keep-alive
+//!   one; when every connection has a request in flight, new ones wait in
+//!   the kernel's accept queue, which costs no file descriptor.
 //! - hyper closes a connection whose request head is not complete within
 //!   `header_timeout` (also an idle keep-alive connection) or is larger than
 //!   `max_header_bytes`; the body deadline is the router's (`http::public`).
@@ -15,10 +17,13 @@
 //!   certificate is re-read when its files change or on SIGHUP (new
 //!   handshakes use it, open connections keep theirs).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -29,7 +34,7 @@ use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
@@ -87,6 +92,7 @@ pub async fn serve(
         .max_buf_size(limits.max_header_bytes.max(8192) * 2);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let live = Arc::new(Live::default());
     let (closing_tx, closing) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut reload = tls.as_ref().map(|t| tokio::time::interval(t.check_every()));
@@ -94,13 +100,6 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         while connections.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             _ = tick(&mut reload) => {
@@ -127,18 +126,37 @@ pub async fn serve(
                 }
             }
         };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // At the cap: make room by closing an idle connection, or
+                // wait for one to end if every connection is busy.
+                live.evict_one();
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    permit = permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
+        let state = live.add();
         let connection = Connection {
             builder: builder.clone(),
             service: WithPeer {
                 router: router.clone(),
                 peer,
+                state: state.clone(),
             },
             handshake: tls.as_ref().map(|t| (t.acceptor(), limits.header_timeout)),
             closing: closing.clone(),
         };
+        let live = live.clone();
         connections.spawn(async move {
             let _permit = permit;
             connection.run(stream).await;
+            live.remove(state.id);
         });
     }
     drop(listener);
@@ -199,21 +217,94 @@ fn hangup_signal() -> Hangup {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// The router, with the peer's address for the rate limiter.
+/// What the accept loop knows of one open connection, to pick which one
+/// to evict at the cap.
+struct ConnState {
+    /// Accept order: lower is older.
+    id: u64,
+    /// Request heads completed on this connection.
+    requests: AtomicU64,
+    /// Requests being handled right now.
+    in_flight: AtomicUsize,
+    evicted: AtomicBool,
+    evict: Notify,
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Live {
+    next_id: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<ConnState>>>,
+}
+
+impl Live {
+    fn add(&self) -> Arc<ConnState> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(ConnState {
+            id,
+            requests: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(id, state.clone());
+        }
+        state
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut open) = self.open.lock() {
+            open.remove(&id);
+        }
+    }
+
+    /// Closes the oldest idle connection that never completed a request
+    /// head, else the oldest idle one; none while every one is busy.
+    fn evict_one(&self) {
+        let Ok(open) = self.open.lock() else { return };
+        let idle = |c: &&Arc<ConnState>| {
+            c.in_flight.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Relaxed)
+        };
+        let victim = open
+            .values()
+            .filter(idle)
+            .find(|c| c.requests.load(Ordering::Relaxed) == 0)
+            .or_else(|| open.values().find(idle));
+        if let Some(victim) = victim {
+            victim.evicted.store(true, Ordering::Relaxed);
+            victim.evict.notify_one();
+        }
+    }
+}
+
+/// The router, with the peer's address for the rate limiter, counting the
+/// connection's requests for eviction.
 #[derive(Clone)]
 struct WithPeer {
     router: Router,
     peer: SocketAddr,
+    state: Arc<ConnState>,
 }
+
+type Answer = Pin<Box<dyn Future<Output = Result<axum::response::Response, Infallible>> + Send>>;
 
 impl hyper::service::Service<Request<Incoming>> for WithPeer {
     type Response = axum::response::Response;
     type Error = Infallible;
-    type Future = tower::util::Oneshot<Router, Request<Incoming>>;
+    type Future = Answer;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(ConnectInfo(self.peer));
-        self.router.clone().oneshot(request)
+        let state = self.state.clone();
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        let answer = self.router.clone().oneshot(request);
+        Box::pin(async move {
+            let response = answer.await;
+            state.in_flight.fetch_sub(1, Ordering::AcqRel);
+            response
+        })
     }
 }
 
@@ -226,6 +317,16 @@ struct Connection {
 
 impl Connection {
     async fn run(mut self, stream: TcpStream) {
+        let state = self.service.state.clone();
+        tokio::select! {
+            _ = self.serve(stream) => {}
+            _ = state.evict.notified() => {
+                tracing::debug!(connection = state.id, "idle connection evicted at the cap");
+            }
+        }
+    }
+
+    async fn serve(&mut self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let peer = self.service.peer;
         let io: Box<dyn Io> = match self.handshake.take() {
@@ -250,7 +351,7 @@ impl Connection {
         };
         let connection = self
             .builder
-            .serve_connection(TokioIo::new(io), self.service);
+            .serve_connection(TokioIo::new(io), self.service.clone());
         tokio::pin!(connection);
         let result = tokio::select! {
             result = connection.as_mut() => result,
