@@ -128,10 +128,10 @@ pub struct RateLimitConfig {
 impl Default for RateLimitConfig {
     fn default() -> Self {
         Self {
-            per_client_per_sec: 100,
-            per_client_burst: 200,
-            global_per_sec: 2_000,
-            global_burst: 4_000,
+            per_client_per_sec: 200,
+            per_client_burst: 400,
+            global_per_sec: 50_000,
+            global_burst: 100_000,
             max_clients: 100_000,
             trusted_proxies: Vec::new(),
         }
