@@ -896,6 +896,38 @@ mod tests {
     }
 
     #[test]
+    fn edge_settings_are_checked() {
+        let err = Config::from_toml("[admin]\nlisten = \"0.0.0.0:9091\"\n").unwrap_err();
+        assert!(err.to_string().contains("admin.listen"), "{err}");
+        let config =
+            Config::from_toml("[admin]\nlisten = \"0.0.0.0:9091\"\ntoken = \"0123456789abcdef\"\n")
+                .unwrap();
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+        let err = Config::from_toml("[server.rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("trusted_proxies"), "{err}");
+        let err = Config::from_toml("[server]\nmax_connections = 0\n").unwrap_err();
+        assert!(err.to_string().contains("server.max_connections"), "{err}");
+        let err = Config::from_toml("[outbox]\nmax_tracked_tasks = 0\n").unwrap_err();
+        assert!(
+            err.to_string().contains("outbox.max_tracked_tasks"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cidrs_match_their_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains(ip("10.1.200.3")) && !net.contains(ip("10.2.0.1")));
+        assert!(net.contains(ip("::ffff:10.1.0.9")), "IPv4-mapped");
+        let one = Cidr::parse("2001:db8::1").unwrap();
+        assert!(one.contains(ip("2001:db8::1")) && !one.contains(ip("2001:db8::2")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("192.0.2.1")));
+        assert!(Cidr::parse("nope").is_err() && Cidr::parse("::/129").is_err());
+    }
+
+    #[test]
     fn kafka_option_keys_may_use_underscores_for_dots() {
         let err = Config::from_toml(
             "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\nenable_idempotence = \"false\"\n",

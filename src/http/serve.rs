@@ -96,7 +96,7 @@ pub async fn serve(
     let (closing_tx, closing) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut reload = tls.as_ref().map(|t| tokio::time::interval(t.check_every()));
-    let mut hangup = hangup_signal();
+    let mut hangup = Hangup(tls.as_ref().and_then(|_| hangup_signal()));
     tokio::pin!(shutdown);
     loop {
         while connections.try_join_next().is_some() {}
@@ -191,7 +191,8 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
     }
 }
 
-/// SIGHUP, if this platform has it; a stream that never yields otherwise.
+/// SIGHUP while TLS is on (it reloads the certificate); never otherwise,
+/// so that without TLS the signal keeps its default meaning.
 struct Hangup(Option<tokio::signal::unix::Signal>);
 
 impl Hangup {
@@ -207,9 +208,9 @@ impl Hangup {
     }
 }
 
-fn hangup_signal() -> Hangup {
+fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
-    Hangup(signal(SignalKind::hangup()).ok())
+    signal(SignalKind::hangup()).ok()
 }
 
 /// Both kinds of stream behind one type, so one hyper connection type
