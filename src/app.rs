@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::http::{self, AppState, Limits, Tls};
+use crate::http::{AppState, Edge};
 use crate::outbox::{Outbox, Relay};
 use crate::poll::{Reconciler, Tasks, Verifier};
 use crate::publish::{self, Publisher};
@@ -23,9 +23,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// A built, bound, not yet running hookbridge.
 pub struct App {
     listener: TcpListener,
-    admin_listener: TcpListener,
-    tls: Option<Tls>,
-    config: Config,
+    /// The admin listener and the public listener's limits.
+    edge: Edge,
     outbox: Outbox,
     publisher: Arc<dyn Publisher>,
     state: AppState,
@@ -50,16 +49,7 @@ impl App {
             .with_context(|| {
                 format!("cannot listen on server.listen = {}", config.server.listen)
             })?;
-        let admin_listener = TcpListener::bind(config.admin.listen)
-            .await
-            .with_context(|| format!("cannot listen on admin.listen = {}", config.admin.listen))?;
-        let tls = config
-            .server
-            .tls
-            .as_ref()
-            .map(Tls::load)
-            .transpose()
-            .context("cannot use server.tls")?;
+        let edge = Edge::bind(&config).await?;
         let state = AppState {
             outbox: outbox.clone(),
             publisher_name: publisher.name(),
@@ -88,9 +78,7 @@ impl App {
             .flatten();
         Ok(Self {
             listener,
-            admin_listener,
-            tls,
-            config: config.clone(),
+            edge,
             outbox,
             publisher,
             state,
@@ -112,9 +100,7 @@ impl App {
 
     /// The admin listener's address.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.edge.admin_addr()
     }
 
     pub fn admin_port(&self) -> u16 {
@@ -135,7 +121,6 @@ impl App {
             let _ = rx.wait_for(|stop| *stop).await;
         };
         let addr = self.local_addr();
-        let admin = self.admin_addr();
         let relay = Relay::new(self.outbox.clone(), self.publisher.clone());
         let relay = tokio::spawn(relay.run(stopped(stop_rx.clone())));
         let pruner = tokio::spawn(prune_periodically(
@@ -149,28 +134,8 @@ impl App {
             .map(|r| tokio::spawn(r.run(stopped(stop_rx.clone()))));
         let verifier = self.verifier.map(|v| tokio::spawn(v.run(stopped(stop_rx))));
 
-        tracing::info!(%addr, %admin, publisher = self.publisher.name(), "hookbridge listening");
-        let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-        let (public, admin) = (
-            http::public(self.state.clone(), &self.config),
-            http::admin_router(self.state, &self.config),
-        );
-        tokio::join!(
-            http::serve(
-                self.listener,
-                public,
-                Limits::public(&self.config.server),
-                self.tls,
-                shutdown.clone(),
-            ),
-            http::serve(
-                self.admin_listener,
-                admin,
-                Limits::admin(&self.config.server),
-                None,
-                shutdown,
-            ),
-        );
+        tracing::info!(%addr, publisher = self.publisher.name(), "hookbridge listening");
+        let served = self.edge.serve(self.listener, self.state, shutdown).await;
         tracing::info!("stopped accepting; draining the relay");
         let _ = stop_tx.send(true);
         for worker in [reconciler, verifier].into_iter().flatten() {
@@ -178,7 +143,7 @@ impl App {
         }
         let _ = relay.await;
         let _ = pruner.await;
-        Ok(())
+        served.context("http server failed")
     }
 }
 

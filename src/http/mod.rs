@@ -4,8 +4,12 @@
 //! endpoints. `router(state)` (the public routes without the edge limits)
 //! is all a router test needs; [`serve()`] runs a router on a socket.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -15,6 +19,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
+use tokio::net::TcpListener;
 
 use crate::config::{Config, Secret};
 use crate::outbox::Outbox;
@@ -45,6 +50,70 @@ pub struct AppState {
     pub admin_on_loopback: bool,
     /// Registered tasks, the provider client and the task endpoints' settings.
     pub tasks: crate::poll::Tasks,
+}
+
+/// What the HTTP side needs besides the public listener: the bound admin
+/// listener, the TLS certificate, and the settings of both.
+pub struct Edge {
+    admin: TcpListener,
+    tls: Option<Tls>,
+    config: Config,
+}
+
+impl Edge {
+    /// Binds the admin listener and loads the TLS certificate, if any.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let admin = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("cannot listen on admin.listen = {}", config.admin.listen))?;
+        let tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(Tls::load)
+            .transpose()
+            .context("cannot use server.tls")?;
+        Ok(Self {
+            admin,
+            tls,
+            config: config.clone(),
+        })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves the public routes on `public` and the admin routes on the
+    /// admin listener until `shutdown`, then stops both (see [`serve()`]).
+    pub async fn serve(
+        self,
+        public: TcpListener,
+        state: AppState,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+        let server = &self.config.server;
+        tokio::join!(
+            serve(
+                public,
+                self::public(state.clone(), &self.config),
+                Limits::public(server),
+                self.tls,
+                shutdown.clone(),
+            ),
+            serve(
+                self.admin,
+                admin_router(state, &self.config),
+                Limits::admin(server),
+                None,
+                shutdown,
+            ),
+        );
+        Ok(())
+    }
 }
 
 /// The public routes, with the body size limit only.
