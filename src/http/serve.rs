@@ -261,17 +261,28 @@ impl Live {
     }
 
     /// Closes the oldest idle connection that never completed a request
-    /// head, else the oldest idle one; none while every one is busy.
+    /// head, else (when no such one is on its way out already) the oldest
+    /// idle keep-alive one; none while every one is busy.
     fn evict_one(&self) {
         let Ok(open) = self.open.lock() else { return };
-        let idle = |c: &&Arc<ConnState>| {
-            c.in_flight.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Relaxed)
+        let idle = |c: &&Arc<ConnState>| c.in_flight.load(Ordering::Acquire) == 0;
+        let fresh = |c: &&Arc<ConnState>| c.requests.load(Ordering::Relaxed) == 0;
+        let evicted = |c: &&Arc<ConnState>| c.evicted.load(Ordering::Relaxed);
+        let mut headless = open.values().filter(idle).filter(fresh);
+        let victim = match headless.find(|c| !evicted(c)) {
+            Some(victim) => Some(victim),
+            // A never-finished head is closing already: its permit comes
+            // back soon, no need to cut a client's keep-alive connection.
+            None if open
+                .values()
+                .filter(idle)
+                .filter(fresh)
+                .any(|c| evicted(&c)) =>
+            {
+                None
+            }
+            None => open.values().filter(idle).find(|c| !evicted(c)),
         };
-        let victim = open
-            .values()
-            .filter(idle)
-            .find(|c| c.requests.load(Ordering::Relaxed) == 0)
-            .or_else(|| open.values().find(idle));
         if let Some(victim) = victim {
             victim.evicted.store(true, Ordering::Relaxed);
             victim.evict.notify_one();
