@@ -10,11 +10,12 @@
 //! ingest outbox-rate  --dir DIR --rate R [--duration S]     the outbox alone at a fixed rate: append latency
 //! ingest wait-http    --url URL                             wait until GET URL answers 200
 //! ingest wait-drained --url URL                             wait until the outbox is empty
+//! ingest edge         --url URL --attack none|loris|junk    fixed-rate good callbacks during an attack
 //! ```
 //!
 //! `URL` is the server's base, e.g. `http://127.0.0.1:8080`; callbacks go to
 //! `--path` (default `/webhooks/kinovi`), the outbox depth is read from
-//! `/admin/status`. Only loopback addresses are accepted: this is a load
+//! `/admin/status` on `--admin-url` (default: `URL`). Only loopback addresses are accepted: this is a load
 //! generator. Every callback carries a distinct taskId (a run-unique prefix
 //! and a counter), so deduplication never suppresses one and every 200 is a
 //! durable write. The bodies are the provider's documented success and
@@ -34,6 +35,8 @@ use clap::{Args, Parser, Subcommand};
 // A bench target is a crate root: its modules are found relative to benches/.
 #[path = "ingest/dedup_size.rs"]
 mod dedup_size;
+#[path = "ingest/edge.rs"]
+mod edge;
 #[path = "ingest/load.rs"]
 mod load;
 #[path = "ingest/outbox_rate.rs"]
@@ -127,6 +130,30 @@ enum Mode {
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
     },
+    /// Open-loop good callbacks at a fixed rate while the edge is attacked
+    /// (nothing, a slow-loris, or a flood of invalid 1 MiB bodies).
+    Edge {
+        #[command(flatten)]
+        target: Url,
+        #[arg(long, value_enum, default_value = "none")]
+        attack: edge::Attack,
+        /// Good callbacks per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Slow-loris connections held open.
+        #[arg(long, default_value_t = 2000)]
+        loris: usize,
+        /// Connections the junk is sent on.
+        #[arg(long, default_value_t = 32)]
+        junk_connections: usize,
+        /// Junk bodies per second in all; 0 sends them as fast as answered.
+        #[arg(long, default_value_t = 0)]
+        junk_rate: u64,
+    },
     /// Wait until the server's outbox has nothing pending.
     WaitDrained {
         #[command(flatten)]
@@ -144,11 +171,18 @@ struct Url {
     /// Path callbacks are posted to.
     #[arg(long, default_value = "/webhooks/kinovi")]
     path: String,
+    /// The admin listener's base URL (for `/admin/status`); default: --url.
+    #[arg(long)]
+    admin_url: Option<String>,
 }
 
 impl Url {
     fn target(&self) -> anyhow::Result<Target> {
         Target::parse(&self.url, &self.path)
+    }
+
+    fn admin(&self) -> anyhow::Result<Target> {
+        Target::parse(self.admin_url.as_deref().unwrap_or(&self.url), "/")
     }
 }
 
@@ -244,11 +278,12 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             connections,
             timeout,
         } => {
+            let admin = target.admin()?;
             let target = target.target()?;
             println!("== drain: posting {count} callbacks to {target} (broker down)");
-            let report = load::closed_loop(target.clone(), connections, Stop::Count(count)).await?;
+            let report = load::closed_loop(target, connections, Stop::Count(count)).await?;
             report.print_closed(connections);
-            server::drain(&target, secs(timeout)).await?;
+            server::drain(&admin, secs(timeout)).await?;
         }
         Mode::DedupSize {
             dir,
@@ -264,8 +299,29 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             let target = Target::parse(&url, "")?;
             server::wait_http(&target, secs(timeout)).await?;
         }
+        Mode::Edge {
+            target,
+            attack,
+            rate,
+            duration,
+            warmup,
+            loris,
+            junk_connections,
+            junk_rate,
+        } => {
+            let settings = edge::Settings {
+                attack,
+                rate,
+                warmup: secs(warmup),
+                duration: secs(duration),
+                loris,
+                junk_connections,
+                junk_rate,
+            };
+            edge::run(target.target()?, settings).await?;
+        }
         Mode::WaitDrained { target, timeout } => {
-            let target = target.target()?;
+            let target = target.admin()?;
             let (start, took) = server::wait_drained(&target, secs(timeout)).await?;
             println!(
                 "outbox drained: {start} pending at start, empty after {:.2} s",

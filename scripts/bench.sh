@@ -14,6 +14,9 @@
 #   drain       Kafka stopped, BENCH_DRAIN_COUNT callbacks posted, Kafka started:
 #               events/s from the first publish to an empty outbox
 #   dedup-size  the outbox alone: on-disk size of BENCH_DEDUP_COUNT tasks' dedup records
+#   edge        good callbacks at BENCH_EDGE_RATE/s (open loop) alone, then during a
+#               slow-loris (BENCH_LORIS connections sending half a request head), then
+#               during a flood of invalid 1 MiB bodies (32 connections): p50/p99 of each
 # then prints a summary table. Every phase is bounded in time; all processes this
 # script started are stopped when it exits (also on Ctrl-C). Total: about 2 minutes
 # after the build.
@@ -26,6 +29,10 @@
 #   BENCH_RATE_DURATION    fixed-rate measured seconds (default 15)
 #   BENCH_DRAIN_COUNT      callbacks posted during the outage (default 200000)
 #   BENCH_DEDUP_COUNT      distinct tasks for dedup-size (default 1000000)
+#   BENCH_EDGE_RATE        good callbacks/s in the edge phases (default 200)
+#   BENCH_EDGE_DURATION    measured seconds of each edge phase (default 10)
+#   BENCH_LORIS            slow-loris connections (default 2000)
+#   BENCH_JUNK_RATE        junk bodies/s (default 0: as fast as they are answered)
 #   BENCH_CLIENT_THREADS   load generator runtime threads (default 1)
 #   BENCH_KEEP=1           keep the state dir (logs, data) and print its path
 #   BENCH_NO_SYNC=1        do not `sync` before each load phase (see measured() below)
@@ -41,13 +48,19 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BROKERS=$ROOT/scripts/brokers.sh
 cd "$ROOT"
 
-PHASES=${BENCH_PHASES:-baseline dedup-on dedup-off fixed-rate drain dedup-size}
+PHASES=${BENCH_PHASES:-baseline dedup-on dedup-off fixed-rate drain dedup-size edge}
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-128}
 RATE=${BENCH_RATE:-5000}
 RATE_DURATION=${BENCH_RATE_DURATION:-15}
 DRAIN_COUNT=${BENCH_DRAIN_COUNT:-200000}
 DEDUP_COUNT=${BENCH_DEDUP_COUNT:-1000000}
+EDGE_RATE=${BENCH_EDGE_RATE:-200}
+EDGE_DURATION=${BENCH_EDGE_DURATION:-10}
+LORIS=${BENCH_LORIS:-2000}
+JUNK_RATE=${BENCH_JUNK_RATE:-0}
+# The slow-loris phase holds thousands of sockets in the load generator.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export BENCH_CLIENT_THREADS=${BENCH_CLIENT_THREADS:-1}
 
 step() { printf '\n==> %s\n' "$*" >&2; }
@@ -107,9 +120,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-mapfile -t PORTS < <(bash "$BROKERS" free-port 3)
-KPORT=${PORTS[0]} KCPORT=${PORTS[1]} HPORT=${PORTS[2]}
+mapfile -t PORTS < <(bash "$BROKERS" free-port 4)
+KPORT=${PORTS[0]} KCPORT=${PORTS[1]} HPORT=${PORTS[2]} APORT=${PORTS[3]}
 URL=http://127.0.0.1:$HPORT
+ADMIN=http://127.0.0.1:$APORT
 
 start_kafka() {
   local try
@@ -137,6 +151,9 @@ start_hookbridge() {
     HOOKBRIDGE_PUBLISHER__TOPIC=bench \
     HOOKBRIDGE_OUTBOX__DATA_DIR="$STATE/data-$name" \
     HOOKBRIDGE_SERVER__LISTEN="127.0.0.1:$HPORT" \
+    HOOKBRIDGE_ADMIN__LISTEN="127.0.0.1:$APORT" \
+    HOOKBRIDGE_SERVER__RATE_LIMIT__PER_CLIENT_PER_SEC=0 \
+    HOOKBRIDGE_SERVER__RATE_LIMIT__GLOBAL_PER_SEC=0 \
     HOOKBRIDGE_LOG__LEVEL="${HOOKBRIDGE_LOG__LEVEL:-warn}" \
     "$@" "$HOOKBRIDGE" </dev/null >"$STATE/hookbridge-$name.log" 2>&1 &
   HB_PID=$!
@@ -239,7 +256,7 @@ if want baseline; then
   measured baseline "$BENCH" baseline --duration "$DURATION" --connections "$CONNECTIONS"
 fi
 
-if want dedup-on || want dedup-off || want fixed-rate || want drain; then
+if want dedup-on || want dedup-off || want fixed-rate || want drain || want edge; then
   step "start Kafka on 127.0.0.1:$KPORT"
   start_kafka
 fi
@@ -248,7 +265,7 @@ if want dedup-on; then
   step "full-speed: hookbridge with dedup on, ${DURATION}s, $CONNECTIONS connections"
   start_hookbridge dedup-on
   measured dedup-on "$BENCH" full-speed --url "$URL" --duration "$DURATION" --connections "$CONNECTIONS"
-  phase dedup-on-relay "$BENCH" wait-drained --url "$URL" --timeout 120
+  phase dedup-on-relay "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 120
   stop_hookbridge
 fi
 
@@ -256,7 +273,7 @@ if want dedup-off; then
   step "full-speed: hookbridge with dedup off, ${DURATION}s, $CONNECTIONS connections"
   start_hookbridge dedup-off HOOKBRIDGE_OUTBOX__DEDUP=false
   measured dedup-off "$BENCH" full-speed --url "$URL" --duration "$DURATION" --connections "$CONNECTIONS"
-  phase dedup-off-relay "$BENCH" wait-drained --url "$URL" --timeout 120
+  phase dedup-off-relay "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 120
   stop_hookbridge
 fi
 
@@ -267,7 +284,7 @@ fi
 if want fixed-rate; then
   step "fixed-rate: ${RATE}/s for ${RATE_DURATION}s (dedup on)"
   measured fixed-rate "$BENCH" fixed-rate --url "$URL" --rate "$RATE" --duration "$RATE_DURATION"
-  phase fixed-rate-relay "$BENCH" wait-drained --url "$URL" --timeout 60
+  phase fixed-rate-relay "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 60
 fi
 
 DRAIN_READY_DELAY=-
@@ -276,7 +293,7 @@ if want drain; then
   [[ -n ${BENCH_NO_SYNC:-} ]] || sync
   stop "$KAFKA_PID" 30
   KAFKA_PID=
-  "$BENCH" drain --url "$URL" --count "$DRAIN_COUNT" --connections "$CONNECTIONS" --timeout 180 \
+  "$BENCH" drain --url "$URL" --admin-url "$ADMIN" --count "$DRAIN_COUNT" --connections "$CONNECTIONS" --timeout 180 \
     >"$STATE/drain.out" 2>&1 &
   DRAIN_PID=$!
   deadline=$((SECONDS + 180))
@@ -302,6 +319,19 @@ if want drain; then
   echo "Kafka ready -> first event published: ${DRAIN_READY_DELAY} ms (poll interval 20 ms)"
 fi
 stop_hookbridge
+
+if want edge; then
+  # Rate limits stay off: the load generator is one client sending good and bad.
+  start_hookbridge edge
+  for attack in none loris junk; do
+    step "edge: ${EDGE_RATE}/s good callbacks for ${EDGE_DURATION}s, attack: $attack"
+    [[ -n ${BENCH_NO_SYNC:-} ]] || sync
+    phase "edge-$attack" "$BENCH" edge --url "$URL" --attack "$attack" --rate "$EDGE_RATE" \
+      --duration "$EDGE_DURATION" --loris "$LORIS" --junk-rate "$JUNK_RATE"
+  done
+  phase edge-relay "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 60
+  stop_hookbridge
+fi
 stop "$KAFKA_PID" 30
 KAFKA_PID=
 
@@ -333,4 +363,8 @@ step "summary ($(nproc) cores, load generator on the same machine, BENCH_CLIENT_
   printf '%-44s %14s %s\n' "dedup records, $DEDUP_COUNT tasks: MiB" "$(result dedup-size dedup_mib)" ""
   printf '%-44s %14s %s\n' "  bytes per task (pages; file diff MiB)" "$(result dedup-size dedup_bytes_per_task) ($(result dedup-size file_diff_mib))" ""
   printf '%-44s %14s %s\n' "  outbox append us, dedup on / off" "$(result dedup-size append_on_us) / $(result dedup-size append_off_us)" ""
+  printf '%-44s %14s %s\n' "edge ${EDGE_RATE}/s: p50 / p99 ms, no attack" "$(result edge-none p50_ms) / $(result edge-none p99_ms)" ""
+  printf '%-44s %14s %s\n' "  during a slow-loris ($LORIS conns)" "$(result edge-loris p50_ms) / $(result edge-loris p99_ms)" ""
+  printf '%-44s %14s %s\n' "  during a junk flood (1 MiB bodies)" "$(result edge-junk p50_ms) / $(result edge-junk p99_ms)" ""
+  printf '%-44s %14s %s\n' "  p99 ratio loris / none; junk / none" "$(ratio "$(result edge-loris p99_ms)" "$(result edge-none p99_ms)"); $(ratio "$(result edge-junk p99_ms)" "$(result edge-none p99_ms)")" "<= 2"
 } | tee "$STATE/summary.txt"

@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, HealthConfig, ReconcileConfig};
-use crate::http::{router, AppState};
+use crate::http::{AppState, Edge};
 use crate::outbox::{Outbox, Relay};
 use crate::poll::{Reconciler, Tasks, Verifier};
 use crate::publish::{self, Publisher};
@@ -26,6 +26,8 @@ const WATCH_WRITER_EVERY: Duration = Duration::from_millis(500);
 /// A built, bound, not yet running hookbridge.
 pub struct App {
     listener: TcpListener,
+    /// The admin listener and the public listener's limits.
+    edge: Edge,
     outbox: Outbox,
     publisher: Arc<dyn Publisher>,
     state: AppState,
@@ -62,12 +64,13 @@ impl App {
             .with_context(|| {
                 format!("cannot listen on server.listen = {}", config.server.listen)
             })?;
+        let edge = Edge::bind(&config).await?;
         let state = AppState {
             outbox: outbox.clone(),
             publisher_name: publisher.name(),
             body_limit: config.server.body_limit_bytes,
-            admin_on_loopback: config.server.listen.ip().is_loopback(),
-            admin_token: config.server.admin_token.clone(),
+            admin_on_loopback: config.admin.listen.ip().is_loopback(),
+            admin_token: config.admin.token.clone(),
             tasks: tasks.clone(),
             health: Arc::new(Health::new(&config.health)),
         };
@@ -75,6 +78,7 @@ impl App {
         let has_client = tasks.client.is_some();
         Ok(Self {
             listener,
+            edge,
             outbox,
             publisher,
             state,
@@ -95,6 +99,15 @@ impl App {
         self.local_addr().port()
     }
 
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.edge.admin_addr()
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_addr().port()
+    }
+
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
     }
@@ -112,8 +125,9 @@ impl App {
         let gave_up = supervisor.gave_up();
 
         tracing::info!(%addr, publisher = self.publisher.name(), "hookbridge listening");
-        let served = axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(async move {
+        let served = self
+            .edge
+            .serve(self.listener, self.state, async move {
                 tokio::select! {
                     _ = shutdown => {}
                     _ = gave_up.cancelled() => tracing::error!("a worker cannot be kept alive; stopping"),

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -24,6 +24,8 @@ pub use show::{is_secret_option, mask_url, split_userinfo, MASK};
 pub struct Config {
     /// The HTTP ingress.
     pub server: ServerConfig,
+    /// The operator listener: `/admin/*` and readiness.
+    pub admin: AdminConfig,
     /// The durable outbox between the ingress and the broker.
     pub outbox: OutboxConfig,
     /// Where accepted events are published. Not part of the serialized
@@ -69,7 +71,7 @@ impl Default for HealthConfig {
     }
 }
 
-/// The HTTP ingress.
+/// The HTTP ingress: the provider's callbacks, the task endpoints, `/healthz`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -77,9 +79,26 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body in bytes; larger bodies get 413.
     pub body_limit_bytes: usize,
-    /// Bearer token that protects the `/admin/*` endpoints. Unset: they are
-    /// served on loopback listeners only.
-    pub admin_token: Option<Secret>,
+    /// Longest wait for a request's headers, in milliseconds, counted from
+    /// the moment the server waits for them: it also closes a keep-alive
+    /// connection that stays idle that long.
+    pub header_timeout_ms: u64,
+    /// Longest time to receive a whole request body, in milliseconds; a
+    /// slower one gets 408 and its connection is closed.
+    pub body_timeout_ms: u64,
+    /// Largest request head (request line and headers) in bytes; a larger
+    /// one closes the connection.
+    pub max_header_bytes: usize,
+    /// Most connections served at once; more wait in the kernel's accept
+    /// queue (no file descriptor is spent on them) until one closes.
+    pub max_connections: usize,
+    /// How long shutdown waits for open requests, in milliseconds; the
+    /// connections still open then are dropped.
+    pub shutdown_timeout_ms: u64,
+    /// Native TLS (HTTPS) on this listener. Unset: plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Token buckets per client address and for the whole listener.
+    pub rate_limit: RateLimitConfig,
 }
 
 impl Default for ServerConfig {
@@ -87,7 +106,93 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             body_limit_bytes: 1024 * 1024,
-            admin_token: None,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            max_header_bytes: 16 * 1024,
+            max_connections: 512,
+            shutdown_timeout_ms: 15_000,
+            tls: None,
+            rate_limit: RateLimitConfig::default(),
+        }
+    }
+}
+
+/// PEM files for native TLS; re-read when their modification time changes
+/// or on SIGHUP, without dropping open connections.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// How often the files' modification times are checked, in milliseconds.
+    #[serde(default = "default_tls_reload_check_ms")]
+    pub reload_check_ms: u64,
+}
+
+fn default_tls_reload_check_ms() -> u64 {
+    10_000
+}
+
+/// Rate limits on the public listener; past them the answer is 429 with
+/// `Retry-After`. The provider sends little at once, so the defaults only
+/// stop floods.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Requests per second one client address may sustain; 0 turns the
+    /// per-client limit off.
+    pub per_client_per_sec: u32,
+    /// Requests one client address may send at once above that rate.
+    pub per_client_burst: u32,
+    /// Requests per second the whole listener accepts; 0 turns it off.
+    pub global_per_sec: u32,
+    /// Requests the whole listener accepts at once above that rate.
+    pub global_burst: u32,
+    /// Most client addresses tracked at once; past it, idle ones are forgotten.
+    pub max_clients: usize,
+    /// Proxies (CIDRs such as `10.0.0.0/8` or single addresses) whose
+    /// `X-Forwarded-For` / `Forwarded` headers name the client. From any
+    /// other peer these headers are ignored.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            per_client_per_sec: 200,
+            per_client_burst: 400,
+            global_per_sec: 50_000,
+            global_burst: 100_000,
+            max_clients: 100_000,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// The operator listener: `/admin/*` and readiness.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address to listen on; port 0 picks a free port. Beyond loopback a
+    /// `token` is required.
+    pub listen: SocketAddr,
+    /// Bearer token for `/admin/*`, at least 16 characters. Unset: reads are
+    /// open to the (loopback) listener, and `POST`s still need an
+    /// `Authorization` header, which a browser cannot send cross-site.
+    pub token: Option<Secret>,
+    /// Host names accepted in the `Host` header besides `localhost`, the
+    /// loopback addresses and the listen address (e.g. a proxy's name).
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            token: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -114,8 +219,12 @@ pub struct OutboxConfig {
     pub retry_max_ms: u64,
     /// How long shutdown waits for the in-flight batch, in milliseconds.
     pub shutdown_grace_ms: u64,
-    /// How many rejected request bodies are kept for inspection (oldest dropped first).
+    /// How many rejected request bodies are kept in memory for inspection
+    /// (each cut to 4 KiB; the oldest is dropped first).
     pub keep_rejected: u64,
+    /// Most tasks whose dedup record is kept; a callback for a new task past
+    /// it gets 503 (nothing stored) until older records expire.
+    pub max_tracked_tasks: u64,
     /// Memory for the outbox database's page cache, in MiB: with the
     /// channel and batch sizes, what bounds hookbridge's memory whatever the
     /// backlog or the number of tasks tracked.
@@ -135,6 +244,7 @@ impl Default for OutboxConfig {
             retry_max_ms: 30_000,
             shutdown_grace_ms: 10_000,
             keep_rejected: 1000,
+            max_tracked_tasks: 10_000_000,
             cache_mib: 256,
         }
     }
@@ -533,11 +643,10 @@ impl Config {
         if h.restart_window_secs == 0 {
             return invalid("health.restart_window_secs", "must be at least 1");
         }
-        if let Some(token) = &self.server.admin_token {
-            if token.expose().len() < 16 {
-                return invalid("server.admin_token", "must be at least 16 characters");
-            }
+        if o.max_tracked_tasks == 0 {
+            return invalid("outbox.max_tracked_tasks", "must be at least 1");
         }
+        self.validate_edge()?;
         self.validate_provider()?;
         crate::publish::check_config(&self.publisher)
             .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
@@ -582,6 +691,63 @@ impl Config {
 }
 
 impl Config {
+    fn validate_edge(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        let s = &self.server;
+        for (key, value) in [
+            ("server.header_timeout_ms", s.header_timeout_ms),
+            ("server.body_timeout_ms", s.body_timeout_ms),
+            ("server.shutdown_timeout_ms", s.shutdown_timeout_ms),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be at least 1");
+            }
+        }
+        if s.max_header_bytes < 1024 {
+            return invalid("server.max_header_bytes", "must be at least 1024");
+        }
+        if s.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
+        if let Some(tls) = &s.tls {
+            if tls.reload_check_ms == 0 {
+                return invalid("server.tls.reload_check_ms", "must be at least 1");
+            }
+        }
+        let r = &s.rate_limit;
+        if r.per_client_per_sec > 0 && r.per_client_burst == 0 {
+            return invalid("server.rate_limit.per_client_burst", "must be at least 1");
+        }
+        if r.global_per_sec > 0 && r.global_burst == 0 {
+            return invalid("server.rate_limit.global_burst", "must be at least 1");
+        }
+        if r.max_clients == 0 {
+            return invalid("server.rate_limit.max_clients", "must be at least 1");
+        }
+        for proxy in &r.trusted_proxies {
+            if let Err(reason) = Cidr::parse(proxy) {
+                return invalid("server.rate_limit.trusted_proxies", &reason);
+            }
+        }
+        let a = &self.admin;
+        if let Some(token) = &a.token {
+            if token.expose().len() < 16 {
+                return invalid("admin.token", "must be at least 16 characters");
+            }
+        } else if !a.listen.ip().is_loopback() {
+            return invalid(
+                "admin.listen",
+                "a listener beyond loopback needs admin.token",
+            );
+        }
+        Ok(())
+    }
+
     fn validate_provider(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| {
             Err(ConfigError::Invalid {
@@ -666,6 +832,57 @@ fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
             key,
             reason: format!("{url:?} is not an http:// or https:// URL"),
         })
+    }
+}
+
+/// An address block such as `10.0.0.0/8`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is inside the block (IPv4-mapped IPv6 counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let host_bits = bits - u32::from(self.prefix);
+        let mask = if host_bits >= 128 {
+            0
+        } else {
+            u128::MAX << host_bits
+        };
+        a & mask == b & mask
     }
 }
 
@@ -775,6 +992,38 @@ mod tests {
         assert!(config.provider.verify);
         let printed = format!("{config:?}");
         assert!(!printed.contains("sk-live-secret") && !printed.contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn edge_settings_are_checked() {
+        let err = Config::from_toml("[admin]\nlisten = \"0.0.0.0:9091\"\n").unwrap_err();
+        assert!(err.to_string().contains("admin.listen"), "{err}");
+        let config =
+            Config::from_toml("[admin]\nlisten = \"0.0.0.0:9091\"\ntoken = \"0123456789abcdef\"\n")
+                .unwrap();
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+        let err = Config::from_toml("[server.rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("trusted_proxies"), "{err}");
+        let err = Config::from_toml("[server]\nmax_connections = 0\n").unwrap_err();
+        assert!(err.to_string().contains("server.max_connections"), "{err}");
+        let err = Config::from_toml("[outbox]\nmax_tracked_tasks = 0\n").unwrap_err();
+        assert!(
+            err.to_string().contains("outbox.max_tracked_tasks"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cidrs_match_their_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains(ip("10.1.200.3")) && !net.contains(ip("10.2.0.1")));
+        assert!(net.contains(ip("::ffff:10.1.0.9")), "IPv4-mapped");
+        let one = Cidr::parse("2001:db8::1").unwrap();
+        assert!(one.contains(ip("2001:db8::1")) && !one.contains(ip("2001:db8::2")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("192.0.2.1")));
+        assert!(Cidr::parse("nope").is_err() && Cidr::parse("::/129").is_err());
     }
 
     #[test]

@@ -19,6 +19,15 @@ pub enum ApiError {
     Unauthorized,
     #[error("not found")]
     NotFound,
+    /// Refused whatever the credentials (admin Host or cross-site checks).
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// The request body did not arrive within `server.body_timeout_ms`.
+    #[error("the request body did not arrive in time")]
+    Timeout,
+    /// Over a rate limit; retry after this many seconds.
+    #[error("too many requests; retry after {0} s")]
+    RateLimited(u64),
     /// The backlog is at its cap: nothing was stored.
     #[error("the event backlog is full; nothing was stored")]
     Backlog,
@@ -37,6 +46,9 @@ impl ApiError {
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Timeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Backlog => (StatusCode::SERVICE_UNAVAILABLE, "backlog_full"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -64,11 +76,15 @@ impl IntoResponse for ApiError {
             Json(json!({ "error": code, "message": self.to_string() })),
         )
             .into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
+        let retry_after = match &self {
+            Self::RateLimited(secs) => Some(*secs),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
         }
         response
     }

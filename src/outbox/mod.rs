@@ -31,9 +31,10 @@
 //! ack and the delete republishes that batch. The deterministic `eventId`
 //! (and JetStream's `Nats-Msg-Id` window) let consumers drop such repeats.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -115,6 +116,10 @@ pub struct Stats {
     pub stale: AtomicU64,
     pub conflicts: AtomicU64,
     pub rejected: AtomicU64,
+    /// Rejected bodies pushed out of the in-memory keep (the oldest first).
+    pub rejected_dropped: AtomicU64,
+    /// Requests answered 429 by the public listener's rate limits.
+    pub rate_limited: AtomicU64,
     pub refused_full: AtomicU64,
     pub storage_errors: AtomicU64,
     pub published: AtomicU64,
@@ -211,6 +216,10 @@ struct Inner {
     stats: Arc<Stats>,
     notify: Arc<Notify>,
     config: OutboxConfig,
+    /// The last `keep_rejected` rejected bodies, newest last. In memory and
+    /// apart from the writer, so a flood of junk never queues in front of a
+    /// good callback's commit.
+    rejected: Mutex<VecDeque<Rejected>>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -253,6 +262,7 @@ impl Outbox {
                 stats,
                 notify,
                 config: config.clone(),
+                rejected: Mutex::default(),
             }),
         })
     }
@@ -272,18 +282,34 @@ impl Outbox {
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
-    /// Keeps a rejected request body for inspection (best effort, capped).
+    /// Keeps a rejected request body for inspection: cut to 4 KiB, in a
+    /// capped in-memory ring (the oldest is dropped and counted).
     pub fn reject(&self, body: &[u8], reason: &str) {
         Stats::add(&self.inner.stats.rejected, 1);
-        const KEEP: usize = 64 * 1024;
+        const KEEP: usize = 4 * 1024;
+        const KEEP_REASON: usize = 512;
+        let cut = |text: &str, max: usize| match text.char_indices().nth(max) {
+            Some((at, _)) => text[..at].to_string(),
+            None => text.to_string(),
+        };
         let rejected = Rejected {
             received_at: now_ms(),
-            reason: reason.to_string(),
-            body: String::from_utf8_lossy(&body[..body.len().min(KEEP)]).into_owned(),
+            reason: cut(reason, KEEP_REASON),
+            body: cut(
+                &String::from_utf8_lossy(&body[..body.len().min(KEEP)]),
+                KEEP,
+            ),
             body_truncated: body.len() > KEEP,
         };
-        // Never wait for this: a flood of bad requests must not slow good ones.
-        let _ = self.inner.tx.try_send(writer::Command::Reject(rejected));
+        let cap = self.inner.config.keep_rejected as usize;
+        let Ok(mut kept) = self.inner.rejected.lock() else {
+            return;
+        };
+        kept.push_back(rejected);
+        while kept.len() > cap {
+            kept.pop_front();
+            Stats::add(&self.inner.stats.rejected_dropped, 1);
+        }
     }
 
     /// The next batch for the relay: the oldest pending entries in sequence
@@ -416,8 +442,13 @@ impl Outbox {
         store::dead_letters(&*self.inner.db.get()?, limit)
     }
 
-    pub fn rejected(&self, limit: usize) -> Result<Vec<Rejected>, OutboxError> {
-        store::rejected(&*self.inner.db.get()?, limit)
+    /// The newest `limit` rejected bodies, newest first.
+    pub fn rejected(&self, limit: usize) -> Vec<Rejected> {
+        self.inner
+            .rejected
+            .lock()
+            .map(|kept| kept.iter().rev().take(limit).cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The task's dedup/guard record, if still within the window.

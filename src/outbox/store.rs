@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{Appended, DeadLetter, OutboxError, Rejected};
+use super::{Appended, DeadLetter, OutboxError};
 use crate::event::{State, TaskEvent};
 use crate::publish::Outgoing;
 
@@ -23,7 +23,7 @@ pub(super) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead"
 pub(super) const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 /// (last_seen ms, taskId): TASKS in expiry order, for pruning.
 pub(super) const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("task_expiry");
-/// seq -> serialized Rejected.
+/// seq -> serialized Rejected: no longer written; dropped at start-up.
 pub(super) const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");
 
 /// What hookbridge remembers of one task within the dedup window.
@@ -217,19 +217,6 @@ pub(super) fn dead_letters(db: &Database, limit: usize) -> Result<Vec<DeadLetter
                 raw_hex: Some(super::hex(v.value())),
             }),
         );
-    }
-    Ok(out)
-}
-
-pub(super) fn rejected(db: &Database, limit: usize) -> Result<Vec<Rejected>, OutboxError> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(REJECTED)?;
-    let mut out = Vec::new();
-    for entry in table.iter()?.rev().take(limit) {
-        let (_, v) = entry?;
-        if let Ok(r) = serde_json::from_slice(v.value()) {
-            out.push(r);
-        }
     }
     Ok(out)
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::store::{slot, DbCell, TaskRecord, DEAD, EXPIRY, PENDING, REJECTED, TASKS};
-use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Rejected, Stats};
+use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Stats};
 use crate::config::OutboxConfig;
 use crate::event::TaskEvent;
 
@@ -35,7 +35,6 @@ pub(super) enum Command {
         payload: Vec<u8>,
         reply: oneshot::Sender<Result<Appended, AppendError>>,
     },
-    Reject(Rejected),
     Complete {
         delivered: Vec<u64>,
         dead: Vec<(u64, String)>,
@@ -76,7 +75,6 @@ pub(super) struct Writer {
     stats: Arc<Stats>,
     notify: Arc<Notify>,
     next_seq: u64,
-    next_rejected: u64,
 }
 
 /// Changes to the in-memory counters, applied only once a commit succeeded.
@@ -104,14 +102,16 @@ impl Writer {
         notify: Arc<Notify>,
         rx: mpsc::Receiver<Command>,
     ) -> Result<std::thread::JoinHandle<()>, OutboxError> {
-        let (next_seq, next_rejected);
+        let next_seq;
         let txn = db.get()?.begin_write()?;
         {
             let pending = txn.open_table(PENDING)?;
             let dead = txn.open_table(DEAD)?;
             txn.open_table(TASKS)?;
             txn.open_table(EXPIRY)?;
-            let rejected = txn.open_table(REJECTED)?;
+            // Rejected bodies are kept in memory now; free what older
+            // versions stored.
+            txn.delete_table(REJECTED)?;
             let (mut count, mut bytes) = (0u64, 0u64);
             for entry in pending.iter()? {
                 let (_, v) = entry?;
@@ -124,7 +124,6 @@ impl Writer {
             let last_pending = pending.last()?.map_or(0, |(k, _)| k.value());
             let last_dead = dead.last()?.map_or(0, |(k, _)| k.value());
             next_seq = last_pending.max(last_dead) + 1;
-            next_rejected = rejected.last()?.map_or(1, |(last, _)| last.value() + 1);
         }
         txn.commit()?;
         let writer = Writer {
@@ -135,7 +134,6 @@ impl Writer {
             stats,
             notify,
             next_seq,
-            next_rejected,
         };
         std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -176,7 +174,7 @@ impl Writer {
     /// group is refused, and the writer starts again from a re-opened
     /// database after `REOPEN_EVERY`, as after a storage error.
     fn apply_supervised(&mut self, group: &mut Vec<Command>) {
-        let (seq_before, rej_before) = (self.next_seq, self.next_rejected);
+        let seq_before = self.next_seq;
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(group)));
         if let Err(panic) = applied {
             tracing::error!(
@@ -185,7 +183,7 @@ impl Writer {
             );
             // Dropping the group's replies answers its callers "closed".
             group.clear();
-            (self.next_seq, self.next_rejected) = (seq_before, rej_before);
+            self.next_seq = seq_before;
             self.broken = true;
             self.last_reopen = Some(Instant::now());
             self.stats.storage_failing.store(true, Ordering::Relaxed);
@@ -194,7 +192,7 @@ impl Writer {
     }
 
     fn apply(&mut self, group: &mut Vec<Command>) {
-        let (seq_before, rej_before) = (self.next_seq, self.next_rejected);
+        let seq_before = self.next_seq;
         let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
         let mut delta = Delta::default();
         let mut queued = group.drain(..);
@@ -216,7 +214,7 @@ impl Writer {
                 tracing::error!(error = %e, "outbox commit failed; the group is refused");
             }
             // Nothing of the group is on disk: reuse its sequence numbers.
-            (self.next_seq, self.next_rejected) = (seq_before, rej_before);
+            self.next_seq = seq_before;
             Stats::add(&self.stats.storage_errors, 1);
         } else {
             self.apply_delta(&delta);
@@ -303,6 +301,11 @@ impl Writer {
             Appended::Conflict { previous, .. } => Some(previous),
             Appended::New { .. } => None,
         };
+        // A new task needs a dedup record: bounded like the backlog.
+        if self.config.dedup && old.is_none() && t.tasks.len()? >= self.config.max_tracked_tasks {
+            delta.refused_full += 1;
+            return Ok(Err(AppendError::Full("max_tracked_tasks")));
+        }
         let count =
             (self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending).max(0) as u64;
         let bytes = (self.stats.pending_bytes.load(Ordering::Relaxed) as i64 + delta.pending_bytes)
@@ -377,7 +380,6 @@ impl Writer {
                 tasks: txn.open_table(TASKS)?,
                 expiry: txn.open_table(EXPIRY)?,
             };
-            let mut rejected = txn.open_table(REJECTED)?;
             let now = now_ms();
             let window_ms = self.window_ms();
             for command in group {
@@ -410,14 +412,6 @@ impl Writer {
                             });
                         }));
                         let _answered_above = outcome?;
-                    }
-                    Command::Reject(r) => {
-                        let bytes = serde_json::to_vec(&r).unwrap_or_default();
-                        rejected.insert(self.next_rejected, bytes.as_slice())?;
-                        self.next_rejected += 1;
-                        while rejected.len()? > self.config.keep_rejected {
-                            rejected.pop_first()?;
-                        }
                     }
                     Command::Complete {
                         delivered,
@@ -588,7 +582,7 @@ impl Command {
                 let message = err.map_or_else(|| "not stored".to_string(), |e| e.to_string());
                 let _ = reply.send(Err(AppendError::Storage(message)));
             }),
-            Command::Reject(_) | Command::Stop => Box::new(|_| {}),
+            Command::Stop => Box::new(|_| {}),
             Command::Complete { reply, .. } => fail(reply),
             Command::Requeue { reply } | Command::Bury { reply, .. } => fail(reply),
             Command::Prune { reply } => match reply {

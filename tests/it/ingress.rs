@@ -7,7 +7,7 @@ use hookbridge::config::{FileConfig, PublisherConfig};
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
-use crate::support::app::{config, temp_dir, TestApp};
+use crate::support::app::{config, temp_dir, Http, TestApp};
 use crate::support::{assert_valid_event, callbacks, unique};
 
 fn file_app_config(dir: &std::path::Path) -> (hookbridge::Config, std::path::PathBuf) {
@@ -136,7 +136,7 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
     assert_eq!(lines(&out).len(), 1, "only the good callback was published");
 
     // The rejected bodies are kept, newest first, for inspection.
-    let (status, kept) = app.http.get("/admin/rejected?limit=100").await;
+    let (status, kept) = app.admin.get("/admin/rejected?limit=100").await;
     assert_eq!(status, StatusCode::OK);
     let kept = kept["rejected"].as_array().unwrap().clone();
     assert!(kept.len() >= cases.len() - 1, "kept {}", kept.len());
@@ -155,7 +155,7 @@ async fn health_and_status_endpoints_answer() {
     let app = TestApp::start(config).await;
     let (status, body) = app.http.get("/healthz").await;
     assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
-    let (status, body) = app.http.get("/admin/status").await;
+    let (status, body) = app.admin.get("/admin/status").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["publisher"], "file");
     assert_eq!(body["outbox"]["pending"], 0);
@@ -167,21 +167,16 @@ async fn health_and_status_endpoints_answer() {
 async fn admin_endpoints_require_the_token_when_set() {
     let dir = temp_dir();
     let (mut config, _) = file_app_config(dir.path());
-    config.server.admin_token = Some(hookbridge::config::Secret::new("a-long-enough-admin-token"));
+    config.admin.token = Some(hookbridge::config::Secret::new("a-long-enough-admin-token"));
     let app = TestApp::start(config).await;
-    let (status, _) = app.http.get("/admin/status").await;
+    let (status, _) = Http::new(app.admin_addr).get("/admin/status").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let request = hyper::Request::builder()
-        .uri(format!("http://{}/admin/status", app.addr))
-        .header("authorization", "Bearer a-long-enough-admin-token")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    assert_eq!(
-        client.request(request).await.unwrap().status(),
-        StatusCode::OK
-    );
+    let (status, _) = Http::admin(app.admin_addr, Some("a-long-enough-admin-tokeN"))
+        .get("/admin/status")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = app.admin.get("/admin/status").await;
+    assert_eq!(status, StatusCode::OK);
     app.stop().await;
 }
 

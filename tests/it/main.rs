@@ -8,6 +8,7 @@ mod support;
 mod config_files;
 mod dedup;
 mod deploy;
+mod edge;
 mod examples;
 mod hostile;
 mod ingress;

@@ -296,7 +296,7 @@ async fn crash_after_200_loses_nothing() {
         async move { (n >= KILL_AFTER).then_some(()) }
     })
     .await;
-    let (_, status) = child.http.get("/admin/status").await;
+    let (_, status) = child.admin.get("/admin/status").await;
     eprintln!(
         "crash: killing with {} entries pending",
         status["outbox"]["pending"]
@@ -322,7 +322,7 @@ async fn crash_after_200_loses_nothing() {
         Duration::from_secs(120),
         "the restarted outbox to drain",
         || {
-            let http = child.http.clone();
+            let http = child.admin.clone();
             async move {
                 let (status, body) = http.get("/admin/status").await;
                 assert_eq!(status, StatusCode::OK, "{body}");
@@ -407,7 +407,7 @@ async fn permanent_error_goes_to_dead_letters_and_the_rest_flows() {
 
     // Each small event fits the topic on its own: none may be a dead letter,
     // even when librdkafka packed several into one produce request.
-    let letters = dead_letters(&app.http).await;
+    let letters = dead_letters(&app.admin).await;
     let buried: Vec<(&Value, &Value)> = letters
         .iter()
         .map(|l| (&l["event"]["taskId"], &l["reason"]))
@@ -437,7 +437,7 @@ async fn permanent_error_goes_to_dead_letters_and_the_rest_flows() {
     // Requeue sends it again; the topic still refuses it, so it comes back
     // as the one dead letter (under a new sequence number) and never arrives.
     let (status, answer) = app
-        .http
+        .admin
         .post_json("/admin/dead-letters/requeue", &json!({}))
         .await;
     assert_eq!((status, &answer["requeued"]), (StatusCode::OK, &json!(1)));
@@ -446,7 +446,7 @@ async fn permanent_error_goes_to_dead_letters_and_the_rest_flows() {
         Duration::from_secs(30),
         "the requeued event to fail again",
         || {
-            let http = app.http.clone();
+            let http = app.admin.clone();
             let first_seq = first_seq.clone();
             async move {
                 let letters = dead_letters(&http).await;

@@ -371,7 +371,7 @@ async fn callbacks_without_the_right_token_are_rejected() {
     }
     // Rejected bodies are kept best effort, off the request path.
     let reasons: Vec<String> = eventually(WAIT, "four rejected bodies", || async {
-        let (_, rejected) = app.http.get("/admin/rejected").await;
+        let (_, rejected) = app.admin.get("/admin/rejected").await;
         let reasons: Vec<String> = rejected["rejected"]
             .as_array()?
             .iter()

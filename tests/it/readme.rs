@@ -29,9 +29,10 @@
 //!   `kinovi-sim` are on PATH.
 //! - `curl` is called with `--fail-with-body --max-time 30`, so an HTTP
 //!   error answer fails the block.
-//! - The README's fixed ports are replaced by free ones ([`PORTS`]): `:8080`
-//!   and `:9400` in a block's text become `:<free port>`, and the bridge
-//!   listens on the free port through `HOOKBRIDGE_SERVER__LISTEN`. So the
+//! - The README's fixed ports are replaced by free ones ([`PORTS`]): `:8080`,
+//!   `:9091` and `:9400` in a block's text become `:<free port>`, and the bridge
+//!   listens on the free ports through `HOOKBRIDGE_SERVER__LISTEN` and
+//!   `HOOKBRIDGE_ADMIN__LISTEN`. So the
 //!   test can run next to anything on this machine.
 //! - `HOOKBRIDGE_OUTBOX__DATA_DIR` is a temporary folder per section.
 //! - `HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP` / `HOOKBRIDGE_TEST_NATS_URL` are
@@ -53,6 +54,7 @@ use std::time::{Duration, Instant};
 /// listener there (if it is a hookbridge listener).
 const PORTS: &[(u16, Option<&str>)] = &[
     (8080, Some("HOOKBRIDGE_SERVER__LISTEN")),
+    (9091, Some("HOOKBRIDGE_ADMIN__LISTEN")),
     (9400, None), // kinovi-sim
 ];
 /// Longest run of a foreground block.

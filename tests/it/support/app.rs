@@ -25,6 +25,10 @@ use tokio::task::JoinHandle;
 pub fn config(data_dir: &Path, publisher: PublisherConfig) -> Config {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    // Tests send bursts from one address; tests/it/edge.rs sets limits.
+    config.server.rate_limit.per_client_per_sec = 0;
+    config.server.rate_limit.global_per_sec = 0;
     config.outbox.data_dir = data_dir.to_path_buf();
     config.outbox.retry_initial_ms = 50;
     config.outbox.retry_max_ms = 1000;
@@ -38,6 +42,8 @@ pub fn config(data_dir: &Path, publisher: PublisherConfig) -> Config {
 pub struct Http {
     client: Client<HttpConnector, Full<Bytes>>,
     base: String,
+    /// Sent as `Authorization` with every request (the admin listener's).
+    authorization: Option<String>,
 }
 
 impl Http {
@@ -45,6 +51,16 @@ impl Http {
         Self {
             client: Client::builder(TokioExecutor::new()).build_http(),
             base: format!("http://{addr}"),
+            authorization: None,
+        }
+    }
+
+    /// A client for the admin listener: the token when one is set, else
+    /// any `Authorization` (what POSTs on loopback need).
+    pub fn admin(addr: SocketAddr, token: Option<&str>) -> Self {
+        Self {
+            authorization: Some(format!("Bearer {}", token.unwrap_or("local"))),
+            ..Self::new(addr)
         }
     }
 
@@ -85,12 +101,14 @@ impl Http {
         path: &str,
         body: impl Into<Bytes>,
     ) -> Result<Answer, String> {
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(Full::new(body.into()))
-            .unwrap();
+            .header("content-type", "application/json");
+        if let Some(authorization) = &self.authorization {
+            request = request.header("authorization", authorization);
+        }
+        let request = request.body(Full::new(body.into())).unwrap();
         let response = tokio::time::timeout(Duration::from_secs(30), self.client.request(request))
             .await
             .map_err(|_| "no answer within 30 s".to_string())?
@@ -135,33 +153,43 @@ pub struct Answer {
     pub json: Value,
 }
 
+fn admin_token(config: &Config) -> Option<String> {
+    config.admin.token.as_ref().map(|t| t.expose().to_string())
+}
+
 /// hookbridge running inside the test process.
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub outbox: Outbox,
     pub http: Http,
+    /// The admin listener, with the configured token.
+    pub admin: Http,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestApp {
     pub async fn start(config: Config) -> Self {
+        let token = admin_token(&config);
         let app = App::build(config)
             .await
             .unwrap_or_else(|e| panic!("app builds: {e:#}"));
-        Self::run(app)
+        Self::run(app, token)
     }
 
     /// With a publisher made by the test (a wrapper that injects faults).
     pub async fn start_with(config: Config, publisher: Arc<dyn Publisher>) -> Self {
+        let token = admin_token(&config);
         let app = App::with_publisher(config, publisher)
             .await
             .unwrap_or_else(|e| panic!("app builds: {e:#}"));
-        Self::run(app)
+        Self::run(app, token)
     }
 
-    fn run(app: App) -> Self {
+    fn run(app: App, admin_token: Option<String>) -> Self {
         let addr = app.local_addr();
+        let admin_addr = app.admin_addr();
         let outbox = app.outbox().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(app.run(async move {
@@ -169,8 +197,10 @@ impl TestApp {
         }));
         Self {
             addr,
+            admin_addr,
             outbox,
             http: Http::new(addr),
+            admin: Http::admin(admin_addr, admin_token.as_deref()),
             stop: Some(stop),
             handle: Some(handle),
         }
@@ -229,14 +259,19 @@ pub fn free_port() -> u16 {
 pub struct ChildApp {
     pub addr: SocketAddr,
     pub http: Http,
+    pub admin: Http,
     child: tokio::process::Child,
 }
 
 impl ChildApp {
     pub async fn start(data_dir: &Path, port: u16, env: &[(&str, String)]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"));
         cmd.env("HOOKBRIDGE_SERVER__LISTEN", addr.to_string())
+            .env("HOOKBRIDGE_ADMIN__LISTEN", admin_addr.to_string())
+            .env("HOOKBRIDGE_SERVER__RATE_LIMIT__PER_CLIENT_PER_SEC", "0")
+            .env("HOOKBRIDGE_SERVER__RATE_LIMIT__GLOBAL_PER_SEC", "0")
             .env("HOOKBRIDGE_OUTBOX__DATA_DIR", data_dir)
             .env("HOOKBRIDGE_OUTBOX__RETRY_INITIAL_MS", "50")
             .env("HOOKBRIDGE_OUTBOX__RETRY_MAX_MS", "1000")
@@ -262,7 +297,12 @@ impl ChildApp {
             || async { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
         )
         .await;
-        Self { addr, http, child }
+        Self {
+            addr,
+            http,
+            admin: Http::admin(admin_addr, None),
+            child,
+        }
     }
 
     /// Sends SIGTERM and waits (bounded) for the process to exit; returns

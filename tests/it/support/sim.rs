@@ -118,7 +118,7 @@ pub async fn create_task(app: &TestApp, prompt: &str) -> String {
 }
 
 pub async fn poll_status(app: &TestApp) -> Value {
-    let (status, body) = app.http.get("/admin/status").await;
+    let (status, body) = app.admin.get("/admin/status").await;
     assert_eq!(status, StatusCode::OK);
     body["poll"].clone()
 }
