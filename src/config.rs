@@ -571,15 +571,14 @@ impl Config {
         Self::extract(figment.merge(Self::environment()))
     }
 
-    /// `HOOKBRIDGE_<SECTION>__<KEY>` variables. `HOOKBRIDGE_CONFIG` (the
-    /// file's path) and `HOOKBRIDGE_TEST_*` (the test harness's) are not
-    /// configuration keys.
+    /// `HOOKBRIDGE_<SECTION>__<KEY>` variables: only names with a double
+    /// underscore are configuration, and an unknown one is refused by name.
+    /// Single-underscore names (`HOOKBRIDGE_CONFIG`, `HOOKBRIDGE_CACHE`,
+    /// `HOOKBRIDGE_TEST_*`, the variables `docker-compose.yml` reads) belong
+    /// to the tools around the bridge and are left alone.
     fn environment() -> Env {
         Env::prefixed("HOOKBRIDGE_")
-            .filter(|key| {
-                let key = key.as_str().to_ascii_lowercase();
-                key != "config" && !key.starts_with("test_")
-            })
+            .filter(|key| key.as_str().contains("__"))
             .split("__")
     }
 
@@ -1075,6 +1074,17 @@ mod tests {
 
     #[test]
     #[allow(clippy::result_large_err)] // figment::Jail's own signature
+    fn unknown_sectioned_variables_are_refused_by_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HOOKBRIDGE_SERVER__LISTN", "127.0.0.1:1");
+            let err = Config::load(None).expect_err("a misspelt key is refused");
+            assert!(err.to_string().contains("listn"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own signature
     fn environment_overrides_nested_keys() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("HOOKBRIDGE_PUBLISHER__TYPE", "kafka");
@@ -1083,6 +1093,9 @@ mod tests {
             jail.set_env("HOOKBRIDGE_OUTBOX__MAX_PENDING", "42");
             jail.set_env("HOOKBRIDGE_CONFIG", "ignored.toml");
             jail.set_env("HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:1");
+            // docker-compose.yml's own variables are not configuration.
+            jail.set_env("HOOKBRIDGE_ADMIN_TOKEN", "x");
+            jail.set_env("HOOKBRIDGE_KAFKA_PORT", "8080");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.outbox.max_pending, 42);
             match config.publisher {

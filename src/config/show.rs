@@ -291,8 +291,8 @@ mod tests {
     fn printout_masks_secrets_and_shows_the_rest() {
         let config = Config::from_toml(
             r#"
-            [server]
-            admin_token = "admin-token-0123456789"
+            [admin]
+            token = "admin-token-0123456789"
             [publisher]
             type = "kafka"
             brokers = "k1:9092"

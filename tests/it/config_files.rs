@@ -69,6 +69,19 @@ fn uncommented(file: &str) -> String {
             table = trimmed.to_string();
         }
         let candidate = trimmed.strip_prefix('#').map(str::trim);
+        // A commented-out table of its own (`# [server.tls]`) is enabled
+        // with its settings.
+        if let Some(header) = candidate.filter(|c| {
+            c.starts_with('[')
+                && c.ends_with(']')
+                && !file.lines().any(|l| l.trim() == *c)
+                && toml::from_str::<toml::Table>(c).is_ok()
+        }) {
+            table = header.to_string();
+            out.push_str(header);
+            out.push('\n');
+            continue;
+        }
         let setting = candidate.filter(|c| {
             c.contains(" = ")
                 && !set.contains(&(table.clone(), key_of(c)))
@@ -423,10 +436,10 @@ fn check_fails_naming_the_key() {
 
 #[test]
 fn uncommenting_enables_settings_but_not_prose() {
-    let file = "[a]\nx = 1\n# x = 2\n# y = \"on\"\n# Run: hookbridge --config f\n# z = {not toml\n";
+    let file = "[a]\nx = 1\n# x = 2\n# y = \"on\"\n# Run: hookbridge --config f\n# z = {not toml\n# [a.b]\n# c = 3\n";
     assert_eq!(
         uncommented(file),
-        "[a]\nx = 1\n# x = 2\ny = \"on\"\n# Run: hookbridge --config f\n# z = {not toml\n"
+        "[a]\nx = 1\n# x = 2\ny = \"on\"\n# Run: hookbridge --config f\n# z = {not toml\n[a.b]\nc = 3\n"
     );
     assert_eq!(
         interpolate("${HOOKBRIDGE_ADMIN_TOKEN:?set it} ${A:-dflt}/x"),

@@ -688,7 +688,7 @@ async fn unreadable_entries_become_dead_letters_and_requeue_keeps_them() {
 
     // Both are listed with their bytes, exactly.
     let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
-    let letters = dead_letters(&app.http).await;
+    let letters = dead_letters(&app.admin).await;
     let shown: Vec<(&Value, &Value)> = letters.iter().map(|l| (&l["seq"], &l["rawHex"])).collect();
     assert_eq!(
         shown,
@@ -701,7 +701,7 @@ async fn unreadable_entries_become_dead_letters_and_requeue_keeps_them() {
     assert!(reason.contains("unreadable outbox entry"), "{reason}");
 
     let (status, answer) = app
-        .http
+        .admin
         .post_json("/admin/dead-letters/requeue", &json!({}))
         .await;
     assert_eq!((status, &answer["requeued"]), (StatusCode::OK, &json!(0)));

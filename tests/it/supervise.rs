@@ -131,7 +131,7 @@ async fn poison_then_hundred(app: &TestApp, run: &str) -> Vec<(String, &'static 
         assert_eq!(app.callback(body).await, StatusCode::OK);
     }
     app.drained(Duration::from_secs(60)).await;
-    let (status, body) = app.http.get("/admin/dead-letters").await;
+    let (status, body) = app.admin.get("/admin/dead-letters").await;
     assert_eq!(status, StatusCode::OK);
     let letters: BTreeMap<String, String> = body["deadLetters"]
         .as_array()
@@ -276,7 +276,7 @@ async fn a_panicking_relay_is_restarted_readyz_goes_503_and_back_and_nothing_is_
         Faulty::wrap(&publisher, &[(&boom, Fault::PublishPanicOnce)]).await,
     )
     .await;
-    let http = app.http.clone();
+    let http = app.admin.clone();
     eventually(Duration::from_secs(10), "/readyz to answer 200", || {
         let http = http.clone();
         async move { (readyz(&http).await.0 == StatusCode::OK).then_some(()) }
@@ -433,13 +433,13 @@ async fn a_relay_that_moves_nothing_is_reported_stalled() {
     config.outbox.shutdown_grace_ms = 100;
     let publisher = Faulty::wrap(&config.publisher, &[("hung", Fault::PublishHangs)]).await;
     let app = TestApp::start_with(config, publisher).await;
-    let (status, _) = readyz(&app.http).await;
+    let (status, _) = readyz(&app.admin).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         app.callback(&callbacks::success("hung")).await,
         StatusCode::OK
     );
-    let http = app.http.clone();
+    let http = app.admin.clone();
     let body = eventually(Duration::from_secs(20), "/readyz to report a stall", || {
         let http = http.clone();
         async move {
