@@ -12,6 +12,8 @@
 #   base          Build the local Debian base image (no registry needed); print its name.
 #   builder       Build the local Rust builder image (the host's rustup toolchain on the local
 #                 base, for the Dockerfile's RUST_IMAGE build arg); print its name.
+#   sweep         Remove test containers whose test process has exited (tests label them
+#                 org.hookbridge.test-pid; scripts/test.sh runs this after the tests).
 #   stop          Stop the dockerd that `engine` started.
 #
 # Environment:
@@ -198,8 +200,9 @@ fresh_context() {
 }
 
 local_kafka() {
-  local base=$1 h tag ctx libs=$CACHE_DIR/kafka-$KAFKA_VERSION/libs
-  bash "$SCRIPT_DIR/brokers.sh" install >&2 # the jars, fetched by Maven into the cache
+  local base=$1 h tag ctx libs
+  bash "$SCRIPT_DIR/brokers.sh" install >&2 # Maven, and the jars fetched into the cache
+  libs=$(bash "$SCRIPT_DIR/brokers.sh" libs)
   h=$({
     echo "$base"
     cat "$libs/.complete"
@@ -262,8 +265,8 @@ cmd_images() {
   printf 'export HOOKBRIDGE_NATS_IMAGE=%q\n' "$nats"
 }
 
-# The host's rustup toolchain (compiler, cargo, std for this target; no docs) on the local
-# base, so the Dockerfile builds here without the rust image.
+# The host's rustup toolchain (compiler, cargo, std for this target; no docs) and its extra
+# certificate authorities on the local base, so the Dockerfile builds here without the rust image.
 cmd_builder() {
   command -v rustc >/dev/null || die "rustc not found"
   local sysroot base h tag ctx
@@ -274,6 +277,7 @@ cmd_builder() {
     rustc -vV
     cargo -V
     tar -C "$ROOT/docker/rust" -c --sort=name --mtime=@0 --owner=0 --group=0 . | sha256sum
+    cat /usr/local/share/ca-certificates/*.crt 2>/dev/null | sha256sum
   } | hash_of)
   tag=hookbridge-local/rust:$(rustc -V | awk '{print $2}')-$h
   if ! image_present "$tag"; then
@@ -285,9 +289,23 @@ cmd_builder() {
     target=$(rustc -vV | awk '/^host:/ {print $2}')
     cp -a "$sysroot/lib/rustlib/$target" "$ctx/toolchain/lib/rustlib/"
     cp -a "$sysroot/lib/rustlib/etc" "$ctx/toolchain/lib/rustlib/" 2>/dev/null || true
+    # Certificate authorities this machine trusts beyond Debian's (e.g. a TLS-inspecting
+    # egress proxy), so cargo inside the build reaches crates.io as the host does.
+    mkdir -p "$ctx/ca-certificates"
+    cp /usr/local/share/ca-certificates/*.crt "$ctx/ca-certificates/" 2>/dev/null || true
     build_image "$tag" "$ctx" --build-arg "BASE_IMAGE=$base"
   fi
   printf '%s\n' "$tag"
+}
+
+cmd_sweep() {
+  local id pid stale=()
+  engine_answers || return 0
+  while read -r id pid; do
+    [[ -n $id && -n $pid && ! -d /proc/$pid ]] && stale+=("$id")
+  done < <(docker ps -a --filter label=org.hookbridge.test-pid \
+    --format '{{.ID}} {{.Label "org.hookbridge.test-pid"}}')
+  ((${#stale[@]} == 0)) || docker rm -f "${stale[@]}" >/dev/null
 }
 
 main() {
@@ -308,6 +326,7 @@ main() {
       ;;
     base) mkdir -p "$DOCKER_STATE" && cmd_base ;;
     builder) mkdir -p "$DOCKER_STATE" && cmd_builder ;;
+    sweep) cmd_sweep ;;
     stop) cmd_stop ;;
     -h | --help | help) usage 0 ;;
     *) usage ;;
