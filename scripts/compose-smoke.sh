@@ -14,7 +14,7 @@
 # (no engine, no compose command, image build failed).
 #
 # Uses `docker compose` (v2) when present, else docker-compose (v1.29).
-# HOOKBRIDGE_SMOKE_KEEP=1 leaves the stack running for a look (`<compose> -p NAME down -v` later).
+# HOOKBRIDGE_TEST_SMOKE_KEEP=1 leaves the stack running for a look (`<compose> -p NAME down -v` later).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -100,7 +100,7 @@ teardown() {
     log "logs of the stack:"
     compose logs --no-color --tail 40 >&2 || true
   fi
-  if [[ -n ${HOOKBRIDGE_SMOKE_KEEP:-} ]]; then
+  if [[ -n ${HOOKBRIDGE_TEST_SMOKE_KEEP:-} ]]; then
     log "stack left running: ${COMPOSE[*]} -p $PROJECT -f docker-compose.yml down -v"
   else
     compose down -v --remove-orphans >/dev/null 2>&1 || log "could not tear down $PROJECT"

@@ -17,11 +17,12 @@
 #   stop          Stop the dockerd that `engine` started.
 #
 # Environment:
-#   HOOKBRIDGE_KAFKA_IMAGE    Kafka image for tests and compose (default apache/kafka:4.1.1)
-#   HOOKBRIDGE_NATS_IMAGE     NATS image for tests and compose (default nats:2.10)
-#   HOOKBRIDGE_DOCKER_IMAGES  auto (default): use an image named above if present or pullable,
-#                             else build a local one; local: always build; official: never build
-#   HOOKBRIDGE_CACHE          cache root (default ~/.cache/hookbridge)
+#   HOOKBRIDGE_TEST_KAFKA_IMAGE    Kafka image for tests and compose (default apache/kafka:4.1.1)
+#   HOOKBRIDGE_TEST_NATS_IMAGE     NATS image for tests and compose (default nats:2.10)
+#   HOOKBRIDGE_TEST_DOCKER_IMAGES  auto (default): use the images named above when present or
+#                                  pullable, else build local ones; local: always build;
+#                                  official: never build
+#   HOOKBRIDGE_CACHE               cache root (default ~/.cache/hookbridge)
 #
 # Local images are tagged with a hash of everything that went into them, so they are
 # rebuilt only when an input changes. The base is `debootstrap --variant=minbase` from the
@@ -94,6 +95,13 @@ cmd_engine() {
   command -v docker >/dev/null || no_engine "dockerd is installed but no docker client is"
   mkdir -p "$DOCKER_STATE"
   local logfile=$DOCKER_STATE/dockerd.log pid
+  if [[ -f $DOCKER_STATE/dockerd.pid ]]; then
+    pid=$(<"$DOCKER_STATE/dockerd.pid")
+    if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]]; then
+      no_engine "the dockerd started earlier (pid $pid) does not answer (log: $logfile)"
+    fi
+    as_root rm -f "$DOCKER_STATE/dockerd.pid" # left by a daemon that is gone
+  fi
   log "starting dockerd (data root $DOCKER_STATE/data, log $logfile)"
   # setsid: the daemon outlives this script and its process group (it serves later runs too).
   as_root setsid dockerd --data-root "$DOCKER_STATE/data" --pidfile "$DOCKER_STATE/dockerd.pid" \
@@ -236,22 +244,22 @@ pullable() {
 }
 
 cmd_images() {
-  local mode=${HOOKBRIDGE_DOCKER_IMAGES:-auto}
-  local kafka=${HOOKBRIDGE_KAFKA_IMAGE:-$OFFICIAL_KAFKA} nats=${HOOKBRIDGE_NATS_IMAGE:-$OFFICIAL_NATS}
+  local mode=${HOOKBRIDGE_TEST_DOCKER_IMAGES:-auto}
+  local kafka=${HOOKBRIDGE_TEST_KAFKA_IMAGE:-$OFFICIAL_KAFKA} nats=${HOOKBRIDGE_TEST_NATS_IMAGE:-$OFFICIAL_NATS}
   local need_kafka=1 need_nats=1
   case $mode in
     auto | official)
       pullable "$kafka" && need_kafka=0
       # One registry answers both: no point waiting on a second pull when the first failed.
-      if ((need_kafka == 0)) || [[ -n ${HOOKBRIDGE_NATS_IMAGE:-} ]]; then
+      if ((need_kafka == 0)) || [[ -n ${HOOKBRIDGE_TEST_NATS_IMAGE:-} ]]; then
         pullable "$nats" && need_nats=0
       fi
       if [[ $mode == official ]] && ((need_kafka + need_nats)); then
-        die "cannot pull $kafka / $nats (HOOKBRIDGE_DOCKER_IMAGES=official)"
+        die "cannot pull $kafka / $nats (HOOKBRIDGE_TEST_DOCKER_IMAGES=official)"
       fi
       ;;
     local) ;;
-    *) die "HOOKBRIDGE_DOCKER_IMAGES must be auto, local or official (got '$mode')" ;;
+    *) die "HOOKBRIDGE_TEST_DOCKER_IMAGES must be auto, local or official (got '$mode')" ;;
   esac
   if ((need_kafka + need_nats)); then
     log "building local images (no registry answered)"
@@ -261,8 +269,8 @@ cmd_images() {
     ((need_nats == 0)) || nats=$(local_nats "$base")
   fi
   log "images: Kafka $kafka, NATS $nats"
-  printf 'export HOOKBRIDGE_KAFKA_IMAGE=%q\n' "$kafka"
-  printf 'export HOOKBRIDGE_NATS_IMAGE=%q\n' "$nats"
+  printf 'export HOOKBRIDGE_TEST_KAFKA_IMAGE=%q\n' "$kafka"
+  printf 'export HOOKBRIDGE_TEST_NATS_IMAGE=%q\n' "$nats"
 }
 
 # The host's rustup toolchain (compiler, cargo, std for this target; no docs) and its extra

@@ -93,7 +93,7 @@ elif [[ $mode != processes ]] && try_docker; then
   SOURCE=testcontainers
   # Private brokers are containers too.
   unset HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP HOOKBRIDGE_TEST_NATS_URL HOOKBRIDGE_TEST_BROKERS_SCRIPT
-  step "brokers: testcontainers (Kafka $HOOKBRIDGE_KAFKA_IMAGE, NATS $HOOKBRIDGE_NATS_IMAGE)"
+  step "brokers: testcontainers (Kafka $HOOKBRIDGE_TEST_KAFKA_IMAGE, NATS $HOOKBRIDGE_TEST_NATS_IMAGE)"
 else
   if [[ $mode == docker ]]; then
     echo "HOOKBRIDGE_TEST_BROKERS=docker, but Docker is not available: $DOCKER_SKIPPED" >&2

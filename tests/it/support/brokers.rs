@@ -6,8 +6,8 @@
 //!    for the shared brokers, `HOOKBRIDGE_TEST_BROKERS_SCRIPT` (`scripts/brokers.sh`)
 //!    for private ones;
 //! 2. testcontainers, when a Docker engine answers, with the images named by
-//!    `HOOKBRIDGE_KAFKA_IMAGE` (default `apache/kafka:4.1.1`) and
-//!    `HOOKBRIDGE_NATS_IMAGE` (default `nats:2.10`); `scripts/docker.sh` builds
+//!    `HOOKBRIDGE_TEST_KAFKA_IMAGE` (default `apache/kafka:4.1.1`) and
+//!    `HOOKBRIDGE_TEST_NATS_IMAGE` (default `nats:2.10`); `scripts/docker.sh` builds
 //!    local stand-ins for them where no registry answers;
 //! 3. else a loud failure naming the variables.
 //!
@@ -121,8 +121,8 @@ mod containers {
     use testcontainers::runners::AsyncRunner;
     use testcontainers::{ContainerAsync, ContainerRequest, GenericImage, ImageExt};
 
-    const KAFKA_IMAGE_VAR: &str = "HOOKBRIDGE_KAFKA_IMAGE";
-    const NATS_IMAGE_VAR: &str = "HOOKBRIDGE_NATS_IMAGE";
+    const KAFKA_IMAGE_VAR: &str = "HOOKBRIDGE_TEST_KAFKA_IMAGE";
+    const NATS_IMAGE_VAR: &str = "HOOKBRIDGE_TEST_NATS_IMAGE";
     /// Every container a test binary starts carries this label with the
     /// binary's pid; the next run removes those whose process is gone.
     const LABEL: &str = "org.hookbridge.test-pid";
