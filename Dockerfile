@@ -23,17 +23,25 @@ RUN mkdir -p src/bin benches tests/it \
     && touch src/lib.rs && echo 'fn main() {}' > benches/ingest.rs && echo 'fn main() {}' > tests/it/main.rs \
     && cargo build --release --locked --bin hookbridge --bin kinovi-sim \
     && rm -rf src benches tests
-COPY . .
+# Only what the binaries are built from, so edits elsewhere (docs, tests, scripts) reuse
+# this stage. The test and bench targets stay stubs: cargo wants their files to exist.
+RUN mkdir -p benches tests/it \
+    && echo 'fn main() {}' > benches/ingest.rs && echo 'fn main() {}' > tests/it/main.rs
+COPY src src
+COPY schema schema
 # Sources may carry older timestamps than the stub build: make cargo see them as new.
+# Debug info is dropped from the shipped binaries (symbols stay, for backtraces).
 RUN find src -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked --bin hookbridge --bin kinovi-sim
+    && cargo build --release --locked --bin hookbridge --bin kinovi-sim \
+    && mkdir -p /out && cp target/release/hookbridge target/release/kinovi-sim /out/ \
+    && strip --strip-debug /out/hookbridge /out/kinovi-sim
 
 FROM ${RUNTIME_IMAGE}
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* \
     && useradd --system --home /var/lib/hookbridge hookbridge \
     && mkdir -p /var/lib/hookbridge && chown hookbridge /var/lib/hookbridge
-COPY --from=build /src/target/release/hookbridge /src/target/release/kinovi-sim /usr/local/bin/
+COPY --from=build /out/hookbridge /out/kinovi-sim /usr/local/bin/
 COPY config /etc/hookbridge
 USER hookbridge
 # The outbox lives here: mount a volume so accepted events survive the container.
