@@ -63,7 +63,7 @@ log "docker build -t $HOOKBRIDGE_IMAGE (RUST_IMAGE=$HOOKBRIDGE_RUST_IMAGE, RUNTI
 build_log=$(mktemp "${TMPDIR:-/tmp}/hookbridge-image.XXXXXX")
 t0=$SECONDS
 # The legacy builder: no buildx plugin needed, and the Dockerfile needs nothing newer.
-if ! DOCKER_BUILDKIT=0 docker build -t "$HOOKBRIDGE_IMAGE" \
+if ! DOCKER_BUILDKIT=0 docker build --force-rm -t "$HOOKBRIDGE_IMAGE" \
   --build-arg "RUST_IMAGE=$HOOKBRIDGE_RUST_IMAGE" --build-arg "RUNTIME_IMAGE=$HOOKBRIDGE_RUNTIME_IMAGE" \
   . >"$build_log" 2>&1; then
   tail -n 30 "$build_log" >&2

@@ -139,7 +139,7 @@ build_image() {
   local tag=$1 ctx=$2
   shift 2
   log "building $tag"
-  DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$@" "$ctx" >/dev/null 2>"$DOCKER_STATE/build.err" || {
+  DOCKER_BUILDKIT=0 docker build -q --force-rm -t "$tag" "$@" "$ctx" >/dev/null 2>"$DOCKER_STATE/build.err" || {
     tail -n 30 "$DOCKER_STATE/build.err" >&2
     die "building $tag failed"
   }
@@ -262,7 +262,7 @@ cmd_images() {
     *) die "HOOKBRIDGE_TEST_DOCKER_IMAGES must be auto, local or official (got '$mode')" ;;
   esac
   if ((need_kafka + need_nats)); then
-    log "building local images (no registry answered)"
+    log "local images (no registry answered)"
     local base
     base=$(cmd_base)
     ((need_kafka == 0)) || kafka=$(local_kafka "$base")
