@@ -279,6 +279,9 @@ cmd_builder() {
   command -v rustc >/dev/null || die "rustc not found"
   local sysroot base h tag ctx
   sysroot=$(rustc --print sysroot)
+  # A self-contained toolchain directory (rustup's), not a system prefix like /usr.
+  [[ $sysroot != /usr && -x $sysroot/bin/cargo && -d $sysroot/lib/rustlib ]] ||
+    die "the builder image copies a rustup toolchain; $sysroot is not one"
   base=$(cmd_base)
   h=$({
     echo "$base"
