@@ -140,8 +140,10 @@ if ((status == 0)) && [[ $SOURCE == testcontainers ]] && (($# == 0)); then
       status=1
       ;;
   esac
-elif [[ $SOURCE != testcontainers ]]; then
+elif [[ $SOURCE == processes ]]; then
   compose="skipped: no Docker"
+elif [[ $SOURCE == environment ]]; then
+  compose="skipped: brokers from the environment"
 fi
 
 summary="brokers: $SOURCE"
