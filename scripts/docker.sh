@@ -8,7 +8,8 @@
 #                 is impossible, print ONE line saying why and exit 1.
 #   images        Make the broker images available and print `export` lines naming them (meant
 #                 for eval): the official ones when they can be pulled, else local builds.
-#   up            engine, then images (what scripts/test.sh runs).
+#   up            engine, then images, then a container whose published port must answer
+#                 (what scripts/test.sh runs).
 #   base          Build the local Debian base image (no registry needed); print its name.
 #   builder       Build the local Rust builder image (the host's rustup toolchain on the local
 #                 base, for the Dockerfile's RUST_IMAGE build arg); print its name.
@@ -309,6 +310,20 @@ cmd_builder() {
   printf '%s\n' "$tag"
 }
 
+# A container with a published port that answers from the host: what the tests need. Run
+# once the images exist, so a machine whose engine starts but cannot run or reach
+# containers is found here (and the caller can fall back) rather than in the tests.
+preflight() {
+  local nats=$1 id port
+  id=$(docker run -d --rm -p 127.0.0.1::4222 "$nats" -js 2>&1) || no_engine "cannot run a container: ${id//$'\n'/ }"
+  port=$(docker port "$id" 4222/tcp | head -n 1 | sed 's/.*://')
+  if ! bash "$SCRIPT_DIR/brokers.sh" wait-nats "$port" 30 2>/dev/null; then
+    docker rm -f "$id" >/dev/null 2>&1 || true
+    no_engine "a container's published port does not answer from the host"
+  fi
+  docker rm -f "$id" >/dev/null 2>&1 || true
+}
+
 cmd_sweep() {
   local id pid stale=()
   engine_answers || return 0
@@ -333,7 +348,11 @@ main() {
     up)
       cmd_engine
       mkdir -p "$DOCKER_STATE"
-      cmd_images
+      local exports
+      exports=$(cmd_images)
+      eval "$exports"
+      preflight "$HOOKBRIDGE_TEST_NATS_IMAGE"
+      printf '%s\n' "$exports"
       ;;
     base) mkdir -p "$DOCKER_STATE" && cmd_base ;;
     builder) mkdir -p "$DOCKER_STATE" && cmd_builder ;;
