@@ -6,6 +6,7 @@
 #   install                               Install or fetch what the tests need (idempotent):
 #                                         nats-server, java, python3, the Kafka jars,
 #                                         and the C toolchain and OpenSSL headers that the Rust build needs.
+#   libs                                  Print the directory of the Kafka jars (fetching them if needed).
 #   kafka DATA_DIR PORT CONTROLLER_PORT   Run one single-node KRaft Kafka in the foreground
 #                                         (formats DATA_DIR on first use; logs: DATA_DIR/kafka.log).
 #   nats DATA_DIR PORT [MONITOR_PORT]     Run nats-server with JetStream in the foreground
@@ -41,9 +42,11 @@ SCRIPT_PATH=$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")
 KAFKA_VERSION=4.1.1
 KAFKA_POM=$SCRIPT_DIR/kafka/pom.xml
 CACHE_DIR=${HOOKBRIDGE_CACHE:-$HOME/.cache/hookbridge}
-KAFKA_HOME=$CACHE_DIR/kafka-$KAFKA_VERSION
+# One directory per pom content: checkouts with different poms sharing the cache (branches,
+# CI jobs) each keep their own jars instead of re-fetching over each other's.
+KAFKA_HOME=$CACHE_DIR/kafka-$KAFKA_VERSION-$(sha256sum "$KAFKA_POM" | cut -c1-12)
 KAFKA_LIBS=$KAFKA_HOME/libs
-# Written last, after a complete copy; holds the pom's hash, so editing the pom refreshes the jars.
+# Written last, after a complete copy; holds the pom's hash.
 KAFKA_MARKER=$KAFKA_LIBS/.complete
 
 # Bounded waits used by `up`.
@@ -499,6 +502,7 @@ main() {
   shift
   case $cmd in
     install) cmd_install ;;
+    libs) ensure_kafka_jars && printf '%s\n' "$KAFKA_LIBS" ;;
     kafka) cmd_kafka "$@" ;;
     nats) cmd_nats "$@" ;;
     up) cmd_up "$@" ;;

@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # The project's one test command: format check, clippy, then the whole test suite
-# against real Kafka and NATS JetStream brokers.
+# against real Kafka and NATS JetStream brokers, then (with Docker) the compose stack.
 #
 #   scripts/test.sh [ARGS...]     ARGS go to `cargo test` (e.g. a test name filter, `-- --nocapture`)
 #
-# Brokers: unless HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP and HOOKBRIDGE_TEST_NATS_URL are both
-# set (then those brokers are used and nothing is started), one shared Kafka and one
-# shared NATS are started with scripts/brokers.sh and stopped when this script exits.
-# HOOKBRIDGE_TEST_BROKERS_SCRIPT always points at brokers.sh, for tests that run
-# private brokers (e.g. to kill and restart one).
+# Brokers come from the first of these that works; the output and the summary line name it:
+# 1. environment: HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP and HOOKBRIDGE_TEST_NATS_URL both set.
+#    Nothing is started; tests that restart a broker of their own use
+#    HOOKBRIDGE_TEST_BROKERS_SCRIPT (default: scripts/brokers.sh).
+# 2. testcontainers: scripts/docker.sh provides a Docker engine (starting Debian's docker.io
+#    if needed and allowed) and the images; every broker, private ones included, is a
+#    container. Then scripts/compose-smoke.sh checks docker-compose.yml.
+# 3. processes: scripts/brokers.sh starts one shared Kafka and one shared NATS, stopped
+#    when this script exits, and runs the private ones.
+# If Docker cannot be set up, one line says why and the processes are used: a machine
+# without Docker still runs the whole suite.
 #
-# HOOKBRIDGE_TEST_KEEP_STATE=1 keeps the brokers' data and logs (the path is printed).
+# HOOKBRIDGE_TEST_BROKERS=docker|processes forces a source (docker: fail when there is no engine).
+# HOOKBRIDGE_TEST_KEEP_STATE=1 keeps the process brokers' data and logs (the path is printed).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BROKERS=$ROOT/scripts/brokers.sh
+DOCKER=$ROOT/scripts/docker.sh
 cd "$ROOT"
 
 step() { printf '==> %s\n' "$*" >&2; }
@@ -28,11 +36,14 @@ fi
 step "install test prerequisites (scripts/brokers.sh install)"
 bash "$BROKERS" install
 
-export HOOKBRIDGE_TEST_BROKERS_SCRIPT=$BROKERS
-
 STATE=
+SOURCE=
+DOCKER_SKIPPED=
 # shellcheck disable=SC2317 # invoked by the trap
 cleanup() {
+  if [[ $SOURCE == testcontainers ]]; then
+    bash "$DOCKER" sweep || warn "could not remove the test containers"
+  fi
   [[ -n $STATE ]] || return 0
   step "stop brokers"
   bash "$BROKERS" down "$STATE" || warn "could not stop the brokers in $STATE"
@@ -42,21 +53,61 @@ cleanup() {
     rm -rf "$STATE"
   fi
 }
+# INT/TERM exit through the EXIT trap, which keeps the exit status.
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# try_docker: the engine and the images, or one line saying why not. Never fails the run:
+# a Docker setup problem is a reason to use the processes, not a test failure.
+try_docker() {
+  local log exports reason
+  log=$(mktemp "${TMPDIR:-/tmp}/hookbridge-docker.XXXXXX")
+  step "Docker engine and broker images (scripts/docker.sh up)"
+  local ok=0
+  exports=$(timeout 1200 bash "$DOCKER" up 2>"$log") && eval "$exports" && ok=1
+  cat "$log" >&2
+  if ((ok)); then
+    rm -f "$log"
+    return 0
+  fi
+  reason=$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-300)
+  DOCKER_SKIPPED="${reason:-scripts/docker.sh up failed} (log: $log)"
+  return 1
+}
+
+mode=${HOOKBRIDGE_TEST_BROKERS:-auto}
+case $mode in
+  auto | docker | processes) ;;
+  *)
+    echo "HOOKBRIDGE_TEST_BROKERS must be docker or processes (got '$mode')" >&2
+    exit 2
+    ;;
+esac
 
 if [[ -n ${HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP:-} && -n ${HOOKBRIDGE_TEST_NATS_URL:-} ]]; then
-  step "use the brokers from the environment: Kafka $HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP, NATS $HOOKBRIDGE_TEST_NATS_URL"
+  SOURCE=environment
+  export HOOKBRIDGE_TEST_BROKERS_SCRIPT=${HOOKBRIDGE_TEST_BROKERS_SCRIPT:-$BROKERS}
+  step "brokers: environment (Kafka $HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP, NATS $HOOKBRIDGE_TEST_NATS_URL)"
+elif [[ $mode != processes ]] && try_docker; then
+  SOURCE=testcontainers
+  # Private brokers are containers too.
+  unset HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP HOOKBRIDGE_TEST_NATS_URL HOOKBRIDGE_TEST_BROKERS_SCRIPT
+  step "brokers: testcontainers (Kafka $HOOKBRIDGE_TEST_KAFKA_IMAGE, NATS $HOOKBRIDGE_TEST_NATS_IMAGE)"
 else
+  if [[ $mode == docker ]]; then
+    echo "HOOKBRIDGE_TEST_BROKERS=docker, but Docker is not available: $DOCKER_SKIPPED" >&2
+    exit 1
+  fi
+  [[ -z $DOCKER_SKIPPED ]] || warn "not using Docker: $DOCKER_SKIPPED; using scripts/brokers.sh"
+  SOURCE=processes
   STATE=$(mktemp -d "${TMPDIR:-/tmp}/hookbridge-test.XXXXXX")
-  # Set before starting anything, so an interrupt during startup still cleans up.
-  # INT/TERM exit through the EXIT trap, which keeps the exit status.
-  trap cleanup EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
+  export HOOKBRIDGE_TEST_BROKERS_SCRIPT=$BROKERS
   step "start Kafka and NATS (scripts/brokers.sh up $STATE)"
   # Not `eval "$(...)"` directly: that would hide a failure of `up` (eval of "" succeeds).
   exports=$(bash "$BROKERS" up "$STATE")
   eval "$exports"
-  step "Kafka $HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP, NATS $HOOKBRIDGE_TEST_NATS_URL"
+  step "brokers: processes (Kafka $HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP, NATS $HOOKBRIDGE_TEST_NATS_URL)"
 fi
 
 step "cargo fmt --all -- --check"
@@ -70,12 +121,37 @@ step "cargo clippy --all-targets --locked -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
 # Benches are load generators run by scripts/bench.sh (clippy above still checks them).
-step "cargo test --locked --lib --bins --tests${*:+ $*}"
+step "cargo test --locked --lib --bins --tests${*:+ $*} (brokers: $SOURCE)"
 status=0
 cargo test --locked --lib --bins --tests "$@" || status=$?
+
+# The compose stack, whenever the engine is up (a filtered run skips it).
+compose=skipped
+if ((status == 0)) && [[ $SOURCE == testcontainers ]] && (($# == 0)); then
+  step "compose stack (scripts/compose-smoke.sh)"
+  smoke=0
+  bash "$ROOT/scripts/compose-smoke.sh" || smoke=$?
+  case $smoke in
+    0) compose=passed ;;
+    # 2: the stack could not be set up here (image build, engine): not a test failure.
+    2) compose="skipped: could not be set up (see above)" ;;
+    *)
+      compose="FAILED (exit status $smoke)"
+      status=1
+      ;;
+  esac
+elif [[ $SOURCE == processes ]]; then
+  compose="skipped: no Docker"
+elif [[ $SOURCE == environment ]]; then
+  compose="skipped: brokers from the environment"
+fi
+
+summary="brokers: $SOURCE"
+[[ -z $DOCKER_SKIPPED ]] || summary+=" (Docker not used: $DOCKER_SKIPPED)"
+summary+="; compose stack: $compose"
 if ((status == 0)); then
-  step "tests passed"
+  step "tests passed ($summary)"
 else
-  step "tests failed (exit status $status)"
+  step "tests failed, exit status $status ($summary)"
 fi
 exit "$status"

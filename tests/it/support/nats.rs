@@ -53,8 +53,18 @@ pub async fn read_stream(
 ) -> Vec<Stored> {
     let client = async_nats::connect(url).await.expect("connect to NATS");
     let js = jetstream::new(client);
-    let mut stream = js.get_stream(name).await.expect("stream exists");
     let deadline = tokio::time::Instant::now() + limit;
+    // The app may create the stream itself, a little after answering.
+    let mut stream = loop {
+        match js.get_stream(name).await {
+            Ok(stream) => break stream,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "stream {name} does not exist after {limit:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     loop {
         let n = stream.info().await.unwrap().state.messages;
         if n >= expected {
