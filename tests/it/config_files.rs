@@ -296,8 +296,13 @@ fn compose_bridges() -> Vec<Bridge> {
                 });
                 root().join("config").join(file)
             });
-        let is_bridge = service["build"] != Yaml::BadValue
-            || scalar(&service["image"]).is_some_and(|i| i.contains("hookbridge"));
+        // Settings may come from a YAML merge key (`<<: *hookbridge`), which
+        // the parser keeps as a member of its own.
+        let merged = &service["<<"];
+        let is_bridge = [service, merged].iter().any(|s| {
+            s["build"] != Yaml::BadValue
+                || scalar(&s["image"]).is_some_and(|i| i.contains("hookbridge"))
+        });
         if is_bridge {
             bridges.push(Bridge { name, config, env });
         }
