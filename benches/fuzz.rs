@@ -51,6 +51,9 @@ fn run(seed: u64, cases: u64) -> Tally {
             }
         };
         tally.inputs += 1;
+        if tally.inputs % 1_000_000 == 0 {
+            println!("fuzz: worker {seed}: {} inputs so far", tally.inputs);
+        }
         match catch_unwind(AssertUnwindSafe(|| oracle.check(&body))) {
             Ok(Ok(Verdict::Published)) => tally.published += 1,
             Ok(Ok(Verdict::Refused)) => tally.refused += 1,
