@@ -4,7 +4,7 @@
 //! # The data path
 //!
 //! ```text
-//! provider --POST /webhooks/kinovi--> http::webhook
+//! provider --POST /webhooks/kinovi--> http::serve (limits, TLS) -> http::webhook
 //!     event::parse        any documented payload shape -> TaskEvent (pure)
 //!     outbox::append      dedup + state guard + insert, one redb transaction,
 //!                         fsync shared by concurrent requests (group commit)
@@ -36,9 +36,14 @@
 //!   task stays on one partition.
 //! - **Fast answers**: the broker is never on the request path; the answer
 //!   waits for one shared fsync.
-//! - **Untrusted input**: bodies are size-limited and parsed strictly; a bad
-//!   one gets a 4xx JSON error naming the problem and is kept (capped) for
-//!   inspection under `/admin/rejected`.
+//! - **Untrusted input** ([`event`], [`http`]): bodies are size- and
+//!   time-limited and parsed strictly within stated bounds (times, nesting
+//!   depth, repeated keys, task id characters); a bad one gets a 4xx JSON
+//!   error naming the field and is kept, cut and capped, in memory for
+//!   `/admin/rejected`, never in the outbox. The public listener bounds
+//!   header time, head size, connections and request rates; the operator
+//!   endpoints live on a separate admin listener behind a Host, cross-site
+//!   and token guard.
 //! - **No registered task forgotten** ([`poll`]): tasks created through
 //!   `POST /tasks` or watched are polled when their callback does not come,
 //!   and dead-lettered as `stuck` at their deadline; verify mode keeps forged
