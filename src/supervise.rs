@@ -107,6 +107,25 @@ struct Policy {
     window: Duration,
 }
 
+/// What a worker task needs to stop the app for good: the first worker to
+/// give up is the one `shutdown` reports.
+struct Stopper {
+    health: Arc<Health>,
+    failure: Arc<Mutex<Option<GaveUp>>>,
+    gave_up: CancellationToken,
+}
+
+impl Stopper {
+    fn give_up(&self, worker: &'static str, cause: String) {
+        self.health.set(worker, WorkerState::Failed);
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(GaveUp { worker, cause });
+        self.gave_up.cancel();
+    }
+}
+
 pub struct Supervisor {
     stop: CancellationToken,
     gave_up: CancellationToken,
@@ -137,6 +156,14 @@ impl Supervisor {
         self.gave_up.clone()
     }
 
+    fn stopper(&self) -> Stopper {
+        Stopper {
+            health: self.health.clone(),
+            failure: self.failure.clone(),
+            gave_up: self.gave_up.clone(),
+        }
+    }
+
     /// Starts `make(stop)` now and again whenever it ends before `stop` is
     /// cancelled. The worker must return soon after `stop` is cancelled.
     pub fn spawn<F, Fut>(&mut self, worker: &'static str, mut make: F)
@@ -145,7 +172,7 @@ impl Supervisor {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let (stop, policy, health) = (self.stop.clone(), self.policy, self.health.clone());
-        let (gave_up, failure) = (self.gave_up.clone(), self.failure.clone());
+        let stopper = self.stopper();
         health.set(worker, WorkerState::Running);
         self.workers.spawn(async move {
             let mut restarts: VecDeque<Instant> = VecDeque::new();
@@ -174,12 +201,7 @@ impl Supervisor {
                 }
                 if restarts.len() >= policy.max_restarts {
                     tracing::error!(worker, %cause, restarts = restarts.len(), "worker stopped again; giving up");
-                    health.set(worker, WorkerState::Failed);
-                    failure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(GaveUp { worker, cause });
-                    gave_up.cancel();
+                    stopper.give_up(worker, cause);
                     return;
                 }
                 restarts.push_back(now);
@@ -207,7 +229,7 @@ impl Supervisor {
         alive: impl Fn() -> bool + Send + 'static,
     ) {
         let (stop, health) = (self.stop.clone(), self.health.clone());
-        let (gave_up, failure) = (self.gave_up.clone(), self.failure.clone());
+        let stopper = self.stopper();
         health.set(worker, WorkerState::Running);
         self.workers.spawn(async move {
             loop {
@@ -221,12 +243,7 @@ impl Supervisor {
                 if !alive() {
                     let cause = "stopped and cannot be restarted".to_string();
                     tracing::error!(worker, %cause, "giving up");
-                    health.set(worker, WorkerState::Failed);
-                    failure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(GaveUp { worker, cause });
-                    gave_up.cancel();
+                    stopper.give_up(worker, cause);
                     return;
                 }
             }

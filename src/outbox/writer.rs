@@ -618,21 +618,26 @@ mod tests {
         )))
     }
 
-    fn append(
-        tx: &mpsc::Sender<Command>,
-        task: &str,
-    ) -> oneshot::Receiver<Result<Appended, AppendError>> {
+    type Answer = oneshot::Receiver<Result<Appended, AppendError>>;
+
+    /// An append of `task`'s `generating`, and where its answer comes.
+    fn append_command(task: &str) -> (Command, Answer) {
         let body = format!(r#"{{"taskId":"{task}","state":"generating"}}"#);
         let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
         let (reply, answer) = oneshot::channel();
         let payload = serde_json::to_vec(&event).unwrap();
         let event = Box::new(event);
-        tx.blocking_send(Command::Append {
+        let command = Command::Append {
             event,
             payload,
             reply,
-        })
-        .unwrap();
+        };
+        (command, answer)
+    }
+
+    fn append(tx: &mpsc::Sender<Command>, task: &str) -> Answer {
+        let (command, answer) = append_command(task);
+        tx.blocking_send(command).unwrap();
         answer
     }
 
@@ -680,17 +685,8 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         let mut appends = Vec::new();
         for task in ["before", FAIL_TASK, "after"] {
-            let body = format!(r#"{{"taskId":"{task}","state":"generating"}}"#);
-            let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
-            let (reply, answer) = oneshot::channel();
-            let payload = serde_json::to_vec(&event).unwrap();
-            let event = Box::new(event);
-            tx.try_send(Command::Append {
-                event,
-                payload,
-                reply,
-            })
-            .unwrap();
+            let (command, answer) = append_command(task);
+            tx.try_send(command).unwrap();
             appends.push(answer);
         }
         let (reply, completed) = oneshot::channel();
