@@ -63,6 +63,7 @@ pub mod app;
 pub mod config;
 pub mod event;
 pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod poll;
 pub mod publish;

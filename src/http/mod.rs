@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, Secret};
+use crate::metrics::Reject;
 use crate::outbox::Outbox;
 
 mod admin;
@@ -164,6 +165,7 @@ pub fn admin_router(state: AppState, config: &Config) -> Router {
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route("/admin/dead-letters/requeue", post(admin::requeue))
         .route("/admin/rejected", get(admin::rejected))
+        .route("/metrics", get(crate::metrics::serve))
         .route_layer(middleware::from_fn_with_state(guard, admin::guard))
         // Outside the guard: a kubelet probe can send neither a token nor a
         // Host the guard knows, and readiness reveals nothing an operator
@@ -193,6 +195,7 @@ async fn read_body(State(d): State<BodyDeadline>, request: Request, next: Next) 
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             if let Some(outbox) = &d.rejects {
                 outbox.reject(b"", "body over the size limit (not kept)");
+                outbox.stats().metrics.rejected(Reject::TooLarge);
             }
             return close(ApiError::TooLarge(d.limit).into_response());
         }

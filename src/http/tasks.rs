@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use super::admin::check_bearer;
 use super::{constant_time_eq, ApiError, AppState};
 use crate::event::{task_id_problem, TaskEvent};
+use crate::metrics::Reject;
 use crate::outbox::now_ms;
 use crate::poll::{Holding, Origin, PollStats, Registration};
 
@@ -200,6 +201,7 @@ pub(super) async fn check_callback_token(
     };
     tracing::warn!(%task_id, %reason, "callback refused");
     state.outbox.reject(body, &reason);
+    state.outbox.stats().metrics.rejected(Reject::BadToken);
     Err(ApiError::Unauthorized)
 }
 

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use super::{tasks, ApiError, AppState};
 use crate::event::{self, Source};
+use crate::metrics::Reject;
 use crate::outbox::{now_ms, Appended};
 
 /// The callback URL's query: `?token=` for tasks created through `POST /tasks`.
@@ -31,8 +32,10 @@ pub async fn kinovi(
     query: Result<Query<CallbackQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let _timer = state.outbox.stats().metrics.time_answer();
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            state.outbox.stats().metrics.rejected(Reject::TooLarge);
             state
                 .outbox
                 .reject(b"", "body over the size limit (not kept)");
@@ -45,6 +48,7 @@ pub async fn kinovi(
         let reason = e.to_string();
         tracing::info!(%reason, "rejected callback");
         state.outbox.reject(&body, &reason);
+        state.outbox.stats().metrics.rejected(Reject::Invalid);
         ApiError::InvalidPayload(reason)
     })?;
     let token = query.ok().and_then(|Query(q)| q.token);

@@ -138,6 +138,9 @@ pub struct Stats {
     /// When a publish last failed transiently (ms): the broker did not answer.
     #[serde(skip)]
     pub broker_error_at: AtomicI64,
+    /// Labelled counters and histograms for `/metrics`.
+    #[serde(skip)]
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Stats {

@@ -84,6 +84,7 @@ impl Relay {
             tracing::error!(seq, %reason, "dead-lettered");
             dead.push((seq, reason));
         }
+        let undecodable = dead.len();
         let mut encoded = Vec::with_capacity(batch.ready.len());
         for o in &batch.ready {
             match encode(&*self.publisher, o) {
@@ -94,11 +95,14 @@ impl Relay {
                 }
             }
         }
+        let unencodable = dead.len() - undecodable;
+        let started = std::time::Instant::now();
         let mut results = if encoded.is_empty() {
             Vec::new()
         } else {
             self.publisher.publish(&encoded).await
         };
+        let took = started.elapsed();
         // A backend that answers for fewer messages than it was given leaves
         // the rest pending, never lost.
         results.resize(
@@ -129,8 +133,21 @@ impl Relay {
         if step.retrying > 0 {
             stats.broker_error_at.store(now_ms(), Ordering::Relaxed);
         }
+        if !encoded.is_empty() {
+            let acked = batch
+                .ready
+                .iter()
+                .filter(|o| delivered.binary_search(&o.seq).is_ok());
+            stats
+                .metrics
+                .published(took, acked.map(|o| o.event.received_at), now_ms());
+        }
         if !delivered.is_empty() || !dead.is_empty() {
+            let refused = dead.len() - undecodable - unencodable;
             self.outbox.complete(delivered, dead).await?;
+            stats
+                .metrics
+                .relay_dead_lettered(undecodable, unencodable, refused);
             stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
         }
         Ok(step)
@@ -153,6 +170,7 @@ impl Relay {
         if permanent < 2 {
             return;
         }
+        self.outbox.stats().metrics.retried_alone(permanent);
         for (m, result) in batch.iter().zip(results.iter_mut()) {
             if matches!(result, Err(e) if e.is_permanent()) {
                 let alone = self.publisher.publish(std::slice::from_ref(m)).await;

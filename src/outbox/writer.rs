@@ -523,7 +523,9 @@ impl Writer {
                 }
             }
         }
-        txn.commit()?;
+        self.stats
+            .metrics
+            .time_commit(replies.len(), || txn.commit())?;
         Ok(())
     }
 }

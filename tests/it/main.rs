@@ -13,6 +13,7 @@ mod examples;
 mod hostile;
 mod ingress;
 mod kafka;
+mod metrics;
 mod nats;
 mod outbox;
 mod poll;

@@ -1,0 +1,465 @@
+//! `GET /metrics` (admin listener): the Prometheus text format (0.0.4).
+//!
+//! Design, and why:
+//!
+//! - **No process-global recorder.** Each [`Outbox`] owns its [`Metrics`]
+//!   (inside its [`Stats`]), so every app in a process, like every test,
+//!   counts only its own traffic and a scrape's values are exact.
+//! - **Counters are plain atomics** owned by the code that counts: the
+//!   existing [`Stats`] and [`PollStats`] (also shown by `/admin/status`,
+//!   so both agree), and the labelled ones here. Histograms are
+//!   `prometheus-client` histograms (fixed buckets of atomics, nothing to
+//!   drain). A scrape builds a fresh registry from them, adds the gauges
+//!   read at that moment (backlog, oldest age, tasks, readiness), and
+//!   encodes it: nothing is registered twice and nothing grows.
+//! - Reading the gauges touches redb, so [`serve`] renders on the blocking
+//!   pool, never on an async worker.
+//!
+//! Every series exists from the start (zero until something happens), so
+//! alert rules and dashboards never see a missing series.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::http::{ApiError, AppState};
+use crate::outbox::Stats;
+use crate::poll::PollStats;
+
+/// Why a request body was rejected (`hookbridge_events_rejected_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// Over `server.body_limit_bytes` (413).
+    TooLarge,
+    /// Not a valid callback (400).
+    Invalid,
+    /// A registered task's callback without its token, or a wrong one (401).
+    BadToken,
+}
+
+impl Reject {
+    const ALL: [Self; 3] = [Self::TooLarge, Self::Invalid, Self::BadToken];
+    fn label(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::Invalid => "invalid",
+            Self::BadToken => "bad_token",
+        }
+    }
+}
+
+/// Why the relay dead-lettered an entry (`hookbridge_events_dead_lettered_total`;
+/// the provider side's classes come from [`PollStats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dead {
+    /// The stored bytes do not decode.
+    Undecodable,
+    /// The publisher cannot encode the event (error or panic).
+    Unencodable,
+    /// The broker refused it permanently.
+    Refused,
+}
+
+impl Dead {
+    const ALL: [Self; 3] = [Self::Undecodable, Self::Unencodable, Self::Refused];
+    fn label(self) -> &'static str {
+        match self {
+            Self::Undecodable => "undecodable",
+            Self::Unencodable => "unencodable",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// Latencies, from half a millisecond to ten seconds.
+const LATENCY: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Requests committed together (the writer takes at most 4096).
+const GROUP: [f64; 11] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+];
+/// An event's age when the broker acknowledged it: from 10 ms to an hour.
+const AGE: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// The instruments the data path updates; one set per outbox.
+#[derive(Debug)]
+pub struct Metrics {
+    rejected: [AtomicU64; 3],
+    /// Messages of a permanently refused batch sent again one by one.
+    retried_alone: AtomicU64,
+    dead: [AtomicU64; 3],
+    answer: Histogram,
+    group_commit: Histogram,
+    fsync: Histogram,
+    publish: Histogram,
+    age_at_publish: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            rejected: Default::default(),
+            retried_alone: AtomicU64::new(0),
+            dead: Default::default(),
+            answer: Histogram::new(LATENCY),
+            group_commit: Histogram::new(GROUP),
+            fsync: Histogram::new(LATENCY),
+            publish: Histogram::new(LATENCY),
+            age_at_publish: Histogram::new(AGE),
+        }
+    }
+}
+
+/// Observes the time from its creation to its drop.
+pub struct Timer<'a> {
+    histogram: &'a Histogram,
+    started: Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Metrics {
+    pub fn rejected(&self, why: Reject) {
+        self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A batch was refused permanently: `n` messages are sent again alone,
+    /// so only the ones that fail on their own become dead letters.
+    pub fn retried_alone(&self, n: usize) {
+        self.retried_alone.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts what one relay step moved to the dead letters, by class.
+    pub fn relay_dead_lettered(&self, undecodable: usize, unencodable: usize, refused: usize) {
+        for (why, n) in [
+            (Dead::Undecodable, undecodable),
+            (Dead::Unencodable, unencodable),
+            (Dead::Refused, refused),
+        ] {
+            self.dead[why as usize].fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Times a webhook answer, until the returned guard is dropped.
+    pub fn time_answer(&self) -> Timer<'_> {
+        Timer {
+            histogram: &self.answer,
+            started: Instant::now(),
+        }
+    }
+
+    /// Times one durable commit (the fsync), returning what `commit` did.
+    pub fn time_commit<T>(&self, requests: usize, commit: impl FnOnce() -> T) -> T {
+        self.group_commit.observe(requests as f64);
+        let _timer = Timer {
+            histogram: &self.fsync,
+            started: Instant::now(),
+        };
+        commit()
+    }
+
+    /// One publish call that took `took`, and the `received_at` (ms) of
+    /// each event the broker acknowledged in it, at `now_ms`.
+    pub fn published(
+        &self,
+        took: std::time::Duration,
+        received_at: impl IntoIterator<Item = i64>,
+        now_ms: i64,
+    ) {
+        self.publish.observe(took.as_secs_f64());
+        for at in received_at {
+            self.age_at_publish
+                .observe((now_ms - at).max(0) as f64 / 1000.0);
+        }
+    }
+}
+
+/// What a scrape reads besides the counters: the values that cost a redb
+/// read or a look at the workers.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub publisher: &'static str,
+    pub oldest_pending_age_ms: Option<i64>,
+    pub tracked_tasks: u64,
+    pub registered_tasks: u64,
+    pub held_callbacks: u64,
+    pub ready: bool,
+}
+
+/// A counter family with one label.
+type Labelled = Family<[(&'static str, &'static str); 1], Counter>;
+
+/// The whole exposition: counters of `stats` and `poll`, the histograms,
+/// and the gauges of `now`.
+pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
+    let m = &stats.metrics;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut registry = Registry::default();
+    let r = &mut registry;
+    for (name, help, value) in [
+        (
+            "hookbridge_events_accepted",
+            "Callbacks stored durably for publishing (conflicts included)",
+            &stats.accepted,
+        ),
+        (
+            "hookbridge_events_duplicate",
+            "Callbacks answered 200 as a repeat of an accepted (taskId, state)",
+            &stats.duplicates,
+        ),
+        (
+            "hookbridge_events_stale",
+            "Callbacks answered 200 but not published: the task had reached a later state",
+            &stats.stale,
+        ),
+        (
+            "hookbridge_events_conflict",
+            "Terminal states after another terminal state, published with conflictsWith",
+            &stats.conflicts,
+        ),
+        (
+            "hookbridge_storage_errors",
+            "Outbox commits that failed (their requests were refused)",
+            &stats.storage_errors,
+        ),
+        (
+            "hookbridge_provider_polls",
+            "Status requests sent to the provider (each attempt)",
+            &poll.polls,
+        ),
+        (
+            "hookbridge_provider_poll_errors",
+            "Status requests that failed: 429, 5xx, network, timeout, unreadable",
+            &poll.poll_errors,
+        ),
+        (
+            "hookbridge_provider_auth_failures",
+            "401/403 answers of the provider that halted polling and verification",
+            &poll.auth_failures,
+        ),
+    ] {
+        r.register(name, help, ConstCounter::new(load(value)));
+    }
+    let dead = Dead::ALL.map(|w| (w.label(), load(&m.dead[w as usize])));
+    let provider_dead = [
+        ("stuck", load(&poll.stuck)),
+        ("unknown_task", load(&poll.unknown_tasks)),
+        ("unconfirmed", load(&poll.unconfirmed)),
+    ];
+    for (name, help, label, values) in [
+        (
+            "hookbridge_events_rejected",
+            "Request bodies refused with a 4xx, by reason",
+            "reason",
+            Reject::ALL
+                .map(|w| (w.label(), load(&m.rejected[w as usize])))
+                .to_vec(),
+        ),
+        (
+            "hookbridge_requests_refused",
+            "Callbacks refused unread or unstored: outbox full (503) or rate-limited (429)",
+            "reason",
+            vec![
+                ("full", load(&stats.refused_full)),
+                ("rate_limited", load(&stats.rate_limited)),
+            ],
+        ),
+        (
+            "hookbridge_events_published",
+            "Events acknowledged by the broker",
+            "broker",
+            vec![(now.publisher, load(&stats.published))],
+        ),
+        (
+            "hookbridge_publish_retries",
+            "Messages sent again, by error class",
+            "class",
+            vec![
+                ("transient", load(&stats.publish_retries)),
+                ("isolation", load(&m.retried_alone)),
+            ],
+        ),
+        (
+            "hookbridge_events_dead_lettered",
+            "Events moved to the dead letters, by reason class",
+            "class",
+            dead.into_iter().chain(provider_dead).collect(),
+        ),
+    ] {
+        let family = Labelled::default();
+        for (value, n) in values {
+            family.get_or_create(&[(label, value)]).inc_by(n);
+        }
+        r.register(name, help, family);
+    }
+    let seconds = |ms: i64| ms as f64 / 1000.0;
+    for (name, help, value) in [
+        (
+            "hookbridge_outbox_pending_events",
+            "Events stored and not yet acknowledged by the broker",
+            load(&stats.pending) as f64,
+        ),
+        (
+            "hookbridge_outbox_pending_bytes",
+            "Bytes of the pending events",
+            load(&stats.pending_bytes) as f64,
+        ),
+        (
+            "hookbridge_outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending event (0 when none)",
+            seconds(now.oldest_pending_age_ms.unwrap_or(0)),
+        ),
+        (
+            "hookbridge_outbox_dead_letters",
+            "Dead letters kept now",
+            load(&stats.dead) as f64,
+        ),
+        (
+            "hookbridge_outbox_tracked_tasks",
+            "Tasks with a dedup record within the window",
+            now.tracked_tasks as f64,
+        ),
+        (
+            "hookbridge_relay_last_progress_timestamp_seconds",
+            "When the relay last moved the queue forward or found it empty (Unix time)",
+            seconds(stats.relay_progress_at.load(Ordering::Relaxed)),
+        ),
+        (
+            "hookbridge_registered_tasks",
+            "Registered tasks not finished yet (polled when their callback is late)",
+            now.registered_tasks as f64,
+        ),
+        (
+            "hookbridge_held_callbacks",
+            "Callbacks held until the provider confirms them (verify mode)",
+            now.held_callbacks as f64,
+        ),
+        (
+            "hookbridge_poll_halted",
+            "1 when the provider refused the API key and polling stopped",
+            flag(poll.halted().is_some()),
+        ),
+        (
+            "hookbridge_ready",
+            "1 when /readyz answers 200",
+            flag(now.ready),
+        ),
+    ] {
+        r.register(name, help, ConstGauge::new(value));
+    }
+    for (name, help, histogram) in [
+        (
+            "hookbridge_webhook_answer_duration_seconds",
+            "Time to answer a callback once its body is read: parse, dedup, the shared fsync",
+            &m.answer,
+        ),
+        (
+            "hookbridge_outbox_group_commit_size",
+            "Requests committed together in one outbox transaction",
+            &m.group_commit,
+        ),
+        (
+            "hookbridge_outbox_fsync_duration_seconds",
+            "Time of one durable outbox commit",
+            &m.fsync,
+        ),
+        (
+            "hookbridge_publish_duration_seconds",
+            "Time of one publish call (a batch) until the broker answered",
+            &m.publish,
+        ),
+        (
+            "hookbridge_event_age_at_publish_seconds",
+            "From an event's receivedAt to the broker's acknowledgement",
+            &m.age_at_publish,
+        ),
+    ] {
+        r.register(name, help, histogram.clone());
+    }
+    let mut out = String::new();
+    // Writing into a String does not fail.
+    let _ = prometheus_text::encode(&mut out, &registry);
+    out
+}
+
+fn flag(on: bool) -> f64 {
+    f64::from(u8::from(on))
+}
+
+/// `GET /metrics`. The gauges read redb: on the blocking pool.
+pub async fn serve(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let body = tokio::task::spawn_blocking(move || {
+        let status = state
+            .outbox
+            .status()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (registered_tasks, held_callbacks) = state.tasks.registry.counts().unwrap_or_default();
+        let now = Snapshot {
+            publisher: state.publisher_name,
+            oldest_pending_age_ms: status.oldest_pending_age_ms,
+            tracked_tasks: status.tasks_tracked,
+            registered_tasks,
+            held_callbacks,
+            ready: crate::http::ready::problems(&state.health, &state.outbox).is_empty(),
+        };
+        Ok::<_, ApiError>(render(state.outbox.stats(), &state.tasks.stats, &now))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok((
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+        body,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_exists_from_the_start_with_its_help() {
+        let stats = Stats::default();
+        stats.metrics.rejected(Reject::BadToken);
+        stats.metrics.relay_dead_lettered(0, 2, 1);
+        stats.metrics.time_commit(3, || ());
+        let text = render(&stats, &PollStats::default(), &Snapshot::default());
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+        let names: std::collections::BTreeSet<&str> =
+            scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+        assert_eq!(names.len(), 38, "{names:#?}");
+        for name in &names {
+            assert!(name.starts_with("hookbridge_"), "{name}");
+            let family = ["_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|base| names.contains(base))
+                .unwrap_or(name);
+            assert!(scrape.docs.contains_key(family), "{family} has a HELP line");
+        }
+        assert!(text.contains("hookbridge_events_rejected_total{reason=\"bad_token\"} 1\n"));
+        assert!(text.contains("hookbridge_events_dead_lettered_total{class=\"unencodable\"} 2\n"));
+        assert!(
+            text.contains("hookbridge_outbox_group_commit_size_sum 3.0\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE hookbridge_ready gauge\nhookbridge_ready 0.0\n"));
+    }
+}
