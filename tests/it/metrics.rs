@@ -258,6 +258,32 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     out
 }
 
+/// Whether the expression's brackets and quotes pair up (a cheap syntax
+/// check: `promtool` is too heavy to build for the tests).
+fn balanced(expr: &str) -> bool {
+    let mut open = Vec::new();
+    let mut quoted = false;
+    for c in expr.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            _ if quoted => {}
+            '(' | '{' | '[' => open.push(c),
+            ')' | '}' | ']' => {
+                let wanted = match c {
+                    ')' => '(',
+                    '}' => '{',
+                    _ => '[',
+                };
+                if open.pop() != Some(wanted) {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    open.is_empty() && !quoted
+}
+
 /// The Grafana dashboard's queries (`targets[].expr` of every panel, rows
 /// included).
 fn dashboard_exprs() -> Vec<String> {
@@ -369,6 +395,7 @@ async fn the_dashboard_and_the_alerts_use_only_metrics_a_scrape_has() {
     let exprs = dashboard_exprs().into_iter().chain(alerts.into_values());
     let mut used = BTreeSet::new();
     for expr in exprs {
+        assert!(balanced(&expr), "unbalanced brackets: {expr}");
         let names = metric_names(&expr);
         assert!(!names.is_empty(), "uses no hookbridge metric: {expr}");
         used.extend(names);
