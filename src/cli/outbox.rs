@@ -7,7 +7,7 @@ use clap::Subcommand;
 use hookbridge::outbox::inspect::{self, Inspection};
 use hookbridge::Config;
 
-use super::table::{age, pairs, utc};
+use super::table::{age, pairs};
 use super::{print_json, CliError};
 
 #[derive(Subcommand)]
@@ -40,20 +40,21 @@ impl OutboxCommand {
 }
 
 fn render(i: &Inspection) -> String {
-    let or_dash = |n: Option<u64>| n.map_or("-".into(), |n| n.to_string());
-    pairs(&[
-        ("pending", i.pending.to_string()),
-        ("pending bytes", i.pending_bytes.to_string()),
+    let o = &i.outbox;
+    let mut rows = vec![
+        ("pending", o.pending.to_string()),
+        ("pending bytes", o.pending_bytes.to_string()),
         (
             "oldest pending",
-            match (i.oldest_pending_received_at, i.oldest_pending_age_ms) {
-                (Some(at), Some(ms)) => format!("{} ({} ago)", utc(at), age(ms)),
-                _ => "-".into(),
-            },
+            o.oldest_pending_age_ms
+                .map_or("-".into(), |ms| format!("{} ago", age(ms))),
         ),
-        ("dead letters", i.dead_letters.to_string()),
-        ("tasks tracked", i.tasks_tracked.to_string()),
-        ("registered tasks", or_dash(i.registered_tasks)),
-        ("held callbacks", or_dash(i.held_callbacks)),
-    ])
+        ("dead letters", o.dead_letters.to_string()),
+        ("tasks tracked", o.tasks_tracked.to_string()),
+    ];
+    if let Some(r) = &i.registry {
+        rows.push(("registered tasks", r.registered_tasks.to_string()));
+        rows.push(("held callbacks", r.held_callbacks.to_string()));
+    }
+    pairs(&rows)
 }

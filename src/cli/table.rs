@@ -39,27 +39,8 @@ pub fn pairs(rows: &[(&str, String)]) -> String {
         .map_or(String::new(), |(_, rest)| rest.to_string())
 }
 
-/// Milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
-pub fn utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+/// Milliseconds since the epoch as RFC 3339 (UTC).
+pub use hookbridge::publish::rfc3339_millis as utc;
 
 /// A duration in milliseconds, in its largest whole unit or two.
 pub fn age(ms: i64) -> String {
@@ -111,9 +92,6 @@ mod tests {
 
     #[test]
     fn formats() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(1_735_599_634_000), "2024-12-30T23:00:34Z");
-        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(age(59_999), "59s");
         assert_eq!(age(3_723_000), "1h2m");
         assert_eq!(cut("abcdef", 4), "abc…");

@@ -1,5 +1,11 @@
 use super::*;
 
+/// Asserts that `toml` is refused with a message naming `key`.
+fn refused(toml: &str, key: &str) {
+    let err = Config::from_toml(toml).unwrap_err();
+    assert!(err.to_string().contains(key), "{err}");
+}
+
 #[test]
 fn shipped_config_files_parse() {
     for name in ["default.toml", "kafka.toml", "nats.toml"] {
@@ -13,46 +19,46 @@ fn shipped_config_files_parse() {
 
 #[test]
 fn unknown_keys_are_refused() {
-    let err = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
-    assert!(err.to_string().contains("lisen"), "{err}");
-    let err =
-        Config::from_toml("[publisher]\ntype = \"kafka\"\nbrokers = \"x:1\"\ntopik = \"t\"\n")
-            .unwrap_err();
-    assert!(err.to_string().contains("topik"), "{err}");
+    refused("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", "lisen");
+    refused(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"x:1\"\ntopik = \"t\"\n",
+        "topik",
+    );
 }
 
 #[test]
 fn invalid_values_name_their_key() {
-    let err = Config::from_toml("[outbox]\nmax_pending = 0\n").unwrap_err();
-    assert!(err.to_string().contains("outbox.max_pending"), "{err}");
-    let err = Config::from_toml("[publisher]\ntype = \"kafka\"\nbrokers = \"\"\n").unwrap_err();
-    assert!(err.to_string().contains("publisher.brokers"), "{err}");
-    let err = Config::from_toml(
+    refused("[outbox]\nmax_pending = 0\n", "outbox.max_pending");
+    refused(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"\"\n",
+        "publisher.brokers",
+    );
+    refused(
         "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\nacks = \"1\"\n",
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("acks"), "{err}");
-    let err =
-        Config::from_toml("[publisher]\ntype = \"nats\"\nurl = \"x\"\nsubject = \"a.{task}\"\n")
-            .unwrap_err();
-    assert!(err.to_string().contains("publisher.subject"), "{err}");
-    let err = Config::from_toml("[server]\nlisten = \"nowhere\"\n").unwrap_err();
-    assert!(err.to_string().contains("listen"), "{err}");
+        "acks",
+    );
+    refused(
+        "[publisher]\ntype = \"nats\"\nurl = \"x\"\nsubject = \"a.{task}\"\n",
+        "publisher.subject",
+    );
+    refused("[server]\nlisten = \"nowhere\"\n", "listen");
 }
 
 #[test]
 fn provider_settings_are_checked() {
-    let err = Config::from_toml("[provider]\nverify = true\n").unwrap_err();
-    assert!(err.to_string().contains("provider.verify"), "{err}");
-    let err =
-        Config::from_toml("[provider]\napi_key = \"k\"\ntasks_token = \"0123456789abcdef\"\n")
-            .unwrap_err();
-    assert!(err.to_string().contains("provider.tasks_token"), "{err}");
-    let err = Config::from_toml("[provider]\nbase_url = \"kinovi.ai\"\n").unwrap_err();
-    assert!(err.to_string().contains("provider.base_url"), "{err}");
-    let err = Config::from_toml("[reconcile]\nfirst_poll_after_secs = 60\ndeadline_secs = 60\n")
-        .unwrap_err();
-    assert!(err.to_string().contains("reconcile.deadline_secs"), "{err}");
+    refused("[provider]\nverify = true\n", "provider.verify");
+    refused(
+        "[provider]\napi_key = \"k\"\ntasks_token = \"0123456789abcdef\"\n",
+        "provider.tasks_token",
+    );
+    refused(
+        "[provider]\nbase_url = \"kinovi.ai\"\n",
+        "provider.base_url",
+    );
+    refused(
+        "[reconcile]\nfirst_poll_after_secs = 60\ndeadline_secs = 60\n",
+        "reconcile.deadline_secs",
+    );
     let config = Config::from_toml(
         "[provider]\napi_key = \"sk-live-secret\"\npublic_url = \"https://h.example\"\n\
          tasks_token = \"0123456789abcdef\"\nverify = true\n",
@@ -65,21 +71,19 @@ fn provider_settings_are_checked() {
 
 #[test]
 fn edge_settings_are_checked() {
-    let err = Config::from_toml("[admin]\nlisten = \"0.0.0.0:9091\"\n").unwrap_err();
-    assert!(err.to_string().contains("admin.listen"), "{err}");
+    refused("[admin]\nlisten = \"0.0.0.0:9091\"\n", "admin.listen");
     let config =
         Config::from_toml("[admin]\nlisten = \"0.0.0.0:9091\"\ntoken = \"0123456789abcdef\"\n")
             .unwrap();
     assert!(!format!("{config:?}").contains("0123456789abcdef"));
-    let err = Config::from_toml("[server.rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]\n")
-        .unwrap_err();
-    assert!(err.to_string().contains("trusted_proxies"), "{err}");
-    let err = Config::from_toml("[server]\nmax_connections = 0\n").unwrap_err();
-    assert!(err.to_string().contains("server.max_connections"), "{err}");
-    let err = Config::from_toml("[outbox]\nmax_tracked_tasks = 0\n").unwrap_err();
-    assert!(
-        err.to_string().contains("outbox.max_tracked_tasks"),
-        "{err}"
+    refused(
+        "[server.rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+        "trusted_proxies",
+    );
+    refused("[server]\nmax_connections = 0\n", "server.max_connections");
+    refused(
+        "[outbox]\nmax_tracked_tasks = 0\n",
+        "outbox.max_tracked_tasks",
     );
 }
 
@@ -97,11 +101,7 @@ fn cidrs_match_their_addresses() {
 
 #[test]
 fn kafka_option_keys_may_use_underscores_for_dots() {
-    let err = Config::from_toml(
-        "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\nenable_idempotence = \"false\"\n",
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("enable.idempotence"), "{err}");
+    refused("[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\nenable_idempotence = \"false\"\n", "enable.idempotence");
     assert_eq!(librdkafka_key("sasl_password"), "sasl.password");
 }
 

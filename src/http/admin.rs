@@ -227,6 +227,20 @@ pub async fn rejected(
     Ok(Json(json!({ "rejected": state.outbox.rejected(q.get()?) })))
 }
 
+/// The state of the routers under test (file publisher, no tokens).
+#[cfg(test)]
+pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbox) -> AppState {
+    AppState {
+        outbox,
+        publisher_name: "file",
+        body_limit: 1024,
+        admin_token: None,
+        admin_on_loopback: true,
+        tasks: crate::poll::Tasks::open(config).unwrap(),
+        health: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,16 +271,10 @@ mod tests {
             let event = crate::poll::synthetic_pending(task, 1);
             seqs.push(outbox.bury(event, "refused".into()).await.unwrap());
         }
-        let state = AppState {
-            outbox,
-            publisher_name: "file",
-            body_limit: 1024,
-            admin_token: None,
-            admin_on_loopback: true,
-            tasks: crate::poll::Tasks::open(&config).unwrap(),
-            health: Default::default(),
-        };
-        (super::super::admin_router(state, &config), seqs)
+        (
+            super::super::admin_router(state(&config, outbox), &config),
+            seqs,
+        )
     }
 
     async fn call(app: &axum::Router, method: &str, uri: &str, body: &str) -> (u16, Value) {

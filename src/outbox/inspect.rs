@@ -15,26 +15,27 @@ use redb::{
 };
 use serde::Serialize;
 
-use super::now_ms;
 use super::store::{DEAD, PENDING, TASKS};
+use super::{now_ms, Status};
 use crate::event::TaskEvent;
 
 /// What a data dir holds.
 #[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct Inspection {
-    pub pending: u64,
-    pub pending_bytes: u64,
-    /// When the oldest pending event was received (ms since the epoch).
-    pub oldest_pending_received_at: Option<i64>,
-    pub oldest_pending_age_ms: Option<i64>,
-    pub dead_letters: u64,
-    /// Tasks with a dedup record (within the dedup window when it stopped).
-    pub tasks_tracked: u64,
-    /// Tasks registered for polling (`tasks.redb`; `None` when there is none).
-    pub registered_tasks: Option<u64>,
-    /// Callbacks held for verification (`tasks.redb`).
-    pub held_callbacks: Option<u64>,
+    /// As under `outbox` in `/admin/status`, without the counters (those
+    /// live in memory only).
+    pub outbox: Status,
+    /// `tasks.redb`, when there is one.
+    pub registry: Option<RegistrySizes>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrySizes {
+    /// Tasks registered for polling.
+    pub registered_tasks: u64,
+    /// Callbacks held for verification.
+    pub held_callbacks: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,36 +92,25 @@ pub fn inspect(dir: &Path) -> Result<Inspection, InspectError> {
         path: path.display().to_string(),
         source,
     };
-    let (pending, pending_bytes, oldest, dead_letters, tasks_tracked) =
-        outbox_counts(&db).map_err(fail)?;
+    let outbox = outbox_status(&db).map_err(fail)?;
     let registry = dir.join("tasks.redb");
-    let (registered_tasks, held_callbacks) = if registry.is_file() {
-        let (tasks, held) =
-            crate::poll::registry::sizes(&open_read_only(&registry)?).map_err(|source| {
-                InspectError::Db {
-                    path: registry.display().to_string(),
-                    source,
-                }
-            })?;
-        (Some(tasks), Some(held))
+    let registry = if registry.is_file() {
+        let sizes = crate::poll::registry::sizes(&open_read_only(&registry)?);
+        let (registered_tasks, held_callbacks) = sizes.map_err(|source| InspectError::Db {
+            path: registry.display().to_string(),
+            source,
+        })?;
+        Some(RegistrySizes {
+            registered_tasks,
+            held_callbacks,
+        })
     } else {
-        (None, None)
+        None
     };
-    Ok(Inspection {
-        pending,
-        pending_bytes,
-        oldest_pending_received_at: oldest,
-        oldest_pending_age_ms: oldest.map(|at| (now_ms() - at).max(0)),
-        dead_letters,
-        tasks_tracked,
-        registered_tasks,
-        held_callbacks,
-    })
+    Ok(Inspection { outbox, registry })
 }
 
-type Counts = (u64, u64, Option<i64>, u64, u64);
-
-fn outbox_counts(db: &ReadOnlyDatabase) -> Result<Counts, redb::Error> {
+fn outbox_status(db: &ReadOnlyDatabase) -> Result<Status, redb::Error> {
     let txn = db.begin_read()?;
     let (mut pending, mut bytes, mut oldest) = (0, 0, None);
     match txn.open_table(PENDING) {
@@ -139,7 +129,12 @@ fn outbox_counts(db: &ReadOnlyDatabase) -> Result<Counts, redb::Error> {
         Err(TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    let dead = table_len(&txn, DEAD)?;
-    let tasks = table_len(&txn, TASKS)?;
-    Ok((pending, bytes, oldest, dead, tasks))
+    Ok(Status {
+        pending,
+        pending_bytes: bytes,
+        oldest_pending_age_ms: oldest.map(|at: i64| (now_ms() - at).max(0)),
+        dead_letters: table_len(&txn, DEAD)?,
+        tasks_tracked: table_len(&txn, TASKS)?,
+        counters: serde_json::Value::Null,
+    })
 }

@@ -156,6 +156,7 @@ pub struct Status {
     pub oldest_pending_age_ms: Option<i64>,
     pub dead_letters: u64,
     pub tasks_tracked: u64,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub counters: serde_json::Value,
 }
 

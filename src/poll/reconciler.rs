@@ -2,6 +2,8 @@
 //! publishes what it finds, and buries what never finishes (see the module
 //! docs of `poll` for the rules).
 
+use std::sync::atomic::AtomicU64;
+
 use futures::StreamExt;
 
 use super::{
@@ -146,16 +148,8 @@ impl PollWorker<Reconcile> {
                     "unknown task: the provider answered 404 for {} s after registration",
                     (now - r.registered_at) / 1000
                 );
-                let buried = self.bury(task_id, &r, reason, now).await;
-                PollStats::add(&self.stats().unknown_tasks, buried as u64);
-                r.done = buried;
-                return (
-                    r,
-                    Visit::Done {
-                        buried,
-                        published: false,
-                    },
-                );
+                let counter: fn(&PollStats) -> &AtomicU64 = |s| &s.unknown_tasks;
+                return self.give_up(task_id, r, reason, now, counter, false).await;
             }
             Err(e @ (ProviderError::Unauthorized | ProviderError::Forbidden)) => {
                 self.stats()
@@ -177,16 +171,10 @@ impl PollWorker<Reconcile> {
             if let Some(error) = &r.last_error {
                 reason.push_str(&format!(" (last poll: {error})"));
             }
-            let buried = self.bury(task_id, &r, reason, now).await;
-            PollStats::add(&self.stats().stuck, buried as u64);
-            r.done = buried;
-            return (
-                r,
-                Visit::Done {
-                    buried,
-                    published: outcome,
-                },
-            );
+            let counter: fn(&PollStats) -> &AtomicU64 = |s| &s.stuck;
+            return self
+                .give_up(task_id, r, reason, now, counter, outcome)
+                .await;
         }
         let pause = retry_pause(&self.config, r.attempts);
         r.attempts = r.attempts.saturating_add(1);
@@ -221,6 +209,23 @@ impl PollWorker<Reconcile> {
                 false
             }
         }
+    }
+
+    /// Buries the task with `reason`, counted by `counter`, and ends the
+    /// visit (unless the dead letter could not be stored: retried next step).
+    async fn give_up(
+        &self,
+        task_id: &str,
+        mut r: Registration,
+        reason: String,
+        now: i64,
+        counter: fn(&PollStats) -> &AtomicU64,
+        published: bool,
+    ) -> (Registration, Visit) {
+        let buried = self.bury(task_id, &r, reason, now).await;
+        PollStats::add(counter(self.stats()), buried as u64);
+        r.done = buried;
+        (r, Visit::Done { buried, published })
     }
 
     /// The last polled record (or a synthetic `pending` one) as a dead

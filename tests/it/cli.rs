@@ -333,11 +333,13 @@ async fn outbox_inspect_reads_a_stopped_data_dir_and_refuses_a_running_one() {
     app.stop().await;
 
     let found = json(&stdout(&inspect(dir.path()).await));
-    assert_eq!(found["pending"], 3, "{found}");
-    assert_eq!(found["deadLetters"], 1, "{found}");
-    assert_eq!(found["tasksTracked"], 4, "{found}");
-    assert!(found["pendingBytes"].as_u64().unwrap() > 0, "{found}");
-    assert!(found["oldestPendingAgeMs"].as_i64().is_some(), "{found}");
+    let outbox = &found["outbox"];
+    assert_eq!(outbox["pending"], 3, "{found}");
+    assert_eq!(outbox["deadLetters"], 1, "{found}");
+    assert_eq!(outbox["tasksTracked"], 4, "{found}");
+    assert!(outbox["pendingBytes"].as_u64().unwrap() > 0, "{found}");
+    assert!(outbox["oldestPendingAgeMs"].as_i64().is_some(), "{found}");
+    assert_eq!(found["registry"]["registeredTasks"], 0, "{found}");
     let table = ok(&[
         "outbox",
         "inspect",
