@@ -2,7 +2,7 @@
 //! API's `/admin/dead-letters` routes.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use hookbridge::Config;
@@ -87,12 +87,27 @@ impl DeadLetters {
     }
 }
 
-/// Up to `limit` dead letters, a page at a time.
+/// Up to `limit` dead letters, oldest first.
 async fn fetch(client: &AdminClient, limit: usize) -> Result<Vec<Value>, CliError> {
-    let mut out: Vec<Value> = Vec::new();
-    let mut after = None;
-    while out.len() < limit {
-        let page = PAGE.min(limit - out.len());
+    let mut out = Vec::new();
+    pages(client, limit, |page| {
+        out.extend_from_slice(page);
+        Ok(())
+    })
+    .await?;
+    Ok(out)
+}
+
+/// Fetches up to `limit` dead letters a page at a time, handing each page
+/// to `each`, so an export never holds them all.
+async fn pages(
+    client: &AdminClient,
+    limit: usize,
+    mut each: impl FnMut(&[Value]) -> Result<(), CliError>,
+) -> Result<usize, CliError> {
+    let (mut seen, mut after) = (0, None);
+    while seen < limit {
+        let page = PAGE.min(limit - seen);
         let query = match after {
             Some(seq) => format!("?limit={page}&after={seq}"),
             None => format!("?limit={page}"),
@@ -102,14 +117,14 @@ async fn fetch(client: &AdminClient, limit: usize) -> Result<Vec<Value>, CliErro
             .as_array()
             .cloned()
             .unwrap_or_default();
-        let full = letters.len() == page;
+        each(&letters)?;
+        seen += letters.len();
         after = letters.last().and_then(|l| l["seq"].as_u64());
-        out.extend(letters);
-        if !full || after.is_none() {
+        if letters.len() < page || after.is_none() {
             break;
         }
     }
-    Ok(out)
+    Ok(seen)
 }
 
 fn list(letters: &[Value]) -> String {
@@ -146,20 +161,45 @@ fn show(letter: &Value) -> String {
     format!("{}\nevent:\n{event}", pairs(&rows))
 }
 
-async fn export(client: &AdminClient, file: &std::path::Path) -> Result<(), CliError> {
-    let letters = fetch(client, usize::MAX).await?;
-    let mut text = Vec::new();
-    for letter in &letters {
-        serde_json::to_writer(&mut text, letter).map_err(|e| CliError::Local(e.to_string()))?;
-        text.push(b'\n');
-    }
-    let written = if file.as_os_str() == "-" {
-        std::io::stdout().lock().write_all(&text)
+/// Writes to `<file>.partial` first, renamed when complete, so a failed
+/// export never leaves a file that looks whole.
+async fn export(client: &AdminClient, file: &Path) -> Result<(), CliError> {
+    let to_stdout = file.as_os_str() == "-";
+    let mut partial = file.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let failed =
+        |e: std::io::Error| CliError::Local(format!("cannot write {}: {e}", file.display()));
+    let sink: Box<dyn Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
     } else {
-        std::fs::write(file, &text)
+        Box::new(std::fs::File::create(&partial).map_err(failed)?)
     };
-    written.map_err(|e| CliError::Local(format!("cannot write {}: {e}", file.display())))?;
-    eprintln!("exported {} dead letters", letters.len());
+    let mut out = std::io::BufWriter::new(sink);
+    let written = pages(client, usize::MAX, |page| {
+        for letter in page {
+            serde_json::to_writer(&mut out, letter)
+                .map_err(|e| CliError::Local(format!("cannot write {}: {e}", file.display())))?;
+            out.write_all(b"\n").map_err(failed)?;
+        }
+        Ok(())
+    })
+    .await;
+    let flushed = out.flush().map_err(failed);
+    drop(out);
+    let count = match written.and_then(|n| flushed.map(|()| n)) {
+        Ok(count) => count,
+        Err(e) => {
+            if !to_stdout {
+                let _ = std::fs::remove_file(&partial);
+            }
+            return Err(e);
+        }
+    };
+    if !to_stdout {
+        std::fs::rename(&partial, file).map_err(failed)?;
+    }
+    eprintln!("exported {count} dead letters");
     Ok(())
 }
 

@@ -324,7 +324,7 @@ mod tests {
             404
         );
 
-        let body = json!({ "seqs": [seqs[1], 999] }).to_string();
+        let body = json!({ "seqs": [seqs[1], 999, seqs[1]] }).to_string();
         let (status, answer) = call(&app, "POST", "/admin/dead-letters/requeue", &body).await;
         assert_eq!(status, 200);
         assert_eq!(answer, json!({ "requeued": 1, "notRequeued": [999] }));

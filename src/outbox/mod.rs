@@ -353,6 +353,11 @@ impl Outbox {
         &self,
         only: Option<Vec<u64>>,
     ) -> Result<Vec<u64>, OutboxError> {
+        let only = only.map(|mut seqs| {
+            seqs.sort_unstable();
+            seqs.dedup();
+            seqs
+        });
         let (reply, rx) = oneshot::channel();
         self.send(writer::Command::Requeue { only, reply })
             .await

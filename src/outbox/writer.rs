@@ -543,21 +543,33 @@ impl Writer {
     ) -> Result<Vec<u64>, OutboxError> {
         let mut movable = Vec::new();
         let mut kept = 0u64;
-        for entry in t.dead.iter()? {
-            let (k, v) = entry?;
-            if only.is_some_and(|seqs| !seqs.contains(&k.value())) {
-                continue;
-            }
-            // The event goes back as it was stored, once it is known to be
-            // readable.
-            let event = serde_json::from_slice::<DeadLetter>(v.value())
+        // The event goes back as it was stored, once it is known to be
+        // readable.
+        let mut consider = |seq: u64, stored: &[u8]| {
+            let event = serde_json::from_slice::<DeadLetter>(stored)
                 .ok()
                 .filter(|letter| letter.raw_hex.is_none())
                 .map(|letter| letter.event)
                 .filter(|event| TaskEvent::deserialize(event).is_ok());
             match event.and_then(|e| serde_json::to_vec(&e).ok()) {
-                Some(payload) => movable.push((k.value(), payload)),
+                Some(payload) => movable.push((seq, payload)),
                 None => kept += 1,
+            }
+        };
+        match only {
+            None => {
+                for entry in t.dead.iter()? {
+                    let (k, v) = entry?;
+                    consider(k.value(), v.value());
+                }
+            }
+            // Sorted and without repeats (see `Outbox::requeue_dead_letters`).
+            Some(seqs) => {
+                for &seq in seqs {
+                    if let Some(v) = t.dead.get(seq)? {
+                        consider(seq, v.value());
+                    }
+                }
             }
         }
         if kept > 0 {

@@ -206,6 +206,7 @@ async fn dead_letters_are_listed_shown_exported_and_requeued_to_the_broker() {
         .map(json)
         .collect();
     assert_eq!(exported, listed, "one JSON line a dead letter");
+    assert!(!dir.path().join("dead.jsonl.partial").exists());
     let to_stdout = ok(&["dead-letters", "export", "-", "--admin", admin]).await;
     assert_eq!(to_stdout.lines().map(json).collect::<Vec<_>>(), listed);
 
