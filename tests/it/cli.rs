@@ -15,7 +15,7 @@ use hyper::StatusCode;
 use serde_json::Value;
 
 use crate::nats::jetstream_publisher;
-use crate::support::app::{config, free_port, temp_dir, TestApp};
+use crate::support::app::{config, free_port, temp_dir, ChildApp, TestApp};
 use crate::support::{brokers, callbacks, eventually, nats, unique};
 
 const TOKEN: &str = "an-operator-token-for-the-cli";
@@ -378,4 +378,30 @@ async fn outbox_inspect_reads_a_stopped_data_dir_and_refuses_a_running_one() {
         "{}",
         stderr(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_inspect_refuses_a_crashed_data_dir_until_hookbridge_recovers_it() {
+    let dir = temp_dir();
+    let child = ChildApp::start(dir.path(), free_port(), &[]).await;
+    let task = unique("task");
+    assert_eq!(
+        child.http.callback(&callbacks::success(&task)).await,
+        StatusCode::OK
+    );
+    child.kill().await;
+
+    let out = inspect(dir.path()).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not shut down cleanly"),
+        "{}",
+        stderr(&out)
+    );
+
+    // One start and a clean stop recover it; then it reads.
+    let child = ChildApp::start(dir.path(), free_port(), &[]).await;
+    assert!(child.terminate(Duration::from_secs(30)).await.success());
+    let found = json(&stdout(&inspect(dir.path()).await));
+    assert_eq!(found["outbox"]["tasksTracked"], 1, "{found}");
 }
