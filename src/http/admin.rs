@@ -213,9 +213,12 @@ pub async fn requeue(State(state): State<AppState>, body: Bytes) -> Result<Json<
         .await
         .map_err(internal)?;
     let mut answer = json!({ "requeued": moved.len() });
-    if let Some(asked) = asked {
-        let not: Vec<u64> = asked.into_iter().filter(|s| !moved.contains(s)).collect();
-        answer["notRequeued"] = json!(not);
+    if let Some(mut asked) = asked {
+        // `moved` comes back in sequence order.
+        asked.sort_unstable();
+        asked.dedup();
+        asked.retain(|seq| moved.binary_search(seq).is_err());
+        answer["notRequeued"] = json!(asked);
     }
     Ok(Json(answer))
 }
