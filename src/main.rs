@@ -1,11 +1,14 @@
 //! `hookbridge`: parse the command line, load the configuration, run until
-//! SIGINT or SIGTERM.
+//! SIGINT or SIGTERM (or run one operator command, see `cli`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hookbridge::{App, Config};
+
+mod cli;
 
 #[derive(Parser)]
 #[command(
@@ -28,15 +31,19 @@ enum Command {
     /// Validate the configuration and print it as TOML that `--config`
     /// reads again (secrets masked as "***"); exit status 1 when invalid.
     Check,
+    #[command(flatten)]
+    Operator(cli::Command),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
-    hookbridge::telemetry::init(&config.log);
     match cli.command.unwrap_or(Command::Run) {
+        // Operator commands print their own errors; logs would only clutter.
+        Command::Operator(command) => return Ok(cli::run(command, &config).await),
         Command::Check => {
+            hookbridge::telemetry::init(&config.log);
             let printed = config
                 .to_masked_toml()
                 .context("cannot print the configuration")?;
@@ -45,13 +52,14 @@ async fn main() -> anyhow::Result<()> {
                  # Secrets are masked as \"***\"; read back, a masked value is refused unless its\n\
                  # HOOKBRIDGE_* variable supplies the real one.\n\n{printed}"
             );
-            Ok(())
         }
         Command::Run => {
+            hookbridge::telemetry::init(&config.log);
             App::build(config)
                 .await?
                 .run(hookbridge::shutdown_signal())
-                .await
+                .await?
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -15,7 +15,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, Request, State};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -27,9 +28,11 @@ use subtle::ConstantTimeEq;
 use super::{ApiError, AppState};
 use crate::config::{AdminConfig, Secret};
 
+/// `?limit=` and, where entries are numbered, `?after=`.
 #[derive(Deserialize)]
 pub struct Limit {
     limit: Option<usize>,
+    after: Option<u64>,
 }
 
 /// Who may use the admin listener.
@@ -122,38 +125,123 @@ pub(super) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(e.to_string())
 }
 
-pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let status = state.outbox.status().map_err(internal)?;
-    Ok(Json(json!({
-        "publisher": state.publisher_name,
-        "outbox": status,
-        "poll": state.tasks.status(),
-    })))
+/// The most entries one `?limit=` may ask for: a larger value is refused
+/// with 400 rather than cut silently. `?after=` pages through the rest.
+pub const MAX_LIMIT: usize = 1000;
+const DEFAULT_LIMIT: usize = 100;
+
+impl Limit {
+    fn get(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            None => Ok(DEFAULT_LIMIT),
+            Some(n) if n <= MAX_LIMIT => Ok(n),
+            Some(n) => Err(ApiError::InvalidPayload(format!(
+                "limit must be at most {MAX_LIMIT} (got {n}); page with after=<seq>"
+            ))),
+        }
+    }
 }
 
+/// Runs a redb read on the blocking pool: a read may wait on the disk, and
+/// must not hold an async worker meanwhile.
+async fn blocking<T, E>(read: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(internal)?
+        .map_err(internal)
+}
+
+pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        let status = state.outbox.status()?;
+        Ok::<_, crate::outbox::OutboxError>(Json(json!({
+            "publisher": state.publisher_name,
+            "outbox": status,
+            "poll": state.tasks.status(),
+        })))
+    })
+    .await
+}
+
+/// `?limit=` (default 100, at most [`MAX_LIMIT`]) dead letters in sequence
+/// order, after `?after=<seq>` if given.
 pub async fn dead_letters(
     State(state): State<AppState>,
     Query(q): Query<Limit>,
 ) -> Result<Json<Value>, ApiError> {
-    let letters = state
-        .outbox
-        .dead_letters(q.limit.unwrap_or(100))
-        .map_err(internal)?;
+    let (limit, after) = (q.get()?, q.after);
+    let letters = blocking(move || state.outbox.dead_letters_after(after, limit)).await?;
     Ok(Json(json!({ "deadLetters": letters })))
 }
 
-pub async fn requeue(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let moved = state.outbox.requeue_dead().await.map_err(internal)?;
-    Ok(Json(json!({ "requeued": moved })))
+pub async fn dead_letter(
+    State(state): State<AppState>,
+    Path(seq): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
+    match blocking(move || state.outbox.dead_letter(seq)).await? {
+        Some(letter) => Ok(Json(json!(letter))),
+        None => Err(ApiError::NotFound),
+    }
+}
+
+/// What `POST /admin/dead-letters/requeue` may name: no body (or `{}`)
+/// requeues every dead letter.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RequeueRequest {
+    /// The dead letters to requeue, by `seq`.
+    seqs: Option<Vec<u64>>,
+}
+
+/// Answers `requeued` (how many moved) and, when `seqs` were named, the
+/// `notRequeued` ones: unknown, or without a readable event.
+pub async fn requeue(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: RequeueRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RequeueRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::InvalidPayload(format!("expected {{\"seqs\": [..]}}: {e}")))?
+    };
+    let asked = request.seqs.clone();
+    let moved = state
+        .outbox
+        .requeue_dead_letters(request.seqs)
+        .await
+        .map_err(internal)?;
+    let mut answer = json!({ "requeued": moved.len() });
+    if let Some(mut asked) = asked {
+        // `moved` comes back in sequence order.
+        asked.sort_unstable();
+        asked.dedup();
+        asked.retain(|seq| moved.binary_search(seq).is_err());
+        answer["notRequeued"] = json!(asked);
+    }
+    Ok(Json(answer))
 }
 
 pub async fn rejected(
     State(state): State<AppState>,
     Query(q): Query<Limit>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(
-        json!({ "rejected": state.outbox.rejected(q.limit.unwrap_or(100)) }),
-    ))
+    Ok(Json(json!({ "rejected": state.outbox.rejected(q.get()?) })))
+}
+
+/// The state of the routers under test (file publisher, no tokens).
+#[cfg(test)]
+pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbox) -> AppState {
+    AppState {
+        outbox,
+        publisher_name: "file",
+        body_limit: 1024,
+        admin_token: None,
+        admin_on_loopback: true,
+        tasks: crate::poll::Tasks::open(config).unwrap(),
+        health: Default::default(),
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +262,85 @@ mod tests {
             map.insert(*k, v.parse().unwrap());
         }
         map
+    }
+
+    /// The admin router on a fresh data dir holding two dead letters.
+    async fn admin_app(dir: &std::path::Path) -> (axum::Router, Vec<u64>) {
+        let mut config = crate::config::Config::default();
+        config.outbox.data_dir = dir.to_path_buf();
+        let outbox = crate::outbox::Outbox::open(&config.outbox).unwrap();
+        let mut seqs = Vec::new();
+        for task in ["task_a", "task_b"] {
+            let event = crate::poll::synthetic_pending(task, 1);
+            seqs.push(outbox.bury(event, "refused".into()).await.unwrap());
+        }
+        (
+            super::super::admin_router(state(&config, outbox), &config),
+            seqs,
+        )
+    }
+
+    async fn call(app: &axum::Router, method: &str, uri: &str, body: &str) -> (u16, Value) {
+        use tower::ServiceExt;
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, "localhost")
+            .header(header::AUTHORIZATION, "Bearer local")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn dead_letters_page_show_and_requeue_by_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, seqs) = admin_app(dir.path()).await;
+        let (status, body) = call(&app, "GET", "/admin/dead-letters?limit=1", "").await;
+        assert_eq!(status, 200);
+        assert_eq!(body["deadLetters"][0]["seq"], seqs[0]);
+        assert_eq!(body["deadLetters"].as_array().unwrap().len(), 1);
+        let uri = format!("/admin/dead-letters?after={}", seqs[0]);
+        let (_, body) = call(&app, "GET", &uri, "").await;
+        assert_eq!(body["deadLetters"][0]["event"]["taskId"], "task_b");
+        let uri = format!("/admin/dead-letters?limit={}", MAX_LIMIT + 1);
+        assert_eq!(call(&app, "GET", &uri, "").await.0, 400, "over the cap");
+        assert_eq!(
+            call(&app, "GET", "/admin/rejected?limit=5000", "").await.0,
+            400
+        );
+
+        let (status, letter) =
+            call(&app, "GET", &format!("/admin/dead-letters/{}", seqs[1]), "").await;
+        assert_eq!((status, &letter["reason"]), (200, &json!("refused")));
+        assert_eq!(
+            call(&app, "GET", "/admin/dead-letters/999", "").await.0,
+            404
+        );
+
+        let body = json!({ "seqs": [seqs[1], 999, seqs[1]] }).to_string();
+        let (status, answer) = call(&app, "POST", "/admin/dead-letters/requeue", &body).await;
+        assert_eq!(status, 200);
+        assert_eq!(answer, json!({ "requeued": 1, "notRequeued": [999] }));
+        let (_, body) = call(&app, "GET", "/admin/dead-letters", "").await;
+        assert_eq!(body["deadLetters"].as_array().unwrap().len(), 1, "{body}");
+        assert_eq!(body["deadLetters"][0]["seq"], seqs[0]);
+        let (status, _) = call(&app, "POST", "/admin/dead-letters/requeue", "{\"ids\":[1]}").await;
+        assert_eq!(status, 400, "unknown field");
+        let (status, answer) = call(&app, "POST", "/admin/dead-letters/requeue", "").await;
+        assert_eq!((status, answer), (200, json!({ "requeued": 1 })));
+        let (status, body) = call(&app, "GET", "/admin/status", "").await;
+        assert_eq!((status, &body["outbox"]["deadLetters"]), (200, &json!(0)));
+        assert_eq!(body["outbox"]["pending"], 2);
     }
 
     #[test]

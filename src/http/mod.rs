@@ -163,6 +163,7 @@ pub fn admin_router(state: AppState, config: &Config) -> Router {
     Router::new()
         .route("/admin/status", get(admin::status))
         .route("/admin/dead-letters", get(admin::dead_letters))
+        .route("/admin/dead-letters/{seq}", get(admin::dead_letter))
         .route("/admin/dead-letters/requeue", post(admin::requeue))
         .route("/admin/rejected", get(admin::rejected))
         .route("/metrics", get(crate::metrics::serve))

@@ -251,15 +251,8 @@ mod tests {
         let mut config = Config::default();
         config.outbox.data_dir = dir.path().to_path_buf();
         config.provider.api_key = Some(crate::config::Secret::new("k"));
-        let state = AppState {
-            outbox: crate::outbox::Outbox::open(&config.outbox).unwrap(),
-            publisher_name: "file",
-            body_limit: 1024,
-            admin_token: None,
-            admin_on_loopback: true,
-            tasks: crate::poll::Tasks::open(&config).unwrap(),
-            health: Default::default(),
-        };
+        let outbox = crate::outbox::Outbox::open(&config.outbox).unwrap();
+        let state = super::super::admin::state(&config, outbox);
         let app = super::super::router(state);
         for uri in ["/tasks", "/tasks/task_1/watch"] {
             let status = status_of(app.clone(), uri, "anything-at-all-long").await;

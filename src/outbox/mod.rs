@@ -42,6 +42,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::config::OutboxConfig;
 use crate::event::{State, TaskEvent};
 
+pub mod inspect;
 mod relay;
 mod store;
 mod writer;
@@ -158,6 +159,7 @@ pub struct Status {
     pub oldest_pending_age_ms: Option<i64>,
     pub dead_letters: u64,
     pub tasks_tracked: u64,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub counters: serde_json::Value,
 }
 
@@ -344,8 +346,23 @@ impl Outbox {
 
     /// Moves every dead letter back to the end of the pending queue.
     pub async fn requeue_dead(&self) -> Result<u64, OutboxError> {
+        Ok(self.requeue_dead_letters(None).await?.len() as u64)
+    }
+
+    /// Moves the dead letters numbered `only` (all when `None`) back to the
+    /// end of the pending queue; returns the numbers of those moved (a
+    /// missing one, or one without a readable event, is not).
+    pub async fn requeue_dead_letters(
+        &self,
+        only: Option<Vec<u64>>,
+    ) -> Result<Vec<u64>, OutboxError> {
+        let only = only.map(|mut seqs| {
+            seqs.sort_unstable();
+            seqs.dedup();
+            seqs
+        });
         let (reply, rx) = oneshot::channel();
-        self.send(writer::Command::Requeue { reply })
+        self.send(writer::Command::Requeue { only, reply })
             .await
             .map_err(|_| OutboxError::Closed)?;
         rx.await.map_err(|_| OutboxError::Closed)?
@@ -441,8 +458,24 @@ impl Outbox {
             .map_err(|_| AppendError::Closed)
     }
 
+    /// The first `limit` dead letters, oldest first.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
-        store::dead_letters(&*self.inner.db.get()?, limit)
+        self.dead_letters_after(None, limit)
+    }
+
+    /// Like [`Outbox::dead_letters`], starting after sequence number `after`
+    /// (for paging through all of them).
+    pub fn dead_letters_after(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, OutboxError> {
+        store::dead_letters(&*self.inner.db.get()?, after, limit)
+    }
+
+    /// The dead letter numbered `seq`, if there is one.
+    pub fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>, OutboxError> {
+        store::dead_letter(&*self.inner.db.get()?, seq)
     }
 
     /// The newest `limit` rejected bodies, newest first.

@@ -201,24 +201,40 @@ pub(super) fn read_batch(db: &Database, batch: usize, scan: usize) -> Result<Bat
     Ok(out)
 }
 
-pub(super) fn dead_letters(db: &Database, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+/// Up to `limit` dead letters in sequence order, after `after` if given.
+pub(super) fn dead_letters(
+    db: &Database,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, OutboxError> {
     let txn = db.begin_read()?;
     let table = txn.open_table(DEAD)?;
     let mut out = Vec::new();
-    for entry in table.iter()?.take(limit) {
+    let Some(start) = after.map_or(Some(0), |seq| seq.checked_add(1)) else {
+        return Ok(out);
+    };
+    for entry in table.range(start..)?.take(limit) {
         let (k, v) = entry?;
-        // A record that does not decode is shown with its bytes, never hidden.
-        out.push(
-            serde_json::from_slice(v.value()).unwrap_or_else(|e| DeadLetter {
-                seq: k.value(),
-                reason: format!("unreadable dead letter: {e}"),
-                failed_at: 0,
-                event: serde_json::Value::Null,
-                raw_hex: Some(super::hex(v.value())),
-            }),
-        );
+        out.push(decode_letter(k.value(), v.value()));
     }
     Ok(out)
+}
+
+pub(super) fn dead_letter(db: &Database, seq: u64) -> Result<Option<DeadLetter>, OutboxError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(DEAD)?;
+    Ok(table.get(seq)?.map(|v| decode_letter(seq, v.value())))
+}
+
+/// A record that does not decode is shown with its bytes, never hidden.
+fn decode_letter(seq: u64, bytes: &[u8]) -> DeadLetter {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| DeadLetter {
+        seq,
+        reason: format!("unreadable dead letter: {e}"),
+        failed_at: 0,
+        event: serde_json::Value::Null,
+        raw_hex: Some(super::hex(bytes)),
+    })
 }
 
 pub(super) fn task(db: &Database, task_id: &str) -> Result<Option<TaskRecord>, OutboxError> {

@@ -41,7 +41,10 @@ pub(super) enum Command {
         reply: oneshot::Sender<Result<(), OutboxError>>,
     },
     Requeue {
-        reply: oneshot::Sender<Result<u64, OutboxError>>,
+        /// The dead letters to move (their sequence numbers); `None`: all.
+        only: Option<Vec<u64>>,
+        /// The sequence numbers moved.
+        reply: oneshot::Sender<Result<Vec<u64>, OutboxError>>,
     },
     Bury {
         /// The event as JSON (`null` when the stored bytes are not JSON).
@@ -450,13 +453,12 @@ impl Writer {
                         }));
                         done?;
                     }
-                    Command::Requeue { reply } => {
-                        let moved = self.requeue(&mut tables, delta);
-                        let count = moved.as_ref().ok().copied().unwrap_or(0);
+                    Command::Requeue { only, reply } => {
+                        let moved = self.requeue(&mut tables, delta, only.as_deref());
+                        let seqs = moved.as_ref().ok().cloned().unwrap_or_default();
                         replies.push(Box::new(move |err| {
-                            let _ = reply.send(
-                                err.map_or(Ok(count), |e| Err(OutboxError::Db(redb_copy(e)))),
-                            );
+                            let _ = reply
+                                .send(err.map_or(Ok(seqs), |e| Err(OutboxError::Db(redb_copy(e)))));
                         }));
                         moved?;
                     }
@@ -531,24 +533,45 @@ impl Writer {
 }
 
 impl Writer {
-    /// Moves every dead letter that holds a readable event back to the end
-    /// of the pending queue. A letter that cannot be decoded, or whose event
-    /// is not readable, stays where it is: requeueing never deletes.
-    fn requeue(&mut self, t: &mut Tables<'_>, delta: &mut Delta) -> Result<u64, OutboxError> {
+    /// Moves every dead letter (or those in `only`) that holds a readable
+    /// event back to the end of the pending queue, and returns their former
+    /// sequence numbers. A letter that cannot be decoded, or whose event is
+    /// not readable, stays where it is: requeueing never deletes.
+    fn requeue(
+        &mut self,
+        t: &mut Tables<'_>,
+        delta: &mut Delta,
+        only: Option<&[u64]>,
+    ) -> Result<Vec<u64>, OutboxError> {
         let mut movable = Vec::new();
         let mut kept = 0u64;
-        for entry in t.dead.iter()? {
-            let (k, v) = entry?;
-            // The event goes back as it was stored, once it is known to be
-            // readable.
-            let event = serde_json::from_slice::<DeadLetter>(v.value())
+        // The event goes back as it was stored, once it is known to be
+        // readable.
+        let mut consider = |seq: u64, stored: &[u8]| {
+            let event = serde_json::from_slice::<DeadLetter>(stored)
                 .ok()
                 .filter(|letter| letter.raw_hex.is_none())
                 .map(|letter| letter.event)
                 .filter(|event| TaskEvent::deserialize(event).is_ok());
             match event.and_then(|e| serde_json::to_vec(&e).ok()) {
-                Some(payload) => movable.push((k.value(), payload)),
+                Some(payload) => movable.push((seq, payload)),
                 None => kept += 1,
+            }
+        };
+        match only {
+            None => {
+                for entry in t.dead.iter()? {
+                    let (k, v) = entry?;
+                    consider(k.value(), v.value());
+                }
+            }
+            // Sorted and without repeats (see `Outbox::requeue_dead_letters`).
+            Some(seqs) => {
+                for &seq in seqs {
+                    if let Some(v) = t.dead.get(seq)? {
+                        consider(seq, v.value());
+                    }
+                }
             }
         }
         if kept > 0 {
@@ -565,7 +588,7 @@ impl Writer {
             delta.pending_bytes += payload.len() as i64;
             delta.dead -= 1;
         }
-        Ok(movable.len() as u64)
+        Ok(movable.into_iter().map(|(seq, _)| seq).collect())
     }
 }
 
@@ -586,7 +609,8 @@ impl Command {
             }),
             Command::Stop => Box::new(|_| {}),
             Command::Complete { reply, .. } => fail(reply),
-            Command::Requeue { reply } | Command::Bury { reply, .. } => fail(reply),
+            Command::Requeue { reply, .. } => fail(reply),
+            Command::Bury { reply, .. } => fail(reply),
             Command::Prune { reply } => match reply {
                 Some(reply) => fail(reply),
                 None => Box::new(|_| {}),

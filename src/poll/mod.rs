@@ -69,12 +69,12 @@ pub mod registry;
 mod verifier;
 
 pub use client::{ProviderClient, ProviderError};
-pub use reconciler::{ReconcileStep, Reconciler};
+pub use reconciler::{Reconcile, ReconcileStep, Reconciler};
 pub use registry::{
     Due, Held, HeldDue, Holding, Origin, Registration, Registry, RegistryError, RegistryOptions,
     Unreadable, UnreadableTask,
 };
-pub use verifier::{Verifier, VerifyStep};
+pub use verifier::{Verifier, Verify, VerifyStep};
 
 /// Counters of the provider integration, shown under `poll` in `/admin/status`.
 #[derive(Debug, Default, Serialize)]
@@ -246,18 +246,49 @@ const IDLE: Duration = Duration::from_secs(5);
 /// saved does not spin the loop.
 const MIN_PAUSE: Duration = Duration::from_millis(10);
 
-/// What both workers (the reconciler, the verifier) are made of.
-struct WorkerParts {
+/// The registry queue that feeds a worker.
+#[derive(Debug, Clone, Copy)]
+pub enum Queue {
+    /// Registered tasks, for the reconciler.
+    Registered,
+    /// Held callbacks, for the verifier.
+    Held,
+}
+
+impl Queue {
+    /// Names the worker of this queue in log lines.
+    fn worker(self) -> &'static str {
+        match self {
+            Self::Registered => "reconciler",
+            Self::Held => "callback verifier",
+        }
+    }
+}
+
+/// What one kind of worker does in a step ([`Reconciler`], [`Verifier`]).
+pub trait Job: Sized {
+    const QUEUE: Queue;
+    /// Does what is due now; `Ok(true)` when work is halted (the provider
+    /// refused our key).
+    fn step(
+        worker: &mut PollWorker<Self>,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+}
+
+/// A background worker of this module: the parts both kinds are made of,
+/// and the loop that runs them. The kind `J` supplies the step.
+pub struct PollWorker<J> {
     tasks: Tasks,
     client: Arc<ProviderClient>,
     outbox: Outbox,
     config: ReconcileConfig,
     max_in_flight: usize,
+    job: std::marker::PhantomData<J>,
 }
 
-impl WorkerParts {
+impl<J: Job> PollWorker<J> {
     /// `None` when there is no provider client (no API key).
-    fn new(
+    pub fn new(
         tasks: Tasks,
         outbox: Outbox,
         config: ReconcileConfig,
@@ -269,64 +300,71 @@ impl WorkerParts {
             outbox,
             config,
             max_in_flight: max_in_flight.max(1),
+            job: std::marker::PhantomData,
         })
     }
-}
 
-/// A background worker of this module (the reconciler, the verifier), as
-/// [`run_worker`] drives it.
-trait Worker {
-    /// Names the worker in its log lines.
-    const NAME: &'static str;
-    /// Does what is due now; `Ok(true)` when work is halted (the provider
-    /// refused our key).
-    async fn step(&mut self) -> Result<bool, RegistryError>;
     /// When the next piece of work falls due (ms since the epoch), if any.
-    async fn next_due(&self) -> Option<i64>;
-    /// Resolves when new work may have arrived early.
-    async fn wake(&self);
-}
-
-/// Steps `worker` until `shutdown` resolves: after each step it sleeps
-/// until the next due time (between [`MIN_PAUSE`] and [`IDLE`]) or a
-/// wake-up. A halted worker only waits for shutdown. A step cut short by
-/// shutdown loses nothing: the registry still says what is due.
-async fn run_worker<W: Worker>(mut worker: W, shutdown: impl Future<Output = ()>) {
-    tracing::info!("{} started", W::NAME);
-    run_steps(&mut worker, shutdown).await;
-    tracing::info!("{} stopped", W::NAME);
-}
-
-async fn run_steps<W: Worker>(worker: &mut W, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let step = tokio::select! {
-            step = worker.step() => step,
-            _ = &mut shutdown => break,
+    async fn next_due(&self) -> Option<i64> {
+        let next = match J::QUEUE {
+            Queue::Registered => self.tasks.registry.blocking(|r| r.next_due()).await,
+            Queue::Held => self.tasks.registry.blocking(|r| r.next_held()).await,
         };
-        let floor = match step {
-            Ok(true) => {
+        next.ok().flatten()
+    }
+
+    /// Resolves when new work may have arrived early.
+    async fn wake(&self) {
+        match J::QUEUE {
+            Queue::Registered => self.tasks.registry.task_added().await,
+            Queue::Held => self.tasks.registry.callback_held().await,
+        }
+    }
+
+    /// Steps until `shutdown` resolves: after each step it sleeps until the
+    /// next due time (between [`MIN_PAUSE`] and [`IDLE`]) or a wake-up. A
+    /// halted worker only waits for shutdown. A step cut short by shutdown
+    /// loses nothing: the registry still says what is due.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let name = J::QUEUE.worker();
+        tracing::info!("{name} started");
+        self.run_steps(shutdown).await;
+        tracing::info!("{name} stopped");
+    }
+
+    async fn run_steps(&mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            if self.tasks.stats.halted().is_some() {
                 // Logged by `halt`; wait for shutdown only.
                 shutdown.as_mut().await;
                 break;
             }
-            Ok(false) => MIN_PAUSE,
-            Err(e) => {
-                tracing::error!(error = %e, "{} step failed", W::NAME);
-                Duration::from_secs(1)
+            let step = tokio::select! {
+                step = J::step(self) => step,
+                _ = &mut shutdown => break,
+            };
+            let floor = match step {
+                // Halted: the check above waits for shutdown.
+                Ok(true) => continue,
+                Ok(false) => MIN_PAUSE,
+                Err(e) => {
+                    tracing::error!(error = %e, "{} step failed", J::QUEUE.worker());
+                    Duration::from_secs(1)
+                }
+            };
+            let pause = self
+                .next_due()
+                .await
+                .map_or(IDLE, |at| {
+                    Duration::from_millis((at - now_ms()).max(0) as u64)
+                })
+                .clamp(floor, IDLE);
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = self.wake() => {}
+                _ = tokio::time::sleep(pause) => {}
             }
-        };
-        let pause = worker
-            .next_due()
-            .await
-            .map_or(IDLE, |at| {
-                Duration::from_millis((at - now_ms()).max(0) as u64)
-            })
-            .clamp(floor, IDLE);
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = worker.wake() => {}
-            _ = tokio::time::sleep(pause) => {}
         }
     }
 }

@@ -2,17 +2,16 @@
 //! publishes what it finds, and buries what never finishes (see the module
 //! docs of `poll` for the rules).
 
-use std::future::Future;
+use std::sync::atomic::AtomicU64;
 
 use futures::StreamExt;
 
 use super::{
-    retry_pause, run_worker, synthetic_pending, PollStats, ProviderError, Registration,
-    RegistryError, Tasks, UnreadableTask, Worker, WorkerParts,
+    retry_pause, synthetic_pending, Job, PollStats, PollWorker, ProviderError, Queue, Registration,
+    RegistryError, UnreadableTask,
 };
-use crate::config::ReconcileConfig;
 use crate::event::TaskEvent;
-use crate::outbox::{now_ms, Outbox};
+use crate::outbox::now_ms;
 
 /// Most tasks looked at in one step.
 const BATCH: usize = 256;
@@ -40,39 +39,22 @@ enum Visit {
     Halt,
 }
 
-pub struct Reconciler {
-    p: WorkerParts,
-}
+/// The worker that polls registered tasks.
+pub type Reconciler = PollWorker<Reconcile>;
 
-impl Reconciler {
-    /// `None` when there is no provider client (no API key).
-    pub fn new(
-        tasks: Tasks,
-        outbox: Outbox,
-        config: ReconcileConfig,
-        max_in_flight: usize,
-    ) -> Option<Self> {
-        WorkerParts::new(tasks, outbox, config, max_in_flight).map(|p| Self { p })
-    }
+/// The step of the [`Reconciler`].
+pub struct Reconcile;
 
+impl PollWorker<Reconcile> {
     fn stats(&self) -> &PollStats {
-        &self.p.tasks.stats
+        &self.tasks.stats
     }
 
     /// Polls every task that is due now. Tests drive the reconciler with this.
     pub async fn run_once(&mut self) -> Result<ReconcileStep, RegistryError> {
         let mut step = ReconcileStep::default();
-        if self.stats().halted().is_some() {
-            step.halted = true;
-            return Ok(step);
-        }
-        let now = now_ms();
-        let due = self
-            .p
-            .tasks
-            .registry
-            .blocking(move |r| r.due(now, BATCH))
-            .await?;
+        let (now, registry) = (now_ms(), &self.tasks.registry);
+        let due = registry.blocking(move |r| r.due(now, BATCH)).await?;
         let mut unreadable = Vec::new();
         for entry in due.unreadable {
             if self.bury_unreadable(&entry).await {
@@ -80,8 +62,7 @@ impl Reconciler {
                 unreadable.push(entry);
             }
         }
-        self.p
-            .tasks
+        self.tasks
             .registry
             .blocking(move |r| r.forget_unreadable(&unreadable))
             .await?;
@@ -91,7 +72,7 @@ impl Reconciler {
                 let (registration, visit) = this.visit(&task_id, registration).await;
                 (task_id, registration, visit)
             })
-            .buffer_unordered(self.p.max_in_flight)
+            .buffer_unordered(self.max_in_flight)
             .collect()
             .await;
         let mut updates = Vec::with_capacity(visits.len());
@@ -114,8 +95,7 @@ impl Reconciler {
             }
             updates.push((task_id, registration));
         }
-        self.p
-            .tasks
+        self.tasks
             .registry
             .blocking(move |r| r.save(&updates))
             .await?;
@@ -127,13 +107,13 @@ impl Reconciler {
             r.done = true;
             return (r, Visit::AlreadyDone);
         }
-        let client = &self.p.client;
+        let client = &self.client;
         let polled = client.record_info(task_id).await;
         let now = now_ms();
-        let grace_ms = self.p.config.unknown_task_grace_secs as i64 * 1000;
+        let grace_ms = self.config.unknown_task_grace_secs as i64 * 1000;
         let outcome = match polled {
             Ok(event) if event.state.is_terminal() => {
-                return match self.p.outbox.append(event).await {
+                return match self.outbox.append(event).await {
                     Ok(appended) => {
                         tracing::info!(%task_id, ?appended, "terminal state found by polling");
                         r.done = true;
@@ -148,16 +128,16 @@ impl Reconciler {
                     // The task did finish: try again soon, whatever the deadline.
                     Err(e) => {
                         tracing::warn!(%task_id, error = %e, "cannot store the polled event; will retry");
-                        r.next_poll_at = now + self.p.config.poll_initial_ms as i64;
+                        r.next_poll_at = now + self.config.poll_initial_ms as i64;
                         (r, Visit::Again { published: false })
                     }
                 };
             }
             Ok(event) => {
                 let mut published = false;
-                if self.p.config.publish_progress {
+                if self.config.publish_progress {
                     published =
-                        matches!(self.p.outbox.append(event.clone()).await, Ok(a) if a.is_stored());
+                        matches!(self.outbox.append(event.clone()).await, Ok(a) if a.is_stored());
                 }
                 r.last_event = Some(Box::new(event));
                 r.last_error = None;
@@ -168,16 +148,8 @@ impl Reconciler {
                     "unknown task: the provider answered 404 for {} s after registration",
                     (now - r.registered_at) / 1000
                 );
-                let buried = self.bury(task_id, &r, reason, now).await;
-                PollStats::add(&self.stats().unknown_tasks, buried as u64);
-                r.done = buried;
-                return (
-                    r,
-                    Visit::Done {
-                        buried,
-                        published: false,
-                    },
-                );
+                let counter: fn(&PollStats) -> &AtomicU64 = |s| &s.unknown_tasks;
+                return self.give_up(task_id, r, reason, now, counter, false).await;
             }
             Err(e @ (ProviderError::Unauthorized | ProviderError::Forbidden)) => {
                 self.stats()
@@ -190,27 +162,21 @@ impl Reconciler {
                 false
             }
         };
-        let deadline_at = r.registered_at + self.p.config.deadline_secs as i64 * 1000;
+        let deadline_at = r.registered_at + self.config.deadline_secs as i64 * 1000;
         if now >= deadline_at {
             let mut reason = format!(
                 "stuck: no terminal state after {} s",
-                self.p.config.deadline_secs
+                self.config.deadline_secs
             );
             if let Some(error) = &r.last_error {
                 reason.push_str(&format!(" (last poll: {error})"));
             }
-            let buried = self.bury(task_id, &r, reason, now).await;
-            PollStats::add(&self.stats().stuck, buried as u64);
-            r.done = buried;
-            return (
-                r,
-                Visit::Done {
-                    buried,
-                    published: outcome,
-                },
-            );
+            let counter: fn(&PollStats) -> &AtomicU64 = |s| &s.stuck;
+            return self
+                .give_up(task_id, r, reason, now, counter, outcome)
+                .await;
         }
-        let pause = retry_pause(&self.p.config, r.attempts);
+        let pause = retry_pause(&self.config, r.attempts);
         r.attempts = r.attempts.saturating_add(1);
         // One last look exactly at the deadline.
         r.next_poll_at = (now + pause.as_millis() as i64).min(deadline_at);
@@ -218,7 +184,7 @@ impl Reconciler {
     }
 
     async fn finished_in_outbox(&self, task_id: &str) -> bool {
-        let (outbox, id) = (self.p.outbox.clone(), task_id.to_string());
+        let (outbox, id) = (self.outbox.clone(), task_id.to_string());
         matches!(
             tokio::task::spawn_blocking(move || outbox.task(&id)).await,
             Ok(Ok(Some(record))) if record.furthest.is_some_and(|s| s.is_terminal())
@@ -236,13 +202,30 @@ impl Reconciler {
         );
         tracing::warn!(%task_id, %reason, "registered task given up; kept as a dead letter");
         let stored = entry.raw.as_deref().unwrap_or_default();
-        match self.p.outbox.bury_raw(stored, reason).await {
+        match self.outbox.bury_raw(stored, reason).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(%task_id, error = %e, "cannot store the dead letter; will retry");
                 false
             }
         }
+    }
+
+    /// Buries the task with `reason`, counted by `counter`, and ends the
+    /// visit (unless the dead letter could not be stored: retried next step).
+    async fn give_up(
+        &self,
+        task_id: &str,
+        mut r: Registration,
+        reason: String,
+        now: i64,
+        counter: fn(&PollStats) -> &AtomicU64,
+        published: bool,
+    ) -> (Registration, Visit) {
+        let buried = self.bury(task_id, &r, reason, now).await;
+        PollStats::add(counter(self.stats()), buried as u64);
+        r.done = buried;
+        (r, Visit::Done { buried, published })
     }
 
     /// The last polled record (or a synthetic `pending` one) as a dead
@@ -253,7 +236,7 @@ impl Reconciler {
             None => synthetic_pending(task_id, now),
         };
         tracing::warn!(%task_id, %reason, "registered task given up; kept as a dead letter");
-        match self.p.outbox.bury(event, reason).await {
+        match self.outbox.bury(event, reason).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(%task_id, error = %e, "cannot store the dead letter; will retry");
@@ -261,32 +244,12 @@ impl Reconciler {
             }
         }
     }
-
-    /// Runs until `shutdown` resolves. A step cut short by shutdown loses
-    /// nothing: the registry still says what is due.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        tracing::info!(
-            first_poll_after_secs = self.p.config.first_poll_after_secs,
-            deadline_secs = self.p.config.deadline_secs,
-            "polling registered tasks"
-        );
-        run_worker(self, shutdown).await
-    }
 }
 
-impl Worker for Reconciler {
-    const NAME: &'static str = "reconciler";
+impl Job for Reconcile {
+    const QUEUE: Queue = Queue::Registered;
 
-    async fn step(&mut self) -> Result<bool, RegistryError> {
-        Ok(self.run_once().await?.halted)
-    }
-
-    async fn next_due(&self) -> Option<i64> {
-        let next = self.p.tasks.registry.blocking(|r| r.next_due()).await;
-        next.ok().flatten()
-    }
-
-    async fn wake(&self) {
-        self.p.tasks.registry.task_added().await
+    async fn step(w: &mut Reconciler) -> Result<bool, RegistryError> {
+        Ok(w.run_once().await?.halted)
     }
 }

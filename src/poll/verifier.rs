@@ -16,17 +16,12 @@
 //! never sits in the capped queue. One callback per task is checked per
 //! step, oldest first, so a task's callbacks are appended in arrival order.
 
-use std::future::Future;
-
 use futures::StreamExt;
 
 use super::registry::{Held, Unreadable};
-use super::{
-    retry_pause, run_worker, PollStats, ProviderError, RegistryError, Tasks, Worker, WorkerParts,
-};
-use crate::config::ReconcileConfig;
+use super::{retry_pause, Job, PollStats, PollWorker, ProviderError, Queue, RegistryError};
 use crate::event::{self, Source, TaskEvent};
-use crate::outbox::{now_ms, Outbox};
+use crate::outbox::now_ms;
 
 const BATCH: usize = 256;
 
@@ -100,35 +95,18 @@ enum Outcome {
     Halt,
 }
 
-pub struct Verifier {
-    p: WorkerParts,
-}
+/// The worker that verifies held callbacks.
+pub type Verifier = PollWorker<Verify>;
 
-impl Verifier {
-    /// `None` when there is no provider client (no API key).
-    pub fn new(
-        tasks: Tasks,
-        outbox: Outbox,
-        config: ReconcileConfig,
-        max_in_flight: usize,
-    ) -> Option<Self> {
-        WorkerParts::new(tasks, outbox, config, max_in_flight).map(|p| Self { p })
-    }
+/// The step of the [`Verifier`].
+pub struct Verify;
 
+impl PollWorker<Verify> {
     /// Verifies every held callback that is due. Tests drive it with this.
     pub async fn run_once(&mut self) -> Result<VerifyStep, RegistryError> {
         let mut step = VerifyStep::default();
-        if self.p.tasks.stats.halted().is_some() {
-            step.halted = true;
-            return Ok(step);
-        }
-        let now = now_ms();
-        let due = self
-            .p
-            .tasks
-            .registry
-            .blocking(move |r| r.held_due(now, BATCH))
-            .await?;
+        let (now, registry) = (now_ms(), &self.tasks.registry);
+        let due = registry.blocking(move |r| r.held_due(now, BATCH)).await?;
         let (held, mut released) = (due.held, Vec::new());
         for entry in due.unreadable {
             let seq = entry.seq;
@@ -143,7 +121,7 @@ impl Verifier {
                 let outcome = this.check(&h).await;
                 (h, outcome)
             })
-            .buffer_unordered(self.p.max_in_flight)
+            .buffer_unordered(self.max_in_flight)
             .collect()
             .await;
         let mut retry = Vec::new();
@@ -157,7 +135,7 @@ impl Verifier {
                 }
                 Outcome::Retry => {
                     step.retrying += 1;
-                    let pause = retry_pause(&self.p.config, h.attempts);
+                    let pause = retry_pause(&self.config, h.attempts);
                     h.attempts = h.attempts.saturating_add(1);
                     h.next_at = now_ms() + pause.as_millis() as i64;
                     retry.push(h);
@@ -166,8 +144,7 @@ impl Verifier {
             }
             released.push(h.seq);
         }
-        self.p
-            .tasks
+        self.tasks
             .registry
             .blocking(move |r| r.settle_held(&released, &retry))
             .await?;
@@ -177,16 +154,16 @@ impl Verifier {
     async fn check(&self, held: &Held) -> Outcome {
         let callback = &held.event;
         let task_id = callback.task_id.as_str();
-        let client = &self.p.client;
+        let client = &self.client;
         let in_grace =
-            now_ms() - callback.received_at < self.p.config.unknown_task_grace_secs as i64 * 1000;
+            now_ms() - callback.received_at < self.config.unknown_task_grace_secs as i64 * 1000;
         let verdict = match client.record_info(task_id).await {
             Ok(record) => judge(callback, &record),
             Err(ProviderError::UnknownTask) => {
                 Verdict::Unsure(ProviderError::UnknownTask.to_string())
             }
             Err(ProviderError::Unauthorized) => {
-                self.p.tasks.stats.halt(format!(
+                self.tasks.stats.halt(format!(
                     "{} while verifying a callback for task {task_id}",
                     ProviderError::Unauthorized
                 ));
@@ -203,9 +180,9 @@ impl Verifier {
         };
         let reason = match verdict {
             Verdict::Confirmed(event) => {
-                return match self.p.outbox.append(*event).await {
+                return match self.outbox.append(*event).await {
                     Ok(appended) => {
-                        PollStats::add(&self.p.tasks.stats.verified, 1);
+                        PollStats::add(&self.tasks.stats.verified, 1);
                         tracing::debug!(%task_id, ?appended, "callback confirmed");
                         Outcome::Verified
                     }
@@ -220,9 +197,9 @@ impl Verifier {
             Verdict::Refuted(reason) => reason,
         };
         tracing::warn!(%task_id, %reason, "callback not confirmed by the provider; kept as a dead letter");
-        match self.p.outbox.bury(callback.clone(), reason).await {
+        match self.outbox.bury(callback.clone(), reason).await {
             Ok(_) => {
-                PollStats::add(&self.p.tasks.stats.unconfirmed, 1);
+                PollStats::add(&self.tasks.stats.unconfirmed, 1);
                 Outcome::Unconfirmed
             }
             Err(e) => {
@@ -241,9 +218,9 @@ impl Verifier {
             entry.error
         );
         tracing::warn!(seq = entry.seq, %reason, "held callback buried as a dead letter");
-        match self.p.outbox.bury_raw(&entry.raw, reason).await {
+        match self.outbox.bury_raw(&entry.raw, reason).await {
             Ok(_) => {
-                PollStats::add(&self.p.tasks.stats.unconfirmed, 1);
+                PollStats::add(&self.tasks.stats.unconfirmed, 1);
                 true
             }
             Err(e) => {
@@ -252,27 +229,13 @@ impl Verifier {
             }
         }
     }
-
-    /// Runs until `shutdown` resolves; held callbacks survive a restart.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        run_worker(self, shutdown).await
-    }
 }
 
-impl Worker for Verifier {
-    const NAME: &'static str = "callback verifier";
+impl Job for Verify {
+    const QUEUE: Queue = Queue::Held;
 
-    async fn step(&mut self) -> Result<bool, RegistryError> {
-        Ok(self.run_once().await?.halted)
-    }
-
-    async fn next_due(&self) -> Option<i64> {
-        let next = self.p.tasks.registry.blocking(|r| r.next_held()).await;
-        next.ok().flatten()
-    }
-
-    async fn wake(&self) {
-        self.p.tasks.registry.callback_held().await
+    async fn step(w: &mut Verifier) -> Result<bool, RegistryError> {
+        Ok(w.run_once().await?.halted)
     }
 }
 

@@ -188,6 +188,14 @@ fn write(db: &Database, durable: bool) -> Result<redb::WriteTransaction, Registr
     Ok(txn)
 }
 
+/// How many tasks are registered and callbacks held, read from a stopped
+/// instance's file (`hookbridge outbox inspect`).
+pub fn sizes(db: &redb::ReadOnlyDatabase) -> Result<(u64, u64), redb::Error> {
+    let txn = db.begin_read()?;
+    use crate::outbox::inspect::table_len;
+    Ok((table_len(&txn, TASKS)?, table_len(&txn, HELD)?))
+}
+
 impl Registry {
     pub fn open(dir: &Path, options: RegistryOptions) -> Result<Self, RegistryError> {
         let io_err = |source| RegistryError::DataDir {

@@ -1,0 +1,184 @@
+use super::*;
+
+/// Asserts that `toml` is refused with a message naming `key`.
+fn refused(toml: &str, key: &str) {
+    let err = Config::from_toml(toml).unwrap_err();
+    assert!(err.to_string().contains(key), "{err}");
+}
+
+#[test]
+fn shipped_config_files_parse() {
+    for name in ["default.toml", "kafka.toml", "nats.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        Config::from_toml(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    refused("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", "lisen");
+    refused(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"x:1\"\ntopik = \"t\"\n",
+        "topik",
+    );
+}
+
+#[test]
+fn invalid_values_name_their_key() {
+    refused("[outbox]\nmax_pending = 0\n", "outbox.max_pending");
+    refused(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"\"\n",
+        "publisher.brokers",
+    );
+    refused(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\nacks = \"1\"\n",
+        "acks",
+    );
+    refused(
+        "[publisher]\ntype = \"nats\"\nurl = \"x\"\nsubject = \"a.{task}\"\n",
+        "publisher.subject",
+    );
+    refused("[server]\nlisten = \"nowhere\"\n", "listen");
+}
+
+#[test]
+fn provider_settings_are_checked() {
+    refused("[provider]\nverify = true\n", "provider.verify");
+    refused(
+        "[provider]\napi_key = \"k\"\ntasks_token = \"0123456789abcdef\"\n",
+        "provider.tasks_token",
+    );
+    refused(
+        "[provider]\nbase_url = \"kinovi.ai\"\n",
+        "provider.base_url",
+    );
+    refused(
+        "[reconcile]\nfirst_poll_after_secs = 60\ndeadline_secs = 60\n",
+        "reconcile.deadline_secs",
+    );
+    let config = Config::from_toml(
+        "[provider]\napi_key = \"sk-live-secret\"\npublic_url = \"https://h.example\"\n\
+         tasks_token = \"0123456789abcdef\"\nverify = true\n",
+    )
+    .unwrap();
+    assert!(config.provider.verify);
+    let printed = format!("{config:?}");
+    assert!(!printed.contains("sk-live-secret") && !printed.contains("0123456789abcdef"));
+}
+
+#[test]
+fn edge_settings_are_checked() {
+    refused("[admin]\nlisten = \"0.0.0.0:9091\"\n", "admin.listen");
+    let config =
+        Config::from_toml("[admin]\nlisten = \"0.0.0.0:9091\"\ntoken = \"0123456789abcdef\"\n")
+            .unwrap();
+    assert!(!format!("{config:?}").contains("0123456789abcdef"));
+    refused(
+        "[server.rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+        "trusted_proxies",
+    );
+    refused("[server]\nmax_connections = 0\n", "server.max_connections");
+    refused(
+        "[outbox]\nmax_tracked_tasks = 0\n",
+        "outbox.max_tracked_tasks",
+    );
+}
+
+#[test]
+fn cidrs_match_their_addresses() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let net = Cidr::parse("10.1.0.0/16").unwrap();
+    assert!(net.contains(ip("10.1.200.3")) && !net.contains(ip("10.2.0.1")));
+    assert!(net.contains(ip("::ffff:10.1.0.9")), "IPv4-mapped");
+    let one = Cidr::parse("2001:db8::1").unwrap();
+    assert!(one.contains(ip("2001:db8::1")) && !one.contains(ip("2001:db8::2")));
+    assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("192.0.2.1")));
+    assert!(Cidr::parse("nope").is_err() && Cidr::parse("::/129").is_err());
+}
+
+#[test]
+fn kafka_option_keys_may_use_underscores_for_dots() {
+    refused("[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\nenable_idempotence = \"false\"\n", "enable.idempotence");
+    assert_eq!(librdkafka_key("sasl_password"), "sasl.password");
+}
+
+/// `request.required.acks` is `acks` under its other name; both would
+/// weaken "published means acknowledged by all in-sync replicas".
+#[test]
+fn delivery_guarantees_cannot_be_overridden_under_another_name() {
+    for key in [
+        "acks",
+        "\"request.required.acks\"",
+        "request_required_acks",
+        "\"Request.Required.Acks\"",
+        "\"topic.request.required.acks\"",
+        "\"topic.acks\"",
+        "enable_idempotence",
+        "\"metadata.broker.list\"",
+    ] {
+        let text = format!(
+            "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\n{key} = \"1\"\n"
+        );
+        let err = Config::from_toml(&text).expect_err(key).to_string();
+        assert!(
+            err.contains("publisher.options") && err.contains("may not be overridden"),
+            "{key}: {err}"
+        );
+    }
+    let fine = "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n\
+                [publisher.options]\n\"linger.ms\" = \"5\"\n\"topic.metadata.refresh.interval.ms\" = \"1000\"\n";
+    Config::from_toml(fine).unwrap();
+}
+
+#[test]
+fn secrets_are_not_printed() {
+    let config = Config::from_toml(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\n\"sasl.password\" = \"hunter2-hunter2\"\n",
+    )
+    .unwrap();
+    assert!(!format!("{config:?}").contains("hunter2"));
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment::Jail's own signature
+fn unknown_sectioned_variables_are_refused_by_name() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("HOOKBRIDGE_SERVER__LISTN", "127.0.0.1:1");
+        let err = Config::load(None).expect_err("a misspelt key is refused");
+        assert!(err.to_string().contains("listn"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment::Jail's own signature
+fn environment_overrides_nested_keys() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("HOOKBRIDGE_PUBLISHER__TYPE", "kafka");
+        jail.set_env("HOOKBRIDGE_PUBLISHER__BROKERS", "127.0.0.1:4999");
+        jail.set_env("HOOKBRIDGE_PUBLISHER__OPTIONS__LINGER_MS", "20");
+        jail.set_env("HOOKBRIDGE_OUTBOX__MAX_PENDING", "42");
+        jail.set_env("HOOKBRIDGE_CONFIG", "ignored.toml");
+        jail.set_env("HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:1");
+        // docker-compose.yml's own variables are not configuration.
+        jail.set_env("HOOKBRIDGE_ADMIN_TOKEN", "x");
+        jail.set_env("HOOKBRIDGE_KAFKA_PORT", "8080");
+        let config = Config::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(config.outbox.max_pending, 42);
+        match config.publisher {
+            PublisherConfig::Kafka(k) => {
+                assert_eq!(k.brokers, "127.0.0.1:4999");
+                assert_eq!(
+                    k.options["linger_ms"].expose(),
+                    "20",
+                    "numbers read as text"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        Ok(())
+    });
+}

@@ -1,0 +1,140 @@
+//! A read-only look at a stopped instance's data dir, for
+//! `hookbridge outbox inspect`.
+//!
+//! The files are opened with redb's `ReadOnlyDatabase`, which never writes
+//! and takes a shared lock: while a running hookbridge holds its exclusive
+//! lock the open fails at once ([`InspectError::Locked`]) instead of
+//! waiting or touching the file. A file left by a crash needs recovery,
+//! which only a writer may do, so it is refused too.
+
+use std::path::Path;
+
+use redb::{
+    ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableError,
+};
+use serde::Serialize;
+
+use super::store::{DEAD, PENDING, TASKS};
+use super::{now_ms, Status};
+use crate::event::TaskEvent;
+
+/// What a data dir holds.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    /// As under `outbox` in `/admin/status`, without the counters (those
+    /// live in memory only).
+    pub outbox: Status,
+    /// `tasks.redb`, when there is one.
+    pub registry: Option<RegistrySizes>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrySizes {
+    /// Tasks registered for polling.
+    pub registered_tasks: u64,
+    /// Callbacks held for verification.
+    pub held_callbacks: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("no hookbridge outbox at {0}")]
+    Missing(String),
+    #[error(
+        "{0} is in use: a running hookbridge holds its lock. Stop it first, \
+         or ask the running instance with `hookbridge status`"
+    )]
+    Locked(String),
+    #[error(
+        "{0} was not shut down cleanly and needs a recovery that a read-only \
+         look cannot do: start hookbridge on it once, then stop it"
+    )]
+    NeedsRecovery(String),
+    #[error("cannot read {path}: {source}")]
+    Db { path: String, source: redb::Error },
+}
+
+/// Opens `path` read-only, with the refusals above.
+pub fn open_read_only(path: &Path) -> Result<ReadOnlyDatabase, InspectError> {
+    let name = path.display().to_string();
+    if !path.is_file() {
+        return Err(InspectError::Missing(name));
+    }
+    ReadOnlyDatabase::open(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => InspectError::Locked(name),
+        redb::DatabaseError::RepairAborted => InspectError::NeedsRecovery(name),
+        other => InspectError::Db {
+            path: name,
+            source: other.into(),
+        },
+    })
+}
+
+/// How many entries `table` holds; 0 when it was never created.
+pub fn table_len<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<u64, redb::Error> {
+    match txn.open_table(table) {
+        Ok(t) => Ok(t.len()?),
+        Err(TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Counts what `<dir>/outbox.redb` holds (and `<dir>/tasks.redb`, if there).
+pub fn inspect(dir: &Path) -> Result<Inspection, InspectError> {
+    let path = dir.join("outbox.redb");
+    let db = open_read_only(&path)?;
+    let fail = |source: redb::Error| InspectError::Db {
+        path: path.display().to_string(),
+        source,
+    };
+    let outbox = outbox_status(&db).map_err(fail)?;
+    let registry = dir.join("tasks.redb");
+    let registry = if registry.is_file() {
+        let sizes = crate::poll::registry::sizes(&open_read_only(&registry)?);
+        let (registered_tasks, held_callbacks) = sizes.map_err(|source| InspectError::Db {
+            path: registry.display().to_string(),
+            source,
+        })?;
+        Some(RegistrySizes {
+            registered_tasks,
+            held_callbacks,
+        })
+    } else {
+        None
+    };
+    Ok(Inspection { outbox, registry })
+}
+
+fn outbox_status(db: &ReadOnlyDatabase) -> Result<Status, redb::Error> {
+    let txn = db.begin_read()?;
+    let (mut pending, mut bytes, mut oldest) = (0, 0, None);
+    match txn.open_table(PENDING) {
+        Ok(table) => {
+            for entry in table.iter()? {
+                let (_, v) = entry?;
+                if pending == 0 {
+                    oldest = serde_json::from_slice::<TaskEvent>(v.value())
+                        .ok()
+                        .map(|e| e.received_at);
+                }
+                pending += 1;
+                bytes += v.value().len() as u64;
+            }
+        }
+        Err(TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Status {
+        pending,
+        pending_bytes: bytes,
+        oldest_pending_age_ms: oldest.map(|at: i64| (now_ms() - at).max(0)),
+        dead_letters: table_len(&txn, DEAD)?,
+        tasks_tracked: table_len(&txn, TASKS)?,
+        counters: serde_json::Value::Null,
+    })
+}
