@@ -261,6 +261,10 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
         ("stuck", load(&poll.stuck)),
         ("unknown_task", load(&poll.unknown_tasks)),
         ("unconfirmed", load(&poll.unconfirmed)),
+        (
+            "unreadable_registration",
+            load(&poll.unreadable_registrations),
+        ),
     ];
     for (name, help, label, values) in [
         (

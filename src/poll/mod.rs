@@ -96,6 +96,8 @@ pub struct PollStats {
     pub verified: AtomicU64,
     /// Callbacks the provider did not confirm (dead letters).
     pub unconfirmed: AtomicU64,
+    /// Registrations that could not be read, kept as dead letters.
+    pub unreadable_registrations: AtomicU64,
     #[serde(skip)]
     halted: Mutex<Option<String>>,
 }

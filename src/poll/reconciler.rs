@@ -203,7 +203,10 @@ impl PollWorker<Reconcile> {
         tracing::warn!(%task_id, %reason, "registered task given up; kept as a dead letter");
         let stored = entry.raw.as_deref().unwrap_or_default();
         match self.outbox.bury_raw(stored, reason).await {
-            Ok(_) => true,
+            Ok(_) => {
+                PollStats::add(&self.stats().unreadable_registrations, 1);
+                true
+            }
             Err(e) => {
                 tracing::error!(%task_id, error = %e, "cannot store the dead letter; will retry");
                 false

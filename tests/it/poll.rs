@@ -782,5 +782,9 @@ async fn an_unreadable_registration_becomes_a_dead_letter() {
     })
     .await;
     assert_eq!(poll["halted"], Value::Null);
+    assert_eq!(
+        poll["counters"]["unreadableRegistrations"], 1,
+        "counted: {poll}"
+    );
     app.stop().await;
 }
