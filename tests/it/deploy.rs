@@ -201,7 +201,7 @@ fn kubernetes_validate() -> PathBuf {
     bin
 }
 
-fn which(name: &str) -> Result<PathBuf, ()> {
+pub(crate) fn which(name: &str) -> Result<PathBuf, ()> {
     std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())

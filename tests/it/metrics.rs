@@ -1,7 +1,7 @@
 //! `GET /metrics`: scraped over HTTP from a running app, parsed with a
 //! Prometheus text-format parser, and checked against the traffic sent;
 //! and every metric the Grafana dashboard and the alert rules in `deploy/`
-//! use exists in a real scrape.
+//! use exists in a real scrape; `promtool` checks the rules and the scrape.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -405,4 +405,103 @@ async fn the_dashboard_and_the_alerts_use_only_metrics_a_scrape_has() {
         missing.is_empty(),
         "not in a scrape: {missing:?}\nscraped: {scraped:?}"
     );
+}
+
+/// `promtool`: `HOOKBRIDGE_TEST_PROMTOOL`, on PATH, or taken once from
+/// Debian's `prometheus` package (`apt-get download`, unpacked into
+/// `target/tools`, nothing installed or started).
+fn promtool() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("HOOKBRIDGE_TEST_PROMTOOL") {
+        return path.into();
+    }
+    if let Ok(found) = crate::deploy::which("promtool") {
+        return found;
+    }
+    let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/prometheus");
+    let bin = tools.join("usr/bin/promtool");
+    if bin.is_file() {
+        return bin;
+    }
+    let download = tools.join("download");
+    std::fs::create_dir_all(&download).unwrap();
+    let fetch = || {
+        std::process::Command::new("apt-get")
+            .args(["download", "-qq", "prometheus"])
+            .current_dir(&download)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let fetched = fetch()
+        || (root
+            && std::process::Command::new("apt-get")
+                .args(["update", "-qq"])
+                .status()
+                .is_ok_and(|s| s.success())
+            && fetch());
+    assert!(
+        fetched,
+        "promtool is needed to check the alert rules: put it on PATH, set \
+         HOOKBRIDGE_TEST_PROMTOOL, or allow `apt-get download prometheus`"
+    );
+    let deb = std::fs::read_dir(&download)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("the downloaded package");
+    let unpacked = std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&tools)
+        .status()
+        .unwrap();
+    assert!(unpacked.success(), "dpkg-deb -x {}", deb.display());
+    bin
+}
+
+/// Runs `promtool` with `args`, `stdin` on its input; its output on failure.
+fn run_promtool(args: &[&str], stdin: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// Prometheus's own tool accepts the alert rules, and finds nothing to
+/// object to in a real scrape's names, types, units and help texts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_the_alert_rules_and_a_real_scrape() {
+    let rules = format!("{DEPLOY}/prometheus/alerts.yml");
+    run_promtool(&["check", "rules", &rules], "").unwrap_or_else(|e| panic!("{rules}: {e}"));
+
+    let dir = temp_dir();
+    let app = TestApp::start(file_config(dir.path())).await;
+    let answer = app.admin.try_request("GET", "/metrics", "").await.unwrap();
+    app.stop().await;
+    let text = answer.json.as_str().expect("a text body").to_string();
+    run_promtool(&["check", "metrics"], &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
 }
