@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use crate::config::{Config, HealthConfig, ReconcileConfig};
 use crate::http::{AppState, Edge};
 use crate::outbox::{Outbox, Relay};
-use crate::poll::{Reconciler, Tasks, Verifier};
+use crate::poll::{Job, PollWorker, Reconcile, Tasks, Verify};
 use crate::publish::{self, Publisher};
 use crate::supervise::{Health, Supervisor};
 
@@ -160,35 +160,35 @@ impl App {
                 stop.cancelled_owned(),
             )
         });
-        if let Some((config, in_flight)) = self.reconcile.clone() {
-            let (tasks, outbox) = (self.state.tasks.clone(), self.outbox.clone());
-            supervisor.spawn("reconciler", move |stop| {
-                let reconciler =
-                    Reconciler::new(tasks.clone(), outbox.clone(), config.clone(), in_flight);
-                async move {
-                    if let Some(reconciler) = reconciler {
-                        reconciler.run(stop.cancelled_owned()).await;
-                    }
-                }
-            });
-        }
-        if let Some((config, in_flight)) = self.verify.clone() {
-            let (tasks, outbox) = (self.state.tasks.clone(), self.outbox.clone());
-            supervisor.spawn("verifier", move |stop| {
-                let verifier =
-                    Verifier::new(tasks.clone(), outbox.clone(), config.clone(), in_flight);
-                async move {
-                    if let Some(verifier) = verifier {
-                        verifier.run(stop.cancelled_owned()).await;
-                    }
-                }
-            });
-        }
+        self.spawn_poll_worker::<Reconcile>(supervisor, "reconciler", self.reconcile.clone());
+        self.spawn_poll_worker::<Verify>(supervisor, "verifier", self.verify.clone());
         // The writer thread restarts itself after a panic (see
         // `outbox::writer`); it is gone only if that failed.
         let outbox = self.outbox.clone();
         supervisor.watch("outbox-writer", WATCH_WRITER_EVERY, move || {
             outbox.writer_alive()
+        });
+    }
+
+    /// Supervises the poll worker `J` when `settings` turn it on.
+    fn spawn_poll_worker<J: Job + Send + Sync + 'static>(
+        &self,
+        supervisor: &mut Supervisor,
+        name: &'static str,
+        settings: Option<(ReconcileConfig, usize)>,
+    ) {
+        let Some((config, in_flight)) = settings else {
+            return;
+        };
+        let (tasks, outbox) = (self.state.tasks.clone(), self.outbox.clone());
+        supervisor.spawn(name, move |stop| {
+            let worker =
+                PollWorker::<J>::new(tasks.clone(), outbox.clone(), config.clone(), in_flight);
+            async move {
+                if let Some(worker) = worker {
+                    worker.run(stop.cancelled_owned()).await;
+                }
+            }
         });
     }
 }

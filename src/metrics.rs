@@ -47,14 +47,8 @@ pub enum Reject {
 }
 
 impl Reject {
-    const ALL: [Self; 3] = [Self::TooLarge, Self::Invalid, Self::BadToken];
-    fn label(self) -> &'static str {
-        match self {
-            Self::TooLarge => "too_large",
-            Self::Invalid => "invalid",
-            Self::BadToken => "bad_token",
-        }
-    }
+    /// The label values, in the variants' order.
+    const LABELS: [&'static str; 3] = ["too_large", "invalid", "bad_token"];
 }
 
 /// Why the relay dead-lettered an entry (`hookbridge_events_dead_lettered_total`;
@@ -70,14 +64,8 @@ pub enum Dead {
 }
 
 impl Dead {
-    const ALL: [Self; 3] = [Self::Undecodable, Self::Unencodable, Self::Refused];
-    fn label(self) -> &'static str {
-        match self {
-            Self::Undecodable => "undecodable",
-            Self::Unencodable => "unencodable",
-            Self::Refused => "refused",
-        }
-    }
+    /// The label values, in the variants' order.
+    const LABELS: [&'static str; 3] = ["undecodable", "unencodable", "refused"];
 }
 
 /// Latencies, from half a millisecond to ten seconds.
@@ -256,7 +244,10 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
     ] {
         r.register(name, help, ConstCounter::new(load(value)));
     }
-    let dead = Dead::ALL.map(|w| (w.label(), load(&m.dead[w as usize])));
+    let labelled = |labels: [&'static str; 3], counters: &[AtomicU64; 3]| {
+        std::array::from_fn::<_, 3, _>(|i| (labels[i], load(&counters[i])))
+    };
+    let dead = labelled(Dead::LABELS, &m.dead);
     let provider_dead = [
         ("stuck", load(&poll.stuck)),
         ("unknown_task", load(&poll.unknown_tasks)),
@@ -271,9 +262,7 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
             "hookbridge_events_rejected",
             "Request bodies refused with a 4xx, by reason",
             "reason",
-            Reject::ALL
-                .map(|w| (w.label(), load(&m.rejected[w as usize])))
-                .to_vec(),
+            labelled(Reject::LABELS, &m.rejected).to_vec(),
         ),
         (
             "hookbridge_requests_refused",
