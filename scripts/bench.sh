@@ -209,18 +209,21 @@ counters() {
 # full_speed NAME: a closed-loop phase against the running hookbridge, then the end-to-end
 # rate over the same window (broker acks/s vs answers/s) and the wait until it drained.
 full_speed() {
-  local name=$1 a0 p0 a1 p1 t0 t1
+  local name=$1 a0 p0 a1 p1 t0 t1 c0 c1
   read -r a0 p0 < <(counters)
-  t0=$(now_ms)
+  t0=$(now_ms) c0=$(proc_ticks "$HB_PID")
   measured "$name" "$BENCH" full-speed --url "$URL" --duration "$DURATION" --connections "$CONNECTIONS"
   read -r a1 p1 < <(counters)
-  t1=$(now_ms)
+  t1=$(now_ms) c1=$(proc_ticks "$HB_PID")
   phase "$name-relay" "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 120
-  awk -v a0="$a0" -v p0="$p0" -v a1="$a1" -v p1="$p1" -v ms="$((t1 - t0))" 'BEGIN {
+  awk -v a0="$a0" -v p0="$p0" -v a1="$a1" -v p1="$p1" -v ms="$((t1 - t0))" -v ticks="$((c1 - c0))" 'BEGIN {
     if (a0 == "-" || a1 == "-") { print "RESULT e2e_ratio=-"; exit }
     acc = (a1 - a0) / (ms / 1000); pub = (p1 - p0) / (ms / 1000)
     printf "end to end over %.1f s: answered %.0f/s, acked by the broker %.0f/s\n", ms / 1000, acc, pub
-    printf "RESULT e2e_accepted_rps=%.0f e2e_published_rps=%.0f e2e_ratio=%.2f\n", acc, pub, (acc > 0 ? pub / acc : 0)
+    # CPU per event: steadier than the rates when other work shares the cores.
+    cpu_us = (a1 > a0) ? ticks * 10000 / (a1 - a0) : 0
+    printf "hookbridge CPU per accepted event: %.1f us\n", cpu_us
+    printf "RESULT e2e_accepted_rps=%.0f e2e_published_rps=%.0f e2e_ratio=%.2f cpu_us_per_event=%.1f\n", acc, pub, (acc > 0 ? pub / acc : 0), cpu_us
   }' | tee "$STATE/$name-e2e.out"
 }
 
@@ -429,6 +432,7 @@ step "summary ($(nproc) cores, load average at the start: $LOAD_AT_START, load g
     printf '%-44s %14s %s\n' "  ratio to baseline" "$(ratio "$(result "$run" rps)" "$base")" "$goal"
     printf '%-44s %14s %s\n' "  p50 / p99 ms (closed loop)" "$(result "$run" p50_ms) / $(result "$run" p99_ms)" ""
     printf '%-44s %14s %s\n' "  end to end: broker acks/s (/ answers/s)" "$(result "$run-e2e" e2e_published_rps) ($(result "$run-e2e" e2e_ratio))" ">= 0.95"
+    printf '%-44s %14s %s\n' "  hookbridge CPU us per event" "$(result "$run-e2e" cpu_us_per_event)" ""
     printf '%-44s %14s %s\n' "  peak RSS MiB" "$(result "rss-$run" rss_peak_mib)" "<= 128"
   done
   printf '%-44s %14s %s\n' "ratio dedup on / dedup off" "$(ratio "$(result dedup-on rps)" "$(result dedup-off rps)")" ""
