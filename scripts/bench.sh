@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# bench.sh: hookbridge's ingest benchmark (the speed targets of issues 3 and 4),
+# bench.sh: hookbridge's ingest benchmark (the speed targets of issues 3, 4 and 12),
 # load generator included, everything on 127.0.0.1.
 #
 #   scripts/bench.sh
 #
 # Builds hookbridge (release) and the bench binary (benches/ingest.rs), starts a
-# private single-node Kafka (scripts/brokers.sh kafka), runs hookbridge with the
-# Kafka publisher, and runs in order:
+# private single-node Kafka (scripts/brokers.sh kafka) and a private nats-server with
+# JetStream (scripts/brokers.sh nats), runs hookbridge with the Kafka publisher (the
+# JetStream one in the jetstream phase), and runs in order:
 #   baseline    full-speed load against an in-process axum handler that only answers 200
-#   dedup-on    full-speed load against hookbridge (outbox.dedup = true, the default)
+#   dedup-on    full-speed load against hookbridge to Kafka (outbox.dedup = true, the default)
 #   dedup-off   the same with HOOKBRIDGE_OUTBOX__DEDUP=false (fresh data dir)
+#   jetstream   full-speed load against hookbridge to NATS JetStream (dedup on, PubAck awaited)
 #   fixed-rate  open-loop load at BENCH_RATE/s, latency from each request's due time
 #   drain       Kafka stopped, BENCH_DRAIN_COUNT callbacks posted, Kafka started:
 #               events/s from the first publish to an empty outbox
@@ -17,9 +19,15 @@
 #   edge        good callbacks at BENCH_EDGE_RATE/s (open loop) alone, then during a
 #               slow-loris (BENCH_LORIS connections sending half a request head), then
 #               during a flood of invalid 1 MiB bodies (32 connections): p50/p99 of each
-# then prints a summary table. Every phase is bounded in time; all processes this
-# script started are stopped when it exits (also on Ctrl-C). Total: about 2 minutes
-# after the build.
+# then prints a summary table. Every full-speed phase also reports:
+#   end to end  the broker's acknowledgements per second against the 2xx answers per
+#               second, both from hookbridge's own counters over the same window
+#   RSS         the bridge's peak resident set (VmHWM in /proc) over its whole run
+#   ratio       its answers per second over the baseline's, same run
+# Every phase is bounded in time; all processes this script started are stopped when
+# it exits (also on Ctrl-C). Total: about 2.5 minutes after the build. On a shared
+# machine the figures move by 10-20% between runs: compare runs made back to back, and
+# read the load average printed with the summary.
 #
 # Environment (all optional):
 #   BENCH_PHASES           phases to run, space separated (default: all, in the order above)
@@ -36,6 +44,8 @@
 #   BENCH_CLIENT_THREADS   load generator runtime threads (default 1)
 #   BENCH_KEEP=1           keep the state dir (logs, data) and print its path
 #   BENCH_NO_SYNC=1        do not `sync` before each load phase (see measured() below)
+#   BENCH_HOOKBRIDGE=PATH  run this hookbridge binary instead of building one (to compare
+#                          two builds back to back)
 #   BENCH_PERF=1           record a perf profile of hookbridge during each load phase
 #                          and print its top symbols (needs perf)
 #   HOOKBRIDGE_*           passed on to hookbridge, e.g. HOOKBRIDGE_OUTBOX__RELAY_BATCH=5000
@@ -48,7 +58,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BROKERS=$ROOT/scripts/brokers.sh
 cd "$ROOT"
 
-PHASES=${BENCH_PHASES:-baseline dedup-on dedup-off fixed-rate drain dedup-size edge}
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+PHASES=${BENCH_PHASES:-baseline dedup-on dedup-off jetstream fixed-rate drain dedup-size edge}
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-128}
 RATE=${BENCH_RATE:-5000}
@@ -76,8 +87,12 @@ want() { [[ " $PHASES " == *" $1 "* ]]; }
 
 step "build: cargo build --release --bin hookbridge; cargo bench --no-run --bench ingest"
 bash "$BROKERS" install
-cargo build --release --bin hookbridge
-HOOKBRIDGE=${CARGO_TARGET_DIR:-$ROOT/target}/release/hookbridge
+if [[ -n ${BENCH_HOOKBRIDGE:-} ]]; then
+  HOOKBRIDGE=$BENCH_HOOKBRIDGE
+else
+  cargo build --release --bin hookbridge
+  HOOKBRIDGE=${CARGO_TARGET_DIR:-$ROOT/target}/release/hookbridge
+fi
 # The bench's artifact line (the hookbridge binary is built too, for CARGO_BIN_EXE_*).
 BENCH=$(cargo bench --no-run --bench ingest --message-format=json |
   grep '"kind":\["bench"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
@@ -87,7 +102,7 @@ BENCH=$(cargo bench --no-run --bench ingest --message-format=json |
 # Processes (only the ones started here are ever stopped)
 
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/hookbridge-bench.XXXXXX")
-KAFKA_PID='' HB_PID='' DRAIN_PID=''
+KAFKA_PID='' NATS_PID='' HB_PID='' HB_NAME='' DRAIN_PID=''
 
 alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
 
@@ -110,6 +125,7 @@ cleanup() {
   stop "$DRAIN_PID" 5
   stop "$HB_PID" 20
   stop "$KAFKA_PID" 30
+  stop "$NATS_PID" 10
   if [[ -n ${BENCH_KEEP:-} ]]; then
     printf 'bench.sh: logs and data kept in %s\n' "$STATE" >&2
   else
@@ -120,8 +136,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-mapfile -t PORTS < <(bash "$BROKERS" free-port 4)
-KPORT=${PORTS[0]} KCPORT=${PORTS[1]} HPORT=${PORTS[2]} APORT=${PORTS[3]}
+mapfile -t PORTS < <(bash "$BROKERS" free-port 5)
+KPORT=${PORTS[0]} KCPORT=${PORTS[1]} HPORT=${PORTS[2]} APORT=${PORTS[3]} NPORT=${PORTS[4]}
 URL=http://127.0.0.1:$HPORT
 ADMIN=http://127.0.0.1:$APORT
 
@@ -142,13 +158,26 @@ start_kafka() {
   die "Kafka did not start (log: $STATE/kafka/kafka.log)"
 }
 
-# start_hookbridge NAME [VAR=VALUE...]: a fresh data dir per NAME.
+start_nats() {
+  bash "$BROKERS" nats "$STATE/nats" "$NPORT" </dev/null >/dev/null 2>&1 &
+  NATS_PID=$!
+  bash "$BROKERS" wait-nats "$NPORT" 30 "$NATS_PID" || die "nats-server did not start (log: $STATE/nats/nats.log)"
+}
+
+# The publisher settings of each broker (the config refuses unknown keys, so only one set).
+KAFKA_PUBLISHER=(HOOKBRIDGE_PUBLISHER__TYPE=kafka HOOKBRIDGE_PUBLISHER__BROKERS="127.0.0.1:$KPORT"
+  HOOKBRIDGE_PUBLISHER__TOPIC=bench)
+NATS_PUBLISHER=(HOOKBRIDGE_PUBLISHER__TYPE=nats HOOKBRIDGE_PUBLISHER__URL="nats://127.0.0.1:$NPORT"
+  HOOKBRIDGE_PUBLISHER__SUBJECT='bench.{state}' HOOKBRIDGE_PUBLISHER__STREAM__NAME=BENCH
+  HOOKBRIDGE_PUBLISHER__STREAM__SUBJECTS='["bench.>"]')
+PUBLISHER=("${KAFKA_PUBLISHER[@]}")
+
+# start_hookbridge NAME [VAR=VALUE...]: a fresh data dir per NAME, the publisher of $PUBLISHER.
 start_hookbridge() {
   local name=$1
   shift
-  env HOOKBRIDGE_PUBLISHER__TYPE=kafka \
-    HOOKBRIDGE_PUBLISHER__BROKERS="127.0.0.1:$KPORT" \
-    HOOKBRIDGE_PUBLISHER__TOPIC=bench \
+  HB_NAME=$name
+  env "${PUBLISHER[@]}" \
     HOOKBRIDGE_OUTBOX__DATA_DIR="$STATE/data-$name" \
     HOOKBRIDGE_SERVER__LISTEN="127.0.0.1:$HPORT" \
     HOOKBRIDGE_ADMIN__LISTEN="127.0.0.1:$APORT" \
@@ -161,9 +190,41 @@ start_hookbridge() {
     die "hookbridge did not start (log: $STATE/hookbridge-$name.log)"
 }
 
+# Peak RSS (VmHWM) of the running hookbridge, in MiB, kept as $STATE/rss-NAME.out.
 stop_hookbridge() {
+  if alive "$HB_PID"; then
+    awk '/^VmHWM:/ { printf "RESULT rss_peak_mib=%.0f\n", $2 / 1024 }' "/proc/$HB_PID/status" \
+      >"$STATE/rss-$HB_NAME.out" 2>/dev/null || true
+  fi
   stop "$HB_PID" 20
   HB_PID=
+}
+
+# counters: "accepted published" from hookbridge's /admin/status.
+counters() {
+  curl -fsS --max-time 5 "$ADMIN/admin/status" |
+    jq -r '.outbox.counters | "\(.accepted) \(.published)"' 2>/dev/null || echo "- -"
+}
+
+# full_speed NAME: a closed-loop phase against the running hookbridge, then the end-to-end
+# rate over the same window (broker acks/s vs answers/s) and the wait until it drained.
+full_speed() {
+  local name=$1 a0 p0 a1 p1 t0 t1 c0 c1
+  read -r a0 p0 < <(counters)
+  t0=$(now_ms) c0=$(proc_ticks "$HB_PID")
+  measured "$name" "$BENCH" full-speed --url "$URL" --duration "$DURATION" --connections "$CONNECTIONS"
+  read -r a1 p1 < <(counters)
+  t1=$(now_ms) c1=$(proc_ticks "$HB_PID")
+  phase "$name-relay" "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 120
+  awk -v a0="$a0" -v p0="$p0" -v a1="$a1" -v p1="$p1" -v ms="$((t1 - t0))" -v ticks="$((c1 - c0))" 'BEGIN {
+    if (a0 == "-" || a1 == "-") { print "RESULT e2e_ratio=-"; exit }
+    acc = (a1 - a0) / (ms / 1000); pub = (p1 - p0) / (ms / 1000)
+    printf "end to end over %.1f s: answered %.0f/s, acked by the broker %.0f/s\n", ms / 1000, acc, pub
+    # CPU per event: steadier than the rates when other work shares the cores.
+    cpu_us = (a1 > a0) ? ticks * 10000 / (a1 - a0) : 0
+    printf "hookbridge CPU per accepted event: %.1f us\n", cpu_us
+    printf "RESULT e2e_accepted_rps=%.0f e2e_published_rps=%.0f e2e_ratio=%.2f cpu_us_per_event=%.1f\n", acc, pub, (acc > 0 ? pub / acc : 0), cpu_us
+  }' | tee "$STATE/$name-e2e.out"
 }
 
 # phase NAME CMD...: runs CMD, shows and keeps its output in $STATE/NAME.out.
@@ -195,7 +256,7 @@ thread_ticks() {
 }
 
 # measured NAME CMD...: phase NAME, then one line on where the CPU went (hookbridge by
-# thread, Kafka, the load generator as it reports itself, everything else, idle).
+# thread, the broker (NATS when running, else Kafka), the load generator as it reports itself, everything else, idle).
 measured() {
   local name=$1
   shift
@@ -206,7 +267,7 @@ measured() {
   [[ -n ${BENCH_NO_SYNC:-} ]] || sync
   local k0 c0 t0
   thread_ticks "$HB_PID" >"$STATE/$name.threads0"
-  k0=$(proc_ticks "$KAFKA_PID") c0=$(busy_ticks) t0=$(now_ms)
+  k0=$(proc_ticks "${NATS_PID:-$KAFKA_PID}") c0=$(busy_ticks) t0=$(now_ms)
   local perf_pid=
   if [[ -n ${BENCH_PERF:-} && -n $HB_PID ]] && command -v perf >/dev/null; then
     perf record -q -F 999 -p "$HB_PID" -o "$STATE/$name.perf.data" >/dev/null 2>&1 &
@@ -223,7 +284,7 @@ measured() {
   fi
   thread_ticks "$HB_PID" >"$STATE/$name.threads1"
   local k1 c1 t1
-  k1=$(proc_ticks "$KAFKA_PID") c1=$(busy_ticks) t1=$(now_ms)
+  k1=$(proc_ticks "${NATS_PID:-$KAFKA_PID}") c1=$(busy_ticks) t1=$(now_ms)
   awk -v wall_ms="$((t1 - t0))" -v kafka="$((k1 - k0))" -v busy="$((c1 - c0))" \
     -v gen="$(result "$name" cpu_s)" -v cores="$(nproc)" '
     FNR == NR { before[$1] = $2; next }
@@ -236,7 +297,7 @@ measured() {
       detail = ""
       for (i = 1; i <= nt && i <= 5; i++) detail = detail sprintf("%s%s %.1f", i > 1 ? ", " : "", names[i], th[names[i]] / 100)
       other = busy / 100 - hb / 100 - kafka / 100 - gen
-      printf "cpu-s over %.1f s wall (%d cores = %.1f): hookbridge %.1f [%s], kafka %.1f, load generator %.1f, other %.1f, idle %.1f\n",
+      printf "cpu-s over %.1f s wall (%d cores = %.1f): hookbridge %.1f [%s], broker %.1f, load generator %.1f, other %.1f, idle %.1f\n",
         wall, cores, wall * cores, hb / 100, detail, kafka / 100, gen, other, wall * cores - busy / 100
     }' "$STATE/$name.threads0" "$STATE/$name.threads1" | tee -a "$STATE/$name.out"
 }
@@ -264,17 +325,27 @@ fi
 if want dedup-on; then
   step "full-speed: hookbridge with dedup on, ${DURATION}s, $CONNECTIONS connections"
   start_hookbridge dedup-on
-  measured dedup-on "$BENCH" full-speed --url "$URL" --duration "$DURATION" --connections "$CONNECTIONS"
-  phase dedup-on-relay "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 120
+  full_speed dedup-on
   stop_hookbridge
 fi
 
 if want dedup-off; then
   step "full-speed: hookbridge with dedup off, ${DURATION}s, $CONNECTIONS connections"
   start_hookbridge dedup-off HOOKBRIDGE_OUTBOX__DEDUP=false
-  measured dedup-off "$BENCH" full-speed --url "$URL" --duration "$DURATION" --connections "$CONNECTIONS"
-  phase dedup-off-relay "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 120
+  full_speed dedup-off
   stop_hookbridge
+fi
+
+if want jetstream; then
+  step "full-speed: hookbridge to JetStream (dedup on), ${DURATION}s, $CONNECTIONS connections"
+  start_nats
+  PUBLISHER=("${NATS_PUBLISHER[@]}")
+  start_hookbridge jetstream
+  full_speed jetstream
+  stop_hookbridge
+  PUBLISHER=("${KAFKA_PUBLISHER[@]}")
+  stop "$NATS_PID" 10
+  NATS_PID=
 fi
 
 if want fixed-rate || want drain; then
@@ -345,21 +416,32 @@ fi
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else printf "-" }'; }
 
-step "summary ($(nproc) cores, load generator on the same machine, BENCH_CLIENT_THREADS=$BENCH_CLIENT_THREADS)"
+step "summary ($(nproc) cores, load average at the start: $LOAD_AT_START, load generator on the same machine, BENCH_CLIENT_THREADS=$BENCH_CLIENT_THREADS)"
 {
+  base=$(result baseline rps)
   printf '%-44s %14s %s\n' "measure" "figure" "target"
-  printf '%-44s %14s %s\n' "baseline: trivial axum handler, req/s" "$(result baseline rps)" ""
-  printf '%-44s %14s %s\n' "hookbridge dedup on: accepted/s" "$(result dedup-on rps)" ">= 20000"
-  printf '%-44s %14s %s\n' "  p50 / p99 ms (closed loop)" "$(result dedup-on p50_ms) / $(result dedup-on p99_ms)" ""
-  printf '%-44s %14s %s\n' "hookbridge dedup off: accepted/s" "$(result dedup-off rps)" ""
-  printf '%-44s %14s %s\n' "  p50 / p99 ms (closed loop)" "$(result dedup-off p50_ms) / $(result dedup-off p99_ms)" ""
-  printf '%-44s %14s %s\n' "ratio hookbridge (dedup on) / baseline" "$(ratio "$(result dedup-on rps)" "$(result baseline rps)")" ""
+  printf '%-44s %14s %s\n' "baseline: trivial axum handler, req/s" "$base" ""
+  for run in dedup-on dedup-off jetstream; do
+    case $run in
+      dedup-on) label="Kafka, dedup on" goal=">= 0.50x" ;;
+      dedup-off) label="Kafka, dedup off" goal="" ;;
+      jetstream) label="JetStream, dedup on" goal=">= 0.45x" ;;
+    esac
+    want "$run" || continue
+    printf '%-44s %14s %s\n' "hookbridge $label: accepted/s" "$(result "$run" rps)" ""
+    printf '%-44s %14s %s\n' "  ratio to baseline" "$(ratio "$(result "$run" rps)" "$base")" "$goal"
+    printf '%-44s %14s %s\n' "  p50 / p99 ms (closed loop)" "$(result "$run" p50_ms) / $(result "$run" p99_ms)" ""
+    printf '%-44s %14s %s\n' "  end to end: broker acks/s (/ answers/s)" "$(result "$run-e2e" e2e_published_rps) ($(result "$run-e2e" e2e_ratio))" ">= 0.95"
+    printf '%-44s %14s %s\n' "  hookbridge CPU us per event" "$(result "$run-e2e" cpu_us_per_event)" ""
+    printf '%-44s %14s %s\n' "  peak RSS MiB" "$(result "rss-$run" rss_peak_mib)" "<= 128"
+  done
   printf '%-44s %14s %s\n' "ratio dedup on / dedup off" "$(ratio "$(result dedup-on rps)" "$(result dedup-off rps)")" ""
-  printf '%-44s %14s %s\n' "fixed ${RATE}/s: p50 / p99 ms (from due time)" "$(result fixed-rate p50_ms) / $(result fixed-rate p99_ms)" "p99 < 10"
+  printf '%-44s %14s %s\n' "fixed ${RATE}/s: p50 / p99 ms (from due time)" "$(result fixed-rate p50_ms) / $(result fixed-rate p99_ms)" "p99 <= 2"
   printf '%-44s %14s %s\n' "  max ms; service-time p99 ms" "$(result fixed-rate max_ms); $(result fixed-rate service_p99_ms)" ""
   printf '%-44s %14s %s\n' "ingest with Kafka down: accepted/s" "$(result drain rps)" ""
-  printf '%-44s %14s %s\n' "drain after outage: events/s" "$(result drain drain_rps)" ">= 50000"
+  printf '%-44s %14s %s\n' "drain after outage: events/s" "$(result drain drain_rps)" ">= 100000"
   printf '%-44s %14s %s\n' "  Kafka ready -> first publish, ms" "$DRAIN_READY_DELAY" ""
+  printf '%-44s %14s %s\n' "  peak RSS MiB (fixed rate + drain)" "$(result rss-steady rss_peak_mib)" "<= 128"
   printf '%-44s %14s %s\n' "dedup records, $DEDUP_COUNT tasks: MiB" "$(result dedup-size dedup_mib)" ""
   printf '%-44s %14s %s\n' "  bytes per task (pages; file diff MiB)" "$(result dedup-size dedup_bytes_per_task) ($(result dedup-size file_diff_mib))" ""
   printf '%-44s %14s %s\n' "  outbox append us, dedup on / off" "$(result dedup-size append_on_us) / $(result dedup-size append_off_us)" ""

@@ -279,13 +279,16 @@ pub fn task_id_problem(id: &str) -> Option<&'static str> {
 }
 
 /// Unicode format characters (Cf) and line or paragraph separators (Zl, Zp).
+/// ASCII has none, so the table look-up (a profile's 1% under load) is only
+/// made for the other characters.
 fn is_invisible(c: char) -> bool {
-    matches!(
-        c.general_category(),
-        GeneralCategory::Format
-            | GeneralCategory::LineSeparator
-            | GeneralCategory::ParagraphSeparator
-    )
+    !c.is_ascii()
+        && matches!(
+            c.general_category(),
+            GeneralCategory::Format
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+        )
 }
 
 /// Parses a callback body or a status-endpoint record (the provider says they are the same

@@ -411,9 +411,9 @@ impl Outbox {
             self.send(writer::Command::Prune { reply: Some(reply) })
                 .await
                 .map_err(|_| OutboxError::Closed)?;
-            let pruned = rx.await.map_err(|_| OutboxError::Closed)??;
+            let (pruned, more) = rx.await.map_err(|_| OutboxError::Closed)??;
             total += pruned;
-            if pruned < writer::PRUNE_BATCH as u64 {
+            if !more {
                 return Ok(total);
             }
         }

@@ -21,7 +21,8 @@ pub(super) const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pe
 pub(super) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 /// taskId -> encoded TaskRecord.
 pub(super) const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
-/// (last_seen ms, taskId): TASKS in expiry order, for pruning.
+/// (last_seen ms, taskId): TASKS in expiry order, written by older versions;
+/// dropped at start-up (each task record carries its own `last_seen`).
 pub(super) const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("task_expiry");
 /// seq -> serialized Rejected: no longer written; dropped at start-up.
 pub(super) const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");

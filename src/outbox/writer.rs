@@ -25,8 +25,10 @@ use crate::event::TaskEvent;
 const MAX_GROUP: usize = 4096;
 /// Least time between two attempts to re-open a failing database.
 const REOPEN_EVERY: Duration = Duration::from_millis(250);
-/// Most task records pruned per transaction, so pruning never stalls appends.
-pub(super) const PRUNE_BATCH: usize = 10_000;
+/// Most task records looked at by one prune transaction, so pruning never
+/// stalls appends for long.
+/// (A few in the unit tests, so that they cross step boundaries.)
+const PRUNE_SCAN: usize = if cfg!(test) { 3 } else { 20_000 };
 
 pub(super) enum Command {
     Append {
@@ -54,8 +56,10 @@ pub(super) enum Command {
         reason: String,
         reply: oneshot::Sender<Result<u64, OutboxError>>,
     },
+    /// One step of a pass over the task records: how many were deleted,
+    /// and whether the pass goes on.
     Prune {
-        reply: Option<oneshot::Sender<Result<u64, OutboxError>>>,
+        reply: Option<oneshot::Sender<Result<(u64, bool), OutboxError>>>,
     },
     /// Commit what was queued before, then end the thread.
     Stop,
@@ -66,7 +70,6 @@ struct Tables<'t> {
     pending: redb::Table<'t, u64, &'static [u8]>,
     dead: redb::Table<'t, u64, &'static [u8]>,
     tasks: redb::Table<'t, &'static str, &'static [u8]>,
-    expiry: redb::Table<'t, (u64, &'static str), ()>,
 }
 
 pub(super) struct Writer {
@@ -78,6 +81,9 @@ pub(super) struct Writer {
     stats: Arc<Stats>,
     notify: Arc<Notify>,
     next_seq: u64,
+    /// Where the current prune pass resumes (the next task id to look at);
+    /// `None` starts a new pass from the first.
+    prune_from: Option<String>,
 }
 
 /// Changes to the in-memory counters, applied only once a commit succeeded.
@@ -111,10 +117,10 @@ impl Writer {
             let pending = txn.open_table(PENDING)?;
             let dead = txn.open_table(DEAD)?;
             txn.open_table(TASKS)?;
-            txn.open_table(EXPIRY)?;
-            // Rejected bodies are kept in memory now; free what older
-            // versions stored.
+            // Rejected bodies are kept in memory now, and the task records
+            // carry their own expiry: free what older versions stored.
             txn.delete_table(REJECTED)?;
+            txn.delete_table(EXPIRY)?;
             let (mut count, mut bytes) = (0u64, 0u64);
             for entry in pending.iter()? {
                 let (_, v) = entry?;
@@ -137,6 +143,7 @@ impl Writer {
             stats,
             notify,
             next_seq,
+            prune_from: None,
         };
         std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -342,9 +349,6 @@ impl Writer {
             delta.conflicts += 1;
         }
         if self.config.dedup {
-            if let Some(old) = old {
-                t.expiry.remove((old.last_seen as u64, task_id.as_str()))?;
-            }
             record.accepted_at[slot(event.state)] = now;
             if record
                 .furthest
@@ -355,7 +359,6 @@ impl Writer {
             record.last_seen = now;
             t.tasks
                 .insert(task_id.as_str(), record.encode().as_slice())?;
-            t.expiry.insert((now as u64, task_id.as_str()), ())?;
         }
         Ok(Ok(match previous {
             Some(previous) => Appended::Conflict { seq, previous },
@@ -381,7 +384,6 @@ impl Writer {
                 pending: txn.open_table(PENDING)?,
                 dead: txn.open_table(DEAD)?,
                 tasks: txn.open_table(TASKS)?,
-                expiry: txn.open_table(EXPIRY)?,
             };
             let now = now_ms();
             let window_ms = self.window_ms();
@@ -491,32 +493,16 @@ impl Writer {
                     }
                     Command::Stop => {}
                     Command::Prune { reply } => {
-                        let pruned = (|| {
-                            let cutoff = (now - window_ms).max(0) as u64;
-                            let mut expired = Vec::new();
-                            for entry in tables
-                                .expiry
-                                .range::<(u64, &str)>(..(cutoff, ""))?
-                                .take(PRUNE_BATCH)
-                            {
-                                let (k, _) = entry?;
-                                let (at, task) = k.value();
-                                expired.push((at, task.to_string()));
-                            }
-                            for (at, task) in &expired {
-                                tables.expiry.remove((*at, task.as_str()))?;
-                                tables.tasks.remove(task.as_str())?;
-                            }
-                            Ok::<_, OutboxError>(expired.len() as u64)
-                        })();
-                        let count = pruned.as_ref().ok().copied().unwrap_or(0);
-                        if count > 0 {
-                            tracing::debug!(pruned = count, "pruned expired task records");
+                        let cutoff = now - window_ms;
+                        let pruned = self.prune_step(&mut tables, cutoff);
+                        let step = pruned.as_ref().ok().copied().unwrap_or((0, false));
+                        if step.0 > 0 {
+                            tracing::debug!(pruned = step.0, "pruned expired task records");
                         }
                         replies.push(Box::new(move |err| {
                             if let Some(reply) = reply {
                                 let _ = reply.send(
-                                    err.map_or(Ok(count), |e| Err(OutboxError::Db(redb_copy(e)))),
+                                    err.map_or(Ok(step), |e| Err(OutboxError::Db(redb_copy(e)))),
                                 );
                             }
                         }));
@@ -533,6 +519,34 @@ impl Writer {
 }
 
 impl Writer {
+    /// Deletes the task records last seen before `cutoff` among the next
+    /// `PRUNE_SCAN` in key order, from where the last step stopped. The
+    /// records hold their own expiry: no second index is written per event,
+    /// at the price of a pass over every record per pruning round.
+    fn prune_step(&mut self, t: &mut Tables<'_>, cutoff: i64) -> Result<(u64, bool), OutboxError> {
+        let mut expired = Vec::new();
+        let mut next = None;
+        {
+            let from = self.prune_from.as_deref().unwrap_or("");
+            for (i, entry) in t.tasks.range::<&str>(from..)?.enumerate() {
+                let (k, v) = entry?;
+                if i == PRUNE_SCAN {
+                    next = Some(k.value().to_string());
+                    break;
+                }
+                if TaskRecord::decode(v.value()).last_seen < cutoff {
+                    expired.push(k.value().to_string());
+                }
+            }
+        }
+        for task in &expired {
+            t.tasks.remove(task.as_str())?;
+        }
+        let more = next.is_some();
+        self.prune_from = next;
+        Ok((expired.len() as u64, more))
+    }
+
     /// Moves every dead letter (or those in `only`) that holds a readable
     /// event back to the end of the pending queue, and returns their former
     /// sequence numbers. A letter that cannot be decoded, or whose event is
@@ -738,5 +752,88 @@ mod tests {
         ));
         assert_eq!(stats.pending.load(Ordering::Relaxed), 0, "nothing counted");
         assert!(stats.storage_failing.load(Ordering::Relaxed));
+    }
+
+    fn outbox_in(dir: &std::path::Path, window_secs: u64) -> super::super::Outbox {
+        super::super::Outbox::open(&OutboxConfig {
+            data_dir: dir.to_path_buf(),
+            dedup_window_secs: window_secs,
+            ..OutboxConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pruning_passes_over_every_task_record_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = outbox_in(dir.path(), 0);
+        for i in 0..10 {
+            let body = format!(r#"{{"taskId":"t{i}","state":"generating"}}"#);
+            let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+            assert!(outbox.append(event).await.unwrap().is_stored());
+        }
+        // A zero window expires a record once the clock has moved past it.
+        let seen = now_ms();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while now_ms() <= seen && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(outbox.status().unwrap().tasks_tracked, 10);
+        assert_eq!(outbox.prune().await.unwrap(), 10, "more than one step");
+        assert_eq!(outbox.status().unwrap().tasks_tracked, 0);
+        assert_eq!(outbox.prune().await.unwrap(), 0, "a new pass finds none");
+        outbox.close().await;
+    }
+
+    #[tokio::test]
+    async fn records_within_the_window_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = outbox_in(dir.path(), 3600);
+        for i in 0..7 {
+            let body = format!(r#"{{"taskId":"t{i}","state":"waiting"}}"#);
+            let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+            outbox.append(event).await.unwrap();
+        }
+        assert_eq!(outbox.prune().await.unwrap(), 0);
+        assert_eq!(outbox.status().unwrap().tasks_tracked, 7);
+        outbox.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_with_the_old_expiry_index_opens_and_drops_it() {
+        use redb::{ReadableDatabase, TableHandle};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.redb");
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut tasks = txn.open_table(TASKS).unwrap();
+                let record = TaskRecord {
+                    furthest: Some(crate::event::State::Waiting),
+                    accepted_at: [0, now_ms(), 0, 0, 0],
+                    last_seen: now_ms(),
+                };
+                tasks.insert("old", record.encode().as_slice()).unwrap();
+                let mut expiry = txn.open_table(EXPIRY).unwrap();
+                expiry.insert((now_ms() as u64, "old"), ()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let outbox = outbox_in(dir.path(), 3600);
+        let old = outbox.task("old").unwrap().unwrap();
+        assert_eq!(old.furthest, Some(crate::event::State::Waiting));
+        let body = r#"{"taskId":"old","state":"waiting"}"#;
+        let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+        assert_eq!(outbox.append(event).await.unwrap(), Appended::Duplicate);
+        outbox.close().await;
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let names: Vec<String> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_string())
+            .collect();
+        assert!(!names.iter().any(|n| n == "task_expiry"), "{names:?}");
     }
 }
