@@ -60,6 +60,7 @@
 //!   liveness only.
 
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod event;
 pub mod http;

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod cluster;
 mod config_files;
 mod dedup;
 mod deploy;
