@@ -307,3 +307,47 @@ mod tests {
         assert!(c.reachable());
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use crate::config::{Config, ConfigError};
+
+    fn key_of(toml: &str) -> Option<&'static str> {
+        match Config::from_toml(toml) {
+            Ok(_) => None,
+            Err(ConfigError::Invalid { key, .. }) => Some(key),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_against_the_publisher() {
+        assert_eq!(key_of("[cluster]\nenabled = true"), Some("cluster.enabled"));
+        let kafka =
+            "[publisher]\ntype = \"kafka\"\nbrokers = \"k:9092\"\n[cluster]\nenabled = true\n";
+        assert_eq!(key_of(kafka), Some("cluster.transactional_id"));
+        let kafka = format!("{kafka}transactional_id = \"r1\"\n");
+        assert_eq!(key_of(&kafka), None);
+        assert_eq!(
+            key_of(&format!("{kafka}internal_topic = \"a b\"")),
+            Some("cluster.internal_topic")
+        );
+        assert_eq!(
+            key_of(&format!("{kafka}changelog_topic = \"hookbridge.internal\"")),
+            Some("cluster.changelog_topic")
+        );
+        let nats =
+            "[publisher]\ntype = \"nats\"\nurl = \"nats://n:4222\"\n[cluster]\nenabled = true\n";
+        assert_eq!(key_of(nats), None);
+        assert_eq!(
+            key_of(&format!("{nats}kv_bucket = \"a.b\"")),
+            Some("cluster.kv_bucket")
+        );
+        assert_eq!(
+            key_of(&format!("{nats}kv_replicas = 2")),
+            Some("cluster.kv_replicas")
+        );
+        // Off, nothing is checked: single-instance mode is unchanged.
+        assert_eq!(key_of("[cluster]\nkv_replicas = 2"), None);
+    }
+}

@@ -14,9 +14,9 @@ use rdkafka::message::{Headers, Message};
 use serde_json::Value;
 
 use crate::nats::jetstream_publisher;
-use crate::support::app::{config, temp_dir, TestApp};
+use crate::support::app::{config, free_port, temp_dir, TestApp};
 use crate::support::kafka::{create_topic, Record};
-use crate::support::{brokers, callbacks, nats, unique};
+use crate::support::{brokers, callbacks, eventually, nats, unique};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -314,4 +314,77 @@ async fn kafka_a_moved_partition_keeps_its_guard() {
     }
     assert_eq!(records.len(), tasks.len() + 1);
     a.stop().await;
+}
+
+/// The problems `/readyz` lists, or `None` when it answers 200.
+async fn readiness(app: &TestApp) -> Option<Value> {
+    let (status, body) = app.admin.get("/readyz").await;
+    (status != StatusCode::OK).then(|| body["problems"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_reach_the_bucket_is_not_ready_but_keeps_accepting() {
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let dir = temp_dir();
+    let app = TestApp::start(clustered(
+        config(
+            dir.path(),
+            jetstream_publisher(&url, "kinovi.{state}", None),
+        ),
+        jetstream_cluster(&unique("kv")),
+    ))
+    .await;
+    let problems = eventually(LIMIT, "readiness to name the cluster", || async {
+        readiness(&app).await
+    })
+    .await;
+    assert!(
+        problems
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"component": "cluster", "problem": "unreachable"})),
+        "{problems}"
+    );
+    // The outbox still takes what comes: a callback is never lost to it.
+    let task = unique("task");
+    assert_eq!(
+        app.callback(&callbacks::success(&task)).await,
+        StatusCode::OK
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_shutdown_readiness_fails_while_callbacks_are_still_taken() {
+    let url = brokers::nats().await;
+    let dir = temp_dir();
+    let mut cluster = jetstream_cluster(&unique("kv"));
+    cluster.drain_ms = 3_000;
+    let subject = format!("{}.{{state}}", unique("tasks"));
+    let app = TestApp::start(clustered(
+        config(dir.path(), jetstream_publisher(&url, &subject, None)),
+        cluster,
+    ))
+    .await;
+    eventually(LIMIT, "the replica to be ready", || async {
+        readiness(&app).await.is_none().then_some(())
+    })
+    .await;
+    let (public, admin) = (app.http.clone(), app.admin.clone());
+    let stopping = tokio::spawn(app.stop());
+    eventually(LIMIT, "readiness to say draining", || async {
+        let (status, body) = admin.get("/readyz").await;
+        (status == StatusCode::SERVICE_UNAVAILABLE
+            && body["problems"].as_array().is_some_and(|p| {
+                p.contains(&serde_json::json!({"component": "server", "problem": "draining"}))
+            }))
+        .then_some(())
+    })
+    .await;
+    // Draining: not ready, still serving.
+    assert_eq!(
+        public.callback(&callbacks::success(&unique("task"))).await,
+        StatusCode::OK
+    );
+    stopping.await.unwrap();
 }
