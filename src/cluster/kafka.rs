@@ -191,11 +191,13 @@ impl Owner {
                 _ = &mut stop => return,
             };
             if let Err(e) = result {
+                // A rebalance or a fenced transaction mid-batch is routine;
+                // only failing to (re)join is unreachable coordination
+                // (reported by `session`).
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "cluster owner session failed; starting again"
                 );
-                self.coordination.failed(&format!("{e:#}"));
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -220,6 +222,24 @@ impl Owner {
     /// the future (on stop) drops both; no transaction is open between
     /// batches, and an open one is aborted by the broker's timeout.
     async fn session(&self, backoff: &mut Duration) -> anyhow::Result<()> {
+        let (producer, consumer) = match self.join().await {
+            Ok(clients) => clients,
+            Err(e) => {
+                self.coordination.failed(&format!("{e:#}"));
+                return Err(e);
+            }
+        };
+        self.coordination.ok();
+        let result = self
+            .process_until_error(&producer, &consumer, backoff)
+            .await;
+        // Leaving the group blocks; not on the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        result
+    }
+
+    /// The transactional producer and the consumer in the owner group.
+    async fn join(&self) -> anyhow::Result<(FutureProducer, Arc<StreamConsumer<OwnerContext>>)> {
         self.ensure_topics().await?;
         let mut pc = client_config(&self.kafka);
         pc.set("transactional.id", &self.cluster.transactional_id);
@@ -249,12 +269,7 @@ impl Owner {
             .await
             .context("cannot join the owner group")?,
         );
-        let result = self
-            .process_until_error(&producer, &consumer, backoff)
-            .await;
-        // Leaving the group blocks; not on the runtime.
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-        result
+        Ok((producer, consumer))
     }
 
     async fn process_until_error(

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod chaos;
 mod cluster;
 mod config_files;
 mod dedup;
