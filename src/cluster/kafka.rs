@@ -21,7 +21,6 @@
 //!   aborts the transaction and restarts the session from the committed
 //!   offsets; nothing is half-applied.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -152,6 +151,13 @@ struct Output {
     payload: Vec<u8>,
     headers: Vec<(String, Vec<u8>)>,
     guard: Vec<u8>,
+}
+
+/// How one batch's transaction ended.
+enum Outcome {
+    Committed,
+    /// Aborted cleanly: the session goes on and consumes the batch again.
+    Aborted(String),
 }
 
 /// The owner worker; cheap to clone, each run builds its own clients.
@@ -301,11 +307,44 @@ impl Owner {
                 guards.clear();
                 seen = now;
             }
-            self.transact(producer, consumer, &mut guards, batch)
-                .await?;
-            self.coordination.ok();
-            *backoff = Duration::from_millis(500);
+            let mut firsts = BTreeMap::new();
+            for record in &batch {
+                firsts.entry(record.partition).or_insert(record.offset);
+            }
+            match self
+                .transact(producer, consumer, &mut guards, batch)
+                .await?
+            {
+                Outcome::Committed => {
+                    self.coordination.ok();
+                    *backoff = Duration::from_millis(500);
+                }
+                Outcome::Aborted(why) => {
+                    // Typically a rebalance mid-batch. Nothing of the batch
+                    // is visible: read it again (the partitions still ours)
+                    // against guards read again.
+                    tracing::info!(reason = %why, "owner transaction aborted; consuming the batch again");
+                    guards.clear();
+                    self.rewind(consumer, firsts).await;
+                }
+            }
         }
+    }
+
+    /// Seeks each partition back to `firsts`; a partition no longer
+    /// assigned refuses, and its new owner starts from the committed offset.
+    async fn rewind(
+        &self,
+        consumer: &Arc<StreamConsumer<OwnerContext>>,
+        firsts: BTreeMap<i32, i64>,
+    ) {
+        let (consumer, topic) = (consumer.clone(), self.cluster.internal_topic.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            for (partition, offset) in firsts {
+                let _ = consumer.seek(&topic, partition, Offset::Offset(offset), CALL_TIMEOUT);
+            }
+        })
+        .await;
     }
 
     async fn probe(&self, consumer: &Arc<StreamConsumer<OwnerContext>>) {
@@ -329,14 +368,21 @@ impl Owner {
         consumer: &StreamConsumer<OwnerContext>,
         guards: &mut Guards,
         batch: Vec<Incoming>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Outcome> {
         let mut offsets = BTreeMap::new();
         let mut outputs = Vec::new();
+        let mut missing: Vec<i32> = batch
+            .iter()
+            .map(|r| r.partition)
+            .filter(|p| !guards.contains_key(p))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            guards.extend(self.restore(missing).await?);
+        }
         for record in batch {
             offsets.insert(record.partition, record.offset + 1);
-            if let Entry::Vacant(vacant) = guards.entry(record.partition) {
-                vacant.insert(self.restore(record.partition).await?);
-            }
             let task = guards.entry(record.partition).or_default();
             let (Some(id), Some(topic)) = (record.header("event-id"), record.header(DESTINATION))
             else {
@@ -418,19 +464,26 @@ impl Owner {
                 producer.send_offsets_to_transaction(&tpl, &metadata, CALL_TIMEOUT)?;
                 producer.commit_transaction(CALL_TIMEOUT)
             })();
-            if let Err(e) = sent {
-                let _ = producer.abort_transaction(CALL_TIMEOUT);
-                return Err(e.into());
+            match sent {
+                Ok(()) => Ok(Outcome::Committed),
+                Err(e) => {
+                    let aborted = producer.abort_transaction(CALL_TIMEOUT);
+                    if aborted.is_ok() && producer.client().fatal_error().is_none() {
+                        Ok(Outcome::Aborted(e.to_string()))
+                    } else {
+                        Err(e.into())
+                    }
+                }
             }
-            Ok(())
         })
         .await
         .context("the owner's transaction failed")
     }
 
-    /// A partition's guards, read from its changelog partition (committed
-    /// records only), without the ones older than the dedup window.
-    async fn restore(&self, partition: i32) -> anyhow::Result<HashMap<String, Guard>> {
+    /// The guards of `partitions`, read from their changelog partitions
+    /// (committed records only) with one consumer, without the ones older
+    /// than the dedup window.
+    async fn restore(&self, partitions: Vec<i32>) -> anyhow::Result<Guards> {
         let mut cc = self.base();
         cc.set("group.id", format!("{}-restore", self.cluster.group_id))
             .set("enable.auto.commit", "false")
@@ -438,42 +491,47 @@ impl Owner {
             .set("isolation.level", "read_committed");
         let topic = self.cluster.changelog_topic.clone();
         let oldest = now_ms() - self.window_ms;
+        let what = format!("{topic} partitions {partitions:?}");
         blocking(move || {
             let consumer: BaseConsumer = cc.create()?;
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
+            for p in &partitions {
+                tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
+            }
             consumer.assign(&tpl)?;
             let deadline = Instant::now() + RESTORE_TIMEOUT;
-            let mut guards = HashMap::new();
-            loop {
+            let mut guards: Guards = partitions.iter().map(|p| (*p, HashMap::new())).collect();
+            let mut open = partitions.len();
+            while open > 0 {
                 if Instant::now() > deadline {
-                    bail!("restoring {topic}/{partition} took too long");
+                    bail!("restoring took too long");
                 }
                 match consumer.poll(Duration::from_millis(500)) {
                     None => continue,
-                    Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(KafkaError::PartitionEOF(_))) => open -= 1,
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(m)) => {
+                        let tasks = guards.entry(m.partition()).or_default();
                         let key = String::from_utf8_lossy(m.key().unwrap_or_default());
                         let guard = m
                             .payload()
                             .and_then(|p| serde_json::from_slice::<Guard>(p).ok());
                         match guard {
                             Some(g) if g.at >= oldest => {
-                                guards.insert(key.into_owned(), g);
+                                tasks.insert(key.into_owned(), g);
                             }
                             _ => {
-                                guards.remove(key.as_ref());
+                                tasks.remove(key.as_ref());
                             }
                         }
                     }
                 }
             }
-            tracing::debug!(partition, tasks = guards.len(), "guards restored");
+            tracing::debug!(partitions = ?partitions, "guards restored");
             Ok(guards)
         })
         .await
-        .with_context(|| format!("cannot restore changelog partition {partition}"))
+        .with_context(|| format!("cannot restore {what}"))
     }
 
     /// Creates the internal and changelog topics when missing.
