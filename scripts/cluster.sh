@@ -346,6 +346,13 @@ cmd_up() {
   for name in "${REPLICAS[@]}"; do replica "$dir" "$name" start; done
   for name in "${REPLICAS[@]}"; do wait_ready "$dir" "$name"; done
   haproxy_start "$dir"
+  # Until HAProxy has checked the replicas and serves through each frontend.
+  for front in "$HAPROXY_k" "$HAPROXY_n"; do
+    for _ in $(seq 1 60); do
+      python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$front/healthz', timeout=2)" 2>/dev/null && break
+      sleep 0.5
+    done
+  done
   log "up: Kafka bridge http://127.0.0.1:$HAPROXY_k, JetStream bridge http://127.0.0.1:$HAPROXY_n (env: $dir/env)"
 }
 
