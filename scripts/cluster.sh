@@ -295,6 +295,13 @@ EOF
         local pub=PORT_$kind$i admin=ADMIN_$kind$i
         printf '  server %s%s 127.0.0.1:%s check port %s\n' "$kind" "$i" "${!pub}" "${!admin}"
       done
+      # When every replica says not ready (all lost coordination at once),
+      # they still take callbacks into their outboxes rather than refuse:
+      # the provider never retries.
+      for i in 1 2 3; do
+        local pub=PORT_$kind$i
+        printf '  server %s%s-backup 127.0.0.1:%s backup\n' "$kind" "$i" "${!pub}"
+      done
     done
   } >"$dir/haproxy.cfg"
   haproxy -f "$dir/haproxy.cfg" </dev/null >>"$dir/haproxy.log" 2>&1 &

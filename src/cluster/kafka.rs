@@ -501,14 +501,18 @@ impl Owner {
             consumer.assign(&tpl)?;
             let deadline = Instant::now() + RESTORE_TIMEOUT;
             let mut guards: Guards = partitions.iter().map(|p| (*p, HashMap::new())).collect();
-            let mut open = partitions.len();
-            while open > 0 {
+            // EOF comes again each time new records were read after it: count
+            // each partition once.
+            let mut open: std::collections::BTreeSet<i32> = partitions.iter().copied().collect();
+            while !open.is_empty() {
                 if Instant::now() > deadline {
                     bail!("restoring took too long");
                 }
                 match consumer.poll(Duration::from_millis(500)) {
                     None => continue,
-                    Some(Err(KafkaError::PartitionEOF(_))) => open -= 1,
+                    Some(Err(KafkaError::PartitionEOF(p))) => {
+                        open.remove(&p);
+                    }
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(m)) => {
                         let tasks = guards.entry(m.partition()).or_default();

@@ -26,7 +26,7 @@
 //! A replica that cannot reach the coordination (the group or the bucket)
 //! says so on `/readyz`, so the load balancer sends the traffic elsewhere.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,34 +101,45 @@ pub fn verdict(guard: Option<&Guard>, state: State, id: &str) -> Verdict {
     }
 }
 
-/// Whether the replica reaches the coordination now: the last attempt to
-/// use it succeeded.
-#[derive(Debug)]
-pub struct Coordination {
-    reachable: AtomicBool,
-}
+/// How long coordination may fail before `/readyz` says so: a leader
+/// election or a rebalance takes seconds, and all replicas see it at once;
+/// were they all to leave the load balancer, callbacks would be refused.
+pub const UNREACHABLE_AFTER_MS: i64 = 5_000;
 
-impl Default for Coordination {
-    fn default() -> Self {
-        Self {
-            reachable: AtomicBool::new(true),
-        }
-    }
+/// Whether the replica reaches the coordination: since when the attempts
+/// to use it fail (0: the last one succeeded).
+#[derive(Debug, Default)]
+pub struct Coordination {
+    failing_since: AtomicI64,
 }
 
 impl Coordination {
     pub fn ok(&self) {
-        self.reachable.store(true, Ordering::Relaxed);
+        if self.failing_since.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!("cluster coordination reachable again");
+        }
     }
 
     pub fn failed(&self, why: &str) {
-        if self.reachable.swap(false, Ordering::Relaxed) {
+        let now = crate::outbox::now_ms().max(1);
+        if self
+            .failing_since
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
             tracing::warn!(reason = why, "cluster coordination unreachable");
         }
     }
 
+    /// Whether coordination has been failing for less than
+    /// [`UNREACHABLE_AFTER_MS`] at `now_ms`.
+    pub fn reachable_at(&self, now_ms: i64) -> bool {
+        let since = self.failing_since.load(Ordering::Relaxed);
+        since == 0 || now_ms - since < UNREACHABLE_AFTER_MS
+    }
+
     pub fn reachable(&self) -> bool {
-        self.reachable.load(Ordering::Relaxed)
+        self.reachable_at(crate::outbox::now_ms())
     }
 }
 
@@ -298,13 +309,16 @@ mod tests {
     }
 
     #[test]
-    fn coordination_is_reachable_until_a_failure_and_again_after_a_success() {
+    fn coordination_is_unreachable_after_failing_for_a_while_and_again_after_a_success() {
         let c = Coordination::default();
         assert!(c.reachable());
         c.failed("down");
-        assert!(!c.reachable());
+        let now = crate::outbox::now_ms();
+        assert!(c.reachable_at(now), "a moment's failure is not reported");
+        c.failed("still down");
+        assert!(!c.reachable_at(now + UNREACHABLE_AFTER_MS + 1));
         c.ok();
-        assert!(c.reachable());
+        assert!(c.reachable_at(now + UNREACHABLE_AFTER_MS + 1));
     }
 }
 
