@@ -107,6 +107,20 @@ impl ConsumerContext for OwnerContext {
     }
 }
 
+/// The restore consumer's context: reaching the end of a partition is
+/// what it waits for, not an error to log.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "changelog restore");
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
+
 /// One consumed internal record, owned.
 struct Incoming {
     partition: i32,
@@ -493,7 +507,7 @@ impl Owner {
         let oldest = now_ms() - self.window_ms;
         let what = format!("{topic} partitions {partitions:?}");
         blocking(move || {
-            let consumer: BaseConsumer = cc.create()?;
+            let consumer: BaseConsumer<RestoreContext> = cc.create_with_context(RestoreContext)?;
             let mut tpl = TopicPartitionList::new();
             for p in &partitions {
                 tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
