@@ -124,6 +124,11 @@ cargo clippy --all-targets --locked -- -D warnings
 step "cargo test --locked --lib --bins --tests${*:+ $*} (brokers: $SOURCE)"
 status=0
 cargo test --locked --lib --bins --tests "$@" || status=$?
+# The chaos test starts broker clusters and six replicas of its own: alone, after the rest.
+if ((status == 0 && $# == 0)); then
+  step "chaos test: cluster mode on broker clusters, reduced scale (tests/it/chaos.rs)"
+  cargo test --locked --test it chaos -- --ignored --nocapture || status=$?
+fi
 
 # The compose stack, whenever the engine is up (a filtered run skips it).
 compose=skipped

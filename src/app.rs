@@ -37,12 +37,22 @@ pub struct App {
     verify: Option<(ReconcileConfig, usize)>,
     registry_retention_ms: i64,
     health: HealthConfig,
+    /// Set in cluster mode.
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl App {
     /// Opens the outbox, creates the publisher (without waiting for the
     /// broker) and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        if config.cluster.enabled {
+            let (publisher, cluster) = crate::cluster::build(&config)
+                .await
+                .context("cannot start cluster mode")?;
+            let mut app = Self::with_publisher(config, publisher).await?;
+            app.cluster = Some(cluster);
+            return Ok(app);
+        }
         let publisher: Arc<dyn Publisher> = Arc::from(
             publish::build(&config.publisher)
                 .await
@@ -86,6 +96,7 @@ impl App {
             verify: (config.provider.verify && has_client).then_some(settings),
             registry_retention_ms: (config.outbox.dedup_window_secs as i64).saturating_mul(1000),
             health: config.health,
+            cluster: None,
         })
     }
 
@@ -125,11 +136,23 @@ impl App {
         let gave_up = supervisor.gave_up();
 
         tracing::info!(%addr, publisher = self.publisher.name(), "hookbridge listening");
+        // In cluster mode readiness fails first, so the load balancer stops
+        // sending before the listener closes.
+        let drain = self
+            .cluster
+            .as_ref()
+            .map(|c| (c.drain, self.state.health.clone()));
         let served = self
             .edge
             .serve(self.listener, self.state, async move {
                 tokio::select! {
-                    _ = shutdown => {}
+                    _ = shutdown => {
+                        if let Some((drain, health)) = drain {
+                            health.set_condition("server", Some("draining"));
+                            tracing::info!(?drain, "draining: /readyz answers 503");
+                            tokio::time::sleep(drain).await;
+                        }
+                    }
                     _ = gave_up.cancelled() => tracing::error!("a worker cannot be kept alive; stopping"),
                 }
             })
@@ -162,6 +185,9 @@ impl App {
         });
         self.spawn_poll_worker::<Reconcile>(supervisor, "reconciler", self.reconcile.clone());
         self.spawn_poll_worker::<Verify>(supervisor, "verifier", self.verify.clone());
+        if let Some(cluster) = &self.cluster {
+            cluster.supervise(supervisor, self.state.health.clone());
+        }
         // The writer thread restarts itself after a panic (see
         // `outbox::writer`); it is gone only if that failed.
         let outbox = self.outbox.clone();

@@ -41,6 +41,60 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     /// Restarts of background workers, and what `/readyz` calls stalled.
     pub health: HealthConfig,
+    /// Cluster mode: several replicas as one bridge (off by default).
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster mode: N replicas behind a load balancer behave as one bridge,
+/// coordinated by the broker itself (see `cluster` module docs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Turn cluster mode on. Off (the default): single-instance mode.
+    pub enabled: bool,
+    /// Kafka: the internal topic the relays publish to, keyed by taskId.
+    pub internal_topic: String,
+    /// Kafka: the compacted topic holding each task's guard state.
+    pub changelog_topic: String,
+    /// Kafka: the consumer group that assigns task ownership.
+    pub group_id: String,
+    /// Kafka: `transactional.id` of this replica's owner; unique per
+    /// replica, stable across its restarts. Required with Kafka.
+    pub transactional_id: String,
+    /// Kafka: partitions of the internal and changelog topics when
+    /// hookbridge creates them (the most replicas that share the work).
+    pub partitions: i32,
+    /// Kafka: replication factor of those topics when created.
+    pub replication_factor: i32,
+    /// JetStream: the key-value bucket holding each task's guard state;
+    /// created when missing.
+    pub kv_bucket: String,
+    /// JetStream: replicas of that bucket when created (1, 3 or 5).
+    pub kv_replicas: usize,
+    /// JetStream: how long a replica may hold a task's publish before
+    /// another may take it over, in milliseconds.
+    pub lease_ms: u64,
+    /// On SIGTERM, `/readyz` answers 503 for this long before the listener
+    /// closes, so the load balancer stops sending first, in milliseconds.
+    pub drain_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            internal_topic: "hookbridge.internal".into(),
+            changelog_topic: "hookbridge.changelog".into(),
+            group_id: "hookbridge-owners".into(),
+            transactional_id: String::new(),
+            partitions: 12,
+            replication_factor: 3,
+            kv_bucket: "hookbridge-guard".into(),
+            kv_replicas: 1,
+            lease_ms: 30_000,
+            drain_ms: 3_000,
+        }
+    }
 }
 
 /// Supervision of the background workers and the readiness check.
@@ -647,6 +701,7 @@ impl Config {
         }
         self.validate_edge()?;
         self.validate_provider()?;
+        self.validate_cluster()?;
         crate::publish::check_config(&self.publisher)
             .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         match &self.publisher {
@@ -745,6 +800,80 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if !c.enabled {
+            return Ok(());
+        }
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if c.drain_ms > 600_000 {
+            return invalid("cluster.drain_ms", "must be at most 600000");
+        }
+        match &self.publisher {
+            PublisherConfig::File(_) => {
+                invalid("cluster.enabled", "needs a Kafka or a JetStream publisher")
+            }
+            PublisherConfig::Kafka(_) => {
+                for (key, topic) in [
+                    ("cluster.internal_topic", &c.internal_topic),
+                    ("cluster.changelog_topic", &c.changelog_topic),
+                ] {
+                    crate::publish::check_topic(topic).or_else(|e| invalid(key, &e.to_string()))?;
+                }
+                if c.internal_topic == c.changelog_topic {
+                    return invalid(
+                        "cluster.changelog_topic",
+                        "must differ from cluster.internal_topic",
+                    );
+                }
+                if c.group_id.trim().is_empty() {
+                    return invalid("cluster.group_id", "must not be empty");
+                }
+                if c.transactional_id.trim().is_empty() {
+                    return invalid(
+                        "cluster.transactional_id",
+                        "must be set, unique per replica, with a Kafka publisher",
+                    );
+                }
+                if !(1..=10_000).contains(&c.partitions) {
+                    return invalid("cluster.partitions", "must be between 1 and 10000");
+                }
+                if !(1..=16).contains(&c.replication_factor) {
+                    return invalid("cluster.replication_factor", "must be between 1 and 16");
+                }
+                Ok(())
+            }
+            PublisherConfig::Nats(n) => {
+                if !n.jetstream {
+                    return invalid("cluster.enabled", "needs `publisher.jetstream = true`");
+                }
+                let name_ok = !c.kv_bucket.is_empty()
+                    && c.kv_bucket.len() <= 64
+                    && c.kv_bucket
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_');
+                if !name_ok {
+                    return invalid(
+                        "cluster.kv_bucket",
+                        "must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'",
+                    );
+                }
+                if ![1, 3, 5].contains(&c.kv_replicas) {
+                    return invalid("cluster.kv_replicas", "must be 1, 3 or 5");
+                }
+                if c.lease_ms == 0 {
+                    return invalid("cluster.lease_ms", "must be at least 1");
+                }
+                Ok(())
+            }
+        }
     }
 
     fn validate_provider(&self) -> Result<(), ConfigError> {

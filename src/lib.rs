@@ -58,8 +58,12 @@
 //!   be kept alive. `GET /readyz` ([`http::ready`]) says 503 while anything
 //!   is down, restarting, failing to write, or stalled; `/healthz` is
 //!   liveness only.
+//! - **Several replicas as one bridge** ([`cluster`], `[cluster] enabled`):
+//!   dedup and per-task order across replicas through a Kafka consumer
+//!   group with transactions, or a JetStream key-value bucket.
 
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod event;
 pub mod http;

@@ -64,6 +64,9 @@ pub enum WorkerState {
 #[derive(Debug)]
 pub struct Health {
     workers: Mutex<BTreeMap<&'static str, WorkerState>>,
+    /// Problems reported from outside the supervisor (cluster coordination,
+    /// draining), by component.
+    conditions: Mutex<BTreeMap<&'static str, &'static str>>,
     /// How long the relay may make no progress with events pending and the
     /// broker answering.
     pub stall: Duration,
@@ -79,6 +82,7 @@ impl Health {
     pub fn new(config: &HealthConfig) -> Self {
         Self {
             workers: Mutex::new(BTreeMap::new()),
+            conditions: Mutex::new(BTreeMap::new()),
             stall: Duration::from_secs(config.stall_secs),
         }
     }
@@ -86,6 +90,24 @@ impl Health {
     /// Every worker the supervisor started, with its state.
     pub fn workers(&self) -> BTreeMap<&'static str, WorkerState> {
         self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets (`Some`) or clears (`None`) a problem `/readyz` reports for
+    /// `component`.
+    pub fn set_condition(&self, component: &'static str, problem: Option<&'static str>) {
+        let mut conditions = self.conditions.lock().unwrap_or_else(|p| p.into_inner());
+        match problem {
+            Some(problem) => conditions.insert(component, problem),
+            None => conditions.remove(component),
+        };
+    }
+
+    /// The problems set with [`Health::set_condition`].
+    pub fn conditions(&self) -> BTreeMap<&'static str, &'static str> {
+        self.conditions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

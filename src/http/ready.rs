@@ -24,7 +24,8 @@ use crate::supervise::{Health, WorkerState};
 pub struct Problem {
     /// A worker's name, `outbox-writer`, `storage`.
     pub component: &'static str,
-    /// `restarting`, `failed`, `stopped`, `failing` or `stalled`.
+    /// `restarting`, `failed`, `stopped`, `failing`, `stalled`,
+    /// `unreachable` (cluster coordination) or `draining` (shutting down).
     pub problem: &'static str,
 }
 
@@ -48,6 +49,9 @@ pub fn problems(health: &Health, outbox: &Outbox) -> Vec<Problem> {
             WorkerState::Failed => "failed",
             WorkerState::Stopped => "stopped",
         };
+        out.push(Problem { component, problem });
+    }
+    for (component, problem) in health.conditions() {
         out.push(Problem { component, problem });
     }
     if !outbox.writer_alive() {

@@ -74,6 +74,11 @@ impl NatsPublisher {
         })
     }
 
+    /// The JetStream context (cluster mode keeps its guard in a bucket).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     async fn ensure_stream(&self) -> Result<(), PublishError> {
         let Some(stream) = &self.config.stream else {
             return Ok(());

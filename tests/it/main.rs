@@ -5,7 +5,9 @@
 
 mod support;
 
+mod chaos;
 mod cli;
+mod cluster;
 mod config_files;
 mod dedup;
 mod deploy;

@@ -1,0 +1,605 @@
+//! Kafka cluster mode: task ownership by a consumer group, dedup and order
+//! by one transaction per batch (the pattern Kafka Streams uses).
+//!
+//! - [`Intake`]: the relay's publisher. Each event goes to
+//!   `cluster.internal_topic`, keyed by taskId (idempotent, `acks=all`), with
+//!   its output topic in the `hookbridge-destination` header.
+//! - [`Owner`]: a supervised worker in the group `cluster.group_id` on that
+//!   topic. The group gives each partition, hence each task, to one replica
+//!   at a time. For a batch of records the owner checks each against the
+//!   task's [`Guard`], then in one transaction (`transactional.id` =
+//!   `cluster.transactional_id`) writes the events that pass to their output
+//!   topics, their new guards to `cluster.changelog_topic` (compacted, same
+//!   partition number as the record came from) and the consumed offsets.
+//!   Either all of it is visible to `read_committed` readers or none.
+//! - A partition's guards are read back from its changelog partition before
+//!   its first record is processed, after every rebalance, so a task that
+//!   moves keeps its dedup and its state guard. Offsets are fetched with
+//!   `require_stable` semantics (KIP-447), so a previous owner's pending
+//!   transaction is settled before the new owner reads.
+//! - Any error (a broker gone, a fenced producer, a rebalance mid-batch)
+//!   aborts the transaction and restarts the session from the committed
+//!   offsets; nothing is half-applied.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::future::BoxFuture;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{state_of, verdict, Coordination, Guard, Verdict};
+use crate::config::{ClusterConfig, KafkaConfig};
+use crate::outbox::now_ms;
+use crate::publish::kafka::{client_config, KafkaPublisher};
+use crate::publish::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
+
+/// The header that carries an internal record's output topic.
+pub const DESTINATION: &str = "hookbridge-destination";
+/// Most records one transaction carries.
+const MAX_BATCH: usize = 500;
+/// How long the owner waits for more records once one arrived.
+const LINGER: Duration = Duration::from_millis(5);
+/// Bound of one transactional call or metadata request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest restore of one changelog partition.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Idle time after which the owner probes the cluster.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The relay's publisher in Kafka cluster mode.
+pub struct Intake {
+    inner: KafkaPublisher,
+    internal_topic: String,
+}
+
+impl Intake {
+    pub async fn new(config: KafkaConfig, internal_topic: String) -> anyhow::Result<Self> {
+        Ok(Self {
+            inner: KafkaPublisher::new(config).await?,
+            internal_topic,
+        })
+    }
+}
+
+impl Publisher for Intake {
+    fn name(&self) -> &'static str {
+        "kafka-cluster"
+    }
+
+    fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
+        let mut m = self.inner.encode(o)?;
+        let output = std::mem::replace(&mut m.destination, self.internal_topic.clone());
+        m.headers.push((DESTINATION, output));
+        Ok(m)
+    }
+
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+        self.inner.publish(batch)
+    }
+
+    fn flush(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        self.inner.flush(timeout)
+    }
+}
+
+/// Counts rebalances, so the owner knows its guards may be stale.
+#[derive(Default)]
+struct OwnerContext {
+    rebalances: AtomicU64,
+}
+
+impl ClientContext for OwnerContext {}
+
+impl ConsumerContext for OwnerContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        self.rebalances.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The restore consumer's context: reaching the end of a partition is
+/// what it waits for, not an error to log.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "changelog restore");
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
+
+/// One consumed internal record, owned.
+struct Incoming {
+    partition: i32,
+    offset: i64,
+    key: String,
+    payload: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Incoming {
+    fn of(m: &impl Message) -> Self {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            payload: m.payload().unwrap_or_default().to_vec(),
+            headers,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// What one transaction writes for one record that passed the guard.
+struct Output {
+    partition: i32,
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+    guard: Vec<u8>,
+}
+
+/// How one batch's transaction ended.
+enum Outcome {
+    Committed,
+    /// Aborted cleanly: the session goes on and consumes the batch again.
+    Aborted(String),
+}
+
+/// The owner worker; cheap to clone, each run builds its own clients.
+#[derive(Clone)]
+pub struct Owner {
+    kafka: KafkaConfig,
+    cluster: ClusterConfig,
+    window_ms: i64,
+    coordination: Arc<Coordination>,
+}
+
+type Guards = HashMap<i32, HashMap<String, Guard>>;
+
+impl Owner {
+    pub fn new(
+        kafka: KafkaConfig,
+        cluster: ClusterConfig,
+        window_secs: u64,
+        coordination: Arc<Coordination>,
+    ) -> Self {
+        Self {
+            kafka,
+            cluster,
+            window_ms: (window_secs as i64).saturating_mul(1000),
+            coordination,
+        }
+    }
+
+    /// Runs sessions until `stop`; a failed session is logged, reported
+    /// as unreachable coordination, and started again after a backoff.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let result = tokio::select! {
+                r = self.session(&mut backoff) => r,
+                _ = &mut stop => return,
+            };
+            if let Err(e) = result {
+                // A rebalance or a fenced transaction mid-batch is routine;
+                // only failing to (re)join is unreachable coordination
+                // (reported by `session`).
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cluster owner session failed; starting again"
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = &mut stop => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// The connection settings every client of the owner shares.
+    fn base(&self) -> ClientConfig {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &self.kafka.brokers)
+            .set("reconnect.backoff.max.ms", "1000");
+        for (key, value) in &self.kafka.options {
+            cc.set(crate::config::librdkafka_key(key), value.expose());
+        }
+        cc
+    }
+
+    /// One consumer and one transactional producer, until an error. Dropping
+    /// the future (on stop) drops both; no transaction is open between
+    /// batches, and an open one is aborted by the broker's timeout.
+    async fn session(&self, backoff: &mut Duration) -> anyhow::Result<()> {
+        let (producer, consumer) = match self.join().await {
+            Ok(clients) => clients,
+            Err(e) => {
+                self.coordination.failed(&format!("{e:#}"));
+                return Err(e);
+            }
+        };
+        self.coordination.ok();
+        let result = self
+            .process_until_error(&producer, &consumer, backoff)
+            .await;
+        // Leaving the group blocks; not on the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        result
+    }
+
+    /// The transactional producer and the consumer in the owner group.
+    async fn join(&self) -> anyhow::Result<(FutureProducer, Arc<StreamConsumer<OwnerContext>>)> {
+        self.ensure_topics().await?;
+        let mut pc = client_config(&self.kafka);
+        pc.set("transactional.id", &self.cluster.transactional_id);
+        let producer: FutureProducer = blocking(move || {
+            let producer: FutureProducer = pc.create()?;
+            producer.init_transactions(CALL_TIMEOUT)?;
+            Ok(producer)
+        })
+        .await
+        .context("cannot start the transactional producer")?;
+        let mut cc = self.base();
+        cc.set("group.id", &self.cluster.group_id)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            // A replica that dies unannounced gives its tasks up this fast.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1500");
+        let topic = self.cluster.internal_topic.clone();
+        let consumer: Arc<StreamConsumer<OwnerContext>> = Arc::new(
+            blocking(move || {
+                let consumer: StreamConsumer<OwnerContext> =
+                    cc.create_with_context(OwnerContext::default())?;
+                consumer.subscribe(&[&topic])?;
+                Ok(consumer)
+            })
+            .await
+            .context("cannot join the owner group")?,
+        );
+        Ok((producer, consumer))
+    }
+
+    async fn process_until_error(
+        &self,
+        producer: &FutureProducer,
+        consumer: &Arc<StreamConsumer<OwnerContext>>,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
+        let mut guards = Guards::new();
+        let mut seen = consumer.context().rebalances.load(Ordering::Relaxed);
+        loop {
+            let mut batch = Vec::new();
+            match tokio::time::timeout(PROBE_EVERY, consumer.recv()).await {
+                Err(_) => {
+                    self.probe(consumer).await;
+                    continue;
+                }
+                Ok(m) => batch.push(Incoming::of(&m.context("consuming the internal topic")?)),
+            }
+            while batch.len() < MAX_BATCH {
+                match tokio::time::timeout(LINGER, consumer.recv()).await {
+                    Ok(m) => batch.push(Incoming::of(&m.context("consuming the internal topic")?)),
+                    Err(_) => break,
+                }
+            }
+            let now = consumer.context().rebalances.load(Ordering::Relaxed);
+            if now != seen {
+                // Partitions may have moved: read each one's guards again.
+                guards.clear();
+                seen = now;
+            }
+            let mut firsts = BTreeMap::new();
+            for record in &batch {
+                firsts.entry(record.partition).or_insert(record.offset);
+            }
+            match self
+                .transact(producer, consumer, &mut guards, batch)
+                .await?
+            {
+                Outcome::Committed => {
+                    self.coordination.ok();
+                    *backoff = Duration::from_millis(500);
+                }
+                Outcome::Aborted(why) => {
+                    // Typically a rebalance mid-batch. Nothing of the batch
+                    // is visible: read it again (the partitions still ours)
+                    // against guards read again.
+                    tracing::info!(reason = %why, "owner transaction aborted; consuming the batch again");
+                    guards.clear();
+                    self.rewind(consumer, firsts).await;
+                }
+            }
+        }
+    }
+
+    /// Seeks each partition back to `firsts`; a partition no longer
+    /// assigned refuses, and its new owner starts from the committed offset.
+    async fn rewind(
+        &self,
+        consumer: &Arc<StreamConsumer<OwnerContext>>,
+        firsts: BTreeMap<i32, i64>,
+    ) {
+        let (consumer, topic) = (consumer.clone(), self.cluster.internal_topic.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            for (partition, offset) in firsts {
+                let _ = consumer.seek(&topic, partition, Offset::Offset(offset), CALL_TIMEOUT);
+            }
+        })
+        .await;
+    }
+
+    async fn probe(&self, consumer: &Arc<StreamConsumer<OwnerContext>>) {
+        let (consumer, topic) = (consumer.clone(), self.cluster.internal_topic.clone());
+        let result = blocking(move || {
+            consumer.fetch_metadata(Some(&topic), Duration::from_secs(2))?;
+            Ok(())
+        })
+        .await;
+        match result {
+            Ok(()) => self.coordination.ok(),
+            Err(e) => self.coordination.failed(&format!("{e:#}")),
+        }
+    }
+
+    /// Applies the guard to `batch` and commits the outcome in one
+    /// transaction.
+    async fn transact(
+        &self,
+        producer: &FutureProducer,
+        consumer: &StreamConsumer<OwnerContext>,
+        guards: &mut Guards,
+        batch: Vec<Incoming>,
+    ) -> anyhow::Result<Outcome> {
+        let mut offsets = BTreeMap::new();
+        let mut outputs = Vec::new();
+        let mut missing: Vec<i32> = batch
+            .iter()
+            .map(|r| r.partition)
+            .filter(|p| !guards.contains_key(p))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            guards.extend(self.restore(missing).await?);
+        }
+        for record in batch {
+            offsets.insert(record.partition, record.offset + 1);
+            let task = guards.entry(record.partition).or_default();
+            let (Some(id), Some(topic)) = (record.header("event-id"), record.header(DESTINATION))
+            else {
+                tracing::error!(
+                    partition = record.partition,
+                    offset = record.offset,
+                    "internal record without event-id or destination; skipped"
+                );
+                continue;
+            };
+            let Some(state) = state_of(&record.key, &id) else {
+                tracing::error!(task_id = %record.key, event_id = %id, "internal record with a foreign event id; skipped");
+                continue;
+            };
+            if verdict(task.get(&record.key), state, &id) != Verdict::Advance {
+                tracing::debug!(task_id = %record.key, state = state.as_str(), "suppressed by the cluster guard");
+                continue;
+            }
+            let guard = Guard {
+                state,
+                id,
+                done: true,
+                at: now_ms(),
+            };
+            let value = serde_json::to_vec(&guard).context("encoding a guard")?;
+            task.insert(record.key.clone(), guard);
+            let headers = record
+                .headers
+                .into_iter()
+                .filter(|(k, _)| k != DESTINATION)
+                .collect();
+            outputs.push(Output {
+                partition: record.partition,
+                topic,
+                key: record.key,
+                payload: record.payload,
+                headers,
+                guard: value,
+            });
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in offsets {
+            tpl.add_partition_offset(
+                &self.cluster.internal_topic,
+                partition,
+                Offset::Offset(offset),
+            )?;
+        }
+        let metadata = consumer
+            .group_metadata()
+            .context("the consumer has no group metadata")?;
+        let (producer, changelog) = (producer.clone(), self.cluster.changelog_topic.clone());
+        blocking(move || {
+            producer.begin_transaction()?;
+            let sent = (|| {
+                for o in &outputs {
+                    let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
+                    for (key, value) in &o.headers {
+                        headers = headers.insert(Header {
+                            key,
+                            value: Some(value.as_slice()),
+                        });
+                    }
+                    enqueue(
+                        &producer,
+                        FutureRecord::to(&o.topic)
+                            .key(o.key.as_str())
+                            .payload(o.payload.as_slice())
+                            .headers(headers),
+                    )?;
+                    enqueue(
+                        &producer,
+                        FutureRecord::to(&changelog)
+                            .partition(o.partition)
+                            .key(o.key.as_str())
+                            .payload(o.guard.as_slice()),
+                    )?;
+                }
+                producer.send_offsets_to_transaction(&tpl, &metadata, CALL_TIMEOUT)?;
+                producer.commit_transaction(CALL_TIMEOUT)
+            })();
+            match sent {
+                Ok(()) => Ok(Outcome::Committed),
+                Err(e) => {
+                    let aborted = producer.abort_transaction(CALL_TIMEOUT);
+                    if aborted.is_ok() && producer.client().fatal_error().is_none() {
+                        Ok(Outcome::Aborted(e.to_string()))
+                    } else {
+                        Err(e.into())
+                    }
+                }
+            }
+        })
+        .await
+        .context("the owner's transaction failed")
+    }
+
+    /// The guards of `partitions`, read from their changelog partitions
+    /// (committed records only) with one consumer, without the ones older
+    /// than the dedup window.
+    async fn restore(&self, partitions: Vec<i32>) -> anyhow::Result<Guards> {
+        let mut cc = self.base();
+        cc.set("group.id", format!("{}-restore", self.cluster.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed");
+        let topic = self.cluster.changelog_topic.clone();
+        let oldest = now_ms() - self.window_ms;
+        let what = format!("{topic} partitions {partitions:?}");
+        blocking(move || {
+            let consumer: BaseConsumer<RestoreContext> = cc.create_with_context(RestoreContext)?;
+            let mut tpl = TopicPartitionList::new();
+            for p in &partitions {
+                tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
+            }
+            consumer.assign(&tpl)?;
+            let deadline = Instant::now() + RESTORE_TIMEOUT;
+            let mut guards: Guards = partitions.iter().map(|p| (*p, HashMap::new())).collect();
+            // EOF comes again each time new records were read after it: count
+            // each partition once.
+            let mut open: std::collections::BTreeSet<i32> = partitions.iter().copied().collect();
+            while !open.is_empty() {
+                if Instant::now() > deadline {
+                    bail!("restoring took too long");
+                }
+                match consumer.poll(Duration::from_millis(500)) {
+                    None => continue,
+                    Some(Err(KafkaError::PartitionEOF(p))) => {
+                        open.remove(&p);
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(m)) => {
+                        let tasks = guards.entry(m.partition()).or_default();
+                        let key = String::from_utf8_lossy(m.key().unwrap_or_default());
+                        let guard = m
+                            .payload()
+                            .and_then(|p| serde_json::from_slice::<Guard>(p).ok());
+                        match guard {
+                            Some(g) if g.at >= oldest => {
+                                tasks.insert(key.into_owned(), g);
+                            }
+                            _ => {
+                                tasks.remove(key.as_ref());
+                            }
+                        }
+                    }
+                }
+            }
+            tracing::debug!(partitions = ?partitions, "guards restored");
+            Ok(guards)
+        })
+        .await
+        .with_context(|| format!("cannot restore {what}"))
+    }
+
+    /// Creates the internal and changelog topics when missing.
+    async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let cc = self.base();
+        let admin: AdminClient<DefaultClientContext> = blocking(move || Ok(cc.create()?)).await?;
+        let c = &self.cluster;
+        let replication = || TopicReplication::Fixed(c.replication_factor);
+        let internal = NewTopic::new(&c.internal_topic, c.partitions, replication());
+        let changelog = NewTopic::new(&c.changelog_topic, c.partitions, replication())
+            .set("cleanup.policy", "compact");
+        let options = AdminOptions::new().operation_timeout(Some(CALL_TIMEOUT));
+        let results = admin
+            .create_topics([&internal, &changelog], &options)
+            .await
+            .context("cannot create the cluster topics")?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => bail!("cannot create topic {topic}: {code}"),
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
+        Ok(())
+    }
+}
+
+/// Enqueues one record of the open transaction, waiting while librdkafka's
+/// queue is full; `commit_transaction` waits for its delivery.
+fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, str, [u8]>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(_delivery) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Runs blocking librdkafka calls off the runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a blocking Kafka call panicked")?
+}
