@@ -194,14 +194,17 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
         .max(Duration::from_secs(1) / rate.max(1) as u32);
     let log: Arc<Mutex<Vec<Sent>>> = Arc::default();
     let rolling: Arc<Mutex<Option<(i64, i64)>>> = Arc::default();
+    // When each fault began, for the time to recover from it.
+    let struck: Arc<Mutex<Vec<(&'static str, i64)>>> = Arc::default();
     let started = Instant::now();
 
     // The faults, on their own task, relative to the load's length.
     let faults = {
-        let (bed, rolling) = (bed.clone(), rolling.clone());
+        let (bed, rolling, struck) = (bed.clone(), rolling.clone(), struck.clone());
         let span = Duration::from_secs(secs);
         tokio::spawn(async move {
             let at = |f: f64| started + span.mul_f64(f);
+            let strike = |what: &'static str| struck.lock().unwrap().push((what, now_ms()));
             let mut recovered = Vec::new();
             if setting("HOOKBRIDGE_CHAOS_FAULTS", 1) == 0 {
                 // The baseline: the same load, no faults.
@@ -210,6 +213,7 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
                 return ("none".to_string(), recovered);
             }
             tokio::time::sleep_until(at(0.15).into()).await;
+            strike("kill -9 of one replica per broker");
             bed.run(&["replica", "k1", "kill"]).await;
             bed.run(&["replica", "n1", "kill"]).await;
             tokio::time::sleep_until(at(0.30).into()).await;
@@ -223,8 +227,10 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
             .await
             .unwrap();
             let leader = leader.to_string();
+            strike("kill of the busy partition's Kafka leader");
             bed.run(&["kafka", &leader, "kill"]).await;
             tokio::time::sleep_until(at(0.45).into()).await;
+            strike("kill of one NATS node");
             bed.run(&["nats", "2", "kill"]).await;
             tokio::time::sleep_until(at(0.50).into()).await;
             bed.run(&["kafka", &leader, "start"]).await;
@@ -233,6 +239,7 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
             tokio::time::sleep_until(at(0.65).into()).await;
             let from = now_ms();
             let t = Instant::now();
+            strike("rolling restart");
             bed.run(&["rolling"]).await;
             *rolling.lock().unwrap() = Some((from, now_ms()));
             recovered.push(("rolling restart of 6 replicas", t.elapsed()));
@@ -322,6 +329,25 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
             }
         }
         violations.push((bridge, wrong));
+        // Time to recover from a fault: until everything accepted in the
+        // 2 s after it began was on the broker.
+        let at_broker: HashMap<(&str, &str), i64> = published
+            .iter()
+            .map(|(task, state, at)| ((task.as_str(), state.as_str()), *at))
+            .collect();
+        for (what, t) in struck.lock().unwrap().iter() {
+            let after: Vec<i64> = accepted
+                .iter()
+                .filter(|(_, sent_at)| (*t..t + 2_000).contains(*sent_at))
+                .filter_map(|((task, state), _)| at_broker.get(&(task.as_str(), *state)))
+                .copied()
+                .collect();
+            let recovered = after.iter().max().map_or(-1, |last| last - t);
+            report.push(format!(
+                "chaos {bridge}: {what}: recovered in {recovered} ms (the last of {} events accepted in the next 2 s on the broker)",
+                after.len()
+            ));
+        }
         latencies.sort_unstable();
         let p = |q: f64| {
             latencies
