@@ -8,6 +8,7 @@
 //! ingest drain        --url URL --count N                   post with the broker down, then time the drain
 //! ingest dedup-size   --dir DIR [--count N]                 the outbox alone: size of 1M dedup records
 //! ingest outbox-rate  --dir DIR --rate R [--duration S]     the outbox alone at a fixed rate: append latency
+//! ingest parse       [--duration S]                        event::parse alone: ns per body
 //! ingest wait-http    --url URL                             wait until GET URL answers 200
 //! ingest wait-drained --url URL                             wait until the outbox is empty
 //! ingest edge         --url URL --attack none|loris|junk    fixed-rate good callbacks during an attack
@@ -41,6 +42,8 @@ mod edge;
 mod load;
 #[path = "ingest/outbox_rate.rs"]
 mod outbox_rate;
+#[path = "ingest/parse.rs"]
+mod parse;
 #[path = "ingest/report.rs"]
 mod report;
 #[path = "ingest/server.rs"]
@@ -112,6 +115,12 @@ enum Mode {
         /// Concurrent appenders, so that group commit works as in the server.
         #[arg(long, default_value_t = 2048)]
         concurrency: usize,
+    },
+    /// The callback parser alone (no HTTP, no storage): nanoseconds per body.
+    Parse {
+        /// Seconds spent on each body.
+        #[arg(long, default_value_t = 2.0)]
+        duration: f64,
     },
     /// Append at a fixed rate through the outbox alone (no HTTP, no broker;
     /// a stand-in relay deletes what was appended): storage latency only.
@@ -295,6 +304,7 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             rate,
             duration,
         } => outbox_rate::run(&dir, rate, secs(duration)).await?,
+        Mode::Parse { duration } => parse::run(secs(duration))?,
         Mode::WaitHttp { url, timeout } => {
             let target = Target::parse(&url, "")?;
             server::wait_http(&target, secs(timeout)).await?;

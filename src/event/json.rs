@@ -3,16 +3,19 @@
 //! serde_json alone accepts what the outbox must not store: a repeated member silently
 //! replaces the first (so two readers of the same body can disagree about it), nesting is
 //! only bounded by its internal recursion limit of 128, and integers beyond 64 bits turn into
-//! floats. [`read`] is one streaming pass that builds the [`Value`] while refusing repeated
-//! keys and nesting deeper than [`MAX_DEPTH`], with a typed [`ParseError`] naming the place.
-//! [`verbatim_outputs`] then takes the `output` items from the body's own text, so numbers of
-//! any size reach the broker exactly as sent.
+//! floats. [`validate`] is one streaming pass over the body that keeps nothing but refuses
+//! repeated keys and nesting deeper than [`MAX_DEPTH`], with a typed [`ParseError`] naming
+//! the place. Only then is the record read into typed members (the parent module), with the
+//! `output` items taken from the body's own text as [`RawValue`]s, so numbers of any size
+//! reach the broker exactly as sent.
 //!
 //! serde_json's `arbitrary_precision` feature would also keep big numbers, but it is global
 //! to the whole dependency graph (axum, async-nats, jsonschema) and changes how numbers
 //! deserialize inside untagged and flattened types there; `raw_value`, which the graph
 //! already enables, changes nothing for anyone else.
 
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::OnceLock;
@@ -20,7 +23,7 @@ use std::sync::OnceLock;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
 use super::ParseError;
 
@@ -43,8 +46,9 @@ pub struct Output {
 }
 
 impl Output {
-    /// Serializes `map` (the poller's path, where the body was already read as a [`Value`]).
-    pub fn from_map(map: &Map<String, Value>) -> Result<Self, serde_json::Error> {
+    /// Serializes `map` (the tree parser's way, kept as the tests' reference).
+    #[cfg(test)]
+    pub(super) fn from_map(map: &Map<String, Value>) -> Result<Self, serde_json::Error> {
         Ok(Self {
             raw: serde_json::value::to_raw_value(map)?,
             view: OnceLock::new(),
@@ -52,7 +56,7 @@ impl Output {
     }
 
     /// Takes a JSON text that must be an object, compacting it.
-    fn from_text(text: &str) -> Result<Self, serde_json::Error> {
+    pub(super) fn from_text(text: &str) -> Result<Self, serde_json::Error> {
         let compacted = compact(text);
         if !compacted.starts_with('{') {
             return Err(de::Error::custom("an output item must be a JSON object"));
@@ -108,40 +112,46 @@ impl<'de> Deserialize<'de> for Output {
 pub fn compact(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     let (mut in_string, mut escaped) = (false, false);
-    for c in json.chars() {
+    // Start of the run of bytes not yet copied. Every byte looked at is ASCII or part of a
+    // string, and only ASCII bytes end a run, so runs are always whole characters.
+    let mut run = 0;
+    for (i, b) in json.bytes().enumerate() {
         if in_string {
-            out.push(c);
             if escaped {
                 escaped = false;
-            } else if c == '\\' {
+            } else if b == b'\\' {
                 escaped = true;
-            } else if c == '"' {
+            } else if b == b'"' {
                 in_string = false;
             }
-        } else if c == '"' {
+        } else if b == b'"' {
             in_string = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
-            out.push(c);
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            out.push_str(&json[run..i]);
+            run = i + 1;
         }
     }
+    out.push_str(&json[run..]);
     out
 }
 
-/// Reads a whole body: valid JSON, no repeated key in any object, at most [`MAX_DEPTH`]
-/// levels, nothing after the value.
-pub fn read(body: &[u8]) -> Result<Value, ParseError> {
+/// Checks a whole body without keeping any of it: valid JSON, no repeated key in any
+/// object, at most [`MAX_DEPTH`] levels, nothing after the value. The first fault in the
+/// order of the text wins, as a [`ParseError`] naming its place.
+pub fn validate(body: &[u8]) -> Result<(), ParseError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let mut fault = None;
+    let mut keys = Vec::new();
     let result = Strict {
         depth: 0,
         fault: &mut fault,
+        keys: &mut keys,
     }
     .deserialize(&mut de)
-    .and_then(|value| de.end().map(|()| value));
+    .and_then(|()| de.end());
     match (result, fault) {
         (_, Some(fault)) => Err(fault.into_error()),
-        (Ok(value), None) => Ok(value),
+        (Ok(()), None) => Ok(()),
         (Err(e), None) => Err(ParseError::InvalidJson(e.to_string())),
     }
 }
@@ -174,32 +184,6 @@ pub fn check_depth(value: &Value) -> Result<(), ParseError> {
         }
     }
     Ok(())
-}
-
-/// The `output` items of a body [`read`] accepted, as written. `envelope` says whether the
-/// record is the body's `data` member.
-pub fn verbatim_outputs(body: &[u8], envelope: bool) -> Result<Vec<Output>, ParseError> {
-    #[derive(Deserialize)]
-    struct Members<'a> {
-        #[serde(borrow, default)]
-        data: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        output: Option<&'a RawValue>,
-    }
-    let invalid = |e: serde_json::Error| ParseError::InvalidJson(e.to_string());
-    let mut record: Members = serde_json::from_slice(body).map_err(invalid)?;
-    if envelope {
-        let data = record.data.map_or("{}", RawValue::get);
-        record = serde_json::from_str(data).map_err(invalid)?;
-    }
-    let Some(output) = record.output else {
-        return Ok(Vec::new());
-    };
-    let items: Vec<&RawValue> = serde_json::from_str(output.get()).map_err(invalid)?;
-    items
-        .into_iter()
-        .map(|item| Output::from_text(item.get()).map_err(invalid))
-        .collect()
 }
 
 /// A step of the path to a fault, collected while the error unwinds.
@@ -253,15 +237,22 @@ impl Fault {
     }
 }
 
-/// Builds a [`Value`] like serde_json's own, but records a [`Fault`] and stops at a repeated
-/// key or at a container deeper than [`MAX_DEPTH`].
-struct Strict<'a> {
+/// Objects with more members than this look repeated keys up in a hash set rather than
+/// by a scan of the members before, so a body of many keys costs linear time.
+const SCAN_KEYS: usize = 16;
+
+/// Walks a value like serde_json's own [`Value`] reader, keeping nothing, but records a
+/// [`Fault`] and stops at a repeated key or at a container deeper than [`MAX_DEPTH`].
+struct Strict<'a, 'de> {
     /// Containers around the value being read.
     depth: usize,
     fault: &'a mut Option<Fault>,
+    /// The keys of the objects being read, innermost last (one stack for the whole body,
+    /// so small objects allocate nothing of their own).
+    keys: &'a mut Vec<Cow<'de, str>>,
 }
 
-impl Strict<'_> {
+impl Strict<'_, '_> {
     fn enter<E: de::Error>(&mut self) -> Result<usize, E> {
         let depth = self.depth + 1;
         if depth > MAX_DEPTH {
@@ -275,65 +266,64 @@ impl Strict<'_> {
     }
 }
 
-impl<'de> DeserializeSeed<'de> for Strict<'_> {
-    type Value = Value;
+impl<'de> DeserializeSeed<'de> for Strict<'_, 'de> {
+    type Value = ();
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Strict<'_> {
-    type Value = Value;
+impl<'de> Visitor<'de> for Strict<'_, 'de> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::Number(v.into()))
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::Number(v.into()))
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        Number::from_f64(v)
-            .map(Value::Number)
-            .ok_or_else(|| E::custom("number out of range"))
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        if v.is_finite() {
+            Ok(())
+        } else {
+            Err(E::custom("number out of range"))
+        }
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Value, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         let depth = self.enter()?;
-        let mut items = Vec::new();
+        let mut index = 0;
         loop {
             let child = Strict {
                 depth,
                 fault: &mut *self.fault,
+                keys: &mut *self.keys,
             };
             match seq.next_element_seed(child) {
-                Ok(Some(item)) => items.push(item),
-                Ok(None) => return Ok(Value::Array(items)),
+                Ok(Some(())) => index += 1,
+                Ok(None) => return Ok(()),
                 Err(e) => {
                     if let Some(fault) = self.fault.as_mut() {
-                        fault.path.push(Step::Index(items.len()));
+                        fault.path.push(Step::Index(index));
                     }
                     return Err(e);
                 }
@@ -341,33 +331,77 @@ impl<'de> Visitor<'de> for Strict<'_> {
         }
     }
 
-    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
         let depth = self.enter()?;
-        let mut members = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if members.contains_key(&key) {
+        let start = self.keys.len();
+        let mut many: Option<HashSet<Cow<'de, str>>> = None;
+        while let Some(key) = map.next_key_seed(Key)? {
+            let repeated = match &many {
+                Some(set) => set.contains(&key),
+                None => self.keys[start..].contains(&key),
+            };
+            if repeated {
                 *self.fault = Some(Fault {
                     kind: FaultKind::Duplicate,
-                    path: vec![Step::Key(key)],
+                    path: vec![Step::Key(key.into_owned())],
                 });
                 return Err(de::Error::custom("duplicate key"));
             }
             let child = Strict {
                 depth,
                 fault: &mut *self.fault,
+                keys: &mut *self.keys,
             };
-            match map.next_value_seed(child) {
-                Ok(value) => {
-                    members.insert(key, value);
+            if let Err(e) = map.next_value_seed(child) {
+                if let Some(fault) = self.fault.as_mut() {
+                    fault.path.push(Step::Key(key.into_owned()));
                 }
-                Err(e) => {
-                    if let Some(fault) = self.fault.as_mut() {
-                        fault.path.push(Step::Key(key));
+                return Err(e);
+            }
+            match &mut many {
+                Some(set) => {
+                    set.insert(key);
+                }
+                None => {
+                    self.keys.push(key);
+                    if self.keys.len() - start > SCAN_KEYS {
+                        many = Some(self.keys.drain(start..).collect());
                     }
-                    return Err(e);
                 }
             }
         }
-        Ok(Value::Object(members))
+        self.keys.truncate(start);
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the body unless it holds escapes.
+pub struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
     }
 }

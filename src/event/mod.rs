@@ -43,10 +43,15 @@
 //! The serialized form is version [`SCHEMA_VERSION`] of `schema/task-event.v1.json`, whose top
 //! level admits no other member: adding a field to [`TaskEvent`] means a new schema version.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Number, Value};
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 mod json;
@@ -294,10 +299,15 @@ fn is_invisible(c: char) -> bool {
 /// Parses a callback body or a status-endpoint record (the provider says they are the same
 /// document; both dialects are accepted either way). The preferred entry point: only here
 /// are repeated keys refused and output numbers kept as written.
+///
+/// Two passes over the bytes, neither building a tree: [`json::validate`] applies the bounds
+/// to the whole body before anything is kept, then the record's members are read into
+/// [`Member`]s (strings borrowed from the body, output items as raw text) and checked.
 pub fn parse(body: &[u8], source: Source, received_at_ms: i64) -> Result<TaskEvent, ParseError> {
-    let mut record = Record::of(json::read(body)?)?;
-    record.body = Some(body);
-    record.into_event(source, received_at_ms)
+    json::validate(body)?;
+    let top: Data = serde_json::from_slice(body)
+        .map_err(|e: serde_json::Error| ParseError::InvalidJson(e.to_string()))?;
+    Record::of(top)?.into_event(source, received_at_ms)
 }
 
 /// Same as [`parse`], from an already-parsed JSON value. serde_json has then already kept
@@ -309,40 +319,273 @@ pub fn from_value(
     received_at_ms: i64,
 ) -> Result<TaskEvent, ParseError> {
     json::check_depth(&value)?;
-    Record::of(value)?.into_event(source, received_at_ms)
+    let body = serde_json::to_vec(&value).map_err(|e| ParseError::InvalidJson(e.to_string()))?;
+    parse(&body, source, received_at_ms)
 }
 
-/// A task record being taken apart; `prefix` makes error messages name fields as the
-/// client wrote them.
-struct Record<'a> {
-    map: Map<String, Value>,
-    prefix: &'static str,
-    /// The body's bytes, when there are any: output items are then taken from them as
-    /// written rather than re-serialized from `map`.
-    body: Option<&'a [u8]>,
+/// A member of the record as far as the checks need it: absent, null, a scalar, or only
+/// the kind of a container. Strings are borrowed from the body unless they hold escapes.
+#[derive(Default)]
+enum Member<'a> {
+    #[default]
+    Absent,
+    Null,
+    Bool,
+    Number(Number),
+    String(Cow<'a, str>),
+    Array,
+    Object,
 }
 
-impl Record<'_> {
-    /// Finds the record in a body: the body itself, or its `data` when it is an envelope.
-    fn of(value: Value) -> Result<Self, ParseError> {
-        let Value::Object(mut top) = value else {
-            return Err(ParseError::NotAnObject(kind(&value)));
-        };
-        let bare = top.get("taskId").is_some_and(|id| !id.is_null());
-        Ok(match (bare, top.remove("data")) {
-            (false, Some(Value::Object(data))) => Self {
-                map: data,
-                prefix: "data.",
-                body: None,
-            },
-            (false, Some(other)) => {
-                return Err(wrong_type("data".into(), "an object", &other));
+impl<'a> Member<'a> {
+    /// The member, with JSON `null` meaning the same as absent.
+    fn present(self) -> Option<Member<'a>> {
+        match self {
+            Member::Absent | Member::Null => None,
+            other => Some(other),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Member::Absent | Member::Null => "null",
+            Member::Bool => "a boolean",
+            Member::Number(_) => "a number",
+            Member::String(_) => "a string",
+            Member::Array => "an array",
+            Member::Object => "an object",
+        }
+    }
+}
+
+/// A member that is read further when it is a container of the expected kind: `Self::seq`
+/// or `Self::map` read it, any other value becomes `Self::other`.
+trait Shape<'de>: Sized {
+    fn other(member: Member<'de>) -> Self;
+
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Self::other(Member::Array))
+    }
+
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Self::other(Member::Object))
+    }
+}
+
+struct ShapeVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Shape<'de>> Visitor<'de> for ShapeVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<T, E> {
+        Ok(T::other(Member::Null))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<T, E> {
+        Ok(T::other(Member::Bool))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<T, E> {
+        Ok(T::other(Member::Number(v.into())))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<T, E> {
+        Ok(T::other(Member::Number(v.into())))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+        Number::from_f64(v)
+            .map(|n| T::other(Member::Number(n)))
+            .ok_or_else(|| E::custom("number out of range"))
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<T, E> {
+        Ok(T::other(Member::String(Cow::Borrowed(v))))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<T, E> {
+        Ok(T::other(Member::String(Cow::Owned(v.to_owned()))))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<T, E> {
+        Ok(T::other(Member::String(Cow::Owned(v))))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        T::seq(seq)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::map(map)
+    }
+}
+
+/// Implements `Deserialize` through [`ShapeVisitor`].
+macro_rules! deserialize_shape {
+    ($($name:ident),*) => {$(
+        impl<'de: 'a, 'a> Deserialize<'de> for $name<'a> {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                deserializer.deserialize_any(ShapeVisitor(PhantomData))
             }
-            (_, _) => Self {
-                map: top,
-                prefix: "",
-                body: None,
+        }
+    )*};
+}
+
+deserialize_shape!(Member, OutputMember, ErrorMember, Data);
+
+impl<'de: 'a, 'a> Shape<'de> for Member<'a> {
+    fn other(member: Member<'de>) -> Self {
+        member
+    }
+}
+
+/// `output`: its items as written, or any other value.
+enum OutputMember<'a> {
+    Items(Vec<&'a RawValue>),
+    Other(Member<'a>),
+}
+
+impl Default for OutputMember<'_> {
+    fn default() -> Self {
+        OutputMember::Other(Member::Absent)
+    }
+}
+
+impl<'de: 'a, 'a> Shape<'de> for OutputMember<'a> {
+    fn other(member: Member<'de>) -> Self {
+        OutputMember::Other(member)
+    }
+
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(1));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(OutputMember::Items(items))
+    }
+}
+
+/// `error`: an object's `code` and `message`, or any other value.
+enum ErrorMember<'a> {
+    Object(ErrorObject<'a>),
+    Other(Member<'a>),
+}
+
+impl Default for ErrorMember<'_> {
+    fn default() -> Self {
+        ErrorMember::Other(Member::Absent)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ErrorObject<'a> {
+    #[serde(borrow)]
+    code: Member<'a>,
+    #[serde(borrow)]
+    message: Member<'a>,
+}
+
+impl<'de: 'a, 'a> Shape<'de> for ErrorMember<'a> {
+    fn other(member: Member<'de>) -> Self {
+        ErrorMember::Other(member)
+    }
+
+    fn map<A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        ErrorObject::deserialize(MapAccessDeserializer::new(map)).map(ErrorMember::Object)
+    }
+}
+
+/// The body, or an envelope's `data`: a record's members, or any other value.
+enum Data<'a> {
+    Record(Box<Fields<'a>>),
+    Other(Member<'a>),
+}
+
+impl Default for Data<'_> {
+    fn default() -> Self {
+        Data::Other(Member::Absent)
+    }
+}
+
+impl<'de: 'a, 'a> Shape<'de> for Data<'a> {
+    fn other(member: Member<'de>) -> Self {
+        Data::Other(member)
+    }
+
+    fn map<A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        Fields::deserialize(MapAccessDeserializer::new(map)).map(|f| Data::Record(Box::new(f)))
+    }
+}
+
+/// The members of an object that a record may have; any other member is skipped. `data`
+/// only counts in the body itself (an envelope).
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct Fields<'a> {
+    #[serde(borrow)]
+    task_id: Member<'a>,
+    #[serde(borrow)]
+    state: Member<'a>,
+    #[serde(borrow)]
+    status: Member<'a>,
+    #[serde(borrow)]
+    order_id: Member<'a>,
+    #[serde(borrow)]
+    model: Member<'a>,
+    #[serde(borrow)]
+    credits_used: Member<'a>,
+    #[serde(borrow)]
+    create_time: Member<'a>,
+    #[serde(borrow)]
+    complete_time: Member<'a>,
+    #[serde(borrow)]
+    update_time: Member<'a>,
+    #[serde(borrow)]
+    output: OutputMember<'a>,
+    #[serde(borrow)]
+    error: ErrorMember<'a>,
+    #[serde(borrow)]
+    data: Data<'a>,
+}
+
+/// A task record being checked; `prefix` makes error messages name fields as the client
+/// wrote them.
+struct Record<'a> {
+    fields: Box<Fields<'a>>,
+    prefix: &'static str,
+}
+
+impl<'a> Record<'a> {
+    /// Finds the record in a body: the body itself, or its `data` when it is an envelope.
+    fn of(top: Data<'a>) -> Result<Self, ParseError> {
+        let mut top = match top {
+            Data::Record(top) => top,
+            Data::Other(other) => return Err(ParseError::NotAnObject(other.kind())),
+        };
+        let bare = !matches!(top.task_id, Member::Absent | Member::Null);
+        Ok(match (bare, std::mem::take(&mut top.data)) {
+            (false, Data::Record(data)) => Self {
+                fields: data,
+                prefix: "data.",
             },
+            (false, Data::Other(Member::Absent)) | (true, _) => Self {
+                fields: top,
+                prefix: "",
+            },
+            (false, Data::Other(other)) => {
+                return Err(ParseError::WrongType {
+                    field: "data".into(),
+                    expected: "an object",
+                    found: other.kind(),
+                });
+            }
         })
     }
 
@@ -362,15 +605,22 @@ impl Record<'_> {
             warnings.push(WARN_SUCCESS_WITHOUT_OUTPUT.to_owned());
         }
 
+        let fields = &mut *self.fields;
+        let order_id = std::mem::take(&mut fields.order_id);
+        let model = std::mem::take(&mut fields.model);
+        let credits_used = std::mem::take(&mut fields.credits_used);
+        let create_time = std::mem::take(&mut fields.create_time);
+        let complete_time = std::mem::take(&mut fields.complete_time);
+        let update_time = std::mem::take(&mut fields.update_time);
         Ok(TaskEvent {
             schema_version: SCHEMA_VERSION,
             event_id: event_id(&task_id, state),
-            order_id: self.opt_string("orderId")?,
-            model: self.opt_string("model")?,
-            credits_used: self.opt_credits("creditsUsed")?,
-            create_time: self.opt_millis("createTime")?,
-            complete_time: self.opt_millis("completeTime")?,
-            update_time: self.opt_millis("updateTime")?,
+            order_id: self.opt_string("orderId", order_id)?,
+            model: self.opt_string("model", model)?,
+            credits_used: self.opt_credits("creditsUsed", credits_used)?,
+            create_time: self.opt_millis("createTime", create_time)?,
+            complete_time: self.opt_millis("completeTime", complete_time)?,
+            update_time: self.opt_millis("updateTime", update_time)?,
             task_id,
             state,
             provider_state,
@@ -387,28 +637,28 @@ impl Record<'_> {
         format!("{}{name}", self.prefix)
     }
 
-    /// Removes a member, with JSON `null` meaning the same as absent.
-    fn take(&mut self, name: &str) -> Option<Value> {
-        self.map.remove(name).filter(|v| !v.is_null())
-    }
-
     fn task_id(&mut self) -> Result<String, ParseError> {
-        let field = self.path("taskId");
-        let id = match self.map.remove("taskId") {
-            None => return Err(ParseError::MissingField { field }),
-            Some(Value::String(id)) => id,
-            Some(other) => return Err(wrong_type(field, "a string", &other)),
+        let id = match std::mem::take(&mut self.fields.task_id) {
+            Member::Absent => {
+                return Err(ParseError::MissingField {
+                    field: self.path("taskId"),
+                })
+            }
+            Member::String(id) => id,
+            other => return Err(wrong_type(self.path("taskId"), "a string", &other)),
         };
         match task_id_problem(&id) {
-            None => Ok(id),
-            Some(problem) => Err(ParseError::InvalidValue { field, problem }),
+            None => Ok(id.into_owned()),
+            Some(problem) => Err(ParseError::InvalidValue {
+                field: self.path("taskId"),
+                problem,
+            }),
         }
     }
 
     fn provider_state(&mut self) -> Result<String, ParseError> {
-        // `status` is still removed when `state` wins, so that it is not mistaken for data.
-        let state = self.take("state");
-        let status = self.take("status");
+        let state = std::mem::take(&mut self.fields.state).present();
+        let status = std::mem::take(&mut self.fields.status).present();
         let (name, value) = match (state, status) {
             (Some(v), _) => ("state", v),
             (None, Some(v)) => ("status", v),
@@ -420,48 +670,49 @@ impl Record<'_> {
             }
         };
         match value {
-            Value::String(s) => Ok(s),
+            Member::String(s) => Ok(s.into_owned()),
             other => Err(wrong_type(self.path(name), "a string", &other)),
         }
     }
 
     fn outputs(&mut self) -> Result<Vec<Output>, ParseError> {
-        let items = match self.take("output") {
-            None => return Ok(Vec::new()),
-            Some(Value::Array(items)) => items,
-            Some(other) => {
+        let items = match std::mem::take(&mut self.fields.output) {
+            OutputMember::Items(items) => items,
+            OutputMember::Other(Member::Absent | Member::Null) => return Ok(Vec::new()),
+            OutputMember::Other(other) => {
                 return Err(wrong_type(self.path("output"), "an array or null", &other));
             }
         };
-        if let Some((i, item)) = items.iter().enumerate().find(|(_, v)| !v.is_object()) {
-            let field = self.path(&format!("output[{i}]"));
-            return Err(wrong_type(field, "an object", item));
-        }
-        if let Some(body) = self.body {
-            return json::verbatim_outputs(body, !self.prefix.is_empty());
+        if let Some((i, item)) = items
+            .iter()
+            .enumerate()
+            .find(|(_, item)| !item.get().starts_with('{'))
+        {
+            return Err(ParseError::WrongType {
+                field: self.path(&format!("output[{i}]")),
+                expected: "an object",
+                found: raw_kind(item.get()),
+            });
         }
         items
-            .iter()
-            .map(|item| match item {
-                Value::Object(object) => Output::from_map(object),
-                _ => Err(serde::de::Error::custom("not an object")),
-            })
+            .into_iter()
+            .map(|item| Output::from_text(item.get()))
             .collect::<Result<_, _>>()
             .map_err(|e| ParseError::InvalidJson(e.to_string()))
     }
 
     fn error(&mut self) -> Result<Option<TaskError>, ParseError> {
-        let mut object = match self.take("error") {
-            None => return Ok(None),
-            Some(Value::String(message)) => {
+        let object = match std::mem::take(&mut self.fields.error) {
+            ErrorMember::Object(object) => object,
+            ErrorMember::Other(Member::Absent | Member::Null) => return Ok(None),
+            ErrorMember::Other(Member::String(message)) => {
                 let message = non_blank(message);
                 return Ok(message.map(|m| TaskError {
                     code: None,
                     message: Some(m),
                 }));
             }
-            Some(Value::Object(object)) => object,
-            Some(other) => {
+            ErrorMember::Other(other) => {
                 return Err(wrong_type(
                     self.path("error"),
                     "an object, a string or null",
@@ -469,10 +720,10 @@ impl Record<'_> {
                 ));
             }
         };
-        let code = match object.remove("code").filter(|v| !v.is_null()) {
+        let code = match object.code.present() {
             None => None,
-            Some(Value::String(code)) => non_blank(code),
-            Some(Value::Number(code)) => Some(code.to_string()),
+            Some(Member::String(code)) => non_blank(code),
+            Some(Member::Number(code)) => Some(code.to_string()),
             Some(other) => {
                 return Err(wrong_type(
                     self.path("error.code"),
@@ -481,9 +732,9 @@ impl Record<'_> {
                 ));
             }
         };
-        let message = match object.remove("message").filter(|v| !v.is_null()) {
+        let message = match object.message.present() {
             None => None,
-            Some(Value::String(message)) => non_blank(message),
+            Some(Member::String(message)) => non_blank(message),
             Some(other) => {
                 return Err(wrong_type(
                     self.path("error.message"),
@@ -495,20 +746,20 @@ impl Record<'_> {
         Ok((code.is_some() || message.is_some()).then_some(TaskError { code, message }))
     }
 
-    fn opt_string(&mut self, name: &str) -> Result<Option<String>, ParseError> {
-        match self.take(name) {
+    fn opt_string(&self, name: &str, member: Member) -> Result<Option<String>, ParseError> {
+        match member.present() {
             None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
+            Some(Member::String(s)) => Ok(Some(s.into_owned())),
             Some(other) => Err(wrong_type(self.path(name), "a string or null", &other)),
         }
     }
 
-    fn opt_credits(&mut self, name: &str) -> Result<Option<f64>, ParseError> {
+    fn opt_credits(&self, name: &str, member: Member) -> Result<Option<f64>, ParseError> {
         const EXPECTED: &str = "a number, a numeric string or null";
-        let credits = match self.take(name) {
+        let credits = match member.present() {
             None => return Ok(None),
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+            Some(Member::Number(n)) => n.as_f64(),
+            Some(Member::String(s)) => s.trim().parse::<f64>().ok(),
             Some(other) => return Err(wrong_type(self.path(name), EXPECTED, &other)),
         };
         match credits {
@@ -526,12 +777,12 @@ impl Record<'_> {
         }
     }
 
-    fn opt_millis(&mut self, name: &str) -> Result<Option<i64>, ParseError> {
+    fn opt_millis(&self, name: &str, member: Member) -> Result<Option<i64>, ParseError> {
         const EXPECTED: &str = "a number of milliseconds, a numeric string or null";
-        let millis = match self.take(name) {
+        let millis = match member.present() {
             None => return Ok(None),
-            Some(Value::Number(n)) => n.as_i64().map(Ok).or_else(|| n.as_f64().map(truncate)),
-            Some(Value::String(s)) => {
+            Some(Member::Number(n)) => n.as_i64().map(Ok).or_else(|| n.as_f64().map(truncate)),
+            Some(Member::String(s)) => {
                 let s = s.trim();
                 s.parse::<i64>()
                     .ok()
@@ -555,6 +806,19 @@ impl Record<'_> {
     }
 }
 
+/// The kind of a JSON text from its first byte (the text is valid JSON and starts with
+/// its value).
+fn raw_kind(text: &str) -> &'static str {
+    match text.as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
 /// Why a time is refused; keep in step with [`MAX_TIME_MS`].
 const TIME_RANGE: &str = "must be between 0 and 253402300799999 milliseconds since the epoch \
      (1970-01-01 to 9999-12-31)";
@@ -571,29 +835,20 @@ fn truncate(ms: f64) -> Result<i64, ()> {
     }
 }
 
-fn non_blank(s: String) -> Option<String> {
-    (!s.trim().is_empty()).then_some(s)
+fn non_blank(s: Cow<str>) -> Option<String> {
+    (!s.trim().is_empty()).then(|| s.into_owned())
 }
 
-fn wrong_type(field: String, expected: &'static str, found: &Value) -> ParseError {
+fn wrong_type(field: String, expected: &'static str, found: &Member) -> ParseError {
     ParseError::WrongType {
         field,
         expected,
-        found: kind(found),
+        found: found.kind(),
     }
 }
 
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
+#[cfg(test)]
+mod legacy;
 #[cfg(test)]
 mod props;
 #[cfg(test)]

@@ -33,6 +33,38 @@ proptest! {
         prop_assert!(verdict.is_ok(), "{}: {:?}", String::from_utf8_lossy(&body), verdict);
     }
 
+    /// The typed parser and the tree-walking one it replaced agree on every body: the same
+    /// event, or the same error naming the same field.
+    #[test]
+    fn typed_and_tree_parsers_agree_on_any_body(body in body()) {
+        let typed = event::parse(&body, event::Source::Webhook, RECEIVED_AT);
+        let tree = event::legacy::parse(&body, event::Source::Webhook, RECEIVED_AT);
+        prop_assert_eq!(typed, tree, "{}", String::from_utf8_lossy(&body));
+    }
+
+    #[test]
+    fn typed_and_tree_parsers_agree_on_callbacks(callback in callback(), pretty in any::<bool>()) {
+        let body = callback.to_bytes(pretty);
+        let typed = event::parse(&body, event::Source::Webhook, RECEIVED_AT);
+        let tree = event::legacy::parse(&body, event::Source::Webhook, RECEIVED_AT);
+        prop_assert_eq!(&typed, &tree, "{}", String::from_utf8_lossy(&body));
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&body) {
+            let typed = event::from_value(value.clone(), event::Source::Poll, RECEIVED_AT);
+            let tree = event::legacy::from_value(value, event::Source::Poll, RECEIVED_AT);
+            prop_assert_eq!(typed, tree, "{}", String::from_utf8_lossy(&body));
+        }
+    }
+
+    #[test]
+    fn output_text_is_compacted_as_by_the_char_by_char_reference(
+        json in any_json(),
+        pretty in any::<bool>(),
+    ) {
+        let bytes = json.to_bytes(pretty);
+        let text = String::from_utf8_lossy(&bytes);
+        prop_assert_eq!(super::json::compact(&text), super::legacy::compact(&text));
+    }
+
     #[test]
     fn accepted_callbacks_match_the_schema(callback in callback(), pretty in any::<bool>()) {
         let body = callback.to_bytes(pretty);

@@ -1032,6 +1032,69 @@ fn repeated_keys_are_refused_anywhere() {
 }
 
 #[test]
+fn repeated_keys_are_refused_in_objects_of_many_members() {
+    // Past a few members the keys are looked up in a set: a repeat is found either side of
+    // that switch, and the keys of nested objects do not count against their parent's.
+    for members in [3, 16, 17, 40, 5000] {
+        let keys: Vec<String> = (0..members)
+            .map(|i| format!(r#""k{i}":{{"k{i}":1}}"#))
+            .collect();
+        let unique = format!(
+            r#"{{"taskId":"t","state":"success","x":{{{}}}}}"#,
+            keys.join(",")
+        );
+        assert_eq!(
+            parse(unique.as_bytes(), Source::Webhook, NOW)
+                .unwrap()
+                .task_id,
+            "t"
+        );
+        for repeat in [0, members / 2, members - 1] {
+            let body = format!(
+                r#"{{"taskId":"t","state":"success","x":{{{},"k{repeat}":2}}}}"#,
+                keys.join(",")
+            );
+            assert_eq!(
+                parse_err(&body),
+                ParseError::DuplicateKey {
+                    field: format!("x.k{repeat}")
+                },
+                "{members} members"
+            );
+        }
+    }
+}
+
+#[test]
+fn bounds_of_the_whole_body_come_before_the_record_s_checks() {
+    // A wrong type early in the record does not hide a repeated key or a depth fault later
+    // in the body: nothing of a body with one is read.
+    let deep = "[".repeat(70) + &"]".repeat(70);
+    let cases = [
+        (
+            r#"{"taskId":1,"state":"success","x":{"a":1,"a":2}}"#.to_string(),
+            ParseError::DuplicateKey {
+                field: "x.a".into(),
+            },
+        ),
+        (
+            format!(r#"{{"data":{{"taskId":null,"output":7}},"extra":{deep}}}"#),
+            ParseError::TooDeep {
+                // The path is cut at 128 bytes.
+                field: format!("extra{}", "[0]".repeat(41)) + "…",
+            },
+        ),
+    ];
+    for (body, expected) in cases {
+        assert_eq!(parse_err(&body), expected, "{body}");
+        assert_eq!(
+            legacy::parse(body.as_bytes(), Source::Webhook, NOW).unwrap_err(),
+            expected
+        );
+    }
+}
+
+#[test]
 fn invisible_characters_are_refused_in_task_ids() {
     for id in [
         "task\u{202e}1",  // right-to-left override (Cf)
