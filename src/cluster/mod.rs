@@ -336,32 +336,39 @@ mod config_tests {
 
     #[test]
     fn cluster_settings_are_checked_against_the_publisher() {
-        assert_eq!(key_of("[cluster]\nenabled = true"), Some("cluster.enabled"));
         let kafka =
             "[publisher]\ntype = \"kafka\"\nbrokers = \"k:9092\"\n[cluster]\nenabled = true\n";
-        assert_eq!(key_of(kafka), Some("cluster.transactional_id"));
-        let kafka = format!("{kafka}transactional_id = \"r1\"\n");
-        assert_eq!(key_of(&kafka), None);
-        assert_eq!(
-            key_of(&format!("{kafka}internal_topic = \"a b\"")),
-            Some("cluster.internal_topic")
-        );
-        assert_eq!(
-            key_of(&format!("{kafka}changelog_topic = \"hookbridge.internal\"")),
-            Some("cluster.changelog_topic")
-        );
+        let replica = format!("{kafka}transactional_id = \"r1\"\n");
         let nats =
             "[publisher]\ntype = \"nats\"\nurl = \"nats://n:4222\"\n[cluster]\nenabled = true\n";
-        assert_eq!(key_of(nats), None);
-        assert_eq!(
-            key_of(&format!("{nats}kv_bucket = \"a.b\"")),
-            Some("cluster.kv_bucket")
-        );
-        assert_eq!(
-            key_of(&format!("{nats}kv_replicas = 2")),
-            Some("cluster.kv_replicas")
-        );
-        // Off, nothing is checked: single-instance mode is unchanged.
-        assert_eq!(key_of("[cluster]\nkv_replicas = 2"), None);
+        for (toml, refused) in [
+            (
+                "[cluster]\nenabled = true".to_string(),
+                Some("cluster.enabled"),
+            ),
+            (kafka.to_string(), Some("cluster.transactional_id")),
+            (replica.clone(), None),
+            (
+                format!("{replica}internal_topic = \"a b\""),
+                Some("cluster.internal_topic"),
+            ),
+            (
+                format!("{replica}changelog_topic = \"hookbridge.internal\""),
+                Some("cluster.changelog_topic"),
+            ),
+            (nats.to_string(), None),
+            (
+                format!("{nats}kv_bucket = \"a.b\""),
+                Some("cluster.kv_bucket"),
+            ),
+            (
+                format!("{nats}kv_replicas = 2"),
+                Some("cluster.kv_replicas"),
+            ),
+            // Off, nothing is checked: single-instance mode is unchanged.
+            ("[cluster]\nkv_replicas = 2".to_string(), None),
+        ] {
+            assert_eq!(key_of(&toml), refused, "{toml}");
+        }
     }
 }

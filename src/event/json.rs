@@ -46,15 +46,6 @@ pub struct Output {
 }
 
 impl Output {
-    /// Serializes `map` (the tree parser's way, kept as the tests' reference).
-    #[cfg(test)]
-    pub(super) fn from_map(map: &Map<String, Value>) -> Result<Self, serde_json::Error> {
-        Ok(Self {
-            raw: serde_json::value::to_raw_value(map)?,
-            view: OnceLock::new(),
-        })
-    }
-
     /// Takes a JSON text that must be an object, compacting it.
     pub(super) fn from_text(text: &str) -> Result<Self, serde_json::Error> {
         let compacted = compact(text);

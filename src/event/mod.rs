@@ -848,8 +848,6 @@ fn wrong_type(field: String, expected: &'static str, found: &Member) -> ParseErr
 }
 
 #[cfg(test)]
-mod legacy;
-#[cfg(test)]
 mod props;
 #[cfg(test)]
 mod tests;
