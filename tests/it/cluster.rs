@@ -3,19 +3,16 @@
 //! older than one another replica published is suppressed, and a task's
 //! guard survives its partition moving to another replica.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hookbridge::config::{ClusterConfig, Config, KafkaConfig, PublisherConfig};
 use hyper::StatusCode;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use serde_json::Value;
 
 use crate::nats::jetstream_publisher;
 use crate::support::app::{config, free_port, temp_dir, TestApp};
-use crate::support::kafka::{create_topic, Record};
+use crate::support::kafka::{self, create_topic, Record};
 use crate::support::{brokers, callbacks, eventually, nats, unique};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -152,59 +149,8 @@ pub async fn consume_committed(
     expected: usize,
     quiet: Duration,
 ) -> Vec<Record> {
-    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", unique("reader"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .create()
-            .expect("consumer");
-        consumer.subscribe(&[&topic]).expect("subscribe");
-        let deadline = std::time::Instant::now() + LIMIT;
-        let mut out = Vec::new();
-        let mut quiet_until = None;
-        loop {
-            let now = std::time::Instant::now();
-            match quiet_until {
-                Some(q) if now >= q => break,
-                None if now >= deadline => panic!(
-                    "only {} of {expected} committed records on {topic} within {LIMIT:?}",
-                    out.len()
-                ),
-                _ => {}
-            }
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                let v = String::from_utf8_lossy(h.value.unwrap_or_default());
-                                (h.key.to_string(), v.into_owned())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_else(HashMap::new);
-                out.push(Record {
-                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                    headers,
-                    value: serde_json::from_slice(m.payload().unwrap_or_default())
-                        .expect("value is JSON"),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                });
-                if out.len() >= expected && quiet_until.is_none() {
-                    quiet_until = Some(std::time::Instant::now() + quiet);
-                }
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
+    let committed = [("isolation.level", "read_committed")];
+    kafka::consume_with(bootstrap, topic, expected, LIMIT, quiet, &committed).await
 }
 
 /// The states each task's records carry, in partition order.

@@ -61,15 +61,32 @@ pub async fn consume(
     limit: Duration,
     quiet: Duration,
 ) -> Vec<Record> {
-    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    consume_with(bootstrap, topic, expected, limit, quiet, &[]).await
+}
+
+/// [`consume`] with extra consumer `settings` (for example
+/// `isolation.level`).
+pub async fn consume_with(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    limit: Duration,
+    quiet: Duration,
+    settings: &[(&'static str, &'static str)],
+) -> Vec<Record> {
+    let (bootstrap, topic, settings) =
+        (bootstrap.to_string(), topic.to_string(), settings.to_vec());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", super::unique("reader"))
             .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
+            .set("enable.auto.commit", "false");
+        for (key, value) in settings {
+            config.set(key, value);
+        }
+        let consumer: BaseConsumer = config.create().expect("consumer");
         consumer.subscribe(&[&topic]).expect("subscribe");
         let deadline = std::time::Instant::now() + limit;
         let mut out = Vec::new();
