@@ -15,7 +15,8 @@ use redb::{
 };
 use serde::Serialize;
 
-use super::store::{DEAD, PENDING, TASKS};
+use super::log::{read_only, Index, Record};
+use super::store::{DEAD, META, PENDING, STORED_THROUGH, TASKS};
 use super::{now_ms, Status};
 use crate::event::TaskEvent;
 
@@ -92,7 +93,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection, InspectError> {
         path: path.display().to_string(),
         source,
     };
-    let outbox = outbox_status(&db).map_err(fail)?;
+    let outbox = outbox_status(&db, &dir.join("pending")).map_err(fail)?;
     let registry = dir.join("tasks.redb");
     let registry = if registry.is_file() {
         let sizes = crate::poll::registry::sizes(&open_read_only(&registry)?);
@@ -110,14 +111,49 @@ pub fn inspect(dir: &Path) -> Result<Inspection, InspectError> {
     Ok(Inspection { outbox, registry })
 }
 
-fn outbox_status(db: &ReadOnlyDatabase) -> Result<Status, redb::Error> {
+/// The log's pending events (and any that an older version left in redb),
+/// the dead letters, and the tasks with a dedup record in the store or only
+/// in the log (not checkpointed yet).
+fn outbox_status(db: &ReadOnlyDatabase, log_dir: &Path) -> Result<Status, redb::Error> {
     let txn = db.begin_read()?;
-    let (mut pending, mut bytes, mut oldest) = (0, 0, None);
+    let through = match txn.open_table(META) {
+        Ok(meta) => meta.get(STORED_THROUGH)?.map_or(0, |v| v.value()),
+        Err(TableError::TableDoesNotExist(_)) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    let mut index = Index::default();
+    let mut unstored = std::collections::HashSet::new();
+    read_only(log_dir, |record, slot| match record {
+        Record::Append {
+            seq,
+            task_id,
+            record: Some(_),
+            ..
+        } => {
+            index.push(slot);
+            if seq > through {
+                unstored.insert(task_id.to_string());
+            }
+        }
+        Record::Append { .. } => {
+            index.push(slot);
+        }
+        Record::Ack(seqs) => {
+            for seq in seqs {
+                index.remove(seq);
+            }
+        }
+    })
+    .map_err(redb::Error::Io)?;
+    let live = index.oldest(usize::MAX);
+    let mut pending = live.len() as u64;
+    let mut bytes: u64 = live.iter().map(|s| s.len as u64).sum();
+    let mut oldest = live.first().map(|s| s.received_at);
     match txn.open_table(PENDING) {
         Ok(table) => {
             for entry in table.iter()? {
                 let (_, v) = entry?;
-                if pending == 0 {
+                if oldest.is_none() {
                     oldest = serde_json::from_slice::<TaskEvent>(v.value())
                         .ok()
                         .map(|e| e.received_at);
@@ -129,12 +165,26 @@ fn outbox_status(db: &ReadOnlyDatabase) -> Result<Status, redb::Error> {
         Err(TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(e.into()),
     }
+    let mut tasks = table_len(&txn, TASKS)?;
+    if !unstored.is_empty() {
+        match txn.open_table(TASKS) {
+            Ok(table) => {
+                for task in &unstored {
+                    if table.get(task.as_str())?.is_none() {
+                        tasks += 1;
+                    }
+                }
+            }
+            Err(TableError::TableDoesNotExist(_)) => tasks += unstored.len() as u64,
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(Status {
         pending,
         pending_bytes: bytes,
         oldest_pending_age_ms: oldest.map(|at: i64| (now_ms() - at).max(0)),
         dead_letters: table_len(&txn, DEAD)?,
-        tasks_tracked: table_len(&txn, TASKS)?,
+        tasks_tracked: tasks,
         counters: serde_json::Value::Null,
     })
 }

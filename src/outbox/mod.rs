@@ -3,19 +3,22 @@
 //! Invariants (each one is what a 2xx from the ingress promises):
 //!
 //! 1. **Durable before answered.** [`Outbox::append`] returns `New` only
-//!    after the redb transaction that holds the event committed with
-//!    `Durability::Immediate` (fsync). One writer thread commits whatever
-//!    requests are queued at that moment in one transaction (group commit),
-//!    so concurrent callbacks share a sync.
+//!    after the event's record in the pending log (`log.rs`: append-only
+//!    segments, checksummed records) was written and `fdatasync`ed. One
+//!    writer thread writes whatever requests are queued at that moment as
+//!    one group with one sync (group commit), so concurrent callbacks share
+//!    it.
 //! 2. **Deduplicated in the same step.** The per-task record (which states
-//!    were accepted when, and the furthest state) is read and written in the
-//!    transaction that inserts the event: two concurrent copies of one
-//!    callback are serialized by the single writer and only one is accepted.
-//!    Records older than the dedup window are pruned, so memory and disk do
-//!    not grow with the number of tasks ever seen.
+//!    were accepted when, and the furthest state) is decided by the single
+//!    writer and carried in the very log record that stores the event: two
+//!    concurrent copies of one callback are serialized by the writer and
+//!    only one is accepted. The records are checkpointed into the task store
+//!    (redb) in bulk about once a second and read back from the log after a
+//!    crash. Records older than the dedup window are pruned, so memory and
+//!    disk do not grow with the number of tasks ever seen.
 //! 3. **Deleted only when acknowledged.** An entry leaves `pending` only when
 //!    the publisher reported it acknowledged by the broker, or moves to
-//!    `dead` (with the reason) when the broker refused it permanently, when
+//!    `dead` (with the reason, in redb) when the broker refused it permanently, when
 //!    it cannot be encoded for the broker, or when its stored bytes cannot
 //!    be decoded (then kept exactly, hex-encoded). Transient failures leave
 //!    it in place to be retried, with no deadline. Nothing ever leaves
@@ -31,7 +34,7 @@
 //! ack and the delete republishes that batch. The deterministic `eventId`
 //! (and JetStream's `Nats-Msg-Id` window) let consumers drop such repeats.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +46,7 @@ use crate::config::OutboxConfig;
 use crate::event::{State, TaskEvent};
 
 pub mod inspect;
+mod log;
 mod relay;
 mod store;
 mod writer;
@@ -92,6 +96,8 @@ pub enum OutboxError {
     },
     #[error("outbox database: {0}")]
     Db(#[from] redb::Error),
+    #[error("outbox pending log: {0}")]
+    Log(std::io::Error),
     #[error("the outbox is shutting down")]
     Closed,
     #[error("the outbox database is being re-opened after a storage error")]
@@ -213,8 +219,31 @@ pub struct Outbox {
     inner: Arc<Inner>,
 }
 
+/// What the writer thread shares with the readers.
+pub(super) struct Shared {
+    /// Where each pending event is in the log.
+    index: Mutex<log::Index>,
+    segments: log::Segments,
+    /// Dedup records newer than the task store's (not checkpointed yet).
+    dirty: Mutex<HashMap<String, TaskRecord>>,
+    /// Tasks with a dedup record, in the store or in `dirty`.
+    tracked: AtomicU64,
+}
+
+impl Shared {
+    fn new(data_dir: &Path) -> Self {
+        Self {
+            index: Mutex::default(),
+            segments: log::Segments::new(data_dir.join("pending")),
+            dirty: Mutex::default(),
+            tracked: AtomicU64::new(0),
+        }
+    }
+}
+
 struct Inner {
     db: Arc<store::DbCell>,
+    shared: Arc<Shared>,
     /// Joined by [`Outbox::close`].
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     tx: mpsc::Sender<writer::Command>,
@@ -251,17 +280,20 @@ impl Outbox {
         )?);
         let stats = Arc::new(Stats::default());
         let notify = Arc::new(Notify::new());
+        let shared = Arc::new(Shared::new(dir));
         let (tx, rx) = mpsc::channel(16 * 1024);
         let writer = writer::Writer::start(
             db.clone(),
             config.clone(),
             stats.clone(),
             notify.clone(),
+            shared.clone(),
             rx,
         )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
+                shared,
                 writer: std::sync::Mutex::new(Some(writer)),
                 tx,
                 stats,
@@ -323,7 +355,45 @@ impl Outbox {
     /// `scan` entries.
     /// Entries that cannot be decoded come back apart, to be dead-lettered.
     pub fn read_batch(&self, batch: usize, scan: usize) -> Result<Batch, OutboxError> {
-        store::read_batch(&*self.inner.db.get()?, batch, scan)
+        let slots = self
+            .inner
+            .shared
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .oldest(scan);
+        let mut tasks = HashSet::with_capacity(batch.min(slots.len()));
+        let mut out = Batch {
+            ready: Vec::with_capacity(batch.min(slots.len())),
+            unreadable: Vec::new(),
+        };
+        for slot in slots {
+            if out.ready.len() == batch {
+                break;
+            }
+            let payload = bytes::Bytes::from(
+                self.inner
+                    .shared
+                    .segments
+                    .read(&slot)
+                    .map_err(OutboxError::Log)?,
+            );
+            match serde_json::from_slice::<TaskEvent>(&payload) {
+                Ok(event) if tasks.insert(event.task_id.clone()) => {
+                    out.ready.push(crate::publish::Outgoing {
+                        seq: slot.seq,
+                        event,
+                        payload,
+                    })
+                }
+                // A later event of a task already in this batch: next batch.
+                Ok(_) => {}
+                Err(e) => out
+                    .unreadable
+                    .push((slot.seq, format!("unreadable outbox entry: {e}"))),
+            }
+        }
+        Ok(out)
     }
 
     /// Records the outcome of a publish: `delivered` are deleted, `dead` move
@@ -489,12 +559,30 @@ impl Outbox {
 
     /// The task's dedup/guard record, if still within the window.
     pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, OutboxError> {
-        store::task(&*self.inner.db.get()?, task_id)
+        let dirty = self
+            .inner
+            .shared
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(task_id)
+            .copied();
+        match dirty {
+            Some(record) => Ok(Some(record)),
+            None => store::task(&*self.inner.db.get()?, task_id),
+        }
     }
 
     pub fn status(&self) -> Result<Status, OutboxError> {
         let s = &self.inner.stats;
-        let (oldest, tasks) = store::oldest_and_tasks(&*self.inner.db.get()?)?;
+        let shared = &self.inner.shared;
+        let oldest = shared
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first()
+            .map(|slot| slot.received_at);
+        let tasks = shared.tracked.load(Ordering::Relaxed);
         Ok(Status {
             pending: s.pending.load(Ordering::Relaxed),
             pending_bytes: s.pending_bytes.load(Ordering::Relaxed),

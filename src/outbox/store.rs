@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, TableDefinition};
 
 use super::{Appended, DeadLetter, OutboxError};
-use crate::event::{State, TaskEvent};
+use crate::event::State;
 use crate::publish::Outgoing;
 
-/// seq -> serialized TaskEvent (the exact bytes that will be published).
+/// seq -> serialized TaskEvent: where older versions kept pending events
+/// (now in the log, `log.rs`); moved into the log at start-up.
 pub(super) const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
 /// seq -> serialized DeadLetter.
 pub(super) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
@@ -24,6 +25,10 @@ pub(super) const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tas
 /// (last_seen ms, taskId): TASKS in expiry order, written by older versions;
 /// dropped at start-up (each task record carries its own `last_seen`).
 pub(super) const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("task_expiry");
+/// Bookkeeping of the task store.
+pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Every append up to this sequence number has its dedup record in TASKS.
+pub(super) const STORED_THROUGH: &str = "tasks_stored_through";
 /// seq -> serialized Rejected: no longer written; dropped at start-up.
 pub(super) const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");
 
@@ -172,36 +177,6 @@ pub struct Batch {
     pub unreadable: Vec<(u64, String)>,
 }
 
-pub(super) fn read_batch(db: &Database, batch: usize, scan: usize) -> Result<Batch, OutboxError> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(PENDING)?;
-    let mut tasks = std::collections::HashSet::with_capacity(batch);
-    let mut out = Batch {
-        ready: Vec::with_capacity(batch.min(4096)),
-        unreadable: Vec::new(),
-    };
-    for entry in table.iter()?.take(scan) {
-        if out.ready.len() == batch {
-            break;
-        }
-        let (k, v) = entry?;
-        let payload = bytes::Bytes::copy_from_slice(v.value());
-        match serde_json::from_slice::<TaskEvent>(&payload) {
-            Ok(event) if tasks.insert(event.task_id.clone()) => out.ready.push(Outgoing {
-                seq: k.value(),
-                event,
-                payload,
-            }),
-            // A later event of a task already in this batch: next batch.
-            Ok(_) => {}
-            Err(e) => out
-                .unreadable
-                .push((k.value(), format!("unreadable outbox entry: {e}"))),
-        }
-    }
-    Ok(out)
-}
-
 /// Up to `limit` dead letters in sequence order, after `after` if given.
 pub(super) fn dead_letters(
     db: &Database,
@@ -242,19 +217,6 @@ pub(super) fn task(db: &Database, task_id: &str) -> Result<Option<TaskRecord>, O
     let txn = db.begin_read()?;
     let table = txn.open_table(TASKS)?;
     Ok(table.get(task_id)?.map(|v| TaskRecord::decode(v.value())))
-}
-
-/// The oldest pending entry's receive time, and how many tasks are tracked.
-pub(super) fn oldest_and_tasks(db: &Database) -> Result<(Option<i64>, u64), OutboxError> {
-    let txn = db.begin_read()?;
-    let pending = txn.open_table(PENDING)?;
-    let oldest = match pending.first()? {
-        Some((_, v)) => serde_json::from_slice::<TaskEvent>(v.value())
-            .ok()
-            .map(|e| e.received_at),
-        None => None,
-    };
-    Ok((oldest, txn.open_table(TASKS)?.len()?))
 }
 
 #[cfg(test)]

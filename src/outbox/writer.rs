@@ -1,27 +1,42 @@
 //! The single writer thread that owns every write to the outbox.
 //!
-//! All mutations (appends, deletes after publish, dead letters, pruning)
-//! go through one thread, which commits whatever is queued in one
-//! transaction: one fsync serves many requests, and the dedup check and the
-//! insert it guards can never interleave with another writer. Replies are
-//! sent only after the commit succeeded; if it fails, every request of the
-//! group gets the error (never a success for something not on disk), and the
-//! database is re-opened before the next group.
+//! All mutations (appends, acks after publish, dead letters, pruning) go
+//! through one thread, which takes whatever is queued as one group:
+//!
+//! 1. It decides every append of the group (dedup record, state guard,
+//!    backlog cap), in order, and builds the group's log records.
+//! 2. It writes them to the pending log with one `write` and one
+//!    `fdatasync` (see `log.rs`). Appends are answered only after that, and
+//!    if it fails every append of the group gets the error (never a success
+//!    for something not on disk).
+//! 3. Only when the group needs it, one redb transaction (durable) holds
+//!    what lives in the task store: dead letters, requeues, pruning, and a
+//!    checkpoint of the dedup records changed since the last one.
+//!
+//! The dedup records are thus written to redb's copy-on-write B-tree about
+//! once a second in bulk, not once per group: until then they live in
+//! memory ([`Shared::dirty`]) and, durably, in the log records that carry
+//! them, which a restart reads back. A log segment is deleted only once its
+//! records are in the task store and none of its events is pending.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redb::{Durability, ReadableTable, ReadableTableMetadata};
+use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::store::{slot, DbCell, TaskRecord, DEAD, EXPIRY, PENDING, REJECTED, TASKS};
-use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Stats};
+use super::log::{Log, Record, Slot};
+use super::store::{
+    slot, DbCell, TaskRecord, DEAD, EXPIRY, META, PENDING, REJECTED, STORED_THROUGH, TASKS,
+};
+use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Shared, Stats};
 use crate::config::OutboxConfig;
 use crate::event::TaskEvent;
 
-/// Most commands committed in one transaction.
+/// Most commands taken as one group.
 const MAX_GROUP: usize = 4096;
 /// Least time between two attempts to re-open a failing database.
 const REOPEN_EVERY: Duration = Duration::from_millis(250);
@@ -29,6 +44,13 @@ const REOPEN_EVERY: Duration = Duration::from_millis(250);
 /// stalls appends for long.
 /// (A few in the unit tests, so that they cross step boundaries.)
 const PRUNE_SCAN: usize = if cfg!(test) { 3 } else { 20_000 };
+/// A log segment is closed once it holds this many bytes.
+pub(super) const SEGMENT_BYTES: u64 = if cfg!(test) { 4096 } else { 64 << 20 };
+/// Dedup records are checkpointed into the task store this often...
+/// (Never by time in the unit tests, which check the log's copy.)
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(if cfg!(test) { 3600 } else { 1 });
+/// ...or once this many are waiting, whichever comes first.
+const CHECKPOINT_RECORDS: usize = 50_000;
 
 pub(super) enum Command {
     Append {
@@ -65,15 +87,10 @@ pub(super) enum Command {
     Stop,
 }
 
-/// The tables one append touches, open in the current write transaction.
-struct Tables<'t> {
-    pending: redb::Table<'t, u64, &'static [u8]>,
-    dead: redb::Table<'t, u64, &'static [u8]>,
-    tasks: redb::Table<'t, &'static str, &'static [u8]>,
-}
-
 pub(super) struct Writer {
     db: Arc<DbCell>,
+    log: Log,
+    shared: Arc<Shared>,
     /// A commit failed: re-open before the next one.
     broken: bool,
     last_reopen: Option<Instant>,
@@ -81,10 +98,20 @@ pub(super) struct Writer {
     stats: Arc<Stats>,
     notify: Arc<Notify>,
     next_seq: u64,
+    /// Every append up to this sequence number has its dedup record in the
+    /// task store.
+    stored_through: u64,
+    last_checkpoint: Instant,
+    /// Acks of events that became dead letters, for the next log write.
+    deferred_acks: Vec<u64>,
     /// Where the current prune pass resumes (the next task id to look at);
     /// `None` starts a new pass from the first.
     prune_from: Option<String>,
+    /// Where the group's prune step reports its figures to its reply.
+    prune_reply: Option<PruneStep>,
 }
+
+type PruneStep = Arc<std::sync::Mutex<Option<(u64, bool)>>>;
 
 /// Changes to the in-memory counters, applied only once a commit succeeded.
 #[derive(Default)]
@@ -101,49 +128,211 @@ struct Delta {
     dead_lettered: u64,
 }
 
+/// A reply, called with the error of the step it depends on (if any).
 type Reply = Box<dyn FnOnce(Option<&OutboxError>) + Send>;
 
+/// Which step of the group a command's answer waits for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    /// The log write (appends, acks of published events).
+    Log,
+    /// The log write and then the task store's transaction.
+    Store,
+}
+
+/// What a group does in the task store, after its log write.
+#[derive(Default)]
+struct StoreWork {
+    /// New dead letters: from failed publishes (with the pending slot they
+    /// leave) and buried events.
+    letters: Vec<(DeadLetter, Option<Slot>)>,
+    /// Dead letters requeued into the log by this group.
+    requeued: Vec<u64>,
+    prune: bool,
+    pruned: Option<(u64, bool)>,
+}
+
+impl StoreWork {
+    fn is_empty(&self) -> bool {
+        self.letters.is_empty() && self.requeued.is_empty() && !self.prune
+    }
+}
+
+/// What a group adds to the log and to memory once the write succeeded.
+#[derive(Default)]
+struct Staged {
+    slots: Vec<Slot>,
+    /// Dedup records decided by this group (the latest per task).
+    records: HashMap<String, TaskRecord>,
+    new_tasks: u64,
+    /// Published events leaving the queue.
+    acked: Vec<u64>,
+    /// Acks taken from `deferred_acks` into this group's write.
+    deferred: Vec<u64>,
+}
+
 impl Writer {
+    /// Opens the log and the task store, reads back what an earlier run
+    /// left (pending events, dedup records not yet checkpointed), moves the
+    /// pending entries of older versions (kept in redb) into the log, and
+    /// starts the thread.
     pub(super) fn start(
         db: Arc<DbCell>,
         config: OutboxConfig,
         stats: Arc<Stats>,
         notify: Arc<Notify>,
+        shared: Arc<Shared>,
         rx: mpsc::Receiver<Command>,
     ) -> Result<std::thread::JoinHandle<()>, OutboxError> {
-        let next_seq;
         let txn = db.get()?.begin_write()?;
-        {
-            let pending = txn.open_table(PENDING)?;
+        let (stored_through, old_pending, last_dead, dead_count, tasks_stored) = {
+            let old: Vec<(u64, Vec<u8>)> = {
+                let pending = txn.open_table(PENDING)?;
+                let mut old = Vec::new();
+                for entry in pending.iter()? {
+                    let (k, v) = entry?;
+                    old.push((k.value(), v.value().to_vec()));
+                }
+                old
+            };
             let dead = txn.open_table(DEAD)?;
-            txn.open_table(TASKS)?;
+            let tasks = txn.open_table(TASKS)?;
+            let meta = txn.open_table(META)?;
             // Rejected bodies are kept in memory now, and the task records
             // carry their own expiry: free what older versions stored.
             txn.delete_table(REJECTED)?;
             txn.delete_table(EXPIRY)?;
-            let (mut count, mut bytes) = (0u64, 0u64);
-            for entry in pending.iter()? {
-                let (_, v) = entry?;
-                count += 1;
-                bytes += v.value().len() as u64;
-            }
-            stats.pending.store(count, Ordering::Relaxed);
-            stats.pending_bytes.store(bytes, Ordering::Relaxed);
-            stats.dead.store(dead.len()?, Ordering::Relaxed);
-            let last_pending = pending.last()?.map_or(0, |(k, _)| k.value());
+            let through = meta.get(STORED_THROUGH)?.map_or(0, |v| v.value());
             let last_dead = dead.last()?.map_or(0, |(k, _)| k.value());
-            next_seq = last_pending.max(last_dead) + 1;
-        }
+            (through, old, last_dead, dead.len()?, tasks.len()?)
+        };
         txn.commit()?;
+
+        let log_dir = config.data_dir.join("pending");
+        let mut replayed: HashMap<String, TaskRecord> = HashMap::new();
+        let mut last_seq = 0u64;
+        let (mut log, opened) = {
+            let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
+            Log::open(&log_dir, SEGMENT_BYTES, |record, slot| match record {
+                Record::Append {
+                    seq,
+                    task_id,
+                    record,
+                    ..
+                } => {
+                    last_seq = last_seq.max(seq);
+                    if let Some(record) = record.filter(|_| seq > stored_through) {
+                        replayed.insert(task_id.to_string(), record);
+                    }
+                    if !index.push(slot) {
+                        tracing::warn!(
+                            seq,
+                            "a repeated sequence number in the pending log is skipped"
+                        );
+                    }
+                }
+                Record::Ack(seqs) => {
+                    for seq in seqs {
+                        index.remove(seq);
+                    }
+                }
+            })
+            .map_err(|source| OutboxError::DataDir {
+                path: log_dir.display().to_string(),
+                source,
+            })?
+        };
+        if opened.torn_bytes > 0 {
+            tracing::warn!(
+                bytes = opened.torn_bytes,
+                "the pending log ended in a torn write (a crash during a commit, never answered 2xx); cut back"
+            );
+        }
+        for damage in &opened.damaged {
+            tracing::error!(%damage, "the pending log is damaged; the events there cannot be read");
+            Stats::add(&stats.storage_errors, 1);
+        }
+
+        // Older versions kept pending events in redb: move them into the
+        // log, then drop the table (a crash in between moves them again,
+        // skipping those already moved).
+        let moved: Vec<&(u64, Vec<u8>)> = old_pending
+            .iter()
+            .filter(|(seq, _)| *seq > last_seq)
+            .collect();
+        if !moved.is_empty() {
+            let mut slots = Vec::new();
+            for (seq, bytes) in &moved {
+                let event = serde_json::from_slice::<TaskEvent>(bytes).ok();
+                let (task, at) = event
+                    .as_ref()
+                    .map_or(("", 0), |e| (e.task_id.as_str(), e.received_at));
+                slots.push(log.append(*seq, at, task, None, bytes));
+                last_seq = last_seq.max(*seq);
+            }
+            log.commit(true).map_err(|source| OutboxError::DataDir {
+                path: log_dir.display().to_string(),
+                source,
+            })?;
+            let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
+            for slot in slots {
+                index.push(slot);
+            }
+            tracing::info!(
+                moved = moved.len(),
+                "pending events of an older version moved into the log"
+            );
+        }
+        if !old_pending.is_empty() {
+            let txn = db.get()?.begin_write()?;
+            txn.delete_table(PENDING)?;
+            txn.commit()?;
+        }
+
+        // Dedup records the task store does not have yet.
+        let mut new_tasks = 0;
+        if !replayed.is_empty() {
+            let txn = db.get()?.begin_read()?;
+            let tasks = txn.open_table(TASKS)?;
+            for task in replayed.keys() {
+                if tasks.get(task.as_str())?.is_none() {
+                    new_tasks += 1;
+                }
+            }
+        }
+        {
+            let index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
+            let bytes: u64 = index.oldest(usize::MAX).iter().map(|s| s.len as u64).sum();
+            stats.pending.store(index.len(), Ordering::Relaxed);
+            stats.pending_bytes.store(bytes, Ordering::Relaxed);
+        }
+        stats.dead.store(dead_count, Ordering::Relaxed);
+        shared
+            .tracked
+            .store(tasks_stored + new_tasks, Ordering::Relaxed);
+        *shared.dirty.lock().unwrap_or_else(|p| p.into_inner()) = replayed;
+        tracing::info!(
+            segments = opened.segments,
+            records = opened.records,
+            pending = stats.pending.load(Ordering::Relaxed),
+            "outbox opened"
+        );
+
         let writer = Writer {
             db,
+            log,
+            shared,
             broken: false,
             last_reopen: None,
             config,
             stats,
             notify,
-            next_seq,
+            next_seq: last_seq.max(last_dead).max(stored_through) + 1,
+            stored_through,
+            last_checkpoint: Instant::now(),
+            deferred_acks: Vec::new(),
             prune_from: None,
+            prune_reply: None,
         };
         std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -169,8 +358,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if !group.is_empty() {
-                self.apply_supervised(&mut group);
+            if !group.is_empty() || stop {
+                self.apply_supervised(&mut group, stop);
             }
             if stop {
                 tracing::debug!("outbox writer stopped");
@@ -183,9 +372,10 @@ impl Writer {
     /// file) must not end the thread that every write depends on: the
     /// group is refused, and the writer starts again from a re-opened
     /// database after `REOPEN_EVERY`, as after a storage error.
-    fn apply_supervised(&mut self, group: &mut Vec<Command>) {
+    fn apply_supervised(&mut self, group: &mut Vec<Command>, last: bool) {
         let seq_before = self.next_seq;
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(group)));
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(group, last)));
         if let Err(panic) = applied {
             tracing::error!(
                 cause = %crate::supervise::panic_message(&*panic),
@@ -193,6 +383,7 @@ impl Writer {
             );
             // Dropping the group's replies answers its callers "closed".
             group.clear();
+            self.log.discard();
             self.next_seq = seq_before;
             self.broken = true;
             self.last_reopen = Some(Instant::now());
@@ -201,36 +392,76 @@ impl Writer {
         }
     }
 
-    fn apply(&mut self, group: &mut Vec<Command>) {
+    fn apply(&mut self, group: &mut Vec<Command>, last: bool) {
         let seq_before = self.next_seq;
-        let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+        let mut replies: Vec<(Needs, Reply)> = Vec::with_capacity(group.len());
         let mut delta = Delta::default();
+        let mut staged = Staged::default();
+        let mut work = StoreWork::default();
+        let commands = group.len();
         let mut queued = group.drain(..);
-        let result = self
-            .repair()
-            .and_then(|()| self.transaction(&mut queued, &mut replies, &mut delta));
-        // Requests of a group that failed before or part way through the
-        // transaction still need their answer: the group's error.
+        let built = self.repair().and_then(|()| {
+            self.build(
+                &mut queued,
+                &mut replies,
+                &mut delta,
+                &mut staged,
+                &mut work,
+            )
+        });
+        // Requests of a group that failed before or part way through still
+        // need their answer: the group's error.
         for command in queued {
-            replies.push(command.into_reply());
+            replies.push((Needs::Log, command.into_reply()));
         }
-        let error = result.err();
-        self.broken = error.is_some();
-        self.stats
-            .storage_failing
-            .store(self.broken, Ordering::Relaxed);
-        if let Some(e) = &error {
+        let written = built.is_ok();
+        let logged = built.and_then(|()| self.write_log(&staged, commands));
+        let log_error = logged.err();
+        let mut store_error = None;
+        if let Some(e) = &log_error {
             if !matches!(e, OutboxError::Reopening) {
                 tracing::error!(error = %e, "outbox commit failed; the group is refused");
             }
-            // Nothing of the group is on disk: reuse its sequence numbers.
-            self.next_seq = seq_before;
+            self.log.discard();
+            // Nothing of the group was written: reuse its sequence numbers.
+            // (After a failed write they are skipped: a record may remain
+            // in a segment that could not be cut back.)
+            if !written {
+                self.next_seq = seq_before;
+            }
+            self.deferred_acks.append(&mut staged.deferred);
             Stats::add(&self.stats.storage_errors, 1);
         } else {
+            self.publish_staged(staged, &mut delta);
+            let checkpoint = {
+                let dirty = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                !dirty.is_empty()
+                    && (last
+                        || work.prune
+                        || dirty.len() >= CHECKPOINT_RECORDS
+                        || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
+            };
+            if checkpoint || !work.is_empty() {
+                if let Err(e) = self.store(&mut work, &mut delta) {
+                    tracing::error!(error = %e, "outbox task store commit failed");
+                    Stats::add(&self.stats.storage_errors, 1);
+                    store_error = Some(e);
+                }
+            }
+            self.recycle();
+        }
+        self.broken = log_error.is_some() || store_error.is_some();
+        self.stats
+            .storage_failing
+            .store(self.broken, Ordering::Relaxed);
+        if log_error.is_none() {
             self.apply_delta(&delta);
         }
-        for reply in replies {
-            reply(error.as_ref());
+        for (needs, reply) in replies {
+            let error = log_error
+                .as_ref()
+                .or(store_error.as_ref().filter(|_| needs == Needs::Store));
+            reply(error);
         }
     }
 
@@ -278,27 +509,229 @@ impl Writer {
         (self.config.dedup_window_secs as i64).saturating_mul(1000)
     }
 
+    /// Decides every command of the group and builds its log records.
+    fn build(
+        &mut self,
+        group: impl Iterator<Item = Command>,
+        replies: &mut Vec<(Needs, Reply)>,
+        delta: &mut Delta,
+        staged: &mut Staged,
+        work: &mut StoreWork,
+    ) -> Result<(), OutboxError> {
+        self.log.roll_if_full().map_err(OutboxError::Log)?;
+        if !self.deferred_acks.is_empty() {
+            staged.deferred = std::mem::take(&mut self.deferred_acks);
+            self.log.ack(&staged.deferred);
+        }
+        let db = self.db.get()?;
+        let mut tasks = None;
+        let now = now_ms();
+        for command in group {
+            match command {
+                Command::Append {
+                    event,
+                    payload,
+                    reply,
+                } => {
+                    // Faults for the tests below.
+                    #[cfg(test)]
+                    let injected = event.task_id == tests::FAIL_TASK;
+                    #[cfg(test)]
+                    assert!(event.task_id != tests::PANIC_TASK, "injected writer panic");
+                    let outcome = self.append(&db, &mut tasks, staged, *event, payload, now, delta);
+                    #[cfg(test)]
+                    let outcome = if injected {
+                        Err(tests::injected())
+                    } else {
+                        outcome
+                    };
+                    // Each reply is queued before `?`: the command in flight
+                    // when a step fails gets the error too.
+                    let stored = outcome.as_ref().ok().cloned();
+                    replies.push((
+                        Needs::Log,
+                        Box::new(move |err| {
+                            let _ = reply.send(match (err, stored) {
+                                (None, Some(stored)) => stored,
+                                (Some(e), _) => Err(AppendError::Storage(e.to_string())),
+                                (None, None) => Err(AppendError::Storage("not stored".into())),
+                            });
+                        }),
+                    ));
+                    let _answered_above = outcome?;
+                }
+                Command::Complete {
+                    delivered,
+                    dead,
+                    reply,
+                } => {
+                    let read = self.complete(delivered, dead, now, staged, work);
+                    replies.push((
+                        Needs::Store,
+                        Box::new(move |err| {
+                            let _ = reply
+                                .send(err.map_or(Ok(()), |e| Err(OutboxError::Db(redb_copy(e)))));
+                        }),
+                    ));
+                    read?;
+                }
+                Command::Requeue { only, reply } => {
+                    let moved = self.requeue(&db, staged, work, only.as_deref(), delta);
+                    let seqs = moved.as_ref().ok().cloned().unwrap_or_default();
+                    replies.push((
+                        Needs::Store,
+                        Box::new(move |err| {
+                            let _ = reply
+                                .send(err.map_or(Ok(seqs), |e| Err(OutboxError::Db(redb_copy(e)))));
+                        }),
+                    ));
+                    moved?;
+                }
+                Command::Bury {
+                    event,
+                    raw_hex,
+                    reason,
+                    reply,
+                } => {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let letter = DeadLetter {
+                        seq,
+                        reason,
+                        failed_at: now,
+                        event,
+                        raw_hex,
+                    };
+                    work.letters.push((letter, None));
+                    replies.push((
+                        Needs::Store,
+                        Box::new(move |err| {
+                            let _ = reply
+                                .send(err.map_or(Ok(seq), |e| Err(OutboxError::Db(redb_copy(e)))));
+                        }),
+                    ));
+                }
+                Command::Stop => {}
+                Command::Prune { reply } => {
+                    work.prune = true;
+                    // The step's figures are known once the store committed.
+                    let step = PruneStep::default();
+                    let shared_step = step.clone();
+                    replies.push((
+                        Needs::Store,
+                        Box::new(move |err| {
+                            let step = shared_step
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .unwrap_or((0, false));
+                            if let Some(reply) = reply {
+                                let _ = reply.send(
+                                    err.map_or(Ok(step), |e| Err(OutboxError::Db(redb_copy(e)))),
+                                );
+                            }
+                        }),
+                    ));
+                    self.prune_reply = Some(step);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes and syncs the group's records.
+    fn write_log(&mut self, staged: &Staged, commands: usize) -> Result<(), OutboxError> {
+        if !self.log.has_group() {
+            return Ok(());
+        }
+        let sync = !staged.slots.is_empty() || !staged.acked.is_empty();
+        let log = &mut self.log;
+        let written = if sync {
+            self.stats
+                .metrics
+                .time_commit(commands, || log.commit(true))
+        } else {
+            log.commit(false)
+        };
+        written.map_err(OutboxError::Log)
+    }
+
+    /// Makes a written group visible: pending slots, dedup records, acks.
+    fn publish_staged(&mut self, staged: Staged, delta: &mut Delta) {
+        let mut index = self.shared.index.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in staged.slots {
+            index.push(slot);
+        }
+        for seq in staged.acked {
+            if let Some(slot) = index.remove(seq) {
+                delta.pending -= 1;
+                delta.pending_bytes -= slot.len as i64;
+                delta.published += 1;
+            }
+        }
+        drop(index);
+        if !staged.records.is_empty() {
+            self.shared
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(staged.records);
+        }
+        self.shared
+            .tracked
+            .fetch_add(staged.new_tasks, Ordering::Relaxed);
+    }
+
+    /// The dedup record of `task_id`: this group's, then the one not yet
+    /// checkpointed, then the task store's.
+    fn lookup(
+        &self,
+        db: &redb::Database,
+        tasks: &mut Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
+        staged: &Staged,
+        task_id: &str,
+    ) -> Result<Option<TaskRecord>, OutboxError> {
+        if let Some(record) = staged.records.get(task_id) {
+            return Ok(Some(*record));
+        }
+        if let Some(record) = self
+            .shared
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(task_id)
+        {
+            return Ok(Some(*record));
+        }
+        if tasks.is_none() {
+            *tasks = Some(db.begin_read()?.open_table(TASKS)?);
+        }
+        match tasks {
+            Some(table) => Ok(table.get(task_id)?.map(|v| TaskRecord::decode(v.value()))),
+            None => Ok(None),
+        }
+    }
+
     /// Dedup and state guard first (a repeat is answered 200 even when the
-    /// backlog is full), then the backlog cap, then the insert.
+    /// backlog is full), then the backlog cap, then the log record.
+    #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
-        t: &mut Tables<'_>,
+        db: &redb::Database,
+        tasks: &mut Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
+        staged: &mut Staged,
         mut event: TaskEvent,
         payload: Vec<u8>,
         now: i64,
         delta: &mut Delta,
     ) -> Result<Result<Appended, AppendError>, OutboxError> {
-        let task_id = event.task_id.clone();
         let old = if self.config.dedup {
-            t.tasks
-                .get(task_id.as_str())?
-                .map(|v| TaskRecord::decode(v.value()))
+            self.lookup(db, tasks, staged, &event.task_id)?
         } else {
             None
         };
         let mut record = old.unwrap_or_default();
         let decision = record.decide(event.state, now, self.window_ms());
-        tracing::debug!(%task_id, state = event.state.as_str(), ?decision, "append");
+        tracing::debug!(task_id = %event.task_id, state = event.state.as_str(), ?decision, "append");
         let previous = match decision {
             Appended::Duplicate => {
                 delta.duplicates += 1;
@@ -312,7 +745,8 @@ impl Writer {
             Appended::New { .. } => None,
         };
         // A new task needs a dedup record: bounded like the backlog.
-        if self.config.dedup && old.is_none() && t.tasks.len()? >= self.config.max_tracked_tasks {
+        let tracked = self.shared.tracked.load(Ordering::Relaxed) + staged.new_tasks;
+        if self.config.dedup && old.is_none() && tracked >= self.config.max_tracked_tasks {
             delta.refused_full += 1;
             return Ok(Err(AppendError::Full("max_tracked_tasks")));
         }
@@ -341,14 +775,13 @@ impl Writer {
             }
             None => payload,
         };
-        t.pending.insert(seq, payload.as_slice())?;
         delta.pending += 1;
         delta.pending_bytes += payload.len() as i64;
         delta.accepted += 1;
         if previous.is_some() {
             delta.conflicts += 1;
         }
-        if self.config.dedup {
+        let kept = if self.config.dedup {
             record.accepted_at[slot(event.state)] = now;
             if record
                 .furthest
@@ -357,8 +790,23 @@ impl Writer {
                 record.furthest = Some(event.state);
             }
             record.last_seen = now;
-            t.tasks
-                .insert(task_id.as_str(), record.encode().as_slice())?;
+            if old.is_none() {
+                staged.new_tasks += 1;
+            }
+            Some(record)
+        } else {
+            None
+        };
+        let slot = self.log.append(
+            seq,
+            event.received_at,
+            &event.task_id,
+            kept.as_ref(),
+            &payload,
+        );
+        staged.slots.push(slot);
+        if let Some(record) = kept {
+            staged.records.insert(event.task_id, record);
         }
         Ok(Ok(match previous {
             Some(previous) => Appended::Conflict { seq, previous },
@@ -366,12 +814,34 @@ impl Writer {
         }))
     }
 
-    fn transaction(
+    /// Published events are acked in the log; refused ones are read back
+    /// to become dead letters in the task store.
+    fn complete(
         &mut self,
-        group: impl Iterator<Item = Command>,
-        replies: &mut Vec<Reply>,
-        delta: &mut Delta,
+        delivered: Vec<u64>,
+        dead: Vec<(u64, String)>,
+        now: i64,
+        staged: &mut Staged,
+        work: &mut StoreWork,
     ) -> Result<(), OutboxError> {
+        self.log.ack(&delivered);
+        staged.acked.extend(delivered);
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let index = self.shared.index.lock().unwrap_or_else(|p| p.into_inner());
+        for (seq, reason) in dead {
+            let Some(slot) = index.get(seq) else { continue };
+            let bytes = self.shared.segments.read(&slot).map_err(OutboxError::Log)?;
+            let letter = DeadLetter::of_stored(seq, reason, now, &bytes);
+            work.letters.push((letter, Some(slot)));
+        }
+        Ok(())
+    }
+
+    /// The task store's part of a group, in one durable transaction: dead
+    /// letters, requeues, the checkpoint of the dedup records, a prune step.
+    fn store(&mut self, work: &mut StoreWork, delta: &mut Delta) -> Result<(), OutboxError> {
         let db = self.db.get()?;
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate).map_err(|e| {
@@ -379,142 +849,92 @@ impl Writer {
                 std::io::Error::other(e),
             )))
         })?;
+        let dirty: Vec<(String, TaskRecord)> = self
+            .shared
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let through = self.next_seq - 1;
         {
-            let mut tables = Tables {
-                pending: txn.open_table(PENDING)?,
-                dead: txn.open_table(DEAD)?,
-                tasks: txn.open_table(TASKS)?,
-            };
-            let now = now_ms();
-            let window_ms = self.window_ms();
-            for command in group {
-                match command {
-                    Command::Append {
-                        event,
-                        payload,
-                        reply,
-                    } => {
-                        // Faults for the tests below.
-                        #[cfg(test)]
-                        let injected = event.task_id == tests::FAIL_TASK;
-                        #[cfg(test)]
-                        assert!(event.task_id != tests::PANIC_TASK, "injected writer panic");
-                        let outcome = self.append(&mut tables, *event, payload, now, delta);
-                        #[cfg(test)]
-                        let outcome = if injected {
-                            Err(tests::injected())
-                        } else {
-                            outcome
-                        };
-                        // Each reply is queued before `?`: the command in
-                        // flight when a write fails gets the error too.
-                        let stored = outcome.as_ref().ok().cloned();
-                        replies.push(Box::new(move |err| {
-                            let _ = reply.send(match (err, stored) {
-                                (None, Some(stored)) => stored,
-                                (Some(e), _) => Err(AppendError::Storage(e.to_string())),
-                                (None, None) => Err(AppendError::Storage("not stored".into())),
-                            });
-                        }));
-                        let _answered_above = outcome?;
-                    }
-                    Command::Complete {
-                        delivered,
-                        dead: failed,
-                        reply,
-                    } => {
-                        let done = (|| {
-                            for seq in delivered {
-                                if let Some(v) = tables.pending.remove(seq)? {
-                                    delta.pending -= 1;
-                                    delta.pending_bytes -= v.value().len() as i64;
-                                    delta.published += 1;
-                                }
-                            }
-                            for (seq, reason) in failed {
-                                let Some(v) = tables.pending.remove(seq)? else {
-                                    continue;
-                                };
-                                let bytes = v.value().to_vec();
-                                drop(v);
-                                let letter = DeadLetter::of_stored(seq, reason, now, &bytes);
-                                tables.dead.insert(
-                                    seq,
-                                    serde_json::to_vec(&letter).unwrap_or_default().as_slice(),
-                                )?;
-                                delta.pending -= 1;
-                                delta.pending_bytes -= bytes.len() as i64;
-                                delta.dead += 1;
-                                delta.dead_lettered += 1;
-                            }
-                            Ok::<_, OutboxError>(())
-                        })();
-                        replies.push(Box::new(move |err| {
-                            let _ = reply
-                                .send(err.map_or(Ok(()), |e| Err(OutboxError::Db(redb_copy(e)))));
-                        }));
-                        done?;
-                    }
-                    Command::Requeue { only, reply } => {
-                        let moved = self.requeue(&mut tables, delta, only.as_deref());
-                        let seqs = moved.as_ref().ok().cloned().unwrap_or_default();
-                        replies.push(Box::new(move |err| {
-                            let _ = reply
-                                .send(err.map_or(Ok(seqs), |e| Err(OutboxError::Db(redb_copy(e)))));
-                        }));
-                        moved?;
-                    }
-                    Command::Bury {
-                        event,
-                        raw_hex,
-                        reason,
-                        reply,
-                    } => {
-                        let seq = self.next_seq;
-                        self.next_seq += 1;
-                        let letter = DeadLetter {
-                            seq,
-                            reason,
-                            failed_at: now,
-                            event,
-                            raw_hex,
-                        };
-                        let stored = tables.dead.insert(
-                            seq,
-                            serde_json::to_vec(&letter).unwrap_or_default().as_slice(),
-                        );
-                        delta.dead += 1;
-                        delta.dead_lettered += 1;
-                        replies.push(Box::new(move |err| {
-                            let _ = reply
-                                .send(err.map_or(Ok(seq), |e| Err(OutboxError::Db(redb_copy(e)))));
-                        }));
-                        stored?;
-                    }
-                    Command::Stop => {}
-                    Command::Prune { reply } => {
-                        let cutoff = now - window_ms;
-                        let pruned = self.prune_step(&mut tables, cutoff);
-                        let step = pruned.as_ref().ok().copied().unwrap_or((0, false));
-                        if step.0 > 0 {
-                            tracing::debug!(pruned = step.0, "pruned expired task records");
-                        }
-                        replies.push(Box::new(move |err| {
-                            if let Some(reply) = reply {
-                                let _ = reply.send(
-                                    err.map_or(Ok(step), |e| Err(OutboxError::Db(redb_copy(e)))),
-                                );
-                            }
-                        }));
-                        pruned?;
-                    }
+            let mut dead = txn.open_table(DEAD)?;
+            for (letter, _) in &work.letters {
+                dead.insert(
+                    letter.seq,
+                    serde_json::to_vec(letter).unwrap_or_default().as_slice(),
+                )?;
+            }
+            for seq in &work.requeued {
+                dead.remove(*seq)?;
+            }
+            let mut tasks = txn.open_table(TASKS)?;
+            for (task, record) in &dirty {
+                tasks.insert(task.as_str(), record.encode().as_slice())?;
+            }
+            txn.open_table(META)?.insert(STORED_THROUGH, through)?;
+            if work.prune {
+                let cutoff = now_ms() - self.window_ms();
+                work.pruned = Some(self.prune_step(&mut tasks, cutoff)?);
+            }
+        }
+        txn.commit()?;
+        // Committed: the checkpointed records leave memory (unless changed
+        // meanwhile, which this thread alone could do), dead letters leave
+        // the queue and are acked with the next write.
+        {
+            let mut current = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            for (task, record) in dirty {
+                if current.get(&task) == Some(&record) {
+                    current.remove(&task);
                 }
             }
         }
-        self.stats
-            .metrics
-            .time_commit(replies.len(), || txn.commit())?;
+        self.stored_through = through;
+        self.last_checkpoint = Instant::now();
+        let mut index = self.shared.index.lock().unwrap_or_else(|p| p.into_inner());
+        for (letter, slot) in work.letters.drain(..) {
+            if let Some(slot) = slot {
+                if index.remove(slot.seq).is_some() {
+                    delta.pending -= 1;
+                    delta.pending_bytes -= slot.len as i64;
+                    self.deferred_acks.push(letter.seq);
+                }
+            }
+            delta.dead += 1;
+            delta.dead_lettered += 1;
+        }
+        delta.dead -= work.requeued.len() as i64;
+        if let Some((pruned, _)) = work.pruned {
+            if pruned > 0 {
+                tracing::debug!(pruned, "pruned expired task records");
+            }
+            self.shared.tracked.fetch_sub(
+                pruned.min(self.shared.tracked.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+        }
+        if let Some(step) = self.prune_reply.take() {
+            *step.lock().unwrap_or_else(|p| p.into_inner()) = work.pruned;
+        }
         Ok(())
+    }
+
+    /// Deletes the log segments nothing needs any more.
+    fn recycle(&mut self) {
+        let first = self
+            .shared
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first_segment();
+        if let Err(e) = self
+            .log
+            .recycle(first, self.stored_through, &self.shared.segments)
+        {
+            tracing::warn!(error = %e, "cannot delete a used log segment; trying again later");
+        }
     }
 }
 
@@ -522,13 +942,18 @@ impl Writer {
     /// Deletes the task records last seen before `cutoff` among the next
     /// `PRUNE_SCAN` in key order, from where the last step stopped. The
     /// records hold their own expiry: no second index is written per event,
-    /// at the price of a pass over every record per pruning round.
-    fn prune_step(&mut self, t: &mut Tables<'_>, cutoff: i64) -> Result<(u64, bool), OutboxError> {
+    /// at the price of a pass over every record per pruning round. Called
+    /// right after a checkpoint, so the task store has every record.
+    fn prune_step(
+        &mut self,
+        tasks: &mut redb::Table<'_, &'static str, &'static [u8]>,
+        cutoff: i64,
+    ) -> Result<(u64, bool), OutboxError> {
         let mut expired = Vec::new();
         let mut next = None;
         {
             let from = self.prune_from.as_deref().unwrap_or("");
-            for (i, entry) in t.tasks.range::<&str>(from..)?.enumerate() {
+            for (i, entry) in tasks.range::<&str>(from..)?.enumerate() {
                 let (k, v) = entry?;
                 if i == PRUNE_SCAN {
                     next = Some(k.value().to_string());
@@ -540,23 +965,28 @@ impl Writer {
             }
         }
         for task in &expired {
-            t.tasks.remove(task.as_str())?;
+            tasks.remove(task.as_str())?;
         }
         let more = next.is_some();
         self.prune_from = next;
         Ok((expired.len() as u64, more))
     }
 
-    /// Moves every dead letter (or those in `only`) that holds a readable
-    /// event back to the end of the pending queue, and returns their former
+    /// Appends every dead letter (or those in `only`) that holds a readable
+    /// event to the log again, as a new pending event; the task store drops
+    /// the letters once that write is durable. Returns their former
     /// sequence numbers. A letter that cannot be decoded, or whose event is
     /// not readable, stays where it is: requeueing never deletes.
     fn requeue(
         &mut self,
-        t: &mut Tables<'_>,
-        delta: &mut Delta,
+        db: &redb::Database,
+        staged: &mut Staged,
+        work: &mut StoreWork,
         only: Option<&[u64]>,
+        delta: &mut Delta,
     ) -> Result<Vec<u64>, OutboxError> {
+        let txn = db.begin_read()?;
+        let dead = txn.open_table(DEAD)?;
         let mut movable = Vec::new();
         let mut kept = 0u64;
         // The event goes back as it was stored, once it is known to be
@@ -566,15 +996,18 @@ impl Writer {
                 .ok()
                 .filter(|letter| letter.raw_hex.is_none())
                 .map(|letter| letter.event)
-                .filter(|event| TaskEvent::deserialize(event).is_ok());
-            match event.and_then(|e| serde_json::to_vec(&e).ok()) {
-                Some(payload) => movable.push((seq, payload)),
+                .and_then(|json| {
+                    let event = TaskEvent::deserialize(&json).ok()?;
+                    Some((serde_json::to_vec(&json).ok()?, event))
+                });
+            match event {
+                Some((payload, event)) => movable.push((seq, payload, event)),
                 None => kept += 1,
             }
         };
         match only {
             None => {
-                for entry in t.dead.iter()? {
+                for entry in dead.iter()? {
                     let (k, v) = entry?;
                     consider(k.value(), v.value());
                 }
@@ -582,7 +1015,7 @@ impl Writer {
             // Sorted and without repeats (see `Outbox::requeue_dead_letters`).
             Some(seqs) => {
                 for &seq in seqs {
-                    if let Some(v) = t.dead.get(seq)? {
+                    if let Some(v) = dead.get(seq)? {
                         consider(seq, v.value());
                     }
                 }
@@ -594,15 +1027,20 @@ impl Writer {
                 "dead letters without a readable event stay where they are"
             );
         }
-        for (seq, payload) in &movable {
-            t.dead.remove(*seq)?;
-            t.pending.insert(self.next_seq, payload.as_slice())?;
+        let mut moved = Vec::with_capacity(movable.len());
+        for (old, payload, event) in movable {
+            let seq = self.next_seq;
             self.next_seq += 1;
+            let slot = self
+                .log
+                .append(seq, event.received_at, &event.task_id, None, &payload);
+            staged.slots.push(slot);
             delta.pending += 1;
             delta.pending_bytes += payload.len() as i64;
-            delta.dead -= 1;
+            work.requeued.push(old);
+            moved.push(old);
         }
-        Ok(movable.into_iter().map(|(seq, _)| seq).collect())
+        Ok(moved)
     }
 }
 
@@ -691,7 +1129,8 @@ mod tests {
         let db = Arc::new(DbCell::open(dir.path().join("outbox.redb"), 1 << 20).unwrap());
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(16);
-        let writer = Writer::start(db, config, stats.clone(), Arc::default(), rx).unwrap();
+        let shared = Arc::new(Shared::new(dir.path()));
+        let writer = Writer::start(db, config, stats.clone(), Arc::default(), shared, rx).unwrap();
         assert!(append(&tx, PANIC_TASK).blocking_recv().is_err(), "refused");
         // Refused at once until the database is re-opened, then stored.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -737,7 +1176,8 @@ mod tests {
         };
         tx.try_send(complete).unwrap();
         tx.try_send(Command::Stop).unwrap();
-        let writer = Writer::start(db, config, stats.clone(), Arc::default(), rx).unwrap();
+        let shared = Arc::new(Shared::new(dir.path()));
+        let writer = Writer::start(db, config, stats.clone(), Arc::default(), shared, rx).unwrap();
         writer.join().unwrap();
 
         for answer in appends {
@@ -835,5 +1275,98 @@ mod tests {
             .map(|t| t.name().to_string())
             .collect();
         assert!(!names.iter().any(|n| n == "task_expiry"), "{names:?}");
+    }
+
+    /// A crash before the checkpoint loses no dedup record: the log
+    /// records carry them, and a restart reads them back.
+    #[tokio::test]
+    async fn dedup_records_not_yet_in_the_task_store_come_back_from_the_log() {
+        use redb::ReadableDatabase;
+        let dir = tempfile::tempdir().unwrap();
+        let config = OutboxConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..OutboxConfig::default()
+        };
+        let (dir_path, config_copy) = (dir.path().to_path_buf(), config.clone());
+        tokio::task::spawn_blocking(move || {
+            let db = Arc::new(DbCell::open(dir_path.join("outbox.redb"), 1 << 20).unwrap());
+            let shared = Arc::new(Shared::new(&dir_path));
+            let (tx, rx) = mpsc::channel(16);
+            let writer = Writer::start(
+                db.clone(),
+                config_copy,
+                Arc::default(),
+                Arc::default(),
+                shared,
+                rx,
+            )
+            .unwrap();
+            let answer = append(&tx, "remembered").blocking_recv().unwrap().unwrap();
+            assert!(answer.is_stored());
+            // The thread ends without `Stop`, as in a crash: no checkpoint.
+            drop(tx);
+            writer.join().unwrap();
+            let txn = db.get().unwrap().begin_read().unwrap();
+            let tasks = txn.open_table(TASKS).unwrap();
+            assert!(
+                tasks.get("remembered").unwrap().is_none(),
+                "not checkpointed"
+            );
+            drop((tasks, txn));
+            db.close();
+        })
+        .await
+        .unwrap();
+
+        let outbox = super::super::Outbox::open(&config).unwrap();
+        let record = outbox
+            .task("remembered")
+            .unwrap()
+            .expect("read back from the log");
+        assert_eq!(record.furthest, Some(crate::event::State::Generating));
+        assert_eq!(outbox.status().unwrap().tasks_tracked, 1);
+        let body = r#"{"taskId":"remembered","state":"generating"}"#;
+        let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+        assert_eq!(outbox.append(event).await.unwrap(), Appended::Duplicate);
+        assert_eq!(outbox.status().unwrap().pending, 1);
+        outbox.close().await;
+    }
+
+    /// Published events leave the disk: once acked and checkpointed, the
+    /// segments that held them are deleted, and what is still pending stays.
+    #[tokio::test]
+    async fn segments_are_deleted_once_their_events_are_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = outbox_in(dir.path(), 3600);
+        let segments = || {
+            std::fs::read_dir(dir.path().join("pending"))
+                .unwrap()
+                .count()
+        };
+        let mut seqs = Vec::new();
+        for i in 0..200 {
+            let body = format!(r#"{{"taskId":"t{i}","state":"generating"}}"#);
+            let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+            match outbox.append(event).await.unwrap() {
+                Appended::New { seq } => seqs.push(seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        let before = segments();
+        assert!(before > 3, "{before} segments of {SEGMENT_BYTES} bytes");
+        let (published, kept) = seqs.split_at(190);
+        outbox.complete(published.to_vec(), vec![]).await.unwrap();
+        // A prune step checkpoints the dedup records first.
+        outbox.prune().await.unwrap();
+        let after = segments();
+        assert!(after <= 2, "{before} segments before, {after} after");
+        let batch = outbox.read_batch(100, 100).unwrap();
+        let left: Vec<u64> = batch.ready.iter().map(|o| o.seq).collect();
+        assert_eq!(left, kept);
+        outbox.close().await;
+        let outbox = outbox_in(dir.path(), 3600);
+        assert_eq!(outbox.status().unwrap().pending, 10);
+        assert_eq!(outbox.status().unwrap().tasks_tracked, 200);
+        outbox.close().await;
     }
 }

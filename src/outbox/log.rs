@@ -1,0 +1,836 @@
+//! The pending log: events waiting for the broker, appended once and
+//! synced once per group.
+//!
+//! The log is a sequence of segment files `NNNNNNNNNNNNNNNNNNNN.log` in
+//! `<data_dir>/pending/`, each starting with [`MAGIC`]. A segment holds
+//! records, each framed as
+//!
+//! ```text
+//! [body length: u32 LE][CRC-32 of the body: u32 LE][body]
+//! ```
+//!
+//! and a body is either an append (`A`: sequence number, receive time, the
+//! task's dedup record after the decision, the event's JSON) or an ack (`K`:
+//! the sequence numbers that left the queue: published, or kept as dead
+//! letters elsewhere). A group of records is written with one `write` and
+//! made durable with one `fdatasync`; an ack may ride along unsynced, since
+//! losing one only republishes its events.
+//!
+//! On open, every segment is read in order. A record whose frame is short
+//! or whose checksum does not match ends the segment: in the last segment
+//! that is a torn final write (a crash during a group commit, never
+//! answered 2xx), and the file is cut back to the last whole record; in an
+//! earlier one it is damage, reported and counted. The queue in memory
+//! ([`Index`]) holds only where each pending event is, never its bytes.
+//!
+//! A segment is deleted once it is not the one being written, none of its
+//! events is pending any more, and every dedup record in it is in the task
+//! store (see `writer.rs`).
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::store::TaskRecord;
+
+/// The first bytes of every segment file.
+pub(super) const MAGIC: &[u8; 8] = b"hbpend1\n";
+/// Bytes of a record's frame before its body.
+const FRAME: usize = 8;
+/// A body longer than this is damage, not a record (events are far smaller).
+const MAX_BODY: u32 = 256 * 1024 * 1024;
+const APPEND: u8 = b'A';
+const ACK: u8 = b'K';
+/// Bytes of an append body before the task id.
+const APPEND_HEAD: usize = 1 + 8 + 8 + 1 + 49 + 2;
+
+/// One record read back from the log.
+#[derive(Debug, PartialEq)]
+pub(super) enum Record<'a> {
+    Append {
+        seq: u64,
+        received_at: i64,
+        task_id: &'a str,
+        /// The task's dedup record after this event was accepted; `None`
+        /// with dedup off, or for an event moved here without one.
+        record: Option<TaskRecord>,
+        payload: &'a [u8],
+    },
+    Ack(Vec<u64>),
+}
+
+/// Where one pending event's JSON is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Slot {
+    pub seq: u64,
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub received_at: i64,
+    pub done: bool,
+}
+
+/// The pending events in sequence order (shared by the writer, which adds
+/// and removes, and the relay, which reads).
+#[derive(Debug, Default)]
+pub(super) struct Index {
+    slots: VecDeque<Slot>,
+    live: u64,
+}
+
+impl Index {
+    /// Adds the newest pending event; refuses (`false`) a sequence number
+    /// that is not above every one before it.
+    pub(super) fn push(&mut self, slot: Slot) -> bool {
+        if self.slots.back().is_some_and(|last| last.seq >= slot.seq) {
+            return false;
+        }
+        self.live += 1;
+        self.slots.push_back(slot);
+        true
+    }
+
+    /// Marks `seq` as gone; returns its slot if it was pending.
+    pub(super) fn remove(&mut self, seq: u64) -> Option<Slot> {
+        let at = self.slots.binary_search_by_key(&seq, |s| s.seq).ok()?;
+        let slot = &mut self.slots[at];
+        if slot.done {
+            return None;
+        }
+        slot.done = true;
+        self.live -= 1;
+        let found = *slot;
+        while self.slots.front().is_some_and(|s| s.done) {
+            self.slots.pop_front();
+        }
+        Some(found)
+    }
+
+    pub(super) fn get(&self, seq: u64) -> Option<Slot> {
+        let at = self.slots.binary_search_by_key(&seq, |s| s.seq).ok()?;
+        Some(self.slots[at]).filter(|s| !s.done)
+    }
+
+    /// The first `n` pending slots, oldest first.
+    pub(super) fn oldest(&self, n: usize) -> Vec<Slot> {
+        self.slots
+            .iter()
+            .filter(|s| !s.done)
+            .take(n)
+            .copied()
+            .collect()
+    }
+
+    pub(super) fn len(&self) -> u64 {
+        self.live
+    }
+
+    /// The segment of the oldest pending event.
+    pub(super) fn first_segment(&self) -> Option<u64> {
+        self.slots.front().map(|s| s.segment)
+    }
+
+    pub(super) fn first(&self) -> Option<Slot> {
+        self.slots.front().copied()
+    }
+}
+
+/// Read access to the segments, for the relay and the admin side: each
+/// file opened once, kept until its segment is deleted.
+#[derive(Debug)]
+pub(super) struct Segments {
+    dir: PathBuf,
+    open: Mutex<std::collections::HashMap<u64, Arc<File>>>,
+}
+
+impl Segments {
+    pub(super) fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            open: Mutex::default(),
+        }
+    }
+
+    /// The event bytes of `slot`.
+    pub(super) fn read(&self, slot: &Slot) -> std::io::Result<Vec<u8>> {
+        let file = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            match open.get(&slot.segment) {
+                Some(file) => file.clone(),
+                None => {
+                    let file = Arc::new(File::open(segment_path(&self.dir, slot.segment))?);
+                    open.insert(slot.segment, file.clone());
+                    file
+                }
+            }
+        };
+        let mut bytes = vec![0; slot.len as usize];
+        file.read_exact_at(&mut bytes, slot.offset)?;
+        Ok(bytes)
+    }
+
+    fn forget(&self, segment: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&segment);
+    }
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.log"))
+}
+
+/// A segment that is not being written any more.
+#[derive(Debug, Clone, Copy)]
+struct Closed {
+    id: u64,
+    /// The highest sequence number appended in it (0: none).
+    last_seq: u64,
+}
+
+/// What opening the log found, for the logs and the tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(super) struct Opened {
+    pub segments: usize,
+    pub records: u64,
+    /// Bytes cut from the end of the last segment (a torn final write).
+    pub torn_bytes: u64,
+    /// Earlier segments that ended in damage, with where.
+    pub damaged: Vec<String>,
+}
+
+/// The writing side, owned by the writer thread.
+pub(super) struct Log {
+    dir: PathBuf,
+    closed: VecDeque<Closed>,
+    active: File,
+    active_id: u64,
+    /// Bytes of whole records in the active segment (the next write's offset).
+    active_len: u64,
+    active_last_seq: u64,
+    segment_bytes: u64,
+    /// The group being built.
+    buf: Vec<u8>,
+}
+
+impl Log {
+    /// Opens the log in `dir` (created if missing), reads every record in
+    /// order into `each`, and cuts a torn final write.
+    pub(super) fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        mut each: impl FnMut(Record<'_>, Slot),
+    ) -> std::io::Result<(Self, Opened)> {
+        std::fs::create_dir_all(dir)?;
+        let ids = segment_ids(dir)?;
+        let mut opened = Opened {
+            segments: ids.len(),
+            ..Opened::default()
+        };
+        let mut closed = VecDeque::new();
+        let mut bytes = Vec::new();
+        for (i, &id) in ids.iter().enumerate() {
+            let path = segment_path(dir, id);
+            bytes.clear();
+            File::open(&path)?.read_to_end(&mut bytes)?;
+            let scan = scan(id, &bytes, &mut each);
+            opened.records += scan.records;
+            let last = i + 1 == ids.len();
+            if scan.good < bytes.len() as u64 {
+                if last {
+                    opened.torn_bytes = bytes.len() as u64 - scan.good;
+                } else {
+                    opened.damaged.push(format!(
+                        "{}: {} bytes after offset {} unreadable",
+                        path.display(),
+                        bytes.len() as u64 - scan.good,
+                        scan.good
+                    ));
+                }
+            }
+            if last {
+                let file = OpenOptions::new().read(true).write(true).open(&path)?;
+                let good = if scan.good < MAGIC.len() as u64 {
+                    // Not even the header made it: start the file again.
+                    file.set_len(0)?;
+                    file.write_all_at(MAGIC, 0)?;
+                    MAGIC.len() as u64
+                } else {
+                    scan.good
+                };
+                if good < bytes.len() as u64 || scan.good < MAGIC.len() as u64 {
+                    file.set_len(good)?;
+                    file.sync_all()?;
+                }
+                let log = Self {
+                    dir: dir.to_path_buf(),
+                    closed,
+                    active: file,
+                    active_id: id,
+                    active_len: good,
+                    active_last_seq: scan.last_seq,
+                    segment_bytes,
+                    buf: Vec::new(),
+                };
+                return Ok((log, opened));
+            }
+            closed.push_back(Closed {
+                id,
+                last_seq: scan.last_seq,
+            });
+        }
+        let (active, active_id) = create_segment(dir, 1)?;
+        let log = Self {
+            dir: dir.to_path_buf(),
+            closed,
+            active,
+            active_id,
+            active_len: MAGIC.len() as u64,
+            active_last_seq: 0,
+            segment_bytes,
+            buf: Vec::new(),
+        };
+        Ok((log, opened))
+    }
+
+    /// Adds an append to the group being built; returns where its event
+    /// bytes will be once the group is written.
+    pub(super) fn append(
+        &mut self,
+        seq: u64,
+        received_at: i64,
+        task_id: &str,
+        record: Option<&TaskRecord>,
+        payload: &[u8],
+    ) -> Slot {
+        // A task id is at most a few hundred bytes (the parser's limit).
+        let task = &task_id.as_bytes()[..task_id.len().min(u16::MAX as usize)];
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; FRAME]);
+        self.buf.push(APPEND);
+        self.buf.extend_from_slice(&seq.to_le_bytes());
+        self.buf.extend_from_slice(&received_at.to_le_bytes());
+        match record {
+            Some(r) => {
+                self.buf.push(1);
+                self.buf.extend_from_slice(&r.encode());
+            }
+            None => {
+                self.buf.push(0);
+                self.buf.extend_from_slice(&[0; 49]);
+            }
+        }
+        self.buf
+            .extend_from_slice(&(task.len() as u16).to_le_bytes());
+        self.buf.extend_from_slice(task);
+        let payload_at = self.buf.len();
+        self.buf.extend_from_slice(payload);
+        self.seal(start);
+        self.active_last_seq = self.active_last_seq.max(seq);
+        Slot {
+            seq,
+            segment: self.active_id,
+            offset: self.active_len + payload_at as u64,
+            len: payload.len() as u32,
+            received_at,
+            done: false,
+        }
+    }
+
+    /// Adds an ack of `seqs` to the group being built.
+    pub(super) fn ack(&mut self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; FRAME]);
+        self.buf.push(ACK);
+        for seq in seqs {
+            self.buf.extend_from_slice(&seq.to_le_bytes());
+        }
+        self.seal(start);
+    }
+
+    fn seal(&mut self, start: usize) {
+        let body = &self.buf[start + FRAME..];
+        let len = body.len() as u32;
+        let crc = crc32fast::hash(body);
+        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.buf[start + 4..start + FRAME].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    pub(super) fn has_group(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Writes the group built since the last call and syncs it. On error
+    /// nothing of the group counts: the file is cut back to its last whole
+    /// record (so a later group never follows garbage), or, if even that
+    /// fails, the next group starts a new segment.
+    pub(super) fn commit(&mut self, sync: bool) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let written = self
+            .active
+            .write_all_at(&self.buf, self.active_len)
+            .and_then(|()| {
+                if sync {
+                    self.active.sync_data()
+                } else {
+                    Ok(())
+                }
+            });
+        let len = self.buf.len() as u64;
+        self.buf.clear();
+        match written {
+            Ok(()) => {
+                self.active_len += len;
+                Ok(())
+            }
+            Err(e) => {
+                if self.active.set_len(self.active_len).is_err() {
+                    // Cannot even cut it: leave the tail to the recovery of
+                    // the next open, and write elsewhere.
+                    let _ = self.roll();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets the group being built (its commands failed before writing).
+    pub(super) fn discard(&mut self) {
+        self.buf.clear();
+    }
+
+    /// Starts a new segment when the active one is full.
+    pub(super) fn roll_if_full(&mut self) -> std::io::Result<()> {
+        if self.active_len >= self.segment_bytes {
+            self.roll()?;
+        }
+        Ok(())
+    }
+
+    fn roll(&mut self) -> std::io::Result<()> {
+        let (file, id) = create_segment(&self.dir, self.active_id + 1)?;
+        self.closed.push_back(Closed {
+            id: self.active_id,
+            last_seq: self.active_last_seq,
+        });
+        self.active = file;
+        self.active_id = id;
+        self.active_len = MAGIC.len() as u64;
+        self.active_last_seq = 0;
+        Ok(())
+    }
+
+    /// Deletes the closed segments that nothing needs any more: older than
+    /// `first_pending` (the segment of the oldest pending event, `None` when
+    /// nothing is pending), and whose dedup records are all in the task
+    /// store (`last_seq <= stored_through`). Returns how many went.
+    pub(super) fn recycle(
+        &mut self,
+        first_pending: Option<u64>,
+        stored_through: u64,
+        segments: &Segments,
+    ) -> std::io::Result<usize> {
+        let mut deleted = 0;
+        while let Some(oldest) = self.closed.front().copied() {
+            let needed = first_pending.is_some_and(|first| first <= oldest.id)
+                || oldest.last_seq > stored_through;
+            if needed {
+                break;
+            }
+            std::fs::remove_file(segment_path(&self.dir, oldest.id))?;
+            segments.forget(oldest.id);
+            self.closed.pop_front();
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+}
+
+/// The segments in `dir`, oldest first.
+fn segment_ids(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut ids: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(id) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Reads every record in `dir` in order without changing anything (for a
+/// look at a stopped instance's data dir). A missing dir holds nothing.
+pub(super) fn read_only(dir: &Path, mut each: impl FnMut(Record<'_>, Slot)) -> std::io::Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let mut bytes = Vec::new();
+    for id in segment_ids(dir)? {
+        bytes.clear();
+        File::open(segment_path(dir, id))?.read_to_end(&mut bytes)?;
+        scan(id, &bytes, &mut each);
+    }
+    Ok(())
+}
+
+fn create_segment(dir: &Path, id: u64) -> std::io::Result<(File, u64)> {
+    let path = segment_path(dir, id);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    file.write_all(MAGIC)?;
+    file.sync_all()?;
+    // The new name must survive a crash too.
+    File::open(dir)?.sync_all()?;
+    Ok((file, id))
+}
+
+struct Scan {
+    /// Bytes of whole, valid records from the start (the header included).
+    good: u64,
+    records: u64,
+    last_seq: u64,
+}
+
+fn scan(segment: u64, bytes: &[u8], each: &mut impl FnMut(Record<'_>, Slot)) -> Scan {
+    let mut out = Scan {
+        good: 0,
+        records: 0,
+        last_seq: 0,
+    };
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return out;
+    }
+    let mut at = MAGIC.len();
+    out.good = at as u64;
+    while bytes.len() - at >= FRAME {
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let (len, crc) = (word(at), word(at + 4));
+        if len == 0 || len > MAX_BODY || (bytes.len() - at - FRAME) < len as usize {
+            break;
+        }
+        let body = &bytes[at + FRAME..at + FRAME + len as usize];
+        if crc32fast::hash(body) != crc {
+            break;
+        }
+        let Some(record) = decode(body) else { break };
+        let mut slot = Slot {
+            seq: 0,
+            segment,
+            offset: 0,
+            len: 0,
+            received_at: 0,
+            done: false,
+        };
+        if let Record::Append {
+            seq,
+            received_at,
+            payload,
+            ..
+        } = &record
+        {
+            slot.seq = *seq;
+            slot.received_at = *received_at;
+            slot.len = payload.len() as u32;
+            slot.offset = (at + FRAME + len as usize - payload.len()) as u64;
+            out.last_seq = out.last_seq.max(*seq);
+        }
+        each(record, slot);
+        out.records += 1;
+        at += FRAME + len as usize;
+        out.good = at as u64;
+    }
+    out
+}
+
+fn decode(body: &[u8]) -> Option<Record<'_>> {
+    let u64_at = |i: usize| {
+        body.get(i..i + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+    };
+    match *body.first()? {
+        APPEND => {
+            if body.len() < APPEND_HEAD {
+                return None;
+            }
+            let seq = u64_at(1)?;
+            let received_at = u64_at(9)? as i64;
+            let record = (body[17] == 1).then(|| TaskRecord::decode(&body[18..67]));
+            let task_len = u16::from_le_bytes([body[67], body[68]]) as usize;
+            let task = body.get(APPEND_HEAD..APPEND_HEAD + task_len)?;
+            let task_id = std::str::from_utf8(task).ok()?;
+            Some(Record::Append {
+                seq,
+                received_at,
+                task_id,
+                record,
+                payload: &body[APPEND_HEAD + task_len..],
+            })
+        }
+        ACK => {
+            let seqs = &body[1..];
+            if !seqs.len().is_multiple_of(8) {
+                return None;
+            }
+            Some(Record::Ack(
+                seqs.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                    .collect(),
+            ))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::State;
+
+    type Read = Vec<(u64, String, Vec<u8>)>;
+
+    /// Opens the log in `dir` and returns it with the pending events
+    /// (seq, task, bytes) it holds, read back through the index.
+    fn open(dir: &Path) -> (Log, Opened, Index, Read) {
+        let mut index = Index::default();
+        let mut tasks = std::collections::HashMap::new();
+        let (log, opened) = Log::open(dir, 1 << 20, |record, slot| match record {
+            Record::Append { seq, task_id, .. } => {
+                tasks.insert(seq, task_id.to_string());
+                assert!(index.push(slot));
+            }
+            Record::Ack(seqs) => {
+                for seq in seqs {
+                    index.remove(seq);
+                }
+            }
+        })
+        .unwrap();
+        let segments = Segments::new(dir.to_path_buf());
+        let read = index
+            .oldest(usize::MAX)
+            .iter()
+            .map(|s| (s.seq, tasks[&s.seq].clone(), segments.read(s).unwrap()))
+            .collect();
+        (log, opened, index, read)
+    }
+
+    fn record(at: i64) -> TaskRecord {
+        TaskRecord {
+            furthest: Some(State::Generating),
+            accepted_at: [0, 0, at, 0, 0],
+            last_seen: at,
+        }
+    }
+
+    fn event(seq: u64) -> Vec<u8> {
+        format!(
+            r#"{{"taskId":"t{seq}","n":"{}"}}"#,
+            "x".repeat(seq as usize % 50)
+        )
+        .into_bytes()
+    }
+
+    /// Appends `seqs` as one synced group.
+    fn group(log: &mut Log, seqs: std::ops::RangeInclusive<u64>) -> Vec<Slot> {
+        let slots = seqs
+            .map(|seq| {
+                let r = record(seq as i64);
+                log.append(seq, seq as i64, &format!("t{seq}"), Some(&r), &event(seq))
+            })
+            .collect();
+        log.commit(true).unwrap();
+        slots
+    }
+
+    fn segment_file(dir: &Path) -> PathBuf {
+        let ids = segment_ids(dir).unwrap();
+        segment_path(dir, *ids.last().unwrap())
+    }
+
+    #[test]
+    fn records_and_acks_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _, _, read) = open(dir.path());
+        assert!(read.is_empty());
+        group(&mut log, 1..=5);
+        log.ack(&[2, 4]);
+        log.commit(false).unwrap();
+        group(&mut log, 6..=6);
+        drop(log);
+
+        let mut seen = Vec::new();
+        Log::open(dir.path(), 1 << 20, |read, _| {
+            if let Record::Append {
+                seq,
+                received_at,
+                task_id,
+                record: r,
+                payload,
+            } = read
+            {
+                assert_eq!(received_at, seq as i64);
+                assert_eq!(task_id, format!("t{seq}"));
+                assert_eq!(r, Some(record(seq as i64)));
+                assert_eq!(payload, event(seq));
+                seen.push(seq);
+            }
+        })
+        .unwrap();
+        assert_eq!(seen, [1, 2, 3, 4, 5, 6]);
+        let (_, opened, index, read) = open(dir.path());
+        assert_eq!(opened.torn_bytes, 0);
+        let pending: Vec<u64> = read.iter().map(|r| r.0).collect();
+        assert_eq!(pending, [1, 3, 5, 6]);
+        assert_eq!(index.len(), 4);
+        assert!(read.iter().all(|(seq, _, bytes)| *bytes == event(*seq)));
+    }
+
+    /// A crash during a group's write leaves any prefix of it on disk: every
+    /// cut inside the last group loses that group only (it was never
+    /// answered), the file is cut back to the last whole record, and the
+    /// log goes on from there across another restart.
+    #[test]
+    fn a_torn_final_write_is_cut_back_at_every_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, ..) = open(dir.path());
+        group(&mut log, 1..=3);
+        let synced = std::fs::metadata(segment_file(dir.path())).unwrap().len();
+        group(&mut log, 4..=5);
+        drop(log);
+        let file = segment_file(dir.path());
+        let whole = std::fs::read(&file).unwrap();
+        for cut in synced as usize..whole.len() {
+            std::fs::write(&file, &whole[..cut]).unwrap();
+            let (mut log, opened, _, read) = open(dir.path());
+            let seqs: Vec<u64> = read.iter().map(|r| r.0).collect();
+            // Group 4..=5 is two records: a cut after the first keeps it.
+            let first_of_group = synced as usize + FRAME + {
+                let len = &whole[synced as usize..synced as usize + 4];
+                u32::from_le_bytes(len.try_into().unwrap()) as usize
+            };
+            let expect: &[u64] = if cut >= first_of_group {
+                &[1, 2, 3, 4]
+            } else {
+                &[1, 2, 3]
+            };
+            assert_eq!(seqs, expect, "cut at {cut}");
+            let kept = std::fs::metadata(&file).unwrap().len();
+            assert_eq!(opened.torn_bytes, cut as u64 - kept, "cut at {cut}");
+            // Writing goes on after the last whole record, and survives.
+            group(&mut log, 10..=10);
+            drop(log);
+            let (_, opened, _, read) = open(dir.path());
+            assert_eq!(opened.torn_bytes, 0);
+            assert_eq!(read.last().unwrap().0, 10, "cut at {cut}");
+            assert_eq!(read.len(), expect.len() + 1);
+        }
+    }
+
+    #[test]
+    fn a_damaged_record_ends_the_segment_and_is_never_read_as_an_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, ..) = open(dir.path());
+        let slots = group(&mut log, 1..=3);
+        drop(log);
+        let file = segment_file(dir.path());
+        // A flipped bit in the second event's bytes.
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[slots[1].offset as usize + 3] ^= 0x10;
+        std::fs::write(&file, &bytes).unwrap();
+        let (_, opened, _, read) = open(dir.path());
+        assert_eq!(read.iter().map(|r| r.0).collect::<Vec<_>>(), [1]);
+        assert!(opened.torn_bytes > 0);
+
+        // Zeros after the records (a file extended but never written).
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, ..) = open(dir.path());
+        group(&mut log, 1..=2);
+        drop(log);
+        let file = segment_file(dir.path());
+        let mut bytes = std::fs::read(&file).unwrap();
+        let len = bytes.len();
+        bytes.resize(len + 4096, 0);
+        std::fs::write(&file, &bytes).unwrap();
+        let (_, opened, _, read) = open(dir.path());
+        assert_eq!(read.len(), 2);
+        assert_eq!(opened.torn_bytes, 4096);
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), len as u64);
+    }
+
+    #[test]
+    fn damage_in_an_earlier_segment_is_reported_and_later_ones_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, ..) = open(dir.path());
+        group(&mut log, 1..=2);
+        log.roll().unwrap();
+        group(&mut log, 3..=4);
+        drop(log);
+        let first = segment_path(dir.path(), segment_ids(dir.path()).unwrap()[0]);
+        let mut bytes = std::fs::read(&first).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&first, &bytes).unwrap();
+        let (_, opened, _, read) = open(dir.path());
+        assert_eq!(read.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 3, 4]);
+        assert_eq!(opened.damaged.len(), 1, "{opened:?}");
+        assert_eq!(opened.torn_bytes, 0);
+    }
+
+    #[test]
+    fn a_segment_goes_only_once_nothing_in_it_is_pending_or_unstored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, ..) = open(dir.path());
+        let segments = Segments::new(dir.path().to_path_buf());
+        let mut index = Index::default();
+        for s in group(&mut log, 1..=2) {
+            index.push(s);
+        }
+        log.roll().unwrap();
+        for s in group(&mut log, 3..=3) {
+            index.push(s);
+        }
+        let count = || segment_ids(dir.path()).unwrap().len();
+        assert_eq!(log.recycle(index.first_segment(), 3, &segments).unwrap(), 0);
+        index.remove(1);
+        assert_eq!(
+            log.recycle(index.first_segment(), 3, &segments).unwrap(),
+            0,
+            "2 is pending"
+        );
+        index.remove(2);
+        assert_eq!(
+            log.recycle(index.first_segment(), 1, &segments).unwrap(),
+            0,
+            "the dedup record of 2 is not stored yet"
+        );
+        assert_eq!(count(), 2);
+        assert_eq!(log.recycle(index.first_segment(), 2, &segments).unwrap(), 1);
+        assert_eq!(count(), 1);
+        // The segment being written stays, even when nothing is pending.
+        index.remove(3);
+        assert_eq!(log.recycle(None, 3, &segments).unwrap(), 0);
+        drop(log);
+        let (_, _, _, read) = open(dir.path());
+        assert_eq!(
+            read.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [3],
+            "its ack was never written"
+        );
+    }
+}
