@@ -187,9 +187,10 @@ async fn the_scrape_follows_the_traffic() {
             .0,
         commits
     );
-    // 10 appends plus at least one relay completion, shared among commits.
+    // 7 stored appends plus at least one relay completion, shared among
+    // commits (repeats and stale states are decided without a write).
     assert!(
-        requests >= 11.0 && commits >= 1.0 && commits <= requests,
+        requests >= 8.0 && commits >= 1.0 && commits <= requests,
         "{commits} {requests}"
     );
 
