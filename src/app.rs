@@ -75,7 +75,7 @@ impl App {
                 format!("cannot listen on server.listen = {}", config.server.listen)
             })?;
         let edge = Edge::bind(&config).await?;
-        let state = AppState {
+        let state = AppState::from(crate::http::Shared {
             outbox: outbox.clone(),
             publisher_name: publisher.name(),
             body_limit: config.server.body_limit_bytes,
@@ -83,7 +83,7 @@ impl App {
             admin_token: config.admin.token.clone(),
             tasks: tasks.clone(),
             health: Arc::new(Health::new(&config.health)),
-        };
+        });
         let settings = (config.reconcile.clone(), config.provider.max_in_flight);
         let has_client = tasks.client.is_some();
         Ok(Self {

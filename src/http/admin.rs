@@ -233,7 +233,7 @@ pub async fn rejected(
 /// The state of the routers under test (file publisher, no tokens).
 #[cfg(test)]
 pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbox) -> AppState {
-    AppState {
+    AppState::from(super::Shared {
         outbox,
         publisher_name: "file",
         body_limit: 1024,
@@ -241,7 +241,7 @@ pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbo
         admin_on_loopback: true,
         tasks: crate::poll::Tasks::open(config).unwrap(),
         health: Default::default(),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -40,9 +40,27 @@ pub use limit::RateLimit;
 pub use serve::{serve, Limits};
 pub use tls::{Tls, TlsError};
 
-/// What handlers share.
+/// What handlers share: one allocation, so the clone axum makes for every
+/// request is one reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<Shared>);
+
+impl From<Shared> for AppState {
+    fn from(shared: Shared) -> Self {
+        Self(std::sync::Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     pub outbox: Outbox,
     pub publisher_name: &'static str,
     pub body_limit: usize,
