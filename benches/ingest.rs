@@ -9,6 +9,7 @@
 //! ingest dedup-size   --dir DIR [--count N]                 the outbox alone: size of 1M dedup records
 //! ingest outbox-rate  --dir DIR --rate R [--duration S]     the outbox alone at a fixed rate: append latency
 //! ingest parse       [--duration S]                        event::parse alone: ns per body
+//! ingest recovery     --dir DIR [--count N] [--concurrency C]   the outbox alone: open time with N pending
 //! ingest wait-http    --url URL                             wait until GET URL answers 200
 //! ingest wait-drained --url URL                             wait until the outbox is empty
 //! ingest edge         --url URL --attack none|loris|junk    fixed-rate good callbacks during an attack
@@ -44,6 +45,8 @@ mod load;
 mod outbox_rate;
 #[path = "ingest/parse.rs"]
 mod parse;
+#[path = "ingest/recovery.rs"]
+mod recovery;
 #[path = "ingest/report.rs"]
 mod report;
 #[path = "ingest/server.rs"]
@@ -131,6 +134,20 @@ enum Mode {
         rate: u64,
         #[arg(long, default_value_t = 20.0)]
         duration: f64,
+    },
+    /// Fill the outbox with COUNT pending events (no HTTP, no relay), close
+    /// it, then time its reopening and report its peak memory.
+    Recovery {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// Concurrent appenders while filling, so that group commit works as in the server.
+        #[arg(long, default_value_t = 2048)]
+        concurrency: usize,
+        /// Reopen DIR as it is instead of filling it first (e.g. after dropping the page cache).
+        #[arg(long)]
+        skip_fill: bool,
     },
     /// Wait until GET URL answers 200.
     WaitHttp {
@@ -305,6 +322,12 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             duration,
         } => outbox_rate::run(&dir, rate, secs(duration)).await?,
         Mode::Parse { duration } => parse::run(secs(duration))?,
+        Mode::Recovery {
+            dir,
+            count,
+            concurrency,
+            skip_fill,
+        } => recovery::run(&dir, count, concurrency, skip_fill).await?,
         Mode::WaitHttp { url, timeout } => {
             let target = Target::parse(&url, "")?;
             server::wait_http(&target, secs(timeout)).await?;

@@ -19,6 +19,8 @@
 #   edge        good callbacks at BENCH_EDGE_RATE/s (open loop) alone, then during a
 #               slow-loris (BENCH_LORIS connections sending half a request head), then
 #               during a flood of invalid 1 MiB bodies (32 connections): p50/p99 of each
+#   recovery    the outbox alone: BENCH_RECOVERY_COUNT events left pending, then the time
+#               to reopen it (restart after an outage), its data dir size and peak RSS
 # then prints a summary table. Every full-speed phase also reports:
 #   end to end  the broker's acknowledgements per second against the 2xx answers per
 #               second, both from hookbridge's own counters over the same window
@@ -37,6 +39,7 @@
 #   BENCH_RATE_DURATION    fixed-rate measured seconds (default 15)
 #   BENCH_DRAIN_COUNT      callbacks posted during the outage (default 200000)
 #   BENCH_DEDUP_COUNT      distinct tasks for dedup-size (default 1000000)
+#   BENCH_RECOVERY_COUNT   pending events for recovery (default 1000000)
 #   BENCH_EDGE_RATE        good callbacks/s in the edge phases (default 200)
 #   BENCH_EDGE_DURATION    measured seconds of each edge phase (default 10)
 #   BENCH_LORIS            slow-loris connections (default 2000)
@@ -59,13 +62,14 @@ BROKERS=$ROOT/scripts/brokers.sh
 cd "$ROOT"
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
-PHASES=${BENCH_PHASES:-baseline dedup-on dedup-off jetstream fixed-rate drain dedup-size edge}
+PHASES=${BENCH_PHASES:-baseline dedup-on dedup-off jetstream fixed-rate drain dedup-size edge recovery}
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-128}
 RATE=${BENCH_RATE:-5000}
 RATE_DURATION=${BENCH_RATE_DURATION:-15}
 DRAIN_COUNT=${BENCH_DRAIN_COUNT:-200000}
 DEDUP_COUNT=${BENCH_DEDUP_COUNT:-1000000}
+RECOVERY_COUNT=${BENCH_RECOVERY_COUNT:-1000000}
 EDGE_RATE=${BENCH_EDGE_RATE:-200}
 EDGE_DURATION=${BENCH_EDGE_DURATION:-10}
 LORIS=${BENCH_LORIS:-2000}
@@ -411,6 +415,12 @@ if want dedup-size; then
   phase dedup-size "$BENCH" dedup-size --dir "$STATE/dedup-size" --count "$DEDUP_COUNT"
 fi
 
+if want recovery; then
+  step "recovery: reopen the outbox alone with $RECOVERY_COUNT events pending"
+  phase recovery "$BENCH" recovery --dir "$STATE/recovery" --count "$RECOVERY_COUNT"
+  rm -rf "$STATE/recovery"
+fi
+
 # ---------------------------------------------------------------------------
 # Summary
 
@@ -449,4 +459,7 @@ step "summary ($(nproc) cores, load average at the start: $LOAD_AT_START, load g
   printf '%-44s %14s %s\n' "  during a slow-loris ($LORIS conns)" "$(result edge-loris p50_ms) / $(result edge-loris p99_ms)" ""
   printf '%-44s %14s %s\n' "  during a junk flood (1 MiB bodies)" "$(result edge-junk p50_ms) / $(result edge-junk p99_ms)" ""
   printf '%-44s %14s %s\n' "  p99 ratio loris / none; junk / none" "$(ratio "$(result edge-loris p99_ms)" "$(result edge-none p99_ms)"); $(ratio "$(result edge-junk p99_ms)" "$(result edge-none p99_ms)")" "<= 2"
+  printf '%-44s %14s %s\n' "reopen with $RECOVERY_COUNT pending: s" "$(result recovery open_s)" ""
+  printf '%-44s %14s %s\n' "  peak RSS MiB; data dir MiB" "$(result recovery rss_peak_mib); $(result recovery data_mib)" ""
+  printf '%-44s %14s %s\n' "  fill: appends/s" "$(result recovery fill_rps)" ""
 } | tee "$STATE/summary.txt"
