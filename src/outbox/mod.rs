@@ -226,6 +226,9 @@ pub(super) struct Shared {
     segments: log::Segments,
     /// Dedup records newer than the task store's (not checkpointed yet).
     dirty: Mutex<HashMap<String, TaskRecord>>,
+    /// The records a checkpoint is writing to the task store right now
+    /// (older than `dirty`'s, newer than the store's).
+    frozen: Mutex<Option<Arc<HashMap<String, TaskRecord>>>>,
     /// Tasks with a dedup record, in the store or in `dirty`.
     tracked: AtomicU64,
 }
@@ -236,8 +239,20 @@ impl Shared {
             index: Mutex::default(),
             segments: log::Segments::new(data_dir.join("pending")),
             dirty: Mutex::default(),
+            frozen: Mutex::default(),
             tracked: AtomicU64::new(0),
         }
+    }
+
+    /// The dedup record of `task_id` that the task store does not have yet.
+    fn unstored(&self, task_id: &str) -> Option<TaskRecord> {
+        let dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(record) = dirty.get(task_id) {
+            return Some(*record);
+        }
+        drop(dirty);
+        let frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
+        frozen.as_ref().and_then(|f| f.get(task_id).copied())
     }
 }
 
@@ -397,7 +412,9 @@ impl Outbox {
     }
 
     /// Records the outcome of a publish: `delivered` are deleted, `dead` move
-    /// to the dead letters with their reason. Durable when it returns.
+    /// to the dead letters with their reason. When it returns the dead
+    /// letters are durable and the acks written; the acks become durable
+    /// with the next sync (a crash before that only republishes them).
     pub async fn complete(
         &self,
         delivered: Vec<u64>,
@@ -559,15 +576,7 @@ impl Outbox {
 
     /// The task's dedup/guard record, if still within the window.
     pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, OutboxError> {
-        let dirty = self
-            .inner
-            .shared
-            .dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(task_id)
-            .copied();
-        match dirty {
+        match self.inner.shared.unstored(task_id) {
             Some(record) => Ok(Some(record)),
             None => store::task(&*self.inner.db.get()?, task_id),
         }

@@ -50,7 +50,8 @@ pub(super) const SEGMENT_BYTES: u64 = if cfg!(test) { 4096 } else { 64 << 20 };
 /// (Never by time in the unit tests, which check the log's copy.)
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(if cfg!(test) { 3600 } else { 1 });
 /// ...or once this many are waiting, whichever comes first.
-const CHECKPOINT_RECORDS: usize = 50_000;
+/// (A few in the unit tests, which write few.)
+const CHECKPOINT_RECORDS: usize = if cfg!(test) { 50 } else { 50_000 };
 
 pub(super) enum Command {
     Append {
@@ -109,6 +110,86 @@ pub(super) struct Writer {
     prune_from: Option<String>,
     /// Where the group's prune step reports its figures to its reply.
     prune_reply: Option<PruneStep>,
+    /// Writes checkpoints of the dedup records off this thread.
+    checkpointer: Checkpointer,
+}
+
+/// The thread that writes the dedup records to the task store, so that a
+/// checkpoint (tens of thousands of B-tree inserts and a sync) never holds
+/// up a group of appends. Owned by the writer, which joins it.
+struct Checkpointer {
+    jobs: Option<std::sync::mpsc::Sender<(Arc<Records>, u64)>>,
+    done: std::sync::mpsc::Receiver<Result<u64, OutboxError>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The sequence number the checkpoint in flight covers.
+    in_flight: Option<u64>,
+}
+
+type Records = HashMap<String, TaskRecord>;
+
+impl Checkpointer {
+    fn start(db: Arc<DbCell>) -> Result<Self, OutboxError> {
+        let (jobs, inbox) = std::sync::mpsc::channel::<(Arc<Records>, u64)>();
+        let (report, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("outbox-checkpoint".into())
+            .spawn(move || {
+                for (records, through) in inbox {
+                    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        write_records(&db, &records, through)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        Err(OutboxError::Log(std::io::Error::other(format!(
+                            "checkpoint panicked: {}",
+                            crate::supervise::panic_message(&*panic)
+                        ))))
+                    });
+                    if report.send(written.map(|()| through)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| OutboxError::DataDir {
+                path: "outbox checkpoint thread".into(),
+                source,
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+            in_flight: None,
+        })
+    }
+
+    fn stop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            if let Err(panic) = thread.join() {
+                tracing::error!(cause = %crate::supervise::panic_message(&*panic), "outbox checkpoint thread panicked");
+            }
+        }
+    }
+}
+
+/// One durable transaction with `records` and the sequence number they
+/// cover.
+fn write_records(db: &DbCell, records: &Records, through: u64) -> Result<(), OutboxError> {
+    let db = db.get()?;
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate).map_err(|e| {
+        OutboxError::Db(redb::Error::from(redb::StorageError::from(
+            std::io::Error::other(e),
+        )))
+    })?;
+    {
+        let mut tasks = txn.open_table(TASKS)?;
+        for (task, record) in records {
+            tasks.insert(task.as_str(), record.encode().as_slice())?;
+        }
+        txn.open_table(META)?.insert(STORED_THROUGH, through)?;
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 type PruneStep = Arc<std::sync::Mutex<Option<(u64, bool)>>>;
@@ -318,6 +399,7 @@ impl Writer {
             "outbox opened"
         );
 
+        let db_for_checkpoints = db.clone();
         let writer = Writer {
             db,
             log,
@@ -333,6 +415,7 @@ impl Writer {
             deferred_acks: Vec::new(),
             prune_from: None,
             prune_reply: None,
+            checkpointer: Checkpointer::start(db_for_checkpoints)?,
         };
         std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -362,10 +445,11 @@ impl Writer {
                 self.apply_supervised(&mut group, stop);
             }
             if stop {
-                tracing::debug!("outbox writer stopped");
-                return;
+                break;
             }
         }
+        self.checkpointer.stop();
+        tracing::debug!("outbox writer stopped");
     }
 
     /// A panic while applying a group (a bug, or redb refusing a damaged
@@ -433,20 +517,18 @@ impl Writer {
             Stats::add(&self.stats.storage_errors, 1);
         } else {
             self.publish_staged(staged, &mut delta);
-            let checkpoint = {
-                let dirty = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
-                !dirty.is_empty()
-                    && (last
-                        || work.prune
-                        || dirty.len() >= CHECKPOINT_RECORDS
-                        || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
-            };
-            if checkpoint || !work.is_empty() {
+            self.checkpoint_done(false);
+            if last || !work.is_empty() {
+                // Synchronous, after any checkpoint in flight: the store's
+                // records must never go back to an older value.
+                self.checkpoint_done(true);
                 if let Err(e) = self.store(&mut work, &mut delta) {
                     tracing::error!(error = %e, "outbox task store commit failed");
                     Stats::add(&self.stats.storage_errors, 1);
                     store_error = Some(e);
                 }
+            } else {
+                self.start_checkpoint();
             }
             self.recycle();
         }
@@ -643,7 +725,9 @@ impl Writer {
         if !self.log.has_group() {
             return Ok(());
         }
-        let sync = !staged.slots.is_empty() || !staged.acked.is_empty();
+        // Acks need no sync of their own: losing one in a crash only
+        // republishes its events, and the next append's sync covers it.
+        let sync = !staged.slots.is_empty();
         let log = &mut self.log;
         let written = if sync {
             self.stats
@@ -693,14 +777,8 @@ impl Writer {
         if let Some(record) = staged.records.get(task_id) {
             return Ok(Some(*record));
         }
-        if let Some(record) = self
-            .shared
-            .dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(task_id)
-        {
-            return Ok(Some(*record));
+        if let Some(record) = self.shared.unstored(task_id) {
+            return Ok(Some(record));
         }
         if tasks.is_none() {
             *tasks = Some(db.begin_read()?.open_table(TASKS)?);
@@ -919,6 +997,91 @@ impl Writer {
             *step.lock().unwrap_or_else(|p| p.into_inner()) = work.pruned;
         }
         Ok(())
+    }
+
+    /// Hands the dedup records changed since the last checkpoint to the
+    /// checkpoint thread, when one is due and none is in flight.
+    fn start_checkpoint(&mut self) {
+        if self.checkpointer.in_flight.is_some() {
+            return;
+        }
+        let records = {
+            let mut dirty = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            let due = dirty.len() >= CHECKPOINT_RECORDS
+                || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+            if dirty.is_empty() || !due {
+                return;
+            }
+            Arc::new(std::mem::take(&mut *dirty))
+        };
+        let through = self.next_seq - 1;
+        *self.shared.frozen.lock().unwrap_or_else(|p| p.into_inner()) = Some(records.clone());
+        self.last_checkpoint = Instant::now();
+        let sent = self
+            .checkpointer
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send((records, through)).is_ok());
+        if sent {
+            self.checkpointer.in_flight = Some(through);
+        } else {
+            tracing::error!(
+                "the outbox checkpoint thread is gone; checkpoints are written by the writer"
+            );
+            self.unfreeze();
+        }
+    }
+
+    /// Takes the result of the checkpoint in flight, if it is there (or,
+    /// with `wait`, once it is).
+    fn checkpoint_done(&mut self, wait: bool) {
+        if self.checkpointer.in_flight.is_none() {
+            return;
+        }
+        let result = if wait {
+            self.checkpointer.done.recv().ok()
+        } else {
+            match self.checkpointer.done.try_recv() {
+                Ok(result) => Some(result),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        self.checkpointer.in_flight = None;
+        match result {
+            Some(Ok(through)) => {
+                self.stored_through = through;
+                *self.shared.frozen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "outbox checkpoint failed; its records stay in memory and in the log");
+                Stats::add(&self.stats.storage_errors, 1);
+                self.unfreeze();
+            }
+            None => {
+                tracing::error!("the outbox checkpoint thread ended");
+                Stats::add(&self.stats.storage_errors, 1);
+                self.checkpointer.jobs = None;
+                self.unfreeze();
+            }
+        }
+    }
+
+    /// Puts the records of a checkpoint that did not happen back with the
+    /// changed ones (a newer record of the same task wins).
+    fn unfreeze(&mut self) {
+        let frozen = self
+            .shared
+            .frozen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(frozen) = frozen {
+            let mut dirty = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            for (task, record) in frozen.iter() {
+                dirty.entry(task.clone()).or_insert(*record);
+            }
+        }
     }
 
     /// Deletes the log segments nothing needs any more.
@@ -1367,6 +1530,52 @@ mod tests {
         let outbox = outbox_in(dir.path(), 3600);
         assert_eq!(outbox.status().unwrap().pending, 10);
         assert_eq!(outbox.status().unwrap().tasks_tracked, 200);
+        outbox.close().await;
+    }
+
+    /// Checkpoints run beside the appends: whatever layer holds a task's
+    /// record at a given moment (this group, the changed ones, the
+    /// checkpoint in flight, the store), every repeat is caught.
+    #[tokio::test]
+    async fn checkpoints_in_the_background_lose_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = outbox_in(dir.path(), 3600);
+        let event = |i: usize| {
+            let body = format!(r#"{{"taskId":"t{i}","state":"generating"}}"#);
+            parse(body.as_bytes(), Source::Webhook, 1).unwrap()
+        };
+        let stored = |outbox: &super::super::Outbox| {
+            use redb::{ReadableDatabase, ReadableTableMetadata};
+            let db = outbox.inner.db.get().unwrap();
+            let txn = db.begin_read().unwrap();
+            txn.open_table(TASKS).unwrap().len().unwrap()
+        };
+        for round in 0..3 {
+            for i in 0..400 {
+                let answer = outbox.append(event(i)).await.unwrap();
+                match round {
+                    0 => assert!(answer.is_stored(), "t{i}: {answer:?}"),
+                    _ => assert_eq!(answer, Appended::Duplicate, "t{i}, round {round}"),
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stored(&outbox) < CHECKPOINT_RECORDS as u64 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let in_store = stored(&outbox);
+        assert!(
+            in_store >= CHECKPOINT_RECORDS as u64,
+            "{in_store} in the store"
+        );
+        assert_eq!(outbox.status().unwrap().tasks_tracked, 400);
+        outbox.close().await;
+        let outbox = outbox_in(dir.path(), 3600);
+        assert_eq!(outbox.status().unwrap().tasks_tracked, 400);
+        assert_eq!(stored(&outbox), 400, "the last checkpoint at close");
+        for i in 0..400 {
+            assert_eq!(outbox.append(event(i)).await.unwrap(), Appended::Duplicate);
+        }
         outbox.close().await;
     }
 }
