@@ -187,10 +187,10 @@ async fn the_scrape_follows_the_traffic() {
             .0,
         commits
     );
-    // 7 stored appends plus at least one relay completion, shared among
-    // commits (repeats and stale states are decided without a write).
+    // 7 stored appends, shared among synced commits (repeats and stale
+    // states are decided without a write; acks ride on the next sync).
     assert!(
-        requests >= 8.0 && commits >= 1.0 && commits <= requests,
+        requests >= 7.0 && commits >= 1.0 && commits <= requests,
         "{commits} {requests}"
     );
 
