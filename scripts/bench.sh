@@ -210,6 +210,30 @@ counters() {
     jq -r '.outbox.counters | "\(.accepted) \(.published)"' 2>/dev/null || echo "- -"
 }
 
+# answer_buckets: hookbridge's own answer-time histogram ("le count" lines) from /metrics.
+answer_buckets() {
+  curl -fsS --max-time 5 "$ADMIN/metrics" 2>/dev/null |
+    sed -n 's/^hookbridge_webhook_answer_duration_seconds_bucket{le="\([^"]*\)"} \([0-9]*\)$/\1 \2/p'
+}
+
+# server_side NAME BEFORE AFTER: the answer times hookbridge itself measured between two
+# answer_buckets snapshots (from the handler's start, body read, to its answer: without
+# the load generator's, the sockets' and HTTP parsing's share): the share within 2 ms and
+# the bucket bound of p99.
+server_side() {
+  paste -d' ' "$2" "$3" | awk '
+    { le[NR] = $1; n[NR] = $4 - $2 }
+    END {
+      total = n[NR]; if (total <= 0) { print "RESULT server_within_2ms=- server_p99_le_ms=-"; exit }
+      for (i = 1; i <= NR; i++) {
+        if (le[i] == "0.002") within = n[i] / total
+        if (p99 == "" && n[i] >= 0.99 * total) p99 = (le[i] == "+Inf") ? "inf" : le[i] * 1000
+      }
+      printf "hookbridge answer time (its own histogram): %.2f%% within 2 ms, p99 <= %s ms\n", within * 100, p99
+      printf "RESULT server_within_2ms=%.2f server_p99_le_ms=%s\n", within * 100, p99
+    }' | tee "$STATE/$1-server.out"
+}
+
 # full_speed NAME: a closed-loop phase against the running hookbridge, then the end-to-end
 # rate over the same window (broker acks/s vs answers/s) and the wait until it drained.
 full_speed() {
@@ -358,7 +382,10 @@ fi
 
 if want fixed-rate; then
   step "fixed-rate: ${RATE}/s for ${RATE_DURATION}s (dedup on)"
+  answer_buckets >"$STATE/fixed-rate.buckets0"
   measured fixed-rate "$BENCH" fixed-rate --url "$URL" --rate "$RATE" --duration "$RATE_DURATION"
+  answer_buckets >"$STATE/fixed-rate.buckets1"
+  server_side fixed-rate "$STATE/fixed-rate.buckets0" "$STATE/fixed-rate.buckets1"
   phase fixed-rate-relay "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 60
 fi
 
@@ -448,6 +475,7 @@ step "summary ($(nproc) cores, load average at the start: $LOAD_AT_START, load g
   printf '%-44s %14s %s\n' "ratio dedup on / dedup off" "$(ratio "$(result dedup-on rps)" "$(result dedup-off rps)")" ""
   printf '%-44s %14s %s\n' "fixed ${RATE}/s: p50 / p99 ms (from due time)" "$(result fixed-rate p50_ms) / $(result fixed-rate p99_ms)" "p99 <= 2"
   printf '%-44s %14s %s\n' "  max ms; service-time p99 ms" "$(result fixed-rate max_ms); $(result fixed-rate service_p99_ms)" ""
+  printf '%-44s %14s %s\n' "  hookbridge's own: within 2 ms; p99 <= ms" "$(result fixed-rate-server server_within_2ms)%; $(result fixed-rate-server server_p99_le_ms)" ""
   printf '%-44s %14s %s\n' "ingest with Kafka down: accepted/s" "$(result drain rps)" ""
   printf '%-44s %14s %s\n' "drain after outage: events/s" "$(result drain drain_rps)" ">= 100000"
   printf '%-44s %14s %s\n' "  Kafka ready -> first publish, ms" "$DRAIN_READY_DELAY" ""
