@@ -441,7 +441,7 @@ impl Oracle {
         }
         let outgoing = publish::Outgoing {
             seq: 1,
-            event,
+            meta: publish::EventMeta::of(&event),
             payload: payload.into(),
         };
         publish::file::encode(&outgoing).map_err(|e| format!("file: {e}"))?;
@@ -449,7 +449,7 @@ impl Oracle {
         for config in &self.kafka {
             let record = publish::kafka::encode(&outgoing, config)
                 .map_err(|e| format!("kafka {}: {e}", config.topic))?;
-            if record.key != outgoing.event.task_id {
+            if record.key != outgoing.meta.task_id {
                 return Err("kafka key is not the task id".into());
             }
         }
@@ -458,7 +458,7 @@ impl Oracle {
             publish::nats::encode(&outgoing, config)
                 .map_err(|e| format!("nats {}: {e}", config.subject))?;
         }
-        let time = publish::CloudEvent::of(&outgoing.event).time;
+        let time = publish::CloudEvent::of(&outgoing.meta).time;
         if time.len() != 24 {
             return Err(format!("CloudEvents time {time:?}"));
         }

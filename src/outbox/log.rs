@@ -10,7 +10,9 @@
 //! ```
 //!
 //! and a body is either an append (`A`: sequence number, receive time, the
-//! task's dedup record after the decision, the event's JSON) or an ack (`K`:
+//! task's dedup record after the decision, the task id, what the publishers
+//! need of the event ([`EventMeta`], so the relay never parses the JSON
+//! again), the event's JSON) or an ack (`K`:
 //! the sequence numbers that left the queue: published, or kept as dead
 //! letters elsewhere). A group of records is written with one `write` and
 //! made durable with one `fdatasync`; an ack may ride along unsynced, since
@@ -34,7 +36,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::store::TaskRecord;
+use super::store::{slot as state_slot, TaskRecord, STATES};
+use crate::publish::EventMeta;
 
 /// The first bytes of every segment file.
 pub(super) const MAGIC: &[u8; 8] = b"hbpend1\n";
@@ -44,8 +47,8 @@ const FRAME: usize = 8;
 const MAX_BODY: u32 = 256 * 1024 * 1024;
 const APPEND: u8 = b'A';
 const ACK: u8 = b'K';
-/// Bytes of an append body before the task id.
-const APPEND_HEAD: usize = 1 + 8 + 8 + 1 + 49 + 2;
+/// Bytes of an append body before its head (task id and meta).
+const APPEND_FIXED: usize = 1 + 8 + 8 + 1 + 49;
 
 /// One record read back from the log.
 #[derive(Debug, PartialEq)]
@@ -62,12 +65,97 @@ pub(super) enum Record<'a> {
     Ack(Vec<u64>),
 }
 
-/// Where one pending event's JSON is.
+/// An append's task id and the event's [`EventMeta`] (`None` for an event
+/// moved here from an older version's store: its JSON says it all).
+fn encode_head(buf: &mut Vec<u8>, task_id: &str, meta: Option<&EventMeta>) {
+    fn text(buf: &mut Vec<u8>, text: &str) {
+        // Ids are at most a few hundred bytes (the parser's limit).
+        let bytes = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
+        buf.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        buf.extend_from_slice(bytes);
+    }
+    text(buf, task_id);
+    let Some(meta) = meta else {
+        buf.push(0);
+        return;
+    };
+    buf.push(1);
+    text(buf, &meta.event_id);
+    buf.push(state_slot(meta.state) as u8);
+    match &meta.model {
+        Some(model) => {
+            buf.push(1);
+            text(buf, model);
+        }
+        None => buf.push(0),
+    }
+    match meta.update_time {
+        Some(at) => {
+            buf.push(1);
+            buf.extend_from_slice(&at.to_le_bytes());
+        }
+        None => buf.push(0),
+    }
+}
+
+/// Reads what [`encode_head`] wrote: the task id, the meta (if stored),
+/// and the head's length. `None` when it does not decode.
+pub(super) fn decode_head(
+    head: &[u8],
+    received_at: i64,
+) -> Option<(&str, Option<EventMeta>, usize)> {
+    struct Cursor<'a>(&'a [u8], usize);
+    impl<'a> Cursor<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let bytes = self.0.get(self.1..self.1 + n)?;
+            self.1 += n;
+            Some(bytes)
+        }
+        fn byte(&mut self) -> Option<u8> {
+            Some(self.take(1)?[0])
+        }
+        fn text(&mut self) -> Option<&'a str> {
+            let len = self.take(2)?;
+            let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+            std::str::from_utf8(self.take(len)?).ok()
+        }
+    }
+    let mut c = Cursor(head, 0);
+    let task_id = c.text()?;
+    if c.byte()? == 0 {
+        return Some((task_id, None, c.1));
+    }
+    let event_id = c.text()?.to_string();
+    let state = *STATES.get(c.byte()? as usize)?;
+    let model = match c.byte()? {
+        0 => None,
+        _ => Some(c.text()?.to_string()),
+    };
+    let update_time = match c.byte()? {
+        0 => None,
+        _ => Some(i64::from_le_bytes(c.take(8)?.try_into().ok()?)),
+    };
+    let meta = EventMeta {
+        event_id,
+        task_id: task_id.to_string(),
+        model,
+        state,
+        update_time,
+        received_at,
+    };
+    Some((task_id, Some(meta), c.1))
+}
+
+/// Where one pending event is: its head (task id, meta) at `offset`, then
+/// its JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Slot {
     pub seq: u64,
     pub segment: u64,
     pub offset: u64,
+    /// Bytes of the head.
+    pub head: u32,
+    /// Bytes of the JSON.
     pub len: u32,
     pub received_at: i64,
     pub done: bool,
@@ -154,7 +242,7 @@ impl Segments {
         }
     }
 
-    /// The event bytes of `slot`.
+    /// The head and the JSON of `slot`, in one buffer.
     pub(super) fn read(&self, slot: &Slot) -> std::io::Result<Vec<u8>> {
         let file = {
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -167,8 +255,15 @@ impl Segments {
                 }
             }
         };
-        let mut bytes = vec![0; slot.len as usize];
+        let mut bytes = vec![0; (slot.head + slot.len) as usize];
         file.read_exact_at(&mut bytes, slot.offset)?;
+        Ok(bytes)
+    }
+
+    /// Only the JSON of `slot`.
+    pub(super) fn payload(&self, slot: &Slot) -> std::io::Result<Vec<u8>> {
+        let mut bytes = self.read(slot)?;
+        bytes.drain(..slot.head as usize);
         Ok(bytes)
     }
 
@@ -305,10 +400,9 @@ impl Log {
         received_at: i64,
         task_id: &str,
         record: Option<&TaskRecord>,
+        meta: Option<&EventMeta>,
         payload: &[u8],
     ) -> Slot {
-        // A task id is at most a few hundred bytes (the parser's limit).
-        let task = &task_id.as_bytes()[..task_id.len().min(u16::MAX as usize)];
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; FRAME]);
         self.buf.push(APPEND);
@@ -324,9 +418,8 @@ impl Log {
                 self.buf.extend_from_slice(&[0; 49]);
             }
         }
-        self.buf
-            .extend_from_slice(&(task.len() as u16).to_le_bytes());
-        self.buf.extend_from_slice(task);
+        let head_at = self.buf.len();
+        encode_head(&mut self.buf, task_id, meta);
         let payload_at = self.buf.len();
         self.buf.extend_from_slice(payload);
         self.seal(start);
@@ -334,7 +427,8 @@ impl Log {
         Slot {
             seq,
             segment: self.active_id,
-            offset: self.active_len + payload_at as u64,
+            offset: self.active_len + head_at as u64,
+            head: (payload_at - head_at) as u32,
             len: payload.len() as u32,
             received_at,
             done: false,
@@ -533,6 +627,7 @@ fn scan(segment: u64, bytes: &[u8], each: &mut impl FnMut(Record<'_>, Slot)) -> 
             seq: 0,
             segment,
             offset: 0,
+            head: 0,
             len: 0,
             received_at: 0,
             done: false,
@@ -547,7 +642,8 @@ fn scan(segment: u64, bytes: &[u8], each: &mut impl FnMut(Record<'_>, Slot)) -> 
             slot.seq = *seq;
             slot.received_at = *received_at;
             slot.len = payload.len() as u32;
-            slot.offset = (at + FRAME + len as usize - payload.len()) as u64;
+            slot.offset = (at + FRAME + APPEND_FIXED) as u64;
+            slot.head = (len as usize - APPEND_FIXED - payload.len()) as u32;
             out.last_seq = out.last_seq.max(*seq);
         }
         each(record, slot);
@@ -565,21 +661,19 @@ fn decode(body: &[u8]) -> Option<Record<'_>> {
     };
     match *body.first()? {
         APPEND => {
-            if body.len() < APPEND_HEAD {
+            if body.len() < APPEND_FIXED {
                 return None;
             }
             let seq = u64_at(1)?;
             let received_at = u64_at(9)? as i64;
             let record = (body[17] == 1).then(|| TaskRecord::decode(&body[18..67]));
-            let task_len = u16::from_le_bytes([body[67], body[68]]) as usize;
-            let task = body.get(APPEND_HEAD..APPEND_HEAD + task_len)?;
-            let task_id = std::str::from_utf8(task).ok()?;
+            let (task_id, _, head) = decode_head(&body[APPEND_FIXED..], received_at)?;
             Some(Record::Append {
                 seq,
                 received_at,
                 task_id,
                 record,
-                payload: &body[APPEND_HEAD + task_len..],
+                payload: &body[APPEND_FIXED + head..],
             })
         }
         ACK => {
@@ -625,7 +719,14 @@ mod tests {
         let read = index
             .oldest(usize::MAX)
             .iter()
-            .map(|s| (s.seq, tasks[&s.seq].clone(), segments.read(s).unwrap()))
+            .map(|s| {
+                // The head gives back what the publishers need, exactly.
+                let whole = segments.read(s).unwrap();
+                let (task, stored, _) =
+                    decode_head(&whole[..s.head as usize], s.received_at).unwrap();
+                assert_eq!((task, stored), (tasks[&s.seq].as_str(), Some(meta(s.seq))));
+                (s.seq, tasks[&s.seq].clone(), segments.payload(s).unwrap())
+            })
             .collect();
         (log, opened, index, read)
     }
@@ -635,6 +736,17 @@ mod tests {
             furthest: Some(State::Generating),
             accepted_at: [0, 0, at, 0, 0],
             last_seen: at,
+        }
+    }
+
+    fn meta(seq: u64) -> EventMeta {
+        EventMeta {
+            event_id: format!("e{seq}"),
+            task_id: format!("t{seq}"),
+            model: seq.is_multiple_of(2).then(|| "seedance-ü".to_string()),
+            state: STATES[seq as usize % STATES.len()],
+            update_time: seq.is_multiple_of(3).then_some(-(seq as i64)),
+            received_at: seq as i64,
         }
     }
 
@@ -651,7 +763,15 @@ mod tests {
         let slots = seqs
             .map(|seq| {
                 let r = record(seq as i64);
-                log.append(seq, seq as i64, &format!("t{seq}"), Some(&r), &event(seq))
+                let meta = meta(seq);
+                log.append(
+                    seq,
+                    seq as i64,
+                    &meta.task_id,
+                    Some(&r),
+                    Some(&meta),
+                    &event(seq),
+                )
             })
             .collect();
         log.commit(true).unwrap();

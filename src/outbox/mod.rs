@@ -386,26 +386,33 @@ impl Outbox {
             if out.ready.len() == batch {
                 break;
             }
-            let payload = bytes::Bytes::from(
-                self.inner
-                    .shared
-                    .segments
-                    .read(&slot)
-                    .map_err(OutboxError::Log)?,
-            );
-            match serde_json::from_slice::<TaskEvent>(&payload) {
-                Ok(event) if tasks.insert(event.task_id.clone()) => {
+            let read = self
+                .inner
+                .shared
+                .segments
+                .read(&slot)
+                .map_err(OutboxError::Log)?;
+            let bytes = bytes::Bytes::from(read);
+            let head = slot.head as usize;
+            let meta = match log::decode_head(&bytes[..head], slot.received_at) {
+                Some((_, Some(meta), _)) => Ok(meta),
+                // Moved from an older version's store: the JSON says it all.
+                _ => serde_json::from_slice::<TaskEvent>(&bytes[head..])
+                    .map(|event| crate::publish::EventMeta::of(&event))
+                    .map_err(|e| format!("unreadable outbox entry: {e}")),
+            };
+            match meta {
+                Ok(meta) if !tasks.contains(&meta.task_id) => {
+                    tasks.insert(meta.task_id.clone());
                     out.ready.push(crate::publish::Outgoing {
                         seq: slot.seq,
-                        event,
-                        payload,
+                        meta,
+                        payload: bytes.slice(head..),
                     })
                 }
                 // A later event of a task already in this batch: next batch.
                 Ok(_) => {}
-                Err(e) => out
-                    .unreadable
-                    .push((slot.seq, format!("unreadable outbox entry: {e}"))),
+                Err(reason) => out.unreadable.push((slot.seq, reason)),
             }
         }
         Ok(out)

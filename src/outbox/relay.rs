@@ -90,7 +90,7 @@ impl Relay {
             match encode(&*self.publisher, o) {
                 Ok(m) => encoded.push(m),
                 Err(reason) => {
-                    tracing::error!(task_id = %o.event.task_id, event_id = %o.event.event_id, %reason, "dead-lettered");
+                    tracing::error!(task_id = %o.meta.task_id, event_id = %o.meta.event_id, %reason, "dead-lettered");
                     dead.push((o.seq, reason));
                 }
             }
@@ -140,7 +140,7 @@ impl Relay {
                 .filter(|o| delivered.binary_search(&o.seq).is_ok());
             stats
                 .metrics
-                .published(took, acked.map(|o| o.event.received_at), now_ms());
+                .published(took, acked.map(|o| o.meta.received_at), now_ms());
         }
         if !delivered.is_empty() || !dead.is_empty() {
             let refused = dead.len() - undecodable - unencodable;

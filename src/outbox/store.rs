@@ -42,7 +42,7 @@ pub struct TaskRecord {
     pub last_seen: i64,
 }
 
-const STATES: [State; 5] = [
+pub(super) const STATES: [State; 5] = [
     State::Pending,
     State::Waiting,
     State::Generating,

@@ -35,6 +35,7 @@ use super::store::{
 use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Shared, Stats};
 use crate::config::OutboxConfig;
 use crate::event::TaskEvent;
+use crate::publish::EventMeta;
 
 /// Most commands taken as one group.
 const MAX_GROUP: usize = 4096;
@@ -348,7 +349,7 @@ impl Writer {
                 let (task, at) = event
                     .as_ref()
                     .map_or(("", 0), |e| (e.task_id.as_str(), e.received_at));
-                slots.push(log.append(*seq, at, task, None, bytes));
+                slots.push(log.append(*seq, at, task, None, None, bytes));
                 last_seq = last_seq.max(*seq);
             }
             log.commit(true).map_err(|source| OutboxError::DataDir {
@@ -880,6 +881,7 @@ impl Writer {
             event.received_at,
             &event.task_id,
             kept.as_ref(),
+            Some(&EventMeta::of(&event)),
             &payload,
         );
         staged.slots.push(slot);
@@ -910,7 +912,11 @@ impl Writer {
         let index = self.shared.index.lock().unwrap_or_else(|p| p.into_inner());
         for (seq, reason) in dead {
             let Some(slot) = index.get(seq) else { continue };
-            let bytes = self.shared.segments.read(&slot).map_err(OutboxError::Log)?;
+            let bytes = self
+                .shared
+                .segments
+                .payload(&slot)
+                .map_err(OutboxError::Log)?;
             let letter = DeadLetter::of_stored(seq, reason, now, &bytes);
             work.letters.push((letter, Some(slot)));
         }
@@ -1194,9 +1200,14 @@ impl Writer {
         for (old, payload, event) in movable {
             let seq = self.next_seq;
             self.next_seq += 1;
-            let slot = self
-                .log
-                .append(seq, event.received_at, &event.task_id, None, &payload);
+            let slot = self.log.append(
+                seq,
+                event.received_at,
+                &event.task_id,
+                None,
+                Some(&EventMeta::of(&event)),
+                &payload,
+            );
             staged.slots.push(slot);
             delta.pending += 1;
             delta.pending_bytes += payload.len() as i64;

@@ -87,8 +87,8 @@ impl Publisher for FilePublisher {
         Ok(Encoded {
             seq: o.seq,
             destination: String::new(),
-            key: o.event.task_id.clone(),
-            id: o.event.event_id.clone(),
+            key: o.meta.task_id.clone(),
+            id: o.meta.event_id.clone(),
             headers: Vec::new(),
             payload: encode(o)?.into(),
         })

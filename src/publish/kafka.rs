@@ -112,9 +112,9 @@ pub struct EncodedRecord {
 /// Encodes one event for `config`'s topic template. Total: an event whose record would be
 /// refused (an illegal rendered topic) is an [`EncodeError`], never a panic.
 pub fn encode(o: &Outgoing, config: &KafkaConfig) -> Result<EncodedRecord, EncodeError> {
-    let topic = render(&config.topic, &o.event, &config.models);
+    let topic = render(&config.topic, &o.meta, &config.models);
     check_topic(&topic)?;
-    let ce = CloudEvent::of(&o.event);
+    let ce = CloudEvent::of(&o.meta);
     // Kafka header values and keys are plain bytes: any string is a valid one.
     let headers = vec![
         ("content-type", CONTENT_TYPE.to_string()),
@@ -129,7 +129,7 @@ pub fn encode(o: &Outgoing, config: &KafkaConfig) -> Result<EncodedRecord, Encod
     ];
     Ok(EncodedRecord {
         topic,
-        key: o.event.task_id.clone(),
+        key: o.meta.task_id.clone(),
         headers,
         payload: o.payload.clone(),
     })
@@ -181,7 +181,7 @@ impl Publisher for KafkaPublisher {
             seq: o.seq,
             destination: record.topic,
             key: record.key,
-            id: o.event.event_id.clone(),
+            id: o.meta.event_id.clone(),
             headers: record.headers,
             payload: record.payload,
         })

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::config::PublisherConfig;
-use crate::event::{TaskEvent, MAX_TIME_MS};
+use crate::event::{State, TaskEvent, MAX_TIME_MS};
 
 pub mod file;
 #[cfg(feature = "kafka")]
@@ -22,9 +22,36 @@ pub mod nats;
 pub struct Outgoing {
     /// The outbox sequence number (arrival order).
     pub seq: u64,
-    pub event: TaskEvent,
+    /// What the backends derive the destination, key and headers from.
+    pub meta: EventMeta,
     /// The event serialized once, as JSON: the message body.
     pub payload: bytes::Bytes,
+}
+
+/// The fields of a [`TaskEvent`] that a message's destination, key and
+/// headers are made of. The outbox stores them beside the event's JSON, so
+/// the relay never parses the JSON again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventMeta {
+    pub event_id: String,
+    pub task_id: String,
+    pub model: Option<String>,
+    pub state: State,
+    pub update_time: Option<i64>,
+    pub received_at: i64,
+}
+
+impl EventMeta {
+    pub fn of(event: &TaskEvent) -> Self {
+        Self {
+            event_id: event.event_id.clone(),
+            task_id: event.task_id.clone(),
+            model: event.model.clone(),
+            state: event.state,
+            update_time: event.update_time,
+            received_at: event.received_at,
+        }
+    }
 }
 
 /// A message ready for the wire: everything derived from the event's
@@ -146,7 +173,7 @@ const MAX_SUBJECT: usize = 1024;
 /// characters become `_`) and cut to [`MAX_MODEL_TOKEN`] bytes. Either way the value is one
 /// token that can be neither a NATS wildcard nor a separator; the result is still checked
 /// by [`check_topic`] / [`check_subject`], since the template's fixed text counts too.
-pub fn render(template: &str, event: &TaskEvent, models: &[String]) -> String {
+pub fn render(template: &str, event: &EventMeta, models: &[String]) -> String {
     if !template.contains('{') {
         return template.to_string();
     }
@@ -272,7 +299,7 @@ pub const CONTENT_TYPE: &str = "application/json";
 impl CloudEvent {
     /// Never fails: the time is the provider's `updateTime` (else the arrival time), which
     /// the parser keeps within the years 1970 to 9999; anything else is clamped into them.
-    pub fn of(event: &TaskEvent) -> Self {
+    pub fn of(event: &EventMeta) -> Self {
         Self {
             id: event.event_id.clone(),
             source: CE_SOURCE,

@@ -150,9 +150,9 @@ pub struct EncodedMessage {
 /// or an illegal rendered subject is an [`EncodeError`], never a panic (async-nats panics
 /// on a header value with a line break, so values go through its fallible parser).
 pub fn encode(o: &Outgoing, config: &NatsConfig) -> Result<EncodedMessage, EncodeError> {
-    let subject = render(&config.subject, &o.event, &config.models);
+    let subject = render(&config.subject, &o.meta, &config.models);
     check_subject(&subject)?;
-    let ce = CloudEvent::of(&o.event);
+    let ce = CloudEvent::of(&o.meta);
     let version = SCHEMA_VERSION.to_string();
     let pairs: [(&'static str, &str); 10] = [
         ("Content-Type", CONTENT_TYPE),
@@ -164,7 +164,7 @@ pub fn encode(o: &Outgoing, config: &NatsConfig) -> Result<EncodedMessage, Encod
         ("ce-type", &ce.ty),
         ("ce-subject", &ce.subject),
         ("ce-time", &ce.time),
-        (NATS_MSG_ID, &o.event.event_id),
+        (NATS_MSG_ID, &o.meta.event_id),
     ];
     let mut headers = Vec::with_capacity(pairs.len());
     for (name, value) in pairs {
@@ -214,8 +214,8 @@ impl Publisher for NatsPublisher {
         Ok(Encoded {
             seq: o.seq,
             destination: message.subject,
-            key: o.event.task_id.clone(),
-            id: o.event.event_id.clone(),
+            key: o.meta.task_id.clone(),
+            id: o.meta.event_id.clone(),
             headers: message.headers,
             payload: message.payload,
         })

@@ -13,7 +13,7 @@ fn outgoing(event: TaskEvent) -> Outgoing {
     let payload = serde_json::to_vec(&event).unwrap().into();
     Outgoing {
         seq: 1,
-        event,
+        meta: EventMeta::of(&event),
         payload,
     }
 }
@@ -26,16 +26,22 @@ fn list(models: &[&str]) -> Vec<String> {
 fn templates_expand_to_safe_tokens() {
     let e = event("seedance-20");
     assert_eq!(
-        render("kinovi.{model}.{state}", &e, &[]),
+        render("kinovi.{model}.{state}", &EventMeta::of(&e), &[]),
         "kinovi.seedance-20.success"
     );
     let e = event("a.b c>*");
-    assert_eq!(render("k.{model}", &e, &[]), "k.a_b_c__");
-    assert_eq!(render("fixed", &e, &[]), "fixed");
+    assert_eq!(render("k.{model}", &EventMeta::of(&e), &[]), "k.a_b_c__");
+    assert_eq!(render("fixed", &EventMeta::of(&e), &[]), "fixed");
     let long = event(&"x".repeat(300));
-    assert_eq!(render("{model}", &long, &[]), "x".repeat(MAX_MODEL_TOKEN));
-    assert_eq!(render("{model}", &event(""), &[]), UNKNOWN_MODEL);
-    assert_eq!(render("{model}", &event("ü"), &[]), "_");
+    assert_eq!(
+        render("{model}", &EventMeta::of(&long), &[]),
+        "x".repeat(MAX_MODEL_TOKEN)
+    );
+    assert_eq!(
+        render("{model}", &EventMeta::of(&event("")), &[]),
+        UNKNOWN_MODEL
+    );
+    assert_eq!(render("{model}", &EventMeta::of(&event("ü")), &[]), "_");
 }
 
 #[test]
@@ -50,14 +56,14 @@ fn the_allowlist_maps_every_other_model_to_unknown() {
         ("", UNKNOWN_MODEL),
     ] {
         assert_eq!(
-            render("k.{model}", &event(model), &models),
+            render("k.{model}", &EventMeta::of(&event(model)), &models),
             format!("k.{token}")
         );
     }
     let mut none = event("veo3");
     none.model = None;
     assert_eq!(model_token(None, &models), UNKNOWN_MODEL);
-    assert_eq!(render("{model}", &none, &[]), UNKNOWN_MODEL);
+    assert_eq!(render("{model}", &EventMeta::of(&none), &[]), UNKNOWN_MODEL);
 }
 
 #[test]
@@ -187,7 +193,7 @@ fn config_check_names_the_key() {
 
 #[test]
 fn cloud_event_time_is_rfc3339() {
-    let ce = CloudEvent::of(&event("m"));
+    let ce = CloudEvent::of(&EventMeta::of(&event("m")));
     assert_eq!(ce.time, "2024-12-30T23:02:34.000Z");
     assert_eq!(ce.ty, "ai.kinovi.task.success");
     assert_eq!(ce.subject, "t1");
@@ -240,7 +246,7 @@ fn nats_headers_refuse_line_breaks_without_panicking() {
         models: Vec::new(),
     };
     let mut o = outgoing(event("m"));
-    o.event.task_id = "a\r\nb".into();
+    o.meta.task_id = "a\r\nb".into();
     assert!(matches!(
         nats::encode(&o, &config),
         Err(EncodeError::Header {
@@ -248,7 +254,7 @@ fn nats_headers_refuse_line_breaks_without_panicking() {
             ..
         })
     ));
-    o.event.task_id = "t".into();
+    o.meta.task_id = "t".into();
     let message = nats::encode(&o, &config).unwrap();
     assert_eq!(
         message
@@ -256,6 +262,6 @@ fn nats_headers_refuse_line_breaks_without_panicking() {
             .iter()
             .find(|(name, _)| *name == "Nats-Msg-Id")
             .map(|(_, v)| v.as_str()),
-        Some(o.event.event_id.as_str())
+        Some(o.meta.event_id.as_str())
     );
 }

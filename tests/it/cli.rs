@@ -47,12 +47,7 @@ impl Publisher for Refusing {
     }
 
     fn encode(&self, message: &Outgoing) -> Result<Encoded, EncodeError> {
-        if self
-            .refused
-            .lock()
-            .unwrap()
-            .contains(&message.event.task_id)
-        {
+        if self.refused.lock().unwrap().contains(&message.meta.task_id) {
             return Err(EncodeError::Header {
                 name: "test",
                 problem: "refused by the test",

@@ -232,7 +232,7 @@ async fn reopen_and_check(dir: &Path, acks: &[Ack]) -> Recovered {
         for o in batch.ready {
             max_seq = max_seq.max(o.seq);
             count += 1;
-            held.entry((o.event.task_id, o.event.state))
+            held.entry((o.meta.task_id, o.meta.state))
                 .or_default()
                 .push(o.seq);
         }

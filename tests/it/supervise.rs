@@ -71,7 +71,7 @@ impl Publisher for Faulty {
     }
 
     fn encode(&self, message: &Outgoing) -> Result<Encoded, EncodeError> {
-        match self.fault(&message.event.task_id) {
+        match self.fault(&message.meta.task_id) {
             Some(Fault::EncodePanic) => panic!("injected encoding panic"),
             Some(Fault::EncodeError) => Err(EncodeError::Header {
                 name: "fault",
