@@ -255,7 +255,8 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
-    /// Folder that holds the outbox database; created if missing.
+    /// Folder that holds the outbox (the pending log in `pending/`, the
+    /// dedup records and dead letters in `outbox.redb`); created if missing.
     pub data_dir: PathBuf,
     /// Most events waiting for the broker; past it the ingress answers 503.
     pub max_pending: u64,
@@ -279,9 +280,10 @@ pub struct OutboxConfig {
     /// Most tasks whose dedup record is kept; a callback for a new task past
     /// it gets 503 (nothing stored) until older records expire.
     pub max_tracked_tasks: u64,
-    /// Memory for the outbox database's page cache, in MiB: with the
-    /// channel and batch sizes, what bounds hookbridge's memory whatever the
-    /// backlog or the number of tasks tracked.
+    /// Memory for the page cache of `outbox.redb` (dedup records, dead
+    /// letters), in MiB: with the channel and batch sizes, what bounds
+    /// hookbridge's memory whatever the number of tasks tracked. Pending
+    /// events are read from the log; memory holds only where each one is.
     pub cache_mib: usize,
 }
 

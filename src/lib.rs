@@ -6,13 +6,16 @@
 //! ```text
 //! provider --POST /webhooks/kinovi--> http::serve (limits, TLS) -> http::webhook
 //!     event::parse        any documented payload shape -> TaskEvent (pure)
-//!     outbox::append      dedup + state guard + insert, one redb transaction,
-//!                         fsync shared by concurrent requests (group commit)
-//!   <-- 200 {"message":"ok"}   only after that commit
+//!     outbox::append      dedup + state guard, then one record in the pending
+//!                         log: one write + fdatasync shared by concurrent
+//!                         requests (group commit); dedup records reach the
+//!                         task store (redb) in bulk, off the request path
+//!   <-- 200 {"message":"ok"}   only after that sync
 //! outbox::Relay            oldest first, one entry per task per batch
 //!     publish::Publisher   Kafka (key = taskId, acks=all, idempotent) |
 //!                          JetStream (Nats-Msg-Id = eventId, PubAck) | file
-//!     outbox::complete     delete on ack, dead-letter on permanent refusal
+//!     outbox::complete     ack in the log (segments deleted once all acked),
+//!                          dead-letter (redb) on permanent refusal
 //! poll::Reconciler         registered tasks without a terminal event: poll
 //!                          recordInfo, outbox::append (source=poll) or bury
 //! poll::Verifier           verify mode: held callbacks confirmed, then
@@ -27,8 +30,10 @@
 //!   acknowledged it. A restart resumes what is pending. Permanent refusals
 //!   are kept whole as dead letters, never dropped.
 //! - **One event per task state** ([`outbox`], [`event::event_id`]): the
-//!   (taskId, state) key is checked and recorded in the same transaction as
-//!   the insert, persistently, for `outbox.dedup_window_secs`. The event id
+//!   (taskId, state) key is checked by the single writer and recorded in
+//!   the very log record that stores the event, then in the task store,
+//!   for `outbox.dedup_window_secs`; a restart reads back what the store
+//!   lacks. The event id
 //!   is a UUIDv5 of that key, so consumers and JetStream can dedupe the rare
 //!   republish after a crash (delivery to the broker is at least once).
 //! - **Per-task order** ([`outbox::Relay`]): entries are relayed in commit

@@ -3,8 +3,8 @@
 //!
 //! Each run appends from many concurrent tasks so that group commit batches
 //! them as in the server, then deletes every pending entry (as the relay
-//! would after the broker's ack), closes the outbox and looks at the file
-//! with redb directly: per-table stats, then the file size before and after
+//! would after the broker's ack), closes the outbox and looks at the task
+//! store's file with redb directly: per-table stats, then the file size before and after
 //! compaction. What dedup adds is what remains in the task tables; the file
 //! size difference (on minus off, compacted) is the same figure as the disk
 //! sees it.
@@ -156,7 +156,8 @@ async fn one(dir: &Path, dedup: bool, count: u64, concurrency: usize) -> anyhow:
         outbox.complete(chunk.to_vec(), vec![]).await?;
     }
     let file_drained = std::fs::metadata(&file)?.len();
-    drop(outbox);
+    // Closing writes the last checkpoint of the dedup records.
+    outbox.close().await;
     let (tables, file_compacted) = tokio::task::spawn_blocking(move || inspect(&file)).await??;
     Ok(Run {
         append_secs,
