@@ -322,8 +322,10 @@ impl Outbox {
     /// Stores `event` durably unless it is a duplicate or stale. Returns only
     /// after the decision is on disk.
     pub async fn append(&self, event: TaskEvent) -> Result<Appended, AppendError> {
-        let payload =
-            serde_json::to_vec(&event).map_err(|e| AppendError::Storage(e.to_string()))?;
+        // Sized once: a callback's JSON is rarely above a few hundred bytes.
+        let mut payload = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut payload, &event)
+            .map_err(|e| AppendError::Storage(e.to_string()))?;
         let (reply, rx) = oneshot::channel();
         self.send(writer::Command::Append {
             event: Box::new(event),
