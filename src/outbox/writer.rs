@@ -528,8 +528,10 @@ impl Writer {
                     Stats::add(&self.stats.storage_errors, 1);
                     store_error = Some(e);
                 }
-            } else {
-                self.start_checkpoint();
+            } else if let Err(e) = self.start_checkpoint(&mut delta) {
+                tracing::error!(error = %e, "outbox task store commit failed");
+                Stats::add(&self.stats.storage_errors, 1);
+                store_error = Some(e);
             }
             self.recycle();
         }
@@ -1007,19 +1009,26 @@ impl Writer {
 
     /// Hands the dedup records changed since the last checkpoint to the
     /// checkpoint thread, when one is due and none is in flight.
-    fn start_checkpoint(&mut self) {
+    fn start_checkpoint(&mut self, delta: &mut Delta) -> Result<(), OutboxError> {
         if self.checkpointer.in_flight.is_some() {
-            return;
+            return Ok(());
         }
-        let records = {
-            let mut dirty = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
-            let due = dirty.len() >= CHECKPOINT_RECORDS
-                || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
-            if dirty.is_empty() || !due {
-                return;
-            }
-            Arc::new(std::mem::take(&mut *dirty))
+        let due = {
+            let dirty = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            !dirty.is_empty()
+                && (dirty.len() >= CHECKPOINT_RECORDS
+                    || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
         };
+        if !due {
+            return Ok(());
+        }
+        if self.checkpointer.jobs.is_none() {
+            // The thread is gone (that was logged): checkpoint here.
+            return self.store(&mut StoreWork::default(), delta);
+        }
+        let records = Arc::new(std::mem::take(
+            &mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
         let through = self.next_seq - 1;
         *self.shared.frozen.lock().unwrap_or_else(|p| p.into_inner()) = Some(records.clone());
         self.last_checkpoint = Instant::now();
@@ -1034,8 +1043,11 @@ impl Writer {
             tracing::error!(
                 "the outbox checkpoint thread is gone; checkpoints are written by the writer"
             );
+            Stats::add(&self.stats.storage_errors, 1);
+            self.checkpointer.jobs = None;
             self.unfreeze();
         }
+        Ok(())
     }
 
     /// Takes the result of the checkpoint in flight, if it is there (or,
