@@ -125,13 +125,18 @@ impl Default for HealthConfig {
     }
 }
 
+/// Largest `server.body_limit_bytes`: an event is one record of the outbox's
+/// log, which bounds a record (see `outbox/log.rs`).
+pub const MAX_BODY_LIMIT: usize = 64 * 1024 * 1024;
+
 /// The HTTP ingress: the provider's callbacks, the task endpoints, `/healthz`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Largest accepted request body in bytes; larger bodies get 413.
+    /// Largest accepted request body in bytes; larger bodies get 413. At
+    /// most 64 MiB.
     pub body_limit_bytes: usize,
     /// Longest wait for a request's headers, in milliseconds, counted from
     /// the moment the server waits for them: it also closes a keep-alive
@@ -663,6 +668,12 @@ impl Config {
         let o = &self.outbox;
         if self.server.body_limit_bytes == 0 {
             return invalid("server.body_limit_bytes", "must be at least 1");
+        }
+        if self.server.body_limit_bytes > MAX_BODY_LIMIT {
+            return invalid(
+                "server.body_limit_bytes",
+                "must be at most 67108864 (64 MiB): each event is one record of the outbox's log",
+            );
         }
         if o.max_pending == 0 {
             return invalid("outbox.max_pending", "must be at least 1");

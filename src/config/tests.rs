@@ -42,6 +42,10 @@ fn invalid_values_name_their_key() {
         "publisher.subject",
     );
     refused("[server]\nlisten = \"nowhere\"\n", "listen");
+    refused(
+        "[server]\nbody_limit_bytes = 67108865\n[outbox]\nmax_pending_bytes = 1000000000\n",
+        "server.body_limit_bytes",
+    );
 }
 
 #[test]

@@ -45,6 +45,9 @@ pub(super) const MAGIC: &[u8; 8] = b"hbpend1\n";
 const FRAME: usize = 8;
 /// A body longer than this is damage, not a record (events are far smaller).
 const MAX_BODY: u32 = 256 * 1024 * 1024;
+/// The largest event JSON a record takes, with room for its head (the
+/// configuration keeps callbacks far below: `config::MAX_BODY_LIMIT`).
+pub(super) const MAX_EVENT: usize = MAX_BODY as usize - (1 << 20);
 const APPEND: u8 = b'A';
 const ACK: u8 = b'K';
 /// Bytes of an append body before its head (task id and meta).

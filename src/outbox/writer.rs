@@ -846,6 +846,11 @@ impl Writer {
             delta.refused_full += 1;
             return Ok(Err(AppendError::Full(which)));
         }
+        if payload.len() > super::log::MAX_EVENT {
+            return Ok(Err(AppendError::Storage(
+                "the event is larger than an outbox record may be".into(),
+            )));
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         // Serialized by the caller; only a conflict (rare) changes the body.
