@@ -1310,18 +1310,36 @@ mod tests {
         answer
     }
 
+    /// A writer thread on the outbox in `dir` (default settings), fed by
+    /// `rx`, with its counters and its database.
+    fn start_writer(
+        dir: &std::path::Path,
+        rx: mpsc::Receiver<Command>,
+    ) -> (std::thread::JoinHandle<()>, Arc<Stats>, Arc<DbCell>) {
+        let config = OutboxConfig {
+            data_dir: dir.to_path_buf(),
+            ..OutboxConfig::default()
+        };
+        let db = Arc::new(DbCell::open(dir.join("outbox.redb"), 1 << 20).unwrap());
+        let stats = Arc::new(Stats::default());
+        let shared = Arc::new(Shared::new(dir));
+        let writer = Writer::start(
+            db.clone(),
+            config,
+            stats.clone(),
+            Arc::default(),
+            shared,
+            rx,
+        )
+        .unwrap();
+        (writer, stats, db)
+    }
+
     #[test]
     fn the_writer_survives_a_panicking_group() {
         let dir = tempfile::tempdir().unwrap();
-        let config = OutboxConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..OutboxConfig::default()
-        };
-        let db = Arc::new(DbCell::open(dir.path().join("outbox.redb"), 1 << 20).unwrap());
-        let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(16);
-        let shared = Arc::new(Shared::new(dir.path()));
-        let writer = Writer::start(db, config, stats.clone(), Arc::default(), shared, rx).unwrap();
+        let (writer, stats, _) = start_writer(dir.path(), rx);
         assert!(append(&tx, PANIC_TASK).blocking_recv().is_err(), "refused");
         // Refused at once until the database is re-opened, then stored.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1345,12 +1363,6 @@ mod tests {
     #[test]
     fn a_group_that_fails_part_way_answers_every_command_with_the_error() {
         let dir = tempfile::tempdir().unwrap();
-        let config = OutboxConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..OutboxConfig::default()
-        };
-        let db = Arc::new(DbCell::open(dir.path().join("outbox.redb"), 1 << 20).unwrap());
-        let stats = Arc::new(Stats::default());
         // Queued before the thread starts, so they form one group.
         let (tx, rx) = mpsc::channel(16);
         let mut appends = Vec::new();
@@ -1367,8 +1379,7 @@ mod tests {
         };
         tx.try_send(complete).unwrap();
         tx.try_send(Command::Stop).unwrap();
-        let shared = Arc::new(Shared::new(dir.path()));
-        let writer = Writer::start(db, config, stats.clone(), Arc::default(), shared, rx).unwrap();
+        let (writer, stats, _) = start_writer(dir.path(), rx);
         writer.join().unwrap();
 
         for answer in appends {
@@ -1478,20 +1489,10 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             ..OutboxConfig::default()
         };
-        let (dir_path, config_copy) = (dir.path().to_path_buf(), config.clone());
+        let dir_path = dir.path().to_path_buf();
         tokio::task::spawn_blocking(move || {
-            let db = Arc::new(DbCell::open(dir_path.join("outbox.redb"), 1 << 20).unwrap());
-            let shared = Arc::new(Shared::new(&dir_path));
             let (tx, rx) = mpsc::channel(16);
-            let writer = Writer::start(
-                db.clone(),
-                config_copy,
-                Arc::default(),
-                Arc::default(),
-                shared,
-                rx,
-            )
-            .unwrap();
+            let (writer, _, db) = start_writer(&dir_path, rx);
             let answer = append(&tx, "remembered").blocking_recv().unwrap().unwrap();
             assert!(answer.is_stored());
             // The thread ends without `Stop`, as in a crash: no checkpoint.
