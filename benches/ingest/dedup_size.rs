@@ -117,12 +117,38 @@ async fn one(dir: &Path, dedup: bool, count: u64, concurrency: usize) -> anyhow:
         ..OutboxConfig::default()
     };
     let outbox = Outbox::open(&config)?;
-    let template = event::parse(TEMPLATE.as_bytes(), Source::Webhook, 0)?;
-    let template = Arc::new(template);
+    let (seqs, append_secs) = append_distinct(&outbox, count, concurrency).await?;
+    let file = dir.join("outbox.redb");
+    let file_full = std::fs::metadata(&file)?.len();
+    for chunk in seqs.chunks(100_000) {
+        outbox.complete(chunk.to_vec(), vec![]).await?;
+    }
+    let file_drained = std::fs::metadata(&file)?.len();
+    // Closing writes the last checkpoint of the dedup records.
+    outbox.close().await;
+    let (tables, file_compacted) = tokio::task::spawn_blocking(move || inspect(&file)).await??;
+    Ok(Run {
+        append_secs,
+        file_full,
+        file_drained,
+        file_compacted,
+        tables,
+    })
+}
+
+/// Appends COUNT distinct tasks (the template's event under new task ids)
+/// from CONCURRENCY tasks at once, so that group commit batches them as in
+/// the server; returns their sequence numbers and the seconds it took.
+pub async fn append_distinct(
+    outbox: &Outbox,
+    count: u64,
+    concurrency: usize,
+) -> anyhow::Result<(Vec<u64>, f64)> {
+    let template = Arc::new(event::parse(TEMPLATE.as_bytes(), Source::Webhook, 0)?);
     let prefix = Arc::new(format!("task_{}", run_prefix()));
     let tickets = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let appenders: Vec<_> = (0..concurrency)
+    let appenders: Vec<_> = (0..concurrency.max(1))
         .map(|_| {
             let (outbox, template, prefix, tickets) = (
                 outbox.clone(),
@@ -149,23 +175,7 @@ async fn one(dir: &Path, dedup: bool, count: u64, concurrency: usize) -> anyhow:
     for appender in appenders {
         seqs.extend(appender.await??);
     }
-    let append_secs = start.elapsed().as_secs_f64();
-    let file = dir.join("outbox.redb");
-    let file_full = std::fs::metadata(&file)?.len();
-    for chunk in seqs.chunks(100_000) {
-        outbox.complete(chunk.to_vec(), vec![]).await?;
-    }
-    let file_drained = std::fs::metadata(&file)?.len();
-    // Closing writes the last checkpoint of the dedup records.
-    outbox.close().await;
-    let (tables, file_compacted) = tokio::task::spawn_blocking(move || inspect(&file)).await??;
-    Ok(Run {
-        append_secs,
-        file_full,
-        file_drained,
-        file_compacted,
-        tables,
-    })
+    Ok((seqs, start.elapsed().as_secs_f64()))
 }
 
 pub fn task(template: &TaskEvent, prefix: &str, n: u64) -> TaskEvent {

@@ -13,16 +13,12 @@
 //! jemalloc.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use hookbridge::config::OutboxConfig;
-use hookbridge::event::{self, Source};
-use hookbridge::outbox::{Appended, Outbox};
+use hookbridge::outbox::Outbox;
 
-use super::dedup_size::{task, TEMPLATE};
-use super::load::run_prefix;
+use super::dedup_size::append_distinct;
 
 pub async fn run(
     dir: &Path,
@@ -116,36 +112,7 @@ async fn reopen_in_child(dir: &Path, count: u64) -> anyhow::Result<()> {
 /// the appends took.
 async fn fill(config: &OutboxConfig, count: u64, concurrency: usize) -> anyhow::Result<f64> {
     let outbox = Outbox::open(config)?;
-    let template = Arc::new(event::parse(TEMPLATE.as_bytes(), Source::Webhook, 0)?);
-    let prefix = Arc::new(format!("task_{}", run_prefix()));
-    let tickets = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let appenders: Vec<_> = (0..concurrency.max(1))
-        .map(|_| {
-            let (outbox, template, prefix, tickets) = (
-                outbox.clone(),
-                template.clone(),
-                prefix.clone(),
-                tickets.clone(),
-            );
-            tokio::spawn(async move {
-                loop {
-                    let n = tickets.fetch_add(1, Ordering::Relaxed);
-                    if n >= count {
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    match outbox.append(task(&template, &prefix, n)).await? {
-                        Appended::New { .. } => {}
-                        other => anyhow::bail!("task {n} not stored: {other:?}"),
-                    }
-                }
-            })
-        })
-        .collect();
-    for appender in appenders {
-        appender.await??;
-    }
-    let secs = start.elapsed().as_secs_f64();
+    let (_, secs) = append_distinct(&outbox, count, concurrency).await?;
     outbox.close().await;
     Ok(secs)
 }

@@ -145,10 +145,9 @@ fn outbox_status(db: &ReadOnlyDatabase, log_dir: &Path) -> Result<Status, redb::
         }
     })
     .map_err(redb::Error::Io)?;
-    let live = index.oldest(usize::MAX);
-    let mut pending = live.len() as u64;
-    let mut bytes: u64 = live.iter().map(|s| s.len as u64).sum();
-    let mut oldest = live.first().map(|s| s.received_at);
+    let mut pending = index.len();
+    let mut bytes = index.bytes();
+    let mut oldest = index.first().map(|s| s.received_at);
     match txn.open_table(PENDING) {
         Ok(table) => {
             for entry in table.iter()? {

@@ -219,6 +219,15 @@ impl Index {
         self.live
     }
 
+    /// Bytes of JSON pending.
+    pub(super) fn bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter(|s| !s.done)
+            .map(|s| s.len as u64)
+            .sum()
+    }
+
     /// The segment of the oldest pending event.
     pub(super) fn first_segment(&self) -> Option<u64> {
         self.slots.front().map(|s| s.segment)

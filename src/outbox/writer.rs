@@ -109,8 +109,6 @@ pub(super) struct Writer {
     /// Where the current prune pass resumes (the next task id to look at);
     /// `None` starts a new pass from the first.
     prune_from: Option<String>,
-    /// Where the group's prune step reports its figures to its reply.
-    prune_reply: Option<PruneStep>,
     /// Writes checkpoints of the dedup records off this thread.
     checkpointer: Checkpointer,
 }
@@ -176,24 +174,37 @@ impl Checkpointer {
 /// cover.
 fn write_records(db: &DbCell, records: &Records, through: u64) -> Result<(), OutboxError> {
     let db = db.get()?;
+    let txn = begin_durable(&db)?;
+    put_records(&txn, records, through)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// A write transaction that is synced when it commits.
+fn begin_durable(db: &redb::Database) -> Result<redb::WriteTransaction, OutboxError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate).map_err(|e| {
         OutboxError::Db(redb::Error::from(redb::StorageError::from(
             std::io::Error::other(e),
         )))
     })?;
-    {
-        let mut tasks = txn.open_table(TASKS)?;
-        for (task, record) in records {
-            tasks.insert(task.as_str(), record.encode().as_slice())?;
-        }
-        txn.open_table(META)?.insert(STORED_THROUGH, through)?;
-    }
-    txn.commit()?;
-    Ok(())
+    Ok(txn)
 }
 
-type PruneStep = Arc<std::sync::Mutex<Option<(u64, bool)>>>;
+/// Writes a checkpoint's `records` into `txn`, and the sequence number
+/// they cover.
+fn put_records(
+    txn: &redb::WriteTransaction,
+    records: &Records,
+    through: u64,
+) -> Result<(), OutboxError> {
+    let mut tasks = txn.open_table(TASKS)?;
+    for (task, record) in records {
+        tasks.insert(task.as_str(), record.encode().as_slice())?;
+    }
+    txn.open_table(META)?.insert(STORED_THROUGH, through)?;
+    Ok(())
+}
 
 /// Changes to the in-memory counters, applied only once a commit succeeded.
 #[derive(Default)]
@@ -211,7 +222,7 @@ struct Delta {
 }
 
 /// A reply, called with the error of the step it depends on (if any).
-type Reply = Box<dyn FnOnce(Option<&OutboxError>) + Send>;
+type Reply = Box<dyn FnOnce(Option<&OutboxError>, &StoreWork) + Send>;
 
 /// Which step of the group a command's answer waits for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -384,9 +395,8 @@ impl Writer {
         }
         {
             let index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
-            let bytes: u64 = index.oldest(usize::MAX).iter().map(|s| s.len as u64).sum();
             stats.pending.store(index.len(), Ordering::Relaxed);
-            stats.pending_bytes.store(bytes, Ordering::Relaxed);
+            stats.pending_bytes.store(index.bytes(), Ordering::Relaxed);
         }
         stats.dead.store(dead_count, Ordering::Relaxed);
         shared
@@ -415,7 +425,6 @@ impl Writer {
             last_checkpoint: Instant::now(),
             deferred_acks: Vec::new(),
             prune_from: None,
-            prune_reply: None,
             checkpointer: Checkpointer::start(db_for_checkpoints)?,
         };
         std::thread::Builder::new()
@@ -546,7 +555,7 @@ impl Writer {
             let error = log_error
                 .as_ref()
                 .or(store_error.as_ref().filter(|_| needs == Needs::Store));
-            reply(error);
+            reply(error, &work);
         }
     }
 
@@ -635,7 +644,7 @@ impl Writer {
                     let stored = outcome.as_ref().ok().cloned();
                     replies.push((
                         Needs::Log,
-                        Box::new(move |err| {
+                        Box::new(move |err, _| {
                             let _ = reply.send(match (err, stored) {
                                 (None, Some(stored)) => stored,
                                 (Some(e), _) => Err(AppendError::Storage(e.to_string())),
@@ -653,7 +662,7 @@ impl Writer {
                     let read = self.complete(delivered, dead, now, staged, work);
                     replies.push((
                         Needs::Store,
-                        Box::new(move |err| {
+                        Box::new(move |err, _| {
                             let _ = reply
                                 .send(err.map_or(Ok(()), |e| Err(OutboxError::Db(redb_copy(e)))));
                         }),
@@ -665,7 +674,7 @@ impl Writer {
                     let seqs = moved.as_ref().ok().cloned().unwrap_or_default();
                     replies.push((
                         Needs::Store,
-                        Box::new(move |err| {
+                        Box::new(move |err, _| {
                             let _ = reply
                                 .send(err.map_or(Ok(seqs), |e| Err(OutboxError::Db(redb_copy(e)))));
                         }),
@@ -690,7 +699,7 @@ impl Writer {
                     work.letters.push((letter, None));
                     replies.push((
                         Needs::Store,
-                        Box::new(move |err| {
+                        Box::new(move |err, _| {
                             let _ = reply
                                 .send(err.map_or(Ok(seq), |e| Err(OutboxError::Db(redb_copy(e)))));
                         }),
@@ -700,15 +709,10 @@ impl Writer {
                 Command::Prune { reply } => {
                     work.prune = true;
                     // The step's figures are known once the store committed.
-                    let step = PruneStep::default();
-                    let shared_step = step.clone();
                     replies.push((
                         Needs::Store,
-                        Box::new(move |err| {
-                            let step = shared_step
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .unwrap_or((0, false));
+                        Box::new(move |err, work| {
+                            let step = work.pruned.unwrap_or((0, false));
                             if let Some(reply) = reply {
                                 let _ = reply.send(
                                     err.map_or(Ok(step), |e| Err(OutboxError::Db(redb_copy(e)))),
@@ -716,7 +720,6 @@ impl Writer {
                             }
                         }),
                     ));
-                    self.prune_reply = Some(step);
                 }
             }
         }
@@ -933,57 +936,16 @@ impl Writer {
     /// The task store's part of a group, in one durable transaction: dead
     /// letters, requeues, the checkpoint of the dedup records, a prune step.
     fn store(&mut self, work: &mut StoreWork, delta: &mut Delta) -> Result<(), OutboxError> {
-        let db = self.db.get()?;
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate).map_err(|e| {
-            OutboxError::Db(redb::Error::from(redb::StorageError::from(
-                std::io::Error::other(e),
-            )))
-        })?;
-        let dirty: Vec<(String, TaskRecord)> = self
-            .shared
-            .dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        let through = self.next_seq - 1;
-        {
-            let mut dead = txn.open_table(DEAD)?;
-            for (letter, _) in &work.letters {
-                dead.insert(
-                    letter.seq,
-                    serde_json::to_vec(letter).unwrap_or_default().as_slice(),
-                )?;
-            }
-            for seq in &work.requeued {
-                dead.remove(*seq)?;
-            }
-            let mut tasks = txn.open_table(TASKS)?;
-            for (task, record) in &dirty {
-                tasks.insert(task.as_str(), record.encode().as_slice())?;
-            }
-            txn.open_table(META)?.insert(STORED_THROUGH, through)?;
-            if work.prune {
-                let cutoff = now_ms() - self.window_ms();
-                work.pruned = Some(self.prune_step(&mut tasks, cutoff)?);
-            }
+        let (records, through) = self.freeze();
+        let written = self.store_txn(work, &records, through);
+        if let Err(e) = written {
+            self.unfreeze();
+            return Err(e);
         }
-        txn.commit()?;
-        // Committed: the checkpointed records leave memory (unless changed
-        // meanwhile, which this thread alone could do), dead letters leave
-        // the queue and are acked with the next write.
-        {
-            let mut current = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
-            for (task, record) in dirty {
-                if current.get(&task) == Some(&record) {
-                    current.remove(&task);
-                }
-            }
-        }
+        // Committed: the checkpointed records leave memory, dead letters
+        // leave the queue and are acked with the next write.
+        *self.shared.frozen.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.stored_through = through;
-        self.last_checkpoint = Instant::now();
         let mut index = self.shared.index.lock().unwrap_or_else(|p| p.into_inner());
         for (letter, slot) in work.letters.drain(..) {
             if let Some(slot) = slot {
@@ -1006,10 +968,49 @@ impl Writer {
                 Ordering::Relaxed,
             );
         }
-        if let Some(step) = self.prune_reply.take() {
-            *step.lock().unwrap_or_else(|p| p.into_inner()) = work.pruned;
-        }
         Ok(())
+    }
+
+    /// The transaction of [`Writer::store`].
+    fn store_txn(
+        &mut self,
+        work: &mut StoreWork,
+        records: &Records,
+        through: u64,
+    ) -> Result<(), OutboxError> {
+        let db = self.db.get()?;
+        let txn = begin_durable(&db)?;
+        {
+            let mut dead = txn.open_table(DEAD)?;
+            for (letter, _) in &work.letters {
+                dead.insert(
+                    letter.seq,
+                    serde_json::to_vec(letter).unwrap_or_default().as_slice(),
+                )?;
+            }
+            for seq in &work.requeued {
+                dead.remove(*seq)?;
+            }
+            put_records(&txn, records, through)?;
+            if work.prune {
+                let cutoff = now_ms() - self.window_ms();
+                let mut tasks = txn.open_table(TASKS)?;
+                work.pruned = Some(self.prune_step(&mut tasks, cutoff)?);
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Moves the changed dedup records to `frozen` (lookups still see them
+    /// there) for a checkpoint, with the sequence number they cover.
+    fn freeze(&mut self) -> (Arc<Records>, u64) {
+        let records = Arc::new(std::mem::take(
+            &mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
+        *self.shared.frozen.lock().unwrap_or_else(|p| p.into_inner()) = Some(records.clone());
+        self.last_checkpoint = Instant::now();
+        (records, self.next_seq - 1)
     }
 
     /// Hands the dedup records changed since the last checkpoint to the
@@ -1031,12 +1032,7 @@ impl Writer {
             // The thread is gone (that was logged): checkpoint here.
             return self.store(&mut StoreWork::default(), delta);
         }
-        let records = Arc::new(std::mem::take(
-            &mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()),
-        ));
-        let through = self.next_seq - 1;
-        *self.shared.frozen.lock().unwrap_or_else(|p| p.into_inner()) = Some(records.clone());
-        self.last_checkpoint = Instant::now();
+        let (records, through) = self.freeze();
         let sent = self
             .checkpointer
             .jobs
@@ -1240,23 +1236,23 @@ impl Command {
     /// ever called with the group's error.
     fn into_reply(self) -> Reply {
         fn fail<T: Send + 'static>(reply: oneshot::Sender<Result<T, OutboxError>>) -> Reply {
-            Box::new(move |err| {
+            Box::new(move |err, _| {
                 let e = err.map_or(OutboxError::Reopening, |e| OutboxError::Db(redb_copy(e)));
                 let _ = reply.send(Err(e));
             })
         }
         match self {
-            Command::Append { reply, .. } => Box::new(move |err| {
+            Command::Append { reply, .. } => Box::new(move |err, _| {
                 let message = err.map_or_else(|| "not stored".to_string(), |e| e.to_string());
                 let _ = reply.send(Err(AppendError::Storage(message)));
             }),
-            Command::Stop => Box::new(|_| {}),
+            Command::Stop => Box::new(|_, _| {}),
             Command::Complete { reply, .. } => fail(reply),
             Command::Requeue { reply, .. } => fail(reply),
             Command::Bury { reply, .. } => fail(reply),
             Command::Prune { reply } => match reply {
                 Some(reply) => fail(reply),
-                None => Box::new(|_| {}),
+                None => Box::new(|_, _| {}),
             },
         }
     }
