@@ -366,12 +366,12 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
         ),
         (
             "hookbridge_outbox_group_commit_size",
-            "Requests committed together in one outbox transaction",
+            "Requests written together in one synced group of the pending log",
             &m.group_commit,
         ),
         (
             "hookbridge_outbox_fsync_duration_seconds",
-            "Time of one durable outbox commit",
+            "Time of one write and fdatasync of the pending log (a group commit)",
             &m.fsync,
         ),
         (
