@@ -461,7 +461,16 @@ impl PrivateBroker {
                     // Restart: the log still holds the first start's line, so ask
                     // the broker itself.
                     Some(c) => {
-                        c.start().await.expect("container restarts");
+                        // Docker's proxy of the stopped container may still
+                        // hold the host port for a moment: retry, bounded.
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                        while let Err(e) = c.start().await {
+                            assert!(
+                                tokio::time::Instant::now() < deadline,
+                                "container restarts: {e}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
                         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
                         loop {
                             let ready = match kind {
