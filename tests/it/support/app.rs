@@ -49,7 +49,13 @@ pub struct Http {
 impl Http {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            // A pooled connection idle for half a second is not reused: the
+            // server closes idle keep-alive connections at its header
+            // timeout (1 s in some tests), and a request sent on one just as
+            // it closes fails on the client's side.
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_millis(500))
+                .build_http(),
             base: format!("http://{addr}"),
             authorization: None,
         }
