@@ -228,6 +228,11 @@ async fn reconnect(target: &Target) -> Conn {
 /// Open loop: request `i` is due at `start + i / rate`; whichever pooled
 /// connection is free takes the next due request. Latency counts from the
 /// due time, so waiting for a free connection is part of it.
+///
+/// The due times come from a pacing thread that sleeps with the operating
+/// system's high-resolution timer: tokio's timer wheel rounds every sleep
+/// up to the next millisecond, which made requests leave 1 ms late on
+/// average and counted the generator's own lag against the server.
 pub async fn open_loop(
     target: Target,
     rate: u64,
@@ -238,7 +243,6 @@ pub async fn open_loop(
     anyhow::ensure!(rate > 0, "--rate must be positive");
     let target = Arc::new(target);
     let bodies = Arc::new(Bodies::new());
-    let tickets = Arc::new(AtomicU64::new(0));
     let total = ((warmup + measure).as_secs_f64() * rate as f64) as u64;
     let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -253,20 +257,36 @@ pub async fn open_loop(
         + 20
         + warmup.as_millis();
     println!("measured window starts: unix_ms={unix_ms}");
+    // Bounded: when every connection is busy the pacer waits too, and the
+    // requests it then hands out late still count from their due times.
+    let (due_tx, due_rx) = tokio::sync::mpsc::channel::<Instant>(connections.max(1) * 4);
+    let pacer = std::thread::Builder::new()
+        .name("pacer".into())
+        .spawn(move || {
+            for i in 0..total {
+                let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                if due_tx.blocking_send(due).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("cannot start the pacing thread")?;
+    let due_rx = Arc::new(tokio::sync::Mutex::new(due_rx));
     let workers: Vec<_> = conns
         .into_iter()
         .map(|mut conn| {
-            let (target, bodies, tickets) = (target.clone(), bodies.clone(), tickets.clone());
+            let (target, bodies, due_rx) = (target.clone(), bodies.clone(), due_rx.clone());
             tokio::spawn(async move {
                 let mut report = Report::default();
                 let mut last = start;
                 loop {
-                    let i = tickets.fetch_add(1, Ordering::Relaxed);
-                    if i >= total {
+                    let Some(due) = due_rx.lock().await.recv().await else {
                         break;
-                    }
-                    let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
-                    tokio::time::sleep_until(due.into()).await;
+                    };
                     let sent = Instant::now();
                     let result = conn.send(&target, "POST", bodies.next()).await;
                     let done = Instant::now();
@@ -298,6 +318,9 @@ pub async fn open_loop(
         let tail = r.tail;
         report.merge(r);
         report.tail = report.tail.max(tail);
+    }
+    if pacer.join().is_err() {
+        bail!("the pacing thread panicked");
     }
     report.window = measure;
     Ok(report)
