@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use hookbridge::event::{event_id, State};
-use hookbridge::sim::{DeliveryResult, Faults, Variant};
+use hookbridge::sim::{Faults, Variant};
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
@@ -54,30 +54,35 @@ async fn lost_callback_is_published_by_polling_exactly_once() {
 }
 
 /// Test 2: polling publishes first; the late callback adds nothing.
+///
+/// The provider's own delivery is dropped and the test sends the same
+/// callback (its URL with the task's token, the provider's body) once the
+/// poll's event is on the stream: "late" by construction, not by a delay
+/// that a slow poll could outlast.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_callback_after_a_poll_publishes_nothing_more() {
     let url = brokers::nats().await;
     let (stream, prefix) = (unique("P").to_uppercase(), unique("polled"));
     let subject = nats::create_stream(&url, &stream, &prefix, Duration::from_secs(1)).await;
-    let sim = start_sim(Faults {
-        delay_ms: 2_000,
-        ..Faults::default()
-    })
-    .await;
+    let sim = start_sim(drop_all()).await;
     let dir = temp_dir();
     let publisher = crate::nats::jetstream_publisher(&url, &subject, None);
     let app = TestApp::start(poll_config(dir.path(), &sim, publisher)).await;
 
     let task_id = create_task(&app, "a slow courier").await;
-    eventually(WAIT, "the late callback to be answered 200", || async {
-        sim.deliveries()
-            .iter()
-            .any(|d| d.task_id == task_id && d.result == DeliveryResult::Sent(200))
-            .then_some(())
-    })
-    .await;
+    let polled = nats::read_stream(&url, &stream, 1, WAIT, Duration::ZERO).await;
+    assert_eq!(polled[0].value["source"], "poll", "{polled:?}");
+    // Outlive the stream's own dedup window (1 s), so that a second copy
+    // would show (a precondition, not a wait for an outcome).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let callback = sim
+        .callback_url(&task_id)
+        .expect("created with a callback URL");
+    let path = callback.trim_start_matches(&format!("http://{}", app.addr));
+    let late = sim.record(&task_id, "success", Variant::default()).unwrap();
+    assert_eq!(app.http.post_json(path, &late).await.0, StatusCode::OK);
     app.drained(WAIT).await;
-    // The stream's own dedup window (1 s) is over: a second copy would show.
+
     let stored = nats::read_stream(&url, &stream, 1, WAIT, Duration::from_secs(2)).await;
     assert_eq!(stored.len(), 1, "one event for the task: {stored:?}");
     assert_eq!(stored[0].value["source"], "poll", "the poll came first");
