@@ -265,12 +265,13 @@ async fn rate_limits_and_server_errors_back_off_then_recover() {
     let sim = start_sim(drop_all()).await;
     let dir = temp_dir();
     let (publisher, out) = file_publisher(dir.path());
-    let mut c = poll_config(&dir.path().join("data"), &sim, publisher);
-    c.reconcile.first_poll_after_secs = 1; // time to arm the faults
-    let app = TestApp::start(c).await;
-    let task_id = create_task(&app, "under load").await;
+    let app = TestApp::start(poll_config(&dir.path().join("data"), &sim, publisher)).await;
+    // Armed before the task is registered, so its first poll meets them
+    // however long the registration takes.
+    let task_id = finished_task(&sim).await;
     sim.fail_next(429, 3);
     sim.fail_next(500, 3);
+    watch(&app, &task_id).await;
     eventually(WAIT, "the event after the errors", || async {
         (!lines(&out).is_empty()).then_some(())
     })
@@ -306,11 +307,11 @@ async fn unauthorized_stops_polling_with_a_counter() {
     let sim = start_sim(drop_all()).await;
     let dir = temp_dir();
     let (publisher, out) = file_publisher(dir.path());
-    let mut c = poll_config(&dir.path().join("data"), &sim, publisher);
-    c.reconcile.first_poll_after_secs = 1;
-    let app = TestApp::start(c).await;
-    let task_id = create_task(&app, "revoked key").await;
+    let app = TestApp::start(poll_config(&dir.path().join("data"), &sim, publisher)).await;
+    // Armed before the task is registered (see above).
+    let task_id = finished_task(&sim).await;
     sim.fail_next(401, 1);
+    watch(&app, &task_id).await;
     let poll = eventually(WAIT, "polling to stop", || async {
         let poll = poll_status(&app).await;
         (!poll["halted"].is_null()).then_some(poll)
@@ -507,6 +508,13 @@ async fn tasks_that_never_finish_or_do_not_exist_become_dead_letters() {
     );
     assert!(lines(&out).is_empty(), "nothing published");
     app.stop().await;
+}
+
+/// Registers `task_id` (created elsewhere) for polling.
+async fn watch(app: &TestApp, task_id: &str) {
+    let path = format!("/tasks/{task_id}/watch");
+    let (status, answer) = send(app, &path, Some(TASKS_TOKEN), &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
 }
 
 /// A task created straight at the simulator, once the provider reports it
