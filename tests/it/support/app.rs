@@ -324,10 +324,17 @@ impl ChildApp {
         }
         let child = cmd.spawn().expect("hookbridge binary starts");
         let http = Http::new(addr);
+        // Both listeners: the admin one is bound just after the public one,
+        // and tests talk to it as soon as this returns.
         super::eventually(
             Duration::from_secs(30),
             "the child hookbridge to listen",
-            || async { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+            || async {
+                let public = tokio::net::TcpStream::connect(addr).await.ok()?;
+                let admin = tokio::net::TcpStream::connect(admin_addr).await.ok()?;
+                drop((public, admin));
+                Some(())
+            },
         )
         .await;
         Self {
