@@ -305,7 +305,9 @@ async fn on_shutdown_readiness_fails_while_callbacks_are_still_taken() {
     let url = brokers::nats().await;
     let dir = temp_dir();
     let mut cluster = jetstream_cluster(&unique("kv"));
-    cluster.drain_ms = 3_000;
+    // The window in which the test must see "draining" and then have a
+    // callback taken: wide enough for a loaded machine (the stop waits it out).
+    cluster.drain_ms = 10_000;
     let subject = format!("{}.{{state}}", unique("tasks"));
     let app = TestApp::start(clustered(
         config(dir.path(), jetstream_publisher(&url, &subject, None)),

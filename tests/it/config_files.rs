@@ -456,7 +456,6 @@ fn uncommenting_enables_settings_but_not_prose() {
 fn logs_mask_url_userinfo() {
     let dir = super::support::app::temp_dir();
     let log = dir.path().join("stderr");
-    let port = super::support::app::free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_hookbridge"))
         .current_dir(root())
         .env("HOOKBRIDGE_PUBLISHER__TYPE", "nats")
@@ -465,7 +464,10 @@ fn logs_mask_url_userinfo() {
             "HOOKBRIDGE_PUBLISHER__URL",
             "nats://user:pw-in-log@127.0.0.1:1",
         )
-        .env("HOOKBRIDGE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        // Any free ports: only the log is read. (The admin default, 9091,
+        // may be taken by anything else running on this machine.)
+        .env("HOOKBRIDGE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("HOOKBRIDGE_ADMIN__LISTEN", "127.0.0.1:0")
         .env("HOOKBRIDGE_OUTBOX__DATA_DIR", dir.path().join("data"))
         .env("HOOKBRIDGE_LOG__LEVEL", "debug")
         .stdout(std::process::Stdio::null())

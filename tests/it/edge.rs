@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hookbridge::config::{Config, FileConfig, PublisherConfig, Secret, TlsConfig};
@@ -367,6 +367,15 @@ async fn get_with(
     )
 }
 
+/// The most requests a bucket of `burst` refilled by one token a second
+/// (governor's GCRA) lets through in `elapsed`, measured around the first
+/// and last request: the burst plus one per whole second, and at least one
+/// extra, so that a clock tick at a second's edge is not a failure.
+fn most_passing(burst: usize, elapsed: Duration) -> usize {
+    let seconds = (elapsed + Duration::from_millis(50)).as_secs() as usize;
+    burst + seconds.max(1)
+}
+
 /// Past the per-client burst: 429 with Retry-After and a JSON body,
 /// counted. A trusted proxy's X-Forwarded-For names the client; an
 /// untrusted peer's is ignored.
@@ -383,15 +392,16 @@ async fn rate_limits_per_client_with_trusted_proxies() {
         }
         let app = TestApp::start(config).await;
         let first = [("x-forwarded-for", "198.51.100.1")];
+        let started = Instant::now();
         let mut statuses = Vec::new();
         for _ in 0..BURST + 5 {
             statuses.push(get_with(app.addr, "/healthz", &first).await);
         }
-        // One more token per second: a slow machine may see one extra pass.
         let passed = statuses.iter().filter(|s| s.0 == StatusCode::OK).count();
         assert!(
-            (BURST..=BURST + 1).contains(&passed),
-            "{passed} passed, trusted={trusted}"
+            (BURST..=most_passing(BURST, started.elapsed())).contains(&passed),
+            "{passed} passed in {:?}, trusted={trusted}",
+            started.elapsed()
         );
         let (_, retry, body) = statuses
             .iter()
@@ -411,9 +421,12 @@ async fn rate_limits_per_client_with_trusted_proxies() {
         if trusted {
             assert_eq!(statuses, [StatusCode::OK; 3]);
         } else {
+            // The peer's bucket, the one the first 10 requests drained.
+            let more = statuses.iter().filter(|s| **s == StatusCode::OK).count();
             assert!(
-                statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
-                "{statuses:?}"
+                passed + more <= most_passing(BURST, started.elapsed()),
+                "{passed} + {statuses:?} in {:?}",
+                started.elapsed()
             );
         }
         assert!(

@@ -14,7 +14,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::kafka::kafka_publisher;
 use crate::support::app::{config, temp_dir, Http, TestApp};
-use crate::support::{brokers, callbacks, kafka, unique};
+use crate::support::{brokers, callbacks, eventually, kafka, unique};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
 
@@ -143,8 +143,22 @@ async fn the_scrape_follows_the_traffic() {
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     app.drained(Duration::from_secs(60)).await;
-
-    let after = Scraped::from(&app.admin).await;
+    // The relay counts a step's dead letters and stamps its progress just
+    // after the outbox took the step, which is what ends the drain wait.
+    let admin = app.admin.clone();
+    let after = eventually(Duration::from_secs(30), "the relay's last step", || {
+        let admin = admin.clone();
+        async move {
+            let scraped = Scraped::from(&admin).await;
+            let counted = scraped.value(
+                "hookbridge_events_dead_lettered_total",
+                &[("class", "refused")],
+            ) >= 1.0
+                && scraped.value("hookbridge_relay_last_progress_timestamp_seconds", &[]) > 0.0;
+            counted.then_some(scraped)
+        }
+    })
+    .await;
     let counter = |name: &str, labels: &[(&str, &str)]| after.value(name, labels);
     // 5 tasks + the big one; the conflict is stored and published too.
     assert_eq!(counter("hookbridge_events_accepted_total", &[]), 7.0);

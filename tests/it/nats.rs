@@ -126,9 +126,9 @@ async fn core_nats_mode_reaches_a_subscriber() {
         app.callback(&callbacks::failure(&task)).await,
         StatusCode::OK
     );
-    let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+    let m = tokio::time::timeout(Duration::from_secs(60), sub.next())
         .await
-        .expect("message within 10 s")
+        .expect("message within 60 s")
         .unwrap();
     let value: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(value["taskId"], task.as_str());

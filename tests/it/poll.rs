@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use hookbridge::event::{event_id, State};
-use hookbridge::sim::{DeliveryResult, Faults, Variant};
+use hookbridge::sim::{Faults, Variant};
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
@@ -41,38 +41,48 @@ async fn lost_callback_is_published_by_polling_exactly_once() {
         .unwrap()
         .ends_with(".mp4"));
 
-    let poll = poll_status(&app).await;
-    assert_eq!(poll["activeTasks"], 0, "the task is done: {poll}");
-    assert!(poll["counters"]["polls"].as_u64().unwrap() >= 1);
+    // The reconciler stores the event, then saves the task as done: the
+    // relay may publish the event before that save lands.
+    let poll = eventually(WAIT, "the task to be done", || async {
+        let poll = poll_status(&app).await;
+        (poll["activeTasks"] == 0).then_some(poll)
+    })
+    .await;
+    assert!(poll["counters"]["polls"].as_u64().unwrap() >= 1, "{poll}");
     assert_eq!(record_infos(&sim, &task_id).last(), Some(&200));
     app.stop().await;
 }
 
 /// Test 2: polling publishes first; the late callback adds nothing.
+///
+/// The provider's own delivery is dropped and the test sends the same
+/// callback (its URL with the task's token, the provider's body) once the
+/// poll's event is on the stream: "late" by construction, not by a delay
+/// that a slow poll could outlast.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_callback_after_a_poll_publishes_nothing_more() {
     let url = brokers::nats().await;
     let (stream, prefix) = (unique("P").to_uppercase(), unique("polled"));
     let subject = nats::create_stream(&url, &stream, &prefix, Duration::from_secs(1)).await;
-    let sim = start_sim(Faults {
-        delay_ms: 2_000,
-        ..Faults::default()
-    })
-    .await;
+    let sim = start_sim(drop_all()).await;
     let dir = temp_dir();
     let publisher = crate::nats::jetstream_publisher(&url, &subject, None);
     let app = TestApp::start(poll_config(dir.path(), &sim, publisher)).await;
 
     let task_id = create_task(&app, "a slow courier").await;
-    eventually(WAIT, "the late callback to be answered 200", || async {
-        sim.deliveries()
-            .iter()
-            .any(|d| d.task_id == task_id && d.result == DeliveryResult::Sent(200))
-            .then_some(())
-    })
-    .await;
+    let polled = nats::read_stream(&url, &stream, 1, WAIT, Duration::ZERO).await;
+    assert_eq!(polled[0].value["source"], "poll", "{polled:?}");
+    // Outlive the stream's own dedup window (1 s), so that a second copy
+    // would show (a precondition, not a wait for an outcome).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let callback = sim
+        .callback_url(&task_id)
+        .expect("created with a callback URL");
+    let path = callback.trim_start_matches(&format!("http://{}", app.addr));
+    let late = sim.record(&task_id, "success", Variant::default()).unwrap();
+    assert_eq!(app.http.post_json(path, &late).await.0, StatusCode::OK);
     app.drained(WAIT).await;
-    // The stream's own dedup window (1 s) is over: a second copy would show.
+
     let stored = nats::read_stream(&url, &stream, 1, WAIT, Duration::from_secs(2)).await;
     assert_eq!(stored.len(), 1, "one event for the task: {stored:?}");
     assert_eq!(stored[0].value["source"], "poll", "the poll came first");
@@ -255,12 +265,13 @@ async fn rate_limits_and_server_errors_back_off_then_recover() {
     let sim = start_sim(drop_all()).await;
     let dir = temp_dir();
     let (publisher, out) = file_publisher(dir.path());
-    let mut c = poll_config(&dir.path().join("data"), &sim, publisher);
-    c.reconcile.first_poll_after_secs = 1; // time to arm the faults
-    let app = TestApp::start(c).await;
-    let task_id = create_task(&app, "under load").await;
+    let app = TestApp::start(poll_config(&dir.path().join("data"), &sim, publisher)).await;
+    // Armed before the task is registered, so its first poll meets them
+    // however long the registration takes.
+    let task_id = finished_task(&sim).await;
     sim.fail_next(429, 3);
     sim.fail_next(500, 3);
+    watch(&app, &task_id).await;
     eventually(WAIT, "the event after the errors", || async {
         (!lines(&out).is_empty()).then_some(())
     })
@@ -296,11 +307,11 @@ async fn unauthorized_stops_polling_with_a_counter() {
     let sim = start_sim(drop_all()).await;
     let dir = temp_dir();
     let (publisher, out) = file_publisher(dir.path());
-    let mut c = poll_config(&dir.path().join("data"), &sim, publisher);
-    c.reconcile.first_poll_after_secs = 1;
-    let app = TestApp::start(c).await;
-    let task_id = create_task(&app, "revoked key").await;
+    let app = TestApp::start(poll_config(&dir.path().join("data"), &sim, publisher)).await;
+    // Armed before the task is registered (see above).
+    let task_id = finished_task(&sim).await;
     sim.fail_next(401, 1);
+    watch(&app, &task_id).await;
     let poll = eventually(WAIT, "polling to stop", || async {
         let poll = poll_status(&app).await;
         (!poll["halted"].is_null()).then_some(poll)
@@ -497,6 +508,13 @@ async fn tasks_that_never_finish_or_do_not_exist_become_dead_letters() {
     );
     assert!(lines(&out).is_empty(), "nothing published");
     app.stop().await;
+}
+
+/// Registers `task_id` (created elsewhere) for polling.
+async fn watch(app: &TestApp, task_id: &str) {
+    let path = format!("/tasks/{task_id}/watch");
+    let (status, answer) = send(app, &path, Some(TASKS_TOKEN), &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
 }
 
 /// A task created straight at the simulator, once the provider reports it

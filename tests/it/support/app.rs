@@ -1,10 +1,11 @@
 //! The bridge under test: in-process (`TestApp`) or as the real binary in a
 //! child process (`ChildApp`, for crash tests), plus a small HTTP client.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -251,13 +252,39 @@ impl Drop for TestApp {
     }
 }
 
-/// A free loopback port (bound, then released).
+/// A free port for a listener that something binds later: a child process,
+/// a broker container, a broker restarted on the same port after an outage.
+///
+/// Not a port-0 pick released again: the kernel may give such a port to the
+/// next port-0 listener or outgoing connection of any test running
+/// meanwhile, and the later bind fails. These come from outside the
+/// kernel's ephemeral range, where neither ever lands; this process never
+/// hands one out twice, and each is free on every address when picked.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let (low, high) = ephemeral_ports();
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..10_000 {
+        let port = rand::random_range(10_000..=u16::MAX);
+        if !(low..=high).contains(&port)
+            && given.insert(port)
+            && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port outside the ephemeral range {low}-{high} (net.ipv4.ip_local_port_range)");
+}
+
+/// The kernel's ephemeral port range (`ip_local_port_range`).
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|b| b.parse::<u16>().ok());
+            Some((bounds.next()??, bounds.next()??))
+        })
+        .unwrap_or((32768, 60999))
 }
 
 /// The real `hookbridge` binary in a child process, configured through
@@ -297,10 +324,17 @@ impl ChildApp {
         }
         let child = cmd.spawn().expect("hookbridge binary starts");
         let http = Http::new(addr);
+        // Both listeners: the admin one is bound just after the public one,
+        // and tests talk to it as soon as this returns.
         super::eventually(
             Duration::from_secs(30),
             "the child hookbridge to listen",
-            || async { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+            || async {
+                let public = tokio::net::TcpStream::connect(addr).await.ok()?;
+                let admin = tokio::net::TcpStream::connect(admin_addr).await.ok()?;
+                drop((public, admin));
+                Some(())
+            },
         )
         .await;
         Self {
