@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -25,6 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::HealthConfig;
+
+/// Locks `m`, going on with its data when a thread panicked while holding
+/// it: every value kept behind these mutexes is whole between statements
+/// (a map, a queue, a cell), and a panic elsewhere must not stop the
+/// service.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The message of a caught panic, for logs and dead letters.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -89,16 +97,13 @@ impl Health {
 
     /// Every worker the supervisor started, with its state.
     pub fn workers(&self) -> BTreeMap<&'static str, WorkerState> {
-        self.workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.workers).clone()
     }
 
     /// Sets (`Some`) or clears (`None`) a problem `/readyz` reports for
     /// `component`.
     pub fn set_condition(&self, component: &'static str, problem: Option<&'static str>) {
-        let mut conditions = self.conditions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conditions = lock(&self.conditions);
         match problem {
             Some(problem) => conditions.insert(component, problem),
             None => conditions.remove(component),
@@ -107,17 +112,11 @@ impl Health {
 
     /// The problems set with [`Health::set_condition`].
     pub fn conditions(&self) -> BTreeMap<&'static str, &'static str> {
-        self.conditions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.conditions).clone()
     }
 
     fn set(&self, worker: &'static str, state: WorkerState) {
-        self.workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(worker, state);
+        lock(&self.workers).insert(worker, state);
     }
 }
 
@@ -140,10 +139,7 @@ struct Stopper {
 impl Stopper {
     fn give_up(&self, worker: &'static str, cause: String) {
         self.health.set(worker, WorkerState::Failed);
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(GaveUp { worker, cause });
+        lock(&self.failure).get_or_insert(GaveUp { worker, cause });
         self.gave_up.cancel();
     }
 }
@@ -281,12 +277,7 @@ impl Supervisor {
                 tracing::error!(error = %e, "supervisor task failed");
             }
         }
-        match self
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        match lock(&self.failure).take() {
             Some(failure) => Err(failure),
             None => Ok(()),
         }

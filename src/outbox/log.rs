@@ -47,6 +47,7 @@ use std::sync::{Arc, Mutex};
 
 use super::store::{slot as state_slot, TaskRecord, STATES};
 use crate::publish::EventMeta;
+use crate::supervise::lock;
 
 /// The active segment is reserved ahead of its writes by this much at a
 /// time. Measured on ext4 (a virtio disk): a write and `fdatasync` into
@@ -285,7 +286,7 @@ impl Segments {
     /// The head and the JSON of `slot`, in one buffer.
     pub(super) fn read(&self, slot: &Slot) -> std::io::Result<Vec<u8>> {
         let file = {
-            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let mut open = lock(&self.open);
             match open.get(&slot.segment) {
                 Some(file) => file.clone(),
                 None => {
@@ -308,10 +309,7 @@ impl Segments {
     }
 
     fn forget(&self, segment: u64) {
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&segment);
+        lock(&self.open).remove(&segment);
     }
 }
 
@@ -1031,36 +1029,39 @@ mod tests {
         assert!(opened.damaged.is_empty());
 
         // Zeros at the end of an earlier segment are damage, reported.
-        let dir = tempfile::tempdir().unwrap();
-        let (mut log, ..) = open(dir.path());
-        group(&mut log, 1..=2);
-        log.roll().unwrap();
-        group(&mut log, 3..=3);
-        drop(log);
-        let first = segment_path(dir.path(), segment_ids(dir.path()).unwrap()[0]);
-        let mut bytes = std::fs::read(&first).unwrap();
-        let len = bytes.len();
-        bytes.resize(len + 4096, 0);
-        std::fs::write(&first, &bytes).unwrap();
-        let (_, opened, _, read) = open(dir.path());
+        let (opened, read) = with_first_segment_changed(3..=3, |bytes| {
+            bytes.resize(bytes.len() + 4096, 0);
+        });
         assert_eq!(read.len(), 3);
         assert_eq!(opened.damaged.len(), 1, "{opened:?}");
     }
 
-    #[test]
-    fn damage_in_an_earlier_segment_is_reported_and_later_ones_are_read() {
+    /// Two segments (events 1 and 2, then `second`), the first one's bytes
+    /// changed by `change`; what reopening them reads.
+    fn with_first_segment_changed(
+        second: std::ops::RangeInclusive<u64>,
+        change: impl FnOnce(&mut Vec<u8>),
+    ) -> (Opened, Read) {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, ..) = open(dir.path());
         group(&mut log, 1..=2);
         log.roll().unwrap();
-        group(&mut log, 3..=4);
+        group(&mut log, second);
         drop(log);
         let first = segment_path(dir.path(), segment_ids(dir.path()).unwrap()[0]);
         let mut bytes = std::fs::read(&first).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
+        change(&mut bytes);
         std::fs::write(&first, &bytes).unwrap();
         let (_, opened, _, read) = open(dir.path());
+        (opened, read)
+    }
+
+    #[test]
+    fn damage_in_an_earlier_segment_is_reported_and_later_ones_are_read() {
+        let (opened, read) = with_first_segment_changed(3..=4, |bytes| {
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+        });
         assert_eq!(read.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 3, 4]);
         assert_eq!(opened.damaged.len(), 1, "{opened:?}");
         assert_eq!(opened.torn_bytes, 0);

@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::OutboxConfig;
 use crate::event::{State, TaskEvent};
+use crate::supervise::lock;
 
 pub mod inspect;
 mod log;
@@ -246,12 +247,12 @@ impl Shared {
 
     /// The dedup record of `task_id` that the task store does not have yet.
     fn unstored(&self, task_id: &str) -> Option<TaskRecord> {
-        let dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let dirty = lock(&self.dirty);
         if let Some(record) = dirty.get(task_id) {
             return Some(*record);
         }
         drop(dirty);
-        let frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
+        let frozen = lock(&self.frozen);
         frozen.as_ref().and_then(|f| f.get(task_id).copied())
     }
 }
@@ -372,13 +373,7 @@ impl Outbox {
     /// `scan` entries.
     /// Entries that cannot be decoded come back apart, to be dead-lettered.
     pub fn read_batch(&self, batch: usize, scan: usize) -> Result<Batch, OutboxError> {
-        let slots = self
-            .inner
-            .shared
-            .index
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .oldest(scan);
+        let slots = lock(&self.inner.shared.index).oldest(scan);
         let mut tasks = HashSet::with_capacity(batch.min(slots.len()));
         let mut out = Batch {
             ready: Vec::with_capacity(batch.min(slots.len())),
@@ -520,12 +515,7 @@ impl Outbox {
     /// once. Every later call on any handle fails with `Closed`.
     pub async fn close(&self) {
         let _ = self.inner.tx.send(writer::Command::Stop).await;
-        let writer = self
-            .inner
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let writer = lock(&self.inner.writer).take();
         let db = self.inner.db.clone();
         let closed = tokio::task::spawn_blocking(move || {
             if let Some(Err(panic)) = writer.map(|w| w.join()) {
@@ -542,7 +532,7 @@ impl Outbox {
     /// Whether the writer thread is still there to take writes (for the
     /// supervisor and the readiness check).
     pub fn writer_alive(&self) -> bool {
-        let writer = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let writer = lock(&self.inner.writer);
         writer.as_ref().is_some_and(|w| !w.is_finished())
     }
 
@@ -594,12 +584,7 @@ impl Outbox {
     pub fn status(&self) -> Result<Status, OutboxError> {
         let s = &self.inner.stats;
         let shared = &self.inner.shared;
-        let oldest = shared
-            .index
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first()
-            .map(|slot| slot.received_at);
+        let oldest = lock(&shared.index).first().map(|slot| slot.received_at);
         let tasks = shared.tracked.load(Ordering::Relaxed);
         Ok(Status {
             pending: s.pending.load(Ordering::Relaxed),

@@ -36,6 +36,7 @@ use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Shared, Stat
 use crate::config::OutboxConfig;
 use crate::event::TaskEvent;
 use crate::publish::EventMeta;
+use crate::supervise::lock;
 
 /// Most commands taken as one group.
 const MAX_GROUP: usize = 4096;
@@ -305,7 +306,7 @@ impl Writer {
         let mut replayed: HashMap<String, TaskRecord> = HashMap::new();
         let mut last_seq = 0u64;
         let (mut log, opened) = {
-            let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
+            let mut index = lock(&shared.index);
             Log::open(&log_dir, SEGMENT_BYTES, |record, slot| match record {
                 Record::Append {
                     seq,
@@ -367,7 +368,7 @@ impl Writer {
                 path: log_dir.display().to_string(),
                 source,
             })?;
-            let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
+            let mut index = lock(&shared.index);
             for slot in slots {
                 index.push(slot);
             }
@@ -394,7 +395,7 @@ impl Writer {
             }
         }
         {
-            let index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
+            let index = lock(&shared.index);
             stats.pending.store(index.len(), Ordering::Relaxed);
             stats.pending_bytes.store(index.bytes(), Ordering::Relaxed);
         }
@@ -402,7 +403,7 @@ impl Writer {
         shared
             .tracked
             .store(tasks_stored + new_tasks, Ordering::Relaxed);
-        *shared.dirty.lock().unwrap_or_else(|p| p.into_inner()) = replayed;
+        *lock(&shared.dirty) = replayed;
         tracing::info!(
             segments = opened.segments,
             records = opened.records,
@@ -747,7 +748,7 @@ impl Writer {
 
     /// Makes a written group visible: pending slots, dedup records, acks.
     fn publish_staged(&mut self, staged: Staged, delta: &mut Delta) {
-        let mut index = self.shared.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut index = lock(&self.shared.index);
         for slot in staged.slots {
             index.push(slot);
         }
@@ -760,11 +761,7 @@ impl Writer {
         }
         drop(index);
         if !staged.records.is_empty() {
-            self.shared
-                .dirty
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(staged.records);
+            lock(&self.shared.dirty).extend(staged.records);
         }
         self.shared
             .tracked
@@ -919,7 +916,7 @@ impl Writer {
         if dead.is_empty() {
             return Ok(());
         }
-        let index = self.shared.index.lock().unwrap_or_else(|p| p.into_inner());
+        let index = lock(&self.shared.index);
         for (seq, reason) in dead {
             let Some(slot) = index.get(seq) else { continue };
             let bytes = self
@@ -944,9 +941,9 @@ impl Writer {
         }
         // Committed: the checkpointed records leave memory, dead letters
         // leave the queue and are acked with the next write.
-        *self.shared.frozen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *lock(&self.shared.frozen) = None;
         self.stored_through = through;
-        let mut index = self.shared.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut index = lock(&self.shared.index);
         for (letter, slot) in work.letters.drain(..) {
             if let Some(slot) = slot {
                 if index.remove(slot.seq).is_some() {
@@ -1005,10 +1002,8 @@ impl Writer {
     /// Moves the changed dedup records to `frozen` (lookups still see them
     /// there) for a checkpoint, with the sequence number they cover.
     fn freeze(&mut self) -> (Arc<Records>, u64) {
-        let records = Arc::new(std::mem::take(
-            &mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()),
-        ));
-        *self.shared.frozen.lock().unwrap_or_else(|p| p.into_inner()) = Some(records.clone());
+        let records = Arc::new(std::mem::take(&mut *lock(&self.shared.dirty)));
+        *lock(&self.shared.frozen) = Some(records.clone());
         self.last_checkpoint = Instant::now();
         (records, self.next_seq - 1)
     }
@@ -1020,7 +1015,7 @@ impl Writer {
             return Ok(());
         }
         let due = {
-            let dirty = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            let dirty = lock(&self.shared.dirty);
             !dirty.is_empty()
                 && (dirty.len() >= CHECKPOINT_RECORDS
                     || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
@@ -1070,7 +1065,7 @@ impl Writer {
         match result {
             Some(Ok(through)) => {
                 self.stored_through = through;
-                *self.shared.frozen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *lock(&self.shared.frozen) = None;
             }
             Some(Err(e)) => {
                 tracing::error!(error = %e, "outbox checkpoint failed; its records stay in memory and in the log");
@@ -1089,14 +1084,9 @@ impl Writer {
     /// Puts the records of a checkpoint that did not happen back with the
     /// changed ones (a newer record of the same task wins).
     fn unfreeze(&mut self) {
-        let frozen = self
-            .shared
-            .frozen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let frozen = lock(&self.shared.frozen).take();
         if let Some(frozen) = frozen {
-            let mut dirty = self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            let mut dirty = lock(&self.shared.dirty);
             for (task, record) in frozen.iter() {
                 dirty.entry(task.clone()).or_insert(*record);
             }
@@ -1105,12 +1095,7 @@ impl Writer {
 
     /// Deletes the log segments nothing needs any more.
     fn recycle(&mut self) {
-        let first = self
-            .shared
-            .index
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first_segment();
+        let first = lock(&self.shared.index).first_segment();
         if let Err(e) = self
             .log
             .recycle(first, self.stored_through, &self.shared.segments)
@@ -1285,10 +1270,15 @@ mod tests {
 
     type Answer = oneshot::Receiver<Result<Appended, AppendError>>;
 
+    /// A webhook callback of `task` in `state`, parsed.
+    fn callback(task: &str, state: &str) -> TaskEvent {
+        let body = format!(r#"{{"taskId":"{task}","state":"{state}"}}"#);
+        parse(body.as_bytes(), Source::Webhook, 1).unwrap()
+    }
+
     /// An append of `task`'s `generating`, and where its answer comes.
     fn append_command(task: &str) -> (Command, Answer) {
-        let body = format!(r#"{{"taskId":"{task}","state":"generating"}}"#);
-        let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+        let event = callback(task, "generating");
         let (reply, answer) = oneshot::channel();
         let payload = serde_json::to_vec(&event).unwrap();
         let event = Box::new(event);
@@ -1406,8 +1396,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = outbox_in(dir.path(), 0);
         for i in 0..10 {
-            let body = format!(r#"{{"taskId":"t{i}","state":"generating"}}"#);
-            let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+            let event = callback(&format!("t{i}"), "generating");
             assert!(outbox.append(event).await.unwrap().is_stored());
         }
         // A zero window expires a record once the clock has moved past it.
@@ -1428,8 +1417,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = outbox_in(dir.path(), 3600);
         for i in 0..7 {
-            let body = format!(r#"{{"taskId":"t{i}","state":"waiting"}}"#);
-            let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+            let event = callback(&format!("t{i}"), "waiting");
             outbox.append(event).await.unwrap();
         }
         assert_eq!(outbox.prune().await.unwrap(), 0);
@@ -1461,8 +1449,7 @@ mod tests {
         let outbox = outbox_in(dir.path(), 3600);
         let old = outbox.task("old").unwrap().unwrap();
         assert_eq!(old.furthest, Some(crate::event::State::Waiting));
-        let body = r#"{"taskId":"old","state":"waiting"}"#;
-        let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+        let event = callback("old", "waiting");
         assert_eq!(outbox.append(event).await.unwrap(), Appended::Duplicate);
         outbox.close().await;
         let db = redb::Database::open(&path).unwrap();
@@ -1513,8 +1500,7 @@ mod tests {
             .expect("read back from the log");
         assert_eq!(record.furthest, Some(crate::event::State::Generating));
         assert_eq!(outbox.status().unwrap().tasks_tracked, 1);
-        let body = r#"{"taskId":"remembered","state":"generating"}"#;
-        let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+        let event = callback("remembered", "generating");
         assert_eq!(outbox.append(event).await.unwrap(), Appended::Duplicate);
         assert_eq!(outbox.status().unwrap().pending, 1);
         outbox.close().await;
@@ -1533,8 +1519,7 @@ mod tests {
         };
         let mut seqs = Vec::new();
         for i in 0..200 {
-            let body = format!(r#"{{"taskId":"t{i}","state":"generating"}}"#);
-            let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+            let event = callback(&format!("t{i}"), "generating");
             match outbox.append(event).await.unwrap() {
                 Appended::New { seq } => seqs.push(seq),
                 other => panic!("{other:?}"),
@@ -1565,10 +1550,7 @@ mod tests {
     async fn checkpoints_in_the_background_lose_no_record() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = outbox_in(dir.path(), 3600);
-        let event = |i: usize| {
-            let body = format!(r#"{{"taskId":"t{i}","state":"generating"}}"#);
-            parse(body.as_bytes(), Source::Webhook, 1).unwrap()
-        };
+        let event = |i: usize| callback(&format!("t{i}"), "generating");
         let stored = |outbox: &super::super::Outbox| {
             use redb::{ReadableDatabase, ReadableTableMetadata};
             let db = outbox.inner.db.get().unwrap();

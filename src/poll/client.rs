@@ -29,6 +29,7 @@ use super::{backoff, PollStats};
 use crate::config::{ProviderConfig, Secret};
 use crate::event::{self, Source, TaskEvent};
 use crate::outbox::now_ms;
+use crate::supervise::lock;
 
 /// An HTTP/1 client for `http://` and `https://` URLs (rustls, ring, the
 /// system's root certificates). It follows no redirects: a 3xx is an answer.
@@ -116,7 +117,7 @@ struct Pacer {
 impl Pacer {
     async fn wait(&self) {
         let at = {
-            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = lock(&self.next);
             let at = (*next).max(Instant::now());
             *next = at + self.period;
             at

@@ -62,6 +62,7 @@ use serde_json::{json, Value};
 use crate::config::{Config, ReconcileConfig, Secret};
 use crate::event::{self, Source, State, TaskEvent};
 use crate::outbox::{now_ms, Outbox};
+use crate::supervise::lock;
 
 pub mod client;
 mod reconciler;
@@ -109,15 +110,12 @@ impl PollStats {
 
     /// Why polling stopped, if it did.
     pub fn halted(&self) -> Option<String> {
-        self.halted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.halted).clone()
     }
 
     /// Stops polling and verification for the life of the process; logs once.
     pub(crate) fn halt(&self, reason: String) {
-        let mut halted = self.halted.lock().unwrap_or_else(|p| p.into_inner());
+        let mut halted = lock(&self.halted);
         if halted.is_none() {
             Self::add(&self.auth_failures, 1);
             tracing::error!(

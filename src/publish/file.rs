@@ -12,6 +12,7 @@ use futures::FutureExt;
 
 use super::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
 use crate::config::FileConfig;
+use crate::supervise::lock;
 
 enum Sink {
     Stdout,
@@ -99,7 +100,7 @@ impl Publisher for FilePublisher {
         let lines: Vec<bytes::Bytes> = batch.iter().map(|m| m.payload.clone()).collect();
         async move {
             let result = tokio::task::spawn_blocking(move || {
-                let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+                let mut sink = lock(&sink);
                 write_batch(&mut sink, &lines)
             })
             .await;

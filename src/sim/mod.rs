@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::poll::client::{http_client, HttpClient};
+use crate::supervise::lock;
 
 mod deliver;
 mod server;
@@ -151,10 +152,6 @@ struct Shared {
     created: AtomicU64,
     deliverers: Mutex<Vec<AbortHandle>>,
     http: HttpClient,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {

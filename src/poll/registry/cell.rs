@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use redb::Database;
 
 use super::RegistryError;
+use crate::supervise::lock;
 
 /// Least time between two attempts to re-open a failing database, so a
 /// disk that stays full costs little; requests meanwhile fail at once.
@@ -71,7 +72,7 @@ impl DbCell {
     }
 
     fn repair(&self) -> Result<(), RegistryError> {
-        let mut last = self.last_reopen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.last_reopen);
         if !self.broken.load(Ordering::Acquire) {
             return Ok(()); // another thread repaired it meanwhile
         }
