@@ -68,6 +68,9 @@ fn reserve(_file: &File, _offset: u64, _len: u64) -> std::io::Result<()> {
     Err(std::io::ErrorKind::Unsupported.into())
 }
 
+/// The longest text (task id, event id, model) a record's head holds.
+const MAX_HEAD_TEXT: usize = u16::MAX as usize;
+
 /// The first bytes of every segment file.
 pub(super) const MAGIC: &[u8; 8] = b"hbpend1\n";
 /// Bytes of a record's frame before its body.
@@ -100,14 +103,25 @@ pub(super) enum Record<'a> {
 /// An append's task id and the event's [`EventMeta`] (`None` for an event
 /// moved here from an older version's store: its JSON says it all).
 fn encode_head(buf: &mut Vec<u8>, task_id: &str, meta: Option<&EventMeta>) {
+    /// Writes `text` with its length, cut to the longest head text at a
+    /// character boundary, so that what is written always reads back.
     fn text(buf: &mut Vec<u8>, text: &str) {
-        // Ids are at most a few hundred bytes (the parser's limit).
-        let bytes = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
-        buf.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
-        buf.extend_from_slice(bytes);
+        let mut end = text.len().min(MAX_HEAD_TEXT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        buf.extend_from_slice(&(end as u16).to_le_bytes());
+        buf.extend_from_slice(&text.as_bytes()[..end]);
     }
+    // Task ids are at most `event::MAX_TASK_ID_BYTES`: never cut.
     text(buf, task_id);
-    let Some(meta) = meta else {
+    // A text the head cannot hold whole (a callback's model can be long)
+    // leaves the meta out: the relay then reads it from the event's JSON.
+    let whole = |m: &&EventMeta| {
+        m.event_id.len() <= MAX_HEAD_TEXT
+            && m.model.as_ref().is_none_or(|m| m.len() <= MAX_HEAD_TEXT)
+    };
+    let Some(meta) = meta.filter(whole) else {
         buf.push(0);
         return;
     };

@@ -1506,6 +1506,40 @@ mod tests {
         outbox.close().await;
     }
 
+    /// A callback's model can be longer than a record's head holds: the
+    /// event and the ones after it are kept whole, and the relay reads the
+    /// model from the event's JSON, also after a restart.
+    #[tokio::test]
+    async fn a_model_longer_than_the_head_holds_comes_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        // 80,000 bytes of two-byte characters.
+        let model = "é".repeat(40_000);
+        let body = format!(r#"{{"taskId":"long","state":"generating","model":"{model}"}}"#);
+        let outbox = outbox_in(dir.path(), 3600);
+        for event in [
+            parse(body.as_bytes(), Source::Webhook, 1).unwrap(),
+            callback("after", "generating"),
+        ] {
+            let answer = outbox.append(event).await.unwrap();
+            assert!(matches!(answer, Appended::New { .. }), "{answer:?}");
+        }
+        let read = |outbox: &super::super::Outbox| {
+            let batch = outbox.read_batch(10, 10).unwrap();
+            assert!(batch.unreadable.is_empty(), "{:?}", batch.unreadable);
+            batch.ready.into_iter().map(|o| o.meta).collect::<Vec<_>>()
+        };
+        let before = read(&outbox);
+        assert_eq!(before.len(), 2);
+        assert_eq!(before[0].task_id, "long");
+        assert_eq!(before[0].model.as_deref(), Some(model.as_str()));
+        outbox.close().await;
+        let outbox = outbox_in(dir.path(), 3600);
+        let after = read(&outbox);
+        let ids = |metas: &[EventMeta]| metas.iter().map(|m| m.task_id.clone()).collect::<Vec<_>>();
+        assert!(after == before, "{:?} after the restart", ids(&after));
+        outbox.close().await;
+    }
+
     /// Published events leave the disk: once acked and checkpointed, the
     /// segments that held them are deleted, and what is still pending stays.
     #[tokio::test]
