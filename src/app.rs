@@ -83,6 +83,10 @@ impl App {
             admin_token: config.admin.token.clone(),
             tasks: tasks.clone(),
             health: Arc::new(Health::new(&config.health)),
+            clients: Arc::new(crate::http::Clients::new(
+                &config.server,
+                outbox.stats().clone(),
+            )),
         });
         let settings = (config.reconcile.clone(), config.provider.max_in_flight);
         let has_client = tasks.client.is_some();

@@ -154,9 +154,34 @@ pub struct ServerConfig {
     /// How long shutdown waits for open requests, in milliseconds; the
     /// connections still open then are dropped.
     pub shutdown_timeout_ms: u64,
+    /// Most connections one client address may hold at once. At the cap a
+    /// new connection first takes the place of that address's own oldest
+    /// idle one; when all of them are busy, the new one is closed at
+    /// accept. Known senders and trusted proxies are exempt.
+    pub max_connections_per_client: usize,
+    /// Slowest request body accepted, in bytes per second, after a grace
+    /// of 2 s: a body behind that pace gets 408 and its connection is
+    /// closed (0 turns it off; `body_timeout_ms` still applies).
+    pub min_body_bytes_per_sec: u64,
+    /// Known senders (the provider's addresses, CIDRs or single
+    /// addresses). They are never charged or refused by the rate limits,
+    /// never evicted, have `sender_connections` slots of their own and
+    /// `sender_backlog_percent` of the backlog to themselves. Empty (the
+    /// default): every address is treated alike.
+    pub senders: Vec<String>,
+    /// Connection slots reserved for known senders out of
+    /// `max_connections`: other addresses are held to the rest. Only with
+    /// `senders`.
+    pub sender_connections: usize,
+    /// Share of the outbox's backlog caps (`max_pending`,
+    /// `max_pending_bytes`), in percent, that only known senders may fill:
+    /// callbacks from other addresses get 503 once the backlog is past the
+    /// rest. Only with `senders`.
+    pub sender_backlog_percent: u8,
     /// Native TLS (HTTPS) on this listener. Unset: plain HTTP.
     pub tls: Option<TlsConfig>,
-    /// Token buckets per client address and for the whole listener.
+    /// What is limited per client address, and how the client's address is
+    /// found behind proxies.
     pub rate_limit: RateLimitConfig,
 }
 
@@ -170,6 +195,11 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             max_connections: 512,
             shutdown_timeout_ms: 15_000,
+            max_connections_per_client: 64,
+            min_body_bytes_per_sec: 1024,
+            senders: Vec::new(),
+            sender_connections: 64,
+            sender_backlog_percent: 20,
             tls: None,
             rate_limit: RateLimitConfig::default(),
         }
@@ -194,40 +224,69 @@ fn default_tls_reload_check_ms() -> u64 {
     10_000
 }
 
-/// Rate limits on the public listener; past them the answer is 429 with
-/// `Retry-After`. The provider sends little at once, so the defaults only
-/// stop floods.
+/// What is limited per client address on the public listener.
+///
+/// Valid callbacks are never rate limited (unless `others_per_sec` is set
+/// with `senders`): the provider never retries, so a 429 would be a lost
+/// callback. What is charged is what gets refused: every 4xx answer
+/// (invalid body, wrong token, oversize, unknown path, slow body) and every
+/// connection closed for a malformed or unfinished request head takes a
+/// token from the client's refusal bucket. A client with an empty bucket
+/// is refused for `penalty_secs`: its new connections are closed at
+/// accept (429 before the body is read when it comes through a trusted
+/// proxy). Known senders are never charged.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
-    /// Requests per second one client address may sustain; 0 turns the
-    /// per-client limit off.
-    pub per_client_per_sec: u32,
-    /// Requests one client address may send at once above that rate.
-    pub per_client_burst: u32,
-    /// Requests per second the whole listener accepts; 0 turns it off.
-    pub global_per_sec: u32,
-    /// Requests the whole listener accepts at once above that rate.
-    pub global_burst: u32,
+    /// Refused requests per second one client address may cause in the
+    /// long run; 0 turns the refusal budget off.
+    pub refusals_per_sec: u32,
+    /// Refused requests one client address may cause at once above that rate.
+    pub refusal_burst: u32,
+    /// How long a client past its refusal budget is refused, in seconds.
+    pub penalty_secs: u64,
+    /// With `server.senders` set: requests per second (valid or not) that
+    /// any OTHER address may send; past it, 429. 0 (the default) leaves
+    /// valid callbacks unlimited. Refused at start without senders, since
+    /// it would then limit the provider too.
+    pub others_per_sec: u32,
+    /// Requests another address may send at once above `others_per_sec`.
+    pub others_burst: u32,
     /// Most client addresses tracked at once; past it, idle ones are forgotten.
     pub max_clients: usize,
     /// Proxies (CIDRs such as `10.0.0.0/8` or single addresses) whose
-    /// `X-Forwarded-For` / `Forwarded` headers name the client. From any
-    /// other peer these headers are ignored.
+    /// `forwarded_header` names the client. From any other peer the
+    /// header is ignored.
     pub trusted_proxies: Vec<String>,
+    /// The one header trusted proxies name the client in:
+    /// `x-forwarded-for` (the default) or `forwarded` (RFC 7239). The
+    /// other is ignored, and only the hops appended by trusted proxies
+    /// count: the client is the right-most hop that is not a trusted proxy.
+    pub forwarded_header: ForwardedHeader,
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
         Self {
-            per_client_per_sec: 200,
-            per_client_burst: 400,
-            global_per_sec: 50_000,
-            global_burst: 100_000,
+            refusals_per_sec: 10,
+            refusal_burst: 200,
+            penalty_secs: 30,
+            others_per_sec: 0,
+            others_burst: 0,
             max_clients: 100_000,
             trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::XForwardedFor,
         }
     }
+}
+
+/// The header trusted proxies use to name the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForwardedHeader {
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    #[serde(rename = "forwarded")]
+    Forwarded,
 }
 
 /// The operator listener: `/admin/*` and readiness.
@@ -786,12 +845,42 @@ impl Config {
                 return invalid("server.tls.reload_check_ms", "must be at least 1");
             }
         }
-        let r = &s.rate_limit;
-        if r.per_client_per_sec > 0 && r.per_client_burst == 0 {
-            return invalid("server.rate_limit.per_client_burst", "must be at least 1");
+        if s.max_connections_per_client == 0 {
+            return invalid("server.max_connections_per_client", "must be at least 1");
         }
-        if r.global_per_sec > 0 && r.global_burst == 0 {
-            return invalid("server.rate_limit.global_burst", "must be at least 1");
+        for sender in &s.senders {
+            if let Err(reason) = Cidr::parse(sender) {
+                return invalid("server.senders", &reason);
+            }
+        }
+        if !s.senders.is_empty() {
+            if s.sender_connections >= s.max_connections {
+                return invalid(
+                    "server.sender_connections",
+                    "must be less than server.max_connections (others need slots too)",
+                );
+            }
+            if s.sender_backlog_percent > 90 {
+                return invalid("server.sender_backlog_percent", "must be at most 90");
+            }
+        }
+        let r = &s.rate_limit;
+        if r.refusals_per_sec > 0 && r.refusal_burst == 0 {
+            return invalid("server.rate_limit.refusal_burst", "must be at least 1");
+        }
+        if r.penalty_secs > 86_400 {
+            return invalid("server.rate_limit.penalty_secs", "must be at most 86400");
+        }
+        if r.others_per_sec > 0 {
+            if s.senders.is_empty() {
+                return invalid(
+                    "server.rate_limit.others_per_sec",
+                    "needs server.senders: without them it would rate limit the provider",
+                );
+            }
+            if r.others_burst == 0 {
+                return invalid("server.rate_limit.others_burst", "must be at least 1");
+            }
         }
         if r.max_clients == 0 {
             return invalid("server.rate_limit.max_clients", "must be at least 1");

@@ -224,6 +224,11 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
             &stats.conflicts,
         ),
         (
+            "hookbridge_client_penalties",
+            "Client addresses put in penalty for spending their refusal budget",
+            &stats.penalties,
+        ),
+        (
             "hookbridge_storage_errors",
             "Outbox commits that failed (their requests were refused)",
             &stats.storage_errors,
@@ -268,10 +273,13 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
         ),
         (
             "hookbridge_requests_refused",
-            "Callbacks refused unread or unstored: outbox full (503) or rate-limited (429)",
+            "Requests refused unread or unstored: outbox full or reserved for known senders (503), client in penalty (closed at accept, or 429), no connection slot (closed at accept), over others_per_sec (429)",
             "reason",
             vec![
                 ("full", load(&stats.refused_full)),
+                ("reserved", load(&stats.refused_reserved)),
+                ("penalty", load(&stats.refused_penalty)),
+                ("no_slot", load(&stats.refused_connections)),
                 ("rate_limited", load(&stats.rate_limited)),
             ],
         ),

@@ -162,10 +162,15 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
             "publisher": state.publisher_name,
             "outbox": status,
             "poll": state.tasks.status(),
+            "clients": state.clients.top(TOP_CLIENTS),
         })))
     })
     .await
 }
+
+/// How many addresses `/admin/status` lists under `clients.accepted` and
+/// `clients.refused`: enough to find the provider's.
+const TOP_CLIENTS: usize = 20;
 
 /// `?limit=` (default 100, at most [`MAX_LIMIT`]) dead letters in sequence
 /// order, after `?after=<seq>` if given.
@@ -241,6 +246,7 @@ pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbo
         admin_on_loopback: true,
         tasks: crate::poll::Tasks::open(config).unwrap(),
         health: Default::default(),
+        clients: Arc::new(super::Clients::new(&config.server, Default::default())),
     })
 }
 

@@ -28,9 +28,11 @@ pub enum ApiError {
     /// Over a rate limit; retry after this many seconds.
     #[error("too many requests; retry after {0} s")]
     RateLimited(u64),
-    /// The backlog is at its cap: nothing was stored.
-    #[error("the event backlog is full; nothing was stored")]
-    Backlog,
+    /// Storage pressure: a cap of the backlog (named) is reached, nothing
+    /// was stored. A 503 with the reason, never a 429: the client did
+    /// nothing wrong.
+    #[error("the event backlog is full ({0}); nothing was stored")]
+    Backlog(&'static str),
     /// Storage is failing or the service is stopping: nothing was stored.
     #[error("the event could not be stored; nothing was accepted")]
     Unavailable,
@@ -49,7 +51,7 @@ impl ApiError {
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::Timeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            Self::Backlog => (StatusCode::SERVICE_UNAVAILABLE, "backlog_full"),
+            Self::Backlog(_) => (StatusCode::SERVICE_UNAVAILABLE, "backlog_full"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -59,7 +61,7 @@ impl ApiError {
 impl From<AppendError> for ApiError {
     fn from(e: AppendError) -> Self {
         match e {
-            AppendError::Full(_) => Self::Backlog,
+            AppendError::Full(which) => Self::Backlog(which),
             AppendError::Storage(_) | AppendError::Closed => Self::Unavailable,
         }
     }

@@ -12,12 +12,13 @@ use std::time::Duration;
 use anyhow::Context;
 
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -26,8 +27,8 @@ use crate::metrics::Reject;
 use crate::outbox::Outbox;
 
 mod admin;
+mod clients;
 mod error;
-mod limit;
 pub mod ready;
 mod serve;
 mod tasks;
@@ -35,8 +36,8 @@ mod tls;
 mod webhook;
 
 pub use admin::{constant_time_eq, AdminGuard};
+pub use clients::{ClientInfo, Clients, TopClients};
 pub use error::ApiError;
-pub use limit::RateLimit;
 pub use serve::{serve, Limits};
 pub use tls::{Tls, TlsError};
 
@@ -72,6 +73,8 @@ pub struct Shared {
     pub tasks: crate::poll::Tasks,
     /// The background workers' states, for `/readyz`.
     pub health: std::sync::Arc<crate::supervise::Health>,
+    /// The public listener's client bookkeeping (penalties, top addresses).
+    pub clients: Arc<Clients>,
 }
 
 /// What the HTTP side needs besides the public listener: the bound admin
@@ -124,12 +127,14 @@ impl Edge {
                 self::public(state.clone(), &self.config),
                 Limits::public(server),
                 self.tls,
+                Some(state.clients.clone()),
                 shutdown.clone(),
             ),
             serve(
                 self.admin,
                 admin_router(state, &self.config),
                 Limits::admin(server),
+                None,
                 None,
                 shutdown,
             ),
@@ -153,21 +158,20 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The public routes with the edge's limits: rate limits first (a refused
-/// request costs no body read), then the body deadline.
+/// The public routes with the edge's limits: the client rules first (a
+/// client in penalty costs no body read; every refusal is charged), then
+/// the body deadline.
 pub fn public(state: AppState, config: &Config) -> Router {
     let deadline = BodyDeadline {
         timeout: Duration::from_millis(config.server.body_timeout_ms),
+        min_rate: config.server.min_body_bytes_per_sec,
         limit: config.server.body_limit_bytes,
         rejects: Some(state.outbox.clone()),
     };
-    let rate = Arc::new(RateLimit::new(
-        &config.server.rate_limit,
-        state.outbox.stats().clone(),
-    ));
+    let clients = state.clients.clone();
     router(state)
         .layer(middleware::from_fn_with_state(deadline, read_body))
-        .layer(middleware::from_fn_with_state(rate, limit::enforce))
+        .layer(middleware::from_fn_with_state(clients, clients::guard))
 }
 
 /// The operator routes, behind the admin guard (Host, cross-site, token).
@@ -175,6 +179,7 @@ pub fn admin_router(state: AppState, config: &Config) -> Router {
     let guard = Arc::new(AdminGuard::new(&config.admin));
     let deadline = BodyDeadline {
         timeout: Duration::from_millis(config.server.body_timeout_ms),
+        min_rate: config.server.min_body_bytes_per_sec,
         limit: 64 * 1024,
         rejects: None,
     };
@@ -198,38 +203,97 @@ pub fn admin_router(state: AppState, config: &Config) -> Router {
 #[derive(Clone)]
 struct BodyDeadline {
     timeout: Duration,
+    /// Slowest pace after [`BODY_GRACE`], in bytes per second (0: none).
+    min_rate: u64,
     limit: usize,
     /// Where an oversized body is counted as rejected (public listener).
     rejects: Option<Outbox>,
 }
 
+/// How long a body may take before `min_body_bytes_per_sec` applies.
+const BODY_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a body was not read whole.
+enum BodyError {
+    TooLarge,
+    Slow,
+    Cut(String),
+}
+
+impl BodyDeadline {
+    /// Reads `body` whole, within the size limit, the deadline and the
+    /// minimum pace.
+    async fn read(&self, mut body: Body) -> Result<Bytes, BodyError> {
+        let start = tokio::time::Instant::now();
+        let hard = start + self.timeout;
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut received = 0usize;
+        loop {
+            let paced = if self.min_rate == 0 {
+                hard
+            } else {
+                let allowed = Duration::from_secs_f64(received as f64 / self.min_rate as f64);
+                hard.min(start + BODY_GRACE + allowed)
+            };
+            let frame = match tokio::time::timeout_at(paced, body.frame()).await {
+                Err(_) => return Err(BodyError::Slow),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(BodyError::Cut(e.to_string())),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                received = received.saturating_add(data.len());
+                if received > self.limit {
+                    return Err(BodyError::TooLarge);
+                }
+                chunks.push(data);
+            }
+        }
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.swap_remove(0),
+            _ => Bytes::from(chunks.concat()),
+        })
+    }
+
+    fn too_large(&self) -> Response {
+        if let Some(outbox) = &self.rejects {
+            outbox.reject(b"", "body over the size limit (not kept)");
+            outbox.stats().metrics.rejected(Reject::TooLarge);
+        }
+        close(ApiError::TooLarge(self.limit).into_response())
+    }
+}
+
 /// Reads the whole body within the deadline before any handler runs, so a
 /// body that trickles or stalls is answered 408 (and its connection closed)
-/// instead of holding a handler, and an oversized one 413.
+/// instead of holding a handler, and an oversized one 413: at once, unread,
+/// when its `Content-Length` says so.
 async fn read_body(State(d): State<BodyDeadline>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > d.limit as u64) {
+        return d.too_large();
+    }
     let (parts, body) = request.into_parts();
-    let read = tokio::time::timeout(d.timeout, Limited::new(body, d.limit).collect()).await;
-    let bytes = match read {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            if let Some(outbox) = &d.rejects {
-                outbox.reject(b"", "body over the size limit (not kept)");
-                outbox.stats().metrics.rejected(Reject::TooLarge);
-            }
-            return close(ApiError::TooLarge(d.limit).into_response());
-        }
-        Ok(Err(e)) => {
+    let bytes = match d.read(body).await {
+        Ok(bytes) => bytes,
+        Err(BodyError::TooLarge) => return d.too_large(),
+        Err(BodyError::Cut(e)) => {
             tracing::debug!(error = %e, "request body cut off");
             return close(ApiError::InvalidPayload("request body cut off".into()).into_response());
         }
-        Err(_) => return close(ApiError::Timeout.into_response()),
+        Err(BodyError::Slow) => return close(ApiError::Timeout.into_response()),
     };
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
 }
 
 /// The rest of the request was not read: the connection cannot be reused.
-fn close(mut response: Response) -> Response {
+pub(crate) fn close(mut response: Response) -> Response {
     response.headers_mut().insert(
         axum::http::header::CONNECTION,
         axum::http::HeaderValue::from_static("close"),

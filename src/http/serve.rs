@@ -2,14 +2,32 @@
 //! the configured limits, tracked so that shutdown can wait for it and then
 //! drop it.
 //!
-//! - At most `max_connections` are served at once. A connection that
-//!   arrives at the cap evicts an idle one, the oldest that never completed
-//!   a request head first (a slow-loris), else the oldest idle keep-alive
-//!   one; when every connection has a request in flight, new ones wait in
-//!   the kernel's accept queue, which costs no file descriptor.
+//! Connection slots are shared so that a flood from elsewhere cannot take
+//! the sender's (on the public listener, with [`Clients`]):
+//!
+//! - A client in penalty ([`Clients`]) is closed at accept, before a byte
+//!   is read. So is a connection past `max_connections_per_client` when
+//!   every connection of that address is busy; otherwise the address's own
+//!   oldest idle connection makes room.
+//! - Known senders have `sender_connections` slots of their own, are never
+//!   evicted and never capped per address. With senders configured, a
+//!   connection from elsewhere that finds no slot (after an eviction) is
+//!   closed; without them it waits in the kernel's accept queue, as every
+//!   connection then does at the cap.
+//! - At `max_connections`, an idle connection is evicted: from the address
+//!   holding the most connections, never one with bytes waiting to be read,
+//!   one that carried a valid callback last only when nothing else is left,
+//!   the oldest first; and always gracefully (hyper closes an idle
+//!   connection and a busy one after its answer, then the half-close below).
+//! - A connection closed by an answer (`Connection: close`: 413, 408, 429,
+//!   ... sent before the body was read) ends with a half-close and a bounded
+//!   drain (at most twice the body limit plus 64 KiB, for at most 2 s), so the
+//!   answer reaches a client that is still sending instead of being
+//!   destroyed by the reset a close with unread bytes sends.
 //! - hyper closes a connection whose request head is not complete within
 //!   `header_timeout` (also an idle keep-alive connection) or is larger than
-//!   `max_header_bytes`; the body deadline is the router's (`http::public`).
+//!   `max_header_bytes`; such a malformed or unfinished head is charged to
+//!   the client's refusal budget. The body deadline is the router's.
 //! - On shutdown the listener is closed, every connection is asked to finish
 //!   its request and close, and whatever is still open at `shutdown_timeout`
 //!   is aborted: a body that never ends cannot hold the process.
@@ -17,13 +35,15 @@
 //!   certificate is re-read when its files change or on SIGHUP (new
 //!   handshakes use it, open connections keep theirs).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -32,18 +52,23 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
+use super::clients::Clients;
 use super::tls::Tls;
 use crate::config::ServerConfig;
+use crate::supervise::lock;
 
 /// Delay after a failed `accept` (for example out of file descriptors)
 /// before the next one, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Longest drain of a closing connection's unread bytes.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// What one listener enforces on its connections.
 #[derive(Debug, Clone)]
@@ -51,6 +76,12 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// Most connections of one non-sender address.
+    pub max_per_client: usize,
+    /// Slots only known senders may use (part of `max_connections`).
+    pub sender_slots: usize,
+    /// Most unread bytes drained from a closing connection.
+    pub linger_bytes: usize,
     pub shutdown_timeout: Duration,
 }
 
@@ -61,6 +92,17 @@ impl Limits {
             header_timeout: Duration::from_millis(c.header_timeout_ms),
             max_header_bytes: c.max_header_bytes,
             max_connections: c.max_connections,
+            max_per_client: c.max_connections_per_client,
+            sender_slots: if c.senders.is_empty() {
+                0
+            } else {
+                c.sender_connections
+                    .min(c.max_connections.saturating_sub(1))
+            },
+            linger_bytes: c
+                .body_limit_bytes
+                .saturating_mul(2)
+                .saturating_add(64 * 1024),
             shutdown_timeout: Duration::from_millis(c.shutdown_timeout_ms),
         }
     }
@@ -69,6 +111,9 @@ impl Limits {
     pub fn admin(c: &ServerConfig) -> Self {
         Self {
             max_connections: 32,
+            max_per_client: 32,
+            sender_slots: 0,
+            linger_bytes: 128 * 1024,
             ..Self::public(c)
         }
     }
@@ -77,11 +122,14 @@ impl Limits {
 /// Serves `router` on `listener` until `shutdown` resolves, then closes the
 /// listener, lets open requests finish for `limits.shutdown_timeout` and
 /// drops the connections left. Returns once every connection task ended.
+/// `clients` (the public listener) enables penalties, per-address caps and
+/// known senders' slots.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     mut tls: Option<Tls>,
+    clients: Option<Arc<Clients>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = http1::Builder::new();
@@ -91,7 +139,10 @@ pub async fn serve(
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192) * 2);
     let builder = Arc::new(builder);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Slots {
+        shared: Arc::new(Semaphore::new(limits.max_connections - limits.sender_slots)),
+        senders: Arc::new(Semaphore::new(limits.sender_slots)),
+    };
     let live = Arc::new(Live::default());
     let (closing_tx, closing) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -99,7 +150,7 @@ pub async fn serve(
     let mut hangup = Hangup(tls.as_ref().and_then(|_| hangup_signal()));
     tokio::pin!(shutdown);
     loop {
-        while connections.try_join_next().is_some() {}
+        reap(&mut connections);
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             _ = tick(&mut reload) => {
@@ -126,22 +177,57 @@ pub async fn serve(
                 }
             }
         };
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
+        let ip = canonical(peer.ip());
+        let kind = match &clients {
+            Some(c) if c.is_sender(ip) => Kind::Sender,
+            Some(c) if c.is_proxy(ip) => Kind::Proxy,
+            Some(c) => {
+                if c.penalized(ip) {
+                    // Dropped unread: the cheapest refusal there is.
+                    c.refused_at_accept(ip);
+                    continue;
+                }
+                Kind::Other
+            }
+            None => Kind::Proxy,
+        };
+        if kind == Kind::Other && live.count(ip) >= limits.max_per_client && !live.evict_own(ip) {
+            if let Some(c) = &clients {
+                c.refused_at_capacity(ip);
+            }
+            tracing::debug!(client = %ip, "per-address connection cap: closed at accept");
+            continue;
+        }
+        let permit = match slots.try_take(kind) {
+            Some(permit) => permit,
+            None => {
                 // At the cap: make room by closing an idle connection, or
                 // wait for one to end if every connection is busy.
-                live.evict_one();
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    permit = permits.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
+                live.evict_one(ip);
+                if kind == Kind::Other && limits.sender_slots > 0 {
+                    // Others never queue in front of a sender's connection.
+                    match slots.wait(kind, Duration::from_millis(50)).await {
+                        Some(permit) => permit,
+                        None => {
+                            if let Some(c) = &clients {
+                                c.refused_at_capacity(ip);
+                            }
+                            continue;
+                        }
+                    }
+                } else {
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        permit = slots.take(kind) => match permit {
+                            Some(permit) => permit,
+                            None => break,
+                        },
+                    }
                 }
             }
         };
-        let state = live.add();
+        let probe = probe_of(&stream);
+        let state = live.add(ip, kind == Kind::Sender, probe);
         let connection = Connection {
             builder: builder.clone(),
             service: WithPeer {
@@ -151,19 +237,25 @@ pub async fn serve(
             },
             handshake: tls.as_ref().map(|t| (t.acceptor(), limits.header_timeout)),
             closing: closing.clone(),
+            clients: clients.clone().filter(|_| kind == Kind::Other),
+            linger_bytes: limits.linger_bytes,
         };
         let live = live.clone();
         connections.spawn(async move {
             let _permit = permit;
             connection.run(stream).await;
-            live.remove(state.id);
+            live.remove(&state);
         });
     }
     drop(listener);
-    let _ = closing_tx.send(true);
+    if closing_tx.send(true).is_err() {
+        tracing::debug!("no connection was open at shutdown");
+    }
     let open = connections.len();
     let finished = tokio::time::timeout(limits.shutdown_timeout, async {
-        while connections.join_next().await.is_some() {}
+        while let Some(ended) = connections.join_next().await {
+            report(ended);
+        }
     })
     .await;
     if finished.is_err() {
@@ -176,9 +268,79 @@ pub async fn serve(
     }
 }
 
+/// Collects the connection tasks that ended, reporting any that panicked.
+fn reap(connections: &mut JoinSet<()>) {
+    while let Some(ended) = connections.try_join_next() {
+        report(ended);
+    }
+}
+
+fn report(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended {
+        if e.is_panic() {
+            tracing::error!(panic = %crate::supervise::panic_message(&*e.into_panic()), "a connection task panicked");
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are their IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A known sender.
+    Sender,
+    /// A trusted proxy, or any peer of a listener without client rules.
+    Proxy,
+    Other,
+}
+
+/// The connection slots: shared ones, and the senders' own.
+struct Slots {
+    shared: Arc<Semaphore>,
+    senders: Arc<Semaphore>,
+}
+
+impl Slots {
+    fn try_take(&self, kind: Kind) -> Option<OwnedSemaphorePermit> {
+        self.shared.clone().try_acquire_owned().ok().or_else(|| {
+            (kind == Kind::Sender)
+                .then(|| self.senders.clone().try_acquire_owned().ok())
+                .flatten()
+        })
+    }
+
+    /// A slot once one is free; `None` when the semaphores are closed.
+    async fn take(&self, kind: Kind) -> Option<OwnedSemaphorePermit> {
+        if kind == Kind::Sender {
+            tokio::select! {
+                p = self.shared.clone().acquire_owned() => p.ok(),
+                p = self.senders.clone().acquire_owned() => p.ok(),
+            }
+        } else {
+            self.shared.clone().acquire_owned().await.ok()
+        }
+    }
+
+    /// A slot within `wait`, if one frees up.
+    async fn wait(&self, kind: Kind, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        tokio::time::timeout(wait, self.take(kind))
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
 /// Resolves once shutdown began (the guard is not held across an await).
 async fn closed(closing: &mut watch::Receiver<bool>) {
-    let _ = closing.wait_for(|closing| *closing).await;
+    if closing.wait_for(|closing| *closing).await.is_err() {
+        // The accept loop is gone: that is shutdown too.
+    }
 }
 
 /// Ticks when TLS files should be checked; never without TLS.
@@ -213,6 +375,14 @@ fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
     signal(SignalKind::hangup()).ok()
 }
 
+/// A second handle on the socket, to peek at unread bytes without taking
+/// them from hyper. `None` when the socket cannot be duplicated (then the
+/// connection is never evicted).
+fn probe_of(stream: &TcpStream) -> Option<std::net::TcpStream> {
+    let dup = socket2::SockRef::from(stream).try_clone().ok()?;
+    Some(dup.into())
+}
+
 /// Both kinds of stream behind one type, so one hyper connection type
 /// serves plain and TLS connections.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -223,74 +393,154 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 struct ConnState {
     /// Accept order: lower is older.
     id: u64,
+    ip: IpAddr,
+    sender: bool,
     /// Request heads completed on this connection.
     requests: AtomicU64,
     /// Requests being handled right now.
     in_flight: AtomicUsize,
+    /// Bytes read from the client.
+    read: AtomicU64,
+    /// The last answer on this connection accepted a callback.
+    valid_last: AtomicBool,
+    /// An answer said `Connection: close`, maybe before its request was
+    /// read whole: the close drains what the client still sends.
+    linger: AtomicBool,
     evicted: AtomicBool,
     evict: Notify,
+    probe: Option<std::net::TcpStream>,
 }
 
-/// The open connections, oldest first.
+impl ConnState {
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether the client has sent bytes hyper has not read yet (its next
+    /// request): such a connection is never evicted.
+    fn unread(&self) -> bool {
+        let Some(probe) = &self.probe else {
+            return true;
+        };
+        let mut byte = [0u8; 1];
+        // The socket is non-blocking (tokio set it so): `WouldBlock` means
+        // nothing is waiting; 0 means the client closed its side.
+        matches!(probe.peek(&mut byte), Ok(n) if n > 0)
+    }
+
+    fn evictable(&self) -> bool {
+        !self.sender && !self.evicted.load(Ordering::Relaxed) && self.idle() && !self.unread()
+    }
+
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Relaxed);
+        self.evict.notify_one();
+    }
+}
+
+/// The open connections, oldest first, and how many each address holds.
 #[derive(Default)]
 struct Live {
     next_id: AtomicU64,
-    open: Mutex<BTreeMap<u64, Arc<ConnState>>>,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    by_id: BTreeMap<u64, Arc<ConnState>>,
+    per_ip: HashMap<IpAddr, usize>,
 }
 
 impl Live {
-    fn add(&self) -> Arc<ConnState> {
+    fn add(&self, ip: IpAddr, sender: bool, probe: Option<std::net::TcpStream>) -> Arc<ConnState> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConnState {
             id,
+            ip,
+            sender,
             requests: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            read: AtomicU64::new(0),
+            valid_last: AtomicBool::new(false),
+            linger: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
+            probe,
         });
-        if let Ok(mut open) = self.open.lock() {
-            open.insert(id, state.clone());
-        }
+        let mut open = lock(&self.open);
+        open.by_id.insert(id, state.clone());
+        *open.per_ip.entry(ip).or_default() += 1;
         state
     }
 
-    fn remove(&self, id: u64) {
-        if let Ok(mut open) = self.open.lock() {
-            open.remove(&id);
+    fn remove(&self, state: &ConnState) {
+        let mut open = lock(&self.open);
+        open.by_id.remove(&state.id);
+        if let Some(n) = open.per_ip.get_mut(&state.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_ip.remove(&state.ip);
+            }
         }
     }
 
-    /// Closes the oldest idle connection that never completed a request
-    /// head, else (when no such one is on its way out already) the oldest
-    /// idle keep-alive one; none while every one is busy.
-    fn evict_one(&self) {
-        let Ok(open) = self.open.lock() else { return };
-        let idle = |c: &&Arc<ConnState>| c.in_flight.load(Ordering::Acquire) == 0;
-        let fresh = |c: &&Arc<ConnState>| c.requests.load(Ordering::Relaxed) == 0;
-        let evicted = |c: &&Arc<ConnState>| c.evicted.load(Ordering::Relaxed);
-        let mut headless = open.values().filter(idle).filter(fresh);
-        let victim = match headless.find(|c| !evicted(c)) {
-            Some(victim) => Some(victim),
-            // A never-finished head is closing already: its permit comes
-            // back soon, no need to cut a client's keep-alive connection.
-            None if open
-                .values()
-                .filter(idle)
-                .filter(fresh)
-                .any(|c| evicted(&c)) =>
-            {
-                None
+    fn count(&self, ip: IpAddr) -> usize {
+        lock(&self.open).per_ip.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Evicts `ip`'s own oldest idle connection; false when it has none.
+    fn evict_own(&self, ip: IpAddr) -> bool {
+        let open = lock(&self.open);
+        let victim = open
+            .by_id
+            .values()
+            .filter(|c| c.ip == ip && c.evictable())
+            .min_by_key(|c| (c.valid_last.load(Ordering::Relaxed), c.id));
+        match victim {
+            Some(victim) => {
+                victim.evict();
+                true
             }
-            None => open.values().filter(idle).find(|c| !evicted(c)),
-        };
+            None => false,
+        }
+    }
+
+    /// Evicts one idle connection to make room for one from `newcomer`:
+    /// from the address holding the most connections (the newcomer's own
+    /// on a tie), one that carried a valid callback last only when no other
+    /// is left, the oldest first. None while a victim is still closing or
+    /// nothing is evictable.
+    fn evict_one(&self, newcomer: IpAddr) {
+        let open = lock(&self.open);
+        let closing = open
+            .by_id
+            .values()
+            .any(|c| c.evicted.load(Ordering::Relaxed));
+        if closing {
+            // Its slot comes back soon; no need to cut another connection.
+            return;
+        }
+        let victim = open
+            .by_id
+            .values()
+            .filter(|c| c.evictable())
+            .min_by_key(|c| {
+                let held = open.per_ip.get(&c.ip).copied().unwrap_or(0);
+                (
+                    c.valid_last.load(Ordering::Relaxed),
+                    std::cmp::Reverse(held),
+                    c.ip != newcomer,
+                    c.id,
+                )
+            });
         if let Some(victim) = victim {
-            victim.evicted.store(true, Ordering::Relaxed);
-            victim.evict.notify_one();
+            tracing::debug!(connection = victim.id, client = %victim.ip, "idle connection evicted at the cap");
+            victim.evict();
         }
     }
 }
 
-/// The router, with the peer's address for the rate limiter, counting the
+/// The router, with the peer's address for the client rules, counting the
 /// connection's requests for eviction.
 #[derive(Clone)]
 struct WithPeer {
@@ -308,12 +558,24 @@ impl hyper::service::Service<Request<Incoming>> for WithPeer {
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(ConnectInfo(self.peer));
+        let callback = request.uri().path() == "/webhooks/kinovi";
         let state = self.state.clone();
         state.requests.fetch_add(1, Ordering::Relaxed);
         state.in_flight.fetch_add(1, Ordering::AcqRel);
         let answer = self.router.clone().oneshot(request);
         Box::pin(async move {
             let response = answer.await;
+            if let Ok(response) = &response {
+                let valid = callback && response.status().is_success();
+                state.valid_last.store(valid, Ordering::Relaxed);
+                if response
+                    .headers()
+                    .get(hyper::header::CONNECTION)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+                {
+                    state.linger.store(true, Ordering::Relaxed);
+                }
+            }
             state.in_flight.fetch_sub(1, Ordering::AcqRel);
             response
         })
@@ -325,37 +587,35 @@ struct Connection {
     service: WithPeer,
     handshake: Option<(tokio_rustls::TlsAcceptor, Duration)>,
     closing: watch::Receiver<bool>,
+    /// Where a malformed or unfinished head is charged (non-senders only).
+    clients: Option<Arc<Clients>>,
+    linger_bytes: usize,
 }
 
 impl Connection {
     async fn run(mut self, stream: TcpStream) {
-        let state = self.service.state.clone();
-        tokio::select! {
-            _ = self.serve(stream) => {}
-            _ = state.evict.notified() => {
-                tracing::debug!(connection = state.id, "idle connection evicted at the cap");
-            }
-        }
-    }
-
-    async fn serve(&mut self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
+        let state = self.service.state.clone();
         let peer = self.service.peer;
+        let stream = Linger::new(stream, state.clone(), self.linger_bytes);
         let io: Box<dyn Io> = match self.handshake.take() {
             None => Box::new(stream),
             Some((acceptor, limit)) => {
                 let accepted = tokio::select! {
                     accepted = tokio::time::timeout(limit, acceptor.accept(stream)) => accepted,
                     _ = closed(&mut self.closing) => return,
+                    _ = state.evict.notified() => return,
                 };
                 match accepted {
                     Ok(Ok(tls)) => Box::new(tls),
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        self.charge();
                         return;
                     }
                     Err(_) => {
                         tracing::debug!(%peer, "TLS handshake timed out");
+                        self.charge();
                         return;
                     }
                 }
@@ -371,9 +631,134 @@ impl Connection {
                 connection.as_mut().graceful_shutdown();
                 connection.await
             }
+            _ = state.evict.notified() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
         };
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "connection closed with an error");
+            // A malformed head, or one that never finished although bytes
+            // came: the client's doing. An idle keep-alive connection that
+            // times out is not charged.
+            let unfinished = e.is_timeout()
+                && state.read.load(Ordering::Relaxed) > 0
+                && state.requests.load(Ordering::Relaxed) == 0;
+            if e.is_parse() || e.is_parse_too_large() || unfinished {
+                self.charge();
+            }
+        }
+    }
+
+    fn charge(&self) {
+        if let Some(clients) = &self.clients {
+            clients.charge(canonical(self.service.peer.ip()));
+        }
+    }
+}
+
+/// The TCP stream under hyper (and TLS): counts what is read, and ends the
+/// connection with a half-close and a bounded drain, so that an answer
+/// written before the request was read whole is not destroyed by the reset
+/// a close with unread bytes would send.
+struct Linger {
+    stream: TcpStream,
+    state: Arc<ConnState>,
+    /// Bytes still allowed to be drained.
+    budget: usize,
+    drain: Option<Pin<Box<tokio::time::Sleep>>>,
+    shut: bool,
+}
+
+impl Linger {
+    fn new(stream: TcpStream, state: Arc<ConnState>, budget: usize) -> Self {
+        Self {
+            stream,
+            state,
+            budget,
+            drain: None,
+            shut: false,
+        }
+    }
+}
+
+impl AsyncRead for Linger {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.state.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Linger {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    /// Sends FIN; then, when an answer closed the connection (maybe before
+    /// its request was read whole), reads and drops what the client still
+    /// sends until it closes too, the budget is spent or [`LINGER`] passed.
+    /// An idle connection closes at once: nothing is left to read.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.shut {
+            match Pin::new(&mut this.stream).poll_shutdown(cx) {
+                Poll::Ready(Ok(())) => this.shut = true,
+                // Already reset or closed by the client: nothing to save.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+            if !this.state.linger.load(Ordering::Relaxed) {
+                return Poll::Ready(Ok(()));
+            }
+            this.drain = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if this.budget == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(deadline) = &mut this.drain {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let want = this.budget.min(scratch.len());
+            let mut buf = ReadBuf::new(&mut scratch[..want]);
+            match Pin::new(&mut this.stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => this.budget -= buf.filled().len(),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

@@ -225,7 +225,7 @@ pub(super) async fn hold_for_verification(
     match holding {
         Holding::Held(_) => tracing::debug!(%task_id, "callback held for verification"),
         Holding::Duplicate => tracing::debug!(%task_id, "callback already held"),
-        Holding::Full => return Err(ApiError::Backlog),
+        Holding::Full => return Err(ApiError::Backlog("provider.max_held")),
     }
     Ok(())
 }

@@ -11,14 +11,14 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::{tasks, ApiError, AppState};
+use super::{tasks, ApiError, AppState, ClientInfo};
 use crate::event::{self, Source};
 use crate::metrics::Reject;
-use crate::outbox::{now_ms, Appended};
+use crate::outbox::{now_ms, Appended, Stats};
 
 /// The callback URL's query: `?token=` for tasks created through `POST /tasks`.
 #[derive(serde::Deserialize)]
@@ -42,6 +42,7 @@ fn ok() -> Response {
 
 pub async fn kinovi(
     State(state): State<AppState>,
+    client: Option<Extension<ClientInfo>>,
     query: Result<Query<CallbackQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -66,6 +67,13 @@ pub async fn kinovi(
     })?;
     let token = query.ok().and_then(|Query(q)| q.token);
     tasks::check_callback_token(&state, &event.task_id, token.as_deref(), &body).await?;
+    // Others may not fill the share of the backlog kept for known senders.
+    if let Some(Extension(client)) = client {
+        if client.reserved_percent > 0 && state.outbox.over_share(client.reserved_percent) {
+            Stats::add(&state.outbox.stats().refused_reserved, 1);
+            return Err(ApiError::Backlog("the rest is reserved for known senders"));
+        }
+    }
     if state.tasks.verify {
         tasks::hold_for_verification(&state, event).await?;
         return Ok(ok());

@@ -126,8 +126,19 @@ pub struct Stats {
     pub rejected: AtomicU64,
     /// Rejected bodies pushed out of the in-memory keep (the oldest first).
     pub rejected_dropped: AtomicU64,
-    /// Requests answered 429 by the public listener's rate limits.
+    /// Requests answered 429 by `server.rate_limit.others_per_sec`.
     pub rate_limited: AtomicU64,
+    /// Clients put in penalty for spending their refusal budget.
+    pub penalties: AtomicU64,
+    /// Connections closed at accept, or requests answered 429 unread,
+    /// because their client was in penalty.
+    pub refused_penalty: AtomicU64,
+    /// Connections closed at accept for want of a slot (per-address cap,
+    /// or the listener's slots for addresses other than known senders).
+    pub refused_connections: AtomicU64,
+    /// Callbacks answered 503 because the backlog's rest is reserved for
+    /// known senders.
+    pub refused_reserved: AtomicU64,
     pub refused_full: AtomicU64,
     pub storage_errors: AtomicU64,
     pub published: AtomicU64,
@@ -606,6 +617,16 @@ impl Outbox {
         let s = &self.inner.stats;
         s.pending.load(Ordering::Relaxed) >= self.inner.config.max_pending
             || s.pending_bytes.load(Ordering::Relaxed) >= self.inner.config.max_pending_bytes
+    }
+
+    /// Whether the backlog is past the share of its caps left when
+    /// `reserved_percent` of them is kept for known senders.
+    pub fn over_share(&self, reserved_percent: u8) -> bool {
+        let s = &self.inner.stats;
+        let keep = u128::from(100 - reserved_percent.min(100));
+        let share = |cap: u64| (u128::from(cap) * keep / 100) as u64;
+        s.pending.load(Ordering::Relaxed) >= share(self.inner.config.max_pending)
+            || s.pending_bytes.load(Ordering::Relaxed) >= share(self.inner.config.max_pending_bytes)
     }
 
     pub(crate) fn notified(&self) -> Arc<Notify> {

@@ -14,6 +14,7 @@ mod dedup;
 mod deploy;
 mod edge;
 mod examples;
+mod fairness;
 mod hostile;
 mod ingress;
 mod kafka;

@@ -27,9 +27,9 @@ pub fn config(data_dir: &Path, publisher: PublisherConfig) -> Config {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
-    // Tests send bursts from one address; tests/it/edge.rs sets limits.
-    config.server.rate_limit.per_client_per_sec = 0;
-    config.server.rate_limit.global_per_sec = 0;
+    // Tests send bad input and good callbacks from one address; the edge
+    // tests (tests/it/edge.rs, tests/it/fairness.rs) set the limits.
+    config.server.rate_limit.refusals_per_sec = 0;
     config.outbox.data_dir = data_dir.to_path_buf();
     config.outbox.retry_initial_ms = 50;
     config.outbox.retry_max_ms = 1000;
@@ -57,6 +57,21 @@ impl Http {
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_millis(500))
                 .build_http(),
+            base: format!("http://{addr}"),
+            authorization: None,
+        }
+    }
+
+    /// A client whose connections leave from `local` (another loopback
+    /// address than the default 127.0.0.1), keeping idle connections for
+    /// `idle` (a pooled sender).
+    pub fn from_address(addr: SocketAddr, local: std::net::IpAddr, idle: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(local));
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(idle)
+                .build(connector),
             base: format!("http://{addr}"),
             authorization: None,
         }
@@ -108,10 +123,24 @@ impl Http {
         path: &str,
         body: impl Into<Bytes>,
     ) -> Result<Answer, String> {
+        self.try_request_with(method, path, body, &[]).await
+    }
+
+    /// [`Http::try_request`] with extra headers.
+    pub async fn try_request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: impl Into<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, String> {
         let mut request = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
             .header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         if let Some(authorization) = &self.authorization {
             request = request.header("authorization", authorization);
         }
