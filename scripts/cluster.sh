@@ -194,9 +194,10 @@ replica_config() {
 [server]
 listen = "127.0.0.1:${!pub}"
 shutdown_timeout_ms = 5000
+# Every replica sees HAProxy (and the test clients) as 127.0.0.1.
+max_connections_per_client = 512
 [server.rate_limit]
-per_client_per_sec = 0
-global_per_sec = 0
+refusals_per_sec = 0
 [admin]
 listen = "127.0.0.1:${!admin}"
 [outbox]

@@ -131,6 +131,7 @@ async fn sigterm_with_a_slow_body_open_exits_at_the_shutdown_deadline() {
     let dir = temp_dir();
     let env = [
         ("HOOKBRIDGE_SERVER__BODY_TIMEOUT_MS", "600000".to_string()),
+        ("HOOKBRIDGE_SERVER__MIN_BODY_BYTES_PER_SEC", "0".to_string()),
         ("HOOKBRIDGE_SERVER__SHUTDOWN_TIMEOUT_MS", "1000".to_string()),
         ("HOOKBRIDGE_OUTBOX__SHUTDOWN_GRACE_MS", "1000".to_string()),
     ];

@@ -363,6 +363,10 @@ async fn junk_from_another_address_costs_the_sender_nothing() {
     app.stop().await;
 }
 
+/// One early-answer case: name, request head, first body bytes, pause
+/// before the rest, the status expected, and the client's address.
+type EarlyCase = (&'static str, String, Vec<u8>, Duration, u16, IpAddr);
+
 /// Answers sent before the body is read reach a client that is still
 /// sending 1 MiB, on a fresh and on a keep-alive connection: 413 for a
 /// declared or a chunked body over the limit, 408 for a body behind the
@@ -394,7 +398,7 @@ async fn early_answers_reach_a_client_still_sending() {
             .unwrap();
         assert_eq!(status_of(&seen), Some(400));
     }
-    let cases: [(&str, String, Vec<u8>, Duration, u16, IpAddr); 4] = [
+    let cases: [EarlyCase; 4] = [
         (
             "declared",
             post(&format!("Content-Length: {}\r\n", 2 * MIB)),
