@@ -155,9 +155,10 @@ pub struct ServerConfig {
     /// connections still open then are dropped.
     pub shutdown_timeout_ms: u64,
     /// Most connections one client address may hold at once. At the cap a
-    /// new connection first takes the place of that address's own oldest
-    /// idle one; when all of them are busy, the new one is closed at
-    /// accept. Known senders and trusted proxies are exempt.
+    /// new connection takes the place of that address's own oldest idle
+    /// one; when all of them are busy, it waits (at most
+    /// `header_timeout_ms`) for one of them to end. Known senders and
+    /// trusted proxies are exempt.
     pub max_connections_per_client: usize,
     /// Slowest request body accepted, in bytes per second, after a grace
     /// of 2 s: a body behind that pace gets 408 and its connection is

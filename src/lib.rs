@@ -4,7 +4,8 @@
 //! # The data path
 //!
 //! ```text
-//! provider --POST /webhooks/kinovi--> http::serve (limits, TLS) -> http::webhook
+//! provider --POST /webhooks/kinovi--> http::serve (slots, TLS) -> http::Clients
+//!                                     (refusal budget) -> http::webhook
 //!     event::parse        any documented payload shape -> TaskEvent (pure)
 //!     outbox::append      dedup + state guard, then one record in the pending
 //!                         log: one write + fdatasync shared by concurrent
@@ -45,8 +46,12 @@
 //!   time-limited and parsed strictly within stated bounds (times, nesting
 //!   depth, repeated keys, task id characters); a bad one gets a 4xx JSON
 //!   error naming the field and is kept, cut and capped, in memory for
-//!   `/admin/rejected`, never in the outbox. The public listener bounds
-//!   header time, head size, connections and request rates; the operator
+//!   `/admin/rejected`, never in the outbox. The public listener
+//!   ([`http::Clients`]) never rate limits valid callbacks: it charges what
+//!   it refuses to the client's address (a penalty at accept once its
+//!   budget is spent), caps connections per address, evicts fairly, keeps
+//!   slots and a backlog share for known senders, and delivers every early
+//!   answer (a half-close and a bounded drain, never a reset); the operator
 //!   endpoints live on a separate admin listener behind a Host, cross-site
 //!   and token guard.
 //! - **No registered task forgotten** ([`poll`]): tasks created through

@@ -6,9 +6,11 @@
 //! the sender's (on the public listener, with [`Clients`]):
 //!
 //! - A client in penalty ([`Clients`]) is closed at accept, before a byte
-//!   is read. So is a connection past `max_connections_per_client` when
-//!   every connection of that address is busy; otherwise the address's own
-//!   oldest idle connection makes room.
+//!   is read. A connection past `max_connections_per_client` takes the
+//!   place of its address's own oldest idle connection; when all of them
+//!   are busy it waits (off the accept loop, at most `max_connections` such
+//!   connections, at most `header_timeout`) for one of them to end, and is
+//!   closed only then.
 //! - Known senders have `sender_connections` slots of their own, are never
 //!   evicted and never capped per address. With senders configured, a
 //!   connection from elsewhere that finds no slot (after an eviction) is
@@ -139,10 +141,12 @@ pub async fn serve(
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192) * 2);
     let builder = Arc::new(builder);
-    let slots = Slots {
+    let slots = Arc::new(Slots {
         shared: Arc::new(Semaphore::new(limits.max_connections - limits.sender_slots)),
         senders: Arc::new(Semaphore::new(limits.sender_slots)),
-    };
+    });
+    // Connections waiting for their address to fall under its cap.
+    let waiters = Arc::new(Semaphore::new(limits.max_connections));
     let live = Arc::new(Live::default());
     let (closing_tx, closing) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -191,11 +195,47 @@ pub async fn serve(
             }
             None => Kind::Proxy,
         };
+        let start = Start {
+            builder: builder.clone(),
+            router: router.clone(),
+            handshake: tls.as_ref().map(|t| (t.acceptor(), limits.header_timeout)),
+            closing: closing.clone(),
+            clients: clients.clone().filter(|_| kind == Kind::Other),
+            linger_bytes: limits.linger_bytes,
+            live: live.clone(),
+        };
         if kind == Kind::Other && live.count(ip) >= limits.max_per_client && !live.evict_own(ip) {
-            if let Some(c) = &clients {
-                c.refused_at_capacity(ip);
-            }
-            tracing::debug!(client = %ip, "per-address connection cap: closed at accept");
+            // Every connection of that address is busy: this one waits, off
+            // the accept loop and bounded in number and time, for one of
+            // them to end (a sender's burst is served late, never refused).
+            let Ok(waiting) = waiters.clone().try_acquire_owned() else {
+                if let Some(c) = &clients {
+                    c.refused_at_capacity(ip);
+                }
+                tracing::debug!(client = %ip, "per-address connection cap: closed at accept");
+                continue;
+            };
+            let (slots, limits, clients) = (slots.clone(), limits.clone(), clients.clone());
+            connections.spawn(async move {
+                let deadline = tokio::time::Instant::now() + limits.header_timeout;
+                let permit = match start
+                    .live
+                    .wait_below(ip, limits.max_per_client, deadline)
+                    .await
+                {
+                    true => slots.take_by(kind, &start.live, ip, deadline).await,
+                    false => None,
+                };
+                drop(waiting);
+                match permit {
+                    Some(permit) => start.run(stream, peer, ip, kind, permit).await,
+                    None => {
+                        if let Some(c) = &clients {
+                            c.refused_at_capacity(ip);
+                        }
+                    }
+                }
+            });
             continue;
         }
         let permit = match slots.try_take(kind) {
@@ -226,26 +266,7 @@ pub async fn serve(
                 }
             }
         };
-        let probe = probe_of(&stream);
-        let state = live.add(ip, kind == Kind::Sender, probe);
-        let connection = Connection {
-            builder: builder.clone(),
-            service: WithPeer {
-                router: router.clone(),
-                peer,
-                state: state.clone(),
-            },
-            handshake: tls.as_ref().map(|t| (t.acceptor(), limits.header_timeout)),
-            closing: closing.clone(),
-            clients: clients.clone().filter(|_| kind == Kind::Other),
-            linger_bytes: limits.linger_bytes,
-        };
-        let live = live.clone();
-        connections.spawn(async move {
-            let _permit = permit;
-            connection.run(stream).await;
-            live.remove(&state);
-        });
+        connections.spawn(start.run(stream, peer, ip, kind, permit));
     }
     drop(listener);
     if closing_tx.send(true).is_err() {
@@ -265,6 +286,47 @@ pub async fn serve(
             "shutdown deadline reached; dropping open connections"
         );
         connections.shutdown().await;
+    }
+}
+
+/// What a connection needs to be served, taken at accept.
+struct Start {
+    builder: Arc<http1::Builder>,
+    router: Router,
+    handshake: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+    closing: watch::Receiver<bool>,
+    clients: Option<Arc<Clients>>,
+    linger_bytes: usize,
+    live: Arc<Live>,
+}
+
+impl Start {
+    /// Serves the connection on its slot until it ends.
+    async fn run(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        ip: IpAddr,
+        kind: Kind,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let probe = probe_of(&stream);
+        let state = self.live.add(ip, kind == Kind::Sender, probe);
+        let connection = Connection {
+            builder: self.builder,
+            service: WithPeer {
+                router: self.router,
+                peer,
+                state: state.clone(),
+            },
+            handshake: self.handshake,
+            closing: self.closing,
+            clients: self.clients,
+            linger_bytes: self.linger_bytes,
+        };
+        connection.run(stream).await;
+        self.live.remove(&state);
+        drop(permit);
     }
 }
 
@@ -325,6 +387,25 @@ impl Slots {
         } else {
             self.shared.clone().acquire_owned().await.ok()
         }
+    }
+
+    /// A slot by `deadline`, evicting an idle connection first if none is
+    /// free (for a connection that waited for its address's cap).
+    async fn take_by(
+        &self,
+        kind: Kind,
+        live: &Live,
+        ip: IpAddr,
+        deadline: tokio::time::Instant,
+    ) -> Option<OwnedSemaphorePermit> {
+        if let Some(permit) = self.try_take(kind) {
+            return Some(permit);
+        }
+        live.evict_one(ip);
+        tokio::time::timeout_at(deadline, self.take(kind))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// A slot within `wait`, if one frees up.
@@ -443,6 +524,8 @@ impl ConnState {
 struct Live {
     next_id: AtomicU64,
     open: Mutex<Open>,
+    /// Notified whenever a connection ends.
+    freed: Notify,
 }
 
 #[derive(Default)]
@@ -480,6 +563,22 @@ impl Live {
             *n -= 1;
             if *n == 0 {
                 open.per_ip.remove(&state.ip);
+            }
+        }
+        drop(open);
+        self.freed.notify_waiters();
+    }
+
+    /// Waits until `ip` holds fewer than `cap` connections; false at
+    /// `deadline`.
+    async fn wait_below(&self, ip: IpAddr, cap: usize, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let freed = self.freed.notified();
+            if self.count(ip) < cap {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return false;
             }
         }
     }

@@ -756,3 +756,51 @@ fn others_per_sec_needs_senders() {
         "{error}"
     );
 }
+
+/// More busy connections from one address than its cap: the ones past it
+/// wait for a connection of that address to end and are then served; a
+/// sender's burst is late, never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_per_address_cap_wait_their_turn() {
+    const CLIENTS: usize = 12;
+    let dir = temp_dir();
+    let mut config = file_config(dir.path());
+    config.server.max_connections_per_client = 3;
+    let app = TestApp::start(config).await;
+    let run = unique("cap");
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|n| {
+            let addr = app.addr;
+            let body = serde_json::to_vec(&callbacks::success(&format!("{run}_{n}"))).unwrap();
+            tokio::spawn(async move {
+                let stream = connect_from(addr, ip("127.0.0.1")).await.unwrap();
+                let head = format!(
+                    "POST /webhooks/kinovi HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                // Half the body now, the rest 300 ms later: each connection
+                // stays busy for a while.
+                let (first, rest) = body.split_at(body.len() / 2);
+                let mut stream = stream;
+                stream.write_all(head.as_bytes()).await.unwrap();
+                stream.write_all(first).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                answer_while_sending(stream, String::new(), rest.to_vec(), Duration::ZERO, 0).await
+            })
+        })
+        .collect();
+    for client in clients {
+        let seen = client.await.unwrap().expect("answered");
+        assert_eq!(
+            status_of(&seen),
+            Some(200),
+            "{}",
+            String::from_utf8_lossy(&seen)
+        );
+    }
+    assert_eq!(
+        app.outbox.status().unwrap().counters["accepted"],
+        CLIENTS as u64
+    );
+    app.stop().await;
+}

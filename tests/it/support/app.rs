@@ -332,8 +332,7 @@ impl ChildApp {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"));
         cmd.env("HOOKBRIDGE_SERVER__LISTEN", addr.to_string())
             .env("HOOKBRIDGE_ADMIN__LISTEN", admin_addr.to_string())
-            .env("HOOKBRIDGE_SERVER__RATE_LIMIT__PER_CLIENT_PER_SEC", "0")
-            .env("HOOKBRIDGE_SERVER__RATE_LIMIT__GLOBAL_PER_SEC", "0")
+            .env("HOOKBRIDGE_SERVER__RATE_LIMIT__REFUSALS_PER_SEC", "0")
             .env("HOOKBRIDGE_OUTBOX__DATA_DIR", data_dir)
             .env("HOOKBRIDGE_OUTBOX__RETRY_INITIAL_MS", "50")
             .env("HOOKBRIDGE_OUTBOX__RETRY_MAX_MS", "1000")
