@@ -276,6 +276,15 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
             ],
         ),
         (
+            "hookbridge_task_records_evicted",
+            "Dedup records evicted at outbox.max_tracked_tasks/max_tracked_bytes, by task state",
+            "task",
+            vec![
+                ("finished", load(&stats.evicted_finished)),
+                ("unfinished", load(&stats.evicted_unfinished)),
+            ],
+        ),
+        (
             "hookbridge_events_published",
             "Events acknowledged by the broker",
             "broker",

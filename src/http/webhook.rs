@@ -4,14 +4,16 @@
 //! duplicate or stale) is on disk; the broker is never on this path.
 //!
 //! Registered tasks: a task created through `POST /tasks` must send its
-//! `?token=` (else 401, nothing stored). In verify mode the callback is only
+//! `?token=` (else nothing is stored, answered 200 all the same: see
+//! `tasks::check_callback_token`). In verify mode the callback is only
 //! held (durably) for the verifier, which publishes it once the provider
 //! confirms it. Callbacks for unregistered tasks, or tasks registered with
 //! `watch`, are trusted on shape alone unless verify mode is on.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::Extension;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -42,6 +44,7 @@ fn ok() -> Response {
 
 pub async fn kinovi(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<std::net::SocketAddr>>>,
     query: Result<Query<CallbackQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -51,7 +54,7 @@ pub async fn kinovi(
             state.outbox.stats().metrics.rejected(Reject::TooLarge);
             state
                 .outbox
-                .reject(b"", "body over the size limit (not kept)");
+                .reject_in("too_large", b"", "body over the size limit (not kept)");
             ApiError::TooLarge(state.body_limit)
         } else {
             ApiError::InvalidPayload(rejection.body_text())
@@ -60,20 +63,28 @@ pub async fn kinovi(
     let event = event::parse(&body, Source::Webhook, now_ms()).map_err(|e| {
         let reason = e.to_string();
         tracing::info!(%reason, "rejected callback");
-        state.outbox.reject(&body, &reason);
+        state.outbox.reject_in("invalid", &body, &reason);
         state.outbox.stats().metrics.rejected(Reject::Invalid);
         ApiError::InvalidPayload(reason)
     })?;
     let token = query.ok().and_then(|Query(q)| q.token);
-    tasks::check_callback_token(&state, &event.task_id, token.as_deref(), &body).await?;
+    let task = tasks::check_callback_token(&state, &event.task_id, token.as_deref(), &body).await?;
+    if task == tasks::CallbackTask::Refused {
+        return Ok(ok());
+    }
     if state.tasks.verify {
-        tasks::hold_for_verification(&state, event).await?;
+        let from = peer.map(|Extension(ConnectInfo(addr))| addr.ip().to_string());
+        tasks::hold_for_verification(&state, event, from.unwrap_or_default(), &body).await?;
         return Ok(ok());
     }
     // The ids are copied for the log line only when it is written.
     let ids = tracing::enabled!(tracing::Level::DEBUG)
         .then(|| (event.task_id.clone(), event.event_id.clone()));
-    let outcome = state.outbox.append(event).await?;
+    let outcome = if task == tasks::CallbackTask::Registered {
+        state.outbox.append_trusted(event).await?
+    } else {
+        state.outbox.append(event).await?
+    };
     if let Some((task_id, event_id)) = ids {
         match outcome {
             Appended::New { .. } | Appended::Conflict { .. } => {

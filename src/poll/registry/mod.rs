@@ -5,8 +5,9 @@
 //! Tables: `tasks` (taskId -> [`Registration`] as JSON), `due`
 //! ((next_poll_at, taskId) for every task not done: the reconciler reads it
 //! in order), `by_age` ((registered_at, taskId), for pruning), `held`
-//! (seq -> [`Held`]: callbacks stored for the verifier) and `held_keys`
-//! ((taskId, state) -> seq: one held callback per task state).
+//! (seq -> [`Held`]: callbacks stored for the verifier), `held_keys`
+//! ((taskId, state) -> seq: one held callback per task state), `held_meta`
+//! (the bytes held) and `held_from` (entries held per client address).
 //!
 //! Invariants:
 //!
@@ -40,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::event::TaskEvent;
-pub use held::{Held, HeldDue, Holding, Unreadable};
+pub use held::{Held, HeldCap, HeldDue, HeldLimits, Holding, Unreadable};
 
 mod cell;
 mod held;
@@ -212,6 +213,7 @@ impl Registry {
             txn.open_table(HELD)?;
             txn.open_table(HELD_KEYS)?;
             txn.commit()?;
+            Self::count_held_bytes(db)?;
             Ok(known)
         })?;
         Ok(Self {
