@@ -51,6 +51,8 @@ mod log;
 mod rejected;
 mod relay;
 mod store;
+#[cfg(test)]
+mod tracked_tests;
 mod writer;
 
 pub use relay::{Relay, RelayStep};
