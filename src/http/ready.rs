@@ -157,7 +157,9 @@ mod tests {
         stats.storage_failing.store(false, Ordering::Relaxed);
 
         assert_eq!(warnings(&outbox, now), []);
-        stats.evicted_unfinished_at.store(now - 1_000, Ordering::Relaxed);
+        stats
+            .evicted_unfinished_at
+            .store(now - 1_000, Ordering::Relaxed);
         assert_eq!(
             warnings(&outbox, now),
             [problem("task-records", "evicting")]

@@ -42,7 +42,10 @@ impl Ring {
         let rejected = Rejected {
             received_at: at,
             reason: cut(reason, KEEP_REASON),
-            body: cut(&String::from_utf8_lossy(&body[..body.len().min(KEEP)]), KEEP),
+            body: cut(
+                &String::from_utf8_lossy(&body[..body.len().min(KEEP)]),
+                KEEP,
+            ),
             body_truncated: body.len() > KEEP,
         };
         self.entries.push_back((share, rejected));
@@ -93,7 +96,13 @@ mod tests {
     fn a_flood_of_one_kind_pushes_out_only_its_own() {
         let mut ring = Ring::default();
         for i in 0..5 {
-            ring.push("invalid", format!("junk {i}").as_bytes(), "bad json", i, 100);
+            ring.push(
+                "invalid",
+                format!("junk {i}").as_bytes(),
+                "bad json",
+                i,
+                100,
+            );
         }
         let mut dropped = 0;
         for i in 0..7000 {

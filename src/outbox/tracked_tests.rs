@@ -24,7 +24,10 @@ fn open(dir: &std::path::Path, change: impl FnOnce(&mut OutboxConfig)) -> Outbox
 
 async fn stored(outbox: &Outbox, task: &str, state: &str) {
     let appended = outbox.append(callback(task, state)).await.unwrap();
-    assert!(matches!(appended, Appended::New { .. }), "{task}: {appended:?}");
+    assert!(
+        matches!(appended, Appended::New { .. }),
+        "{task}: {appended:?}"
+    );
 }
 
 /// At the cap a new task is stored, never refused; the records that go

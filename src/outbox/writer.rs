@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::log::{Log, Record, Slot};
 use super::store::{
-    record_bytes, slot, DbCell, TaskRecord, DEAD, EXPIRY, META, PENDING, RECORD_OVERHEAD,
-    REJECTED, STORED_THROUGH, TASKS,
+    record_bytes, slot, DbCell, TaskRecord, DEAD, EXPIRY, META, PENDING, RECORD_OVERHEAD, REJECTED,
+    STORED_THROUGH, TASKS,
 };
 use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Shared, Stats};
 use crate::config::OutboxConfig;
@@ -675,8 +675,15 @@ impl Writer {
                     let injected = event.task_id == tests::FAIL_TASK;
                     #[cfg(test)]
                     assert!(event.task_id != tests::PANIC_TASK, "injected writer panic");
-                    let outcome =
-                        self.append(&db, &mut tasks, staged, (*event, trusted), payload, now, delta);
+                    let outcome = self.append(
+                        &db,
+                        &mut tasks,
+                        staged,
+                        (*event, trusted),
+                        payload,
+                        now,
+                        delta,
+                    );
                     #[cfg(test)]
                     let outcome = if injected {
                         Err(tests::injected())
@@ -1023,7 +1030,9 @@ impl Writer {
             Stats::add(&stats.evicted_finished, evicted.finished);
             Stats::add(&stats.evicted_unfinished, evicted.unfinished);
             if evicted.unfinished > 0 {
-                stats.evicted_unfinished_at.store(now_ms(), Ordering::Relaxed);
+                stats
+                    .evicted_unfinished_at
+                    .store(now_ms(), Ordering::Relaxed);
                 tracing::warn!(
                     finished = evicted.finished,
                     unfinished = evicted.unfinished,
@@ -1042,7 +1051,9 @@ impl Writer {
         gone = gone.min(shared.tracked.load(Ordering::Relaxed));
         shared.tracked.fetch_sub(gone, Ordering::Relaxed);
         gone_bytes = gone_bytes.min(shared.tracked_bytes.load(Ordering::Relaxed));
-        shared.tracked_bytes.fetch_sub(gone_bytes, Ordering::Relaxed);
+        shared
+            .tracked_bytes
+            .fetch_sub(gone_bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1246,8 +1257,16 @@ impl Writer {
         bytes: u64,
     ) -> Result<Evicted, OutboxError> {
         let (cap, cap_bytes) = (self.config.max_tracked_tasks, self.config.max_tracked_bytes);
-        let count = self.shared.tracked.load(Ordering::Relaxed).saturating_sub(pruned);
-        let held = self.shared.tracked_bytes.load(Ordering::Relaxed).saturating_sub(bytes);
+        let count = self
+            .shared
+            .tracked
+            .load(Ordering::Relaxed)
+            .saturating_sub(pruned);
+        let held = self
+            .shared
+            .tracked_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(bytes);
         let room = (cap / 32).clamp(1, EVICT_SCAN as u64 / 4);
         let room_bytes = (cap_bytes / 32).min(4 << 20);
         let mut need = count.saturating_sub(cap.saturating_sub(room));
@@ -1260,7 +1279,10 @@ impl Writer {
         let mut seen: Vec<(bool, i64, String)> = Vec::new();
         let from = self.evict_from.take().unwrap_or_default();
         let mut whole = true;
-        for range in [tasks.range::<&str>(from.as_str()..)?, tasks.range::<&str>(..from.as_str())?] {
+        for range in [
+            tasks.range::<&str>(from.as_str()..)?,
+            tasks.range::<&str>(..from.as_str())?,
+        ] {
             for entry in range {
                 let (k, v) = entry?;
                 if seen.len() == EVICT_SCAN {

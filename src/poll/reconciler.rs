@@ -136,8 +136,7 @@ impl PollWorker<Reconcile> {
             Ok(event) => {
                 let mut published = false;
                 if self.config.publish_progress {
-                    published =
-                        matches!(self.outbox.append_trusted(event.clone()).await, Ok(a) if a.is_stored());
+                    published = matches!(self.outbox.append_trusted(event.clone()).await, Ok(a) if a.is_stored());
                 }
                 r.last_event = Some(Box::new(event));
                 r.last_error = None;

@@ -213,7 +213,11 @@ impl PollWorker<Verify> {
             Verdict::Unsure(reason) => format!("not confirmed: {reason}"),
             Verdict::Refuted(reason) => reason,
         };
-        let from = if held.from.is_empty() { "?" } else { held.from.as_str() };
+        let from = if held.from.is_empty() {
+            "?"
+        } else {
+            held.from.as_str()
+        };
         tracing::warn!(%task_id, %from, %reason, "callback not confirmed by the provider; kept as a dead letter");
         let reason = format!(
             "{reason}; from {from}, body of {bytes} bytes not kept, it began: {excerpt:?}",

@@ -416,7 +416,11 @@ async fn callbacks_without_the_right_token_are_rejected() {
         StatusCode::OK
     );
     app.drained(WAIT).await;
-    assert_eq!(lines(&out).len(), 2, "the unknown task's and the genuine one");
+    assert_eq!(
+        lines(&out).len(),
+        2,
+        "the unknown task's and the genuine one"
+    );
     app.stop().await;
 }
 

@@ -20,7 +20,12 @@ async fn post_all(app: &TestApp, bodies: &[Value]) {
         .collect()
         .await;
     let refused = answers.iter().filter(|s| **s != StatusCode::OK).count();
-    assert_eq!(refused, 0, "{refused} of {} not answered 200", answers.len());
+    assert_eq!(
+        refused,
+        0,
+        "{refused} of {} not answered 200",
+        answers.len()
+    );
 }
 
 /// 500 junk tasks fill `max_tracked_tasks = 500`; a new task is then
@@ -50,7 +55,11 @@ async fn junk_tasks_at_the_cap_never_lock_out_a_new_task() {
 
     let real = unique("task_real");
     let started = Instant::now();
-    let answer = app.http.try_callback(&callbacks::success(&real)).await.unwrap();
+    let answer = app
+        .http
+        .try_callback(&callbacks::success(&real))
+        .await
+        .unwrap();
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     let answered = started.elapsed();
     let stored = nats::read_stream(&url, &stream, CAP + 1, WAIT, Duration::from_secs(1)).await;
@@ -63,7 +72,11 @@ async fn junk_tasks_at_the_cap_never_lock_out_a_new_task() {
     assert_eq!(status.counters["evictedUnfinished"], 0);
     assert_eq!(status.counters["refusedFull"], 0);
     let (ready, body) = app.admin.get("/readyz").await;
-    assert_eq!((ready, body.get("warnings")), (StatusCode::OK, None), "{body}");
+    assert_eq!(
+        (ready, body.get("warnings")),
+        (StatusCode::OK, None),
+        "{body}"
+    );
     eprintln!("new task at the cap answered in {answered:?}");
 
     // Unfinished junk: once no finished record is left, unfinished ones go.
@@ -72,7 +85,10 @@ async fn junk_tasks_at_the_cap_never_lock_out_a_new_task() {
         .collect();
     post_all(&app, &live).await;
     let another = unique("task_real");
-    assert_eq!(app.callback(&callbacks::success(&another)).await, StatusCode::OK);
+    assert_eq!(
+        app.callback(&callbacks::success(&another)).await,
+        StatusCode::OK
+    );
     let status = app.outbox.status().unwrap();
     assert!(status.tasks_tracked <= CAP, "{}", status.tasks_tracked);
     assert!(status.counters["evictedUnfinished"].as_u64().unwrap() >= 1);
@@ -88,7 +104,8 @@ async fn junk_tasks_at_the_cap_never_lock_out_a_new_task() {
         metrics.contains(r#"hookbridge_task_records_evicted_total{task="unfinished"}"#),
         "{metrics}"
     );
-    let stored = nats::read_stream(&url, &stream, 2 * CAP + 102, WAIT, Duration::from_secs(1)).await;
+    let stored =
+        nats::read_stream(&url, &stream, 2 * CAP + 102, WAIT, Duration::from_secs(1)).await;
     assert!(stored.iter().any(|m| m.value["taskId"] == another.as_str()));
     app.stop().await;
 }

@@ -134,7 +134,11 @@ async fn forged_1_mib_callbacks_cost_a_few_hundred_bytes_each() {
     let answers = post_all(&client_from("127.0.0.3"), &app, forged).await;
     let held = answers.iter().filter(|s| **s == 200).count() as u64;
     let refused = answers.iter().filter(|s| **s == 503).count() as u64;
-    assert_eq!((held, refused), (PER_ADDRESS, FORGED as u64 - PER_ADDRESS), "{answers:?}");
+    assert_eq!(
+        (held, refused),
+        (PER_ADDRESS, FORGED as u64 - PER_ADDRESS),
+        "{answers:?}"
+    );
 
     let poll = poll_status(&app).await;
     assert_eq!(poll["awaitingVerification"], PER_ADDRESS, "{poll}");
@@ -148,7 +152,10 @@ async fn forged_1_mib_callbacks_cost_a_few_hundred_bytes_each() {
     let task_id = finished_task(&sim).await;
     let genuine = sim.record(&task_id, "success", Variant::Envelope).unwrap();
     let genuine = serde_json::to_vec(&genuine).unwrap();
-    assert_eq!(post_all(&client_from("127.0.0.4"), &app, vec![genuine]).await, [200]);
+    assert_eq!(
+        post_all(&client_from("127.0.0.4"), &app, vec![genuine]).await,
+        [200]
+    );
     eventually(WAIT, "the genuine callback to be published", || async {
         (lines(&out).len() == 1).then_some(())
     })
@@ -190,7 +197,11 @@ async fn dead_letters_of_forged_callbacks_keep_a_bounded_copy() {
         let size = serde_json::to_vec(letter).unwrap().len();
         assert!(size < 4096, "{size} bytes: {letter:?}");
         assert!(letter.reason.contains("not kept"), "{}", letter.reason);
-        assert!(letter.reason.contains("from 127.0.0.5"), "{}", letter.reason);
+        assert!(
+            letter.reason.contains("from 127.0.0.5"),
+            "{}",
+            letter.reason
+        );
         assert_eq!(letter.event["state"], "success");
         assert!(letter.event["taskId"].as_str().unwrap().starts_with(&run));
     }

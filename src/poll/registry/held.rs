@@ -191,7 +191,9 @@ impl Registry {
                 let mut bytes = 0;
                 for entry in held.iter()? {
                     let (_, v) = entry?;
-                    let task = Held::decode(v.value()).map(|h| h.task_id).unwrap_or_default();
+                    let task = Held::decode(v.value())
+                        .map(|h| h.task_id)
+                        .unwrap_or_default();
                     bytes += cost(v.value().len(), &task);
                 }
                 meta.insert(BYTES, bytes)?;

@@ -109,7 +109,10 @@ fn limits(entries: u64) -> HeldLimits {
 #[test]
 fn held_callbacks_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
-    let (one, two) = (held("task_1", "success", "", 100), held("task_2", "success", "", 200));
+    let (one, two) = (
+        held("task_1", "success", "", 100),
+        held("task_2", "success", "", 200),
+    );
     {
         let registry = open(dir.path());
         assert_eq!(registry.hold(&one, limits(10)).unwrap(), Holding::Held(1));
@@ -131,7 +134,10 @@ fn held_callbacks_are_deduplicated_ordered_per_task_and_capped() {
     let dir = tempfile::tempdir().unwrap();
     let registry = open(dir.path());
     let generating = held("task_1", "generating", "", 1);
-    assert_eq!(registry.hold(&generating, limits(3)).unwrap(), Holding::Held(1));
+    assert_eq!(
+        registry.hold(&generating, limits(3)).unwrap(),
+        Holding::Held(1)
+    );
     for _ in 0..100 {
         assert_eq!(
             registry.hold(&generating, limits(3)).unwrap(),
@@ -139,15 +145,21 @@ fn held_callbacks_are_deduplicated_ordered_per_task_and_capped() {
         );
     }
     assert_eq!(
-        registry.hold(&held("task_1", "success", "", 1), limits(3)).unwrap(),
+        registry
+            .hold(&held("task_1", "success", "", 1), limits(3))
+            .unwrap(),
         Holding::Held(2)
     );
     assert_eq!(
-        registry.hold(&held("task_2", "fail", "", 1), limits(3)).unwrap(),
+        registry
+            .hold(&held("task_2", "fail", "", 1), limits(3))
+            .unwrap(),
         Holding::Held(3)
     );
     assert_eq!(
-        registry.hold(&held("task_3", "fail", "", 1), limits(3)).unwrap(),
+        registry
+            .hold(&held("task_3", "fail", "", 1), limits(3))
+            .unwrap(),
         Holding::Full(HeldCap::Entries)
     );
     assert_eq!(
@@ -177,7 +189,10 @@ fn held_callbacks_are_small_and_capped_in_bytes_and_per_address() {
     let registry = open(dir.path());
     let big = vec![b'x'; 1 << 20];
     let entry = Held::new(&callback("task_big", "success"), "10.0.0.9", &big, 1);
-    assert_eq!((entry.excerpt.len(), entry.body_bytes), (held::EXCERPT, 1 << 20));
+    assert_eq!(
+        (entry.excerpt.len(), entry.body_bytes),
+        (held::EXCERPT, 1 << 20)
+    );
     let limits = HeldLimits {
         entries: 1000,
         bytes: 64 * 1024,
@@ -188,7 +203,10 @@ fn held_callbacks_are_small_and_capped_in_bytes_and_per_address() {
     assert!(one < 1024, "one held 1 MiB callback costs {one} bytes");
     for i in 0..2 {
         let h = Held::new(&callback(&format!("t{i}"), "success"), "10.0.0.9", &big, 1);
-        assert!(matches!(registry.hold(&h, limits).unwrap(), Holding::Held(_)));
+        assert!(matches!(
+            registry.hold(&h, limits).unwrap(),
+            Holding::Held(_)
+        ));
     }
     let fourth = Held::new(&callback("t9", "success"), "10.0.0.9", &big, 1);
     assert_eq!(
@@ -196,7 +214,10 @@ fn held_callbacks_are_small_and_capped_in_bytes_and_per_address() {
         Holding::Full(HeldCap::Address)
     );
     let elsewhere = Held::new(&callback("t9", "success"), "10.0.0.7", &big, 1);
-    assert!(matches!(registry.hold(&elsewhere, limits).unwrap(), Holding::Held(_)));
+    assert!(matches!(
+        registry.hold(&elsewhere, limits).unwrap(),
+        Holding::Held(_)
+    ));
     // Bytes: ids long enough that few fit in 64 KiB.
     let mut refused = None;
     for i in 0..200 {
@@ -233,7 +254,9 @@ fn held_callbacks_are_taken_round_robin_across_addresses() {
         let h = held(&format!("forged_{i}"), "success", "10.0.0.66", 1);
         registry.hold(&h, limits(1000)).unwrap();
     }
-    registry.hold(&held("real", "success", "10.0.0.1", 1), limits(1000)).unwrap();
+    registry
+        .hold(&held("real", "success", "10.0.0.1", 1), limits(1000))
+        .unwrap();
     let due = registry.held_due(10, 4).unwrap();
     let ids: Vec<&str> = due.held.iter().map(|h| h.task_id.as_str()).collect();
     assert_eq!(ids, ["real", "forged_0", "forged_1", "forged_2"]);
@@ -250,7 +273,8 @@ fn held_entries_of_earlier_versions_are_read() {
             let mut held = txn.open_table(HELD).unwrap();
             let old = serde_json::json!({"event": callback("task_old", "success"),
                 "attempts": 2, "nextAt": 7});
-            held.insert(4, serde_json::to_vec(&old).unwrap().as_slice()).unwrap();
+            held.insert(4, serde_json::to_vec(&old).unwrap().as_slice())
+                .unwrap();
         }
         txn.commit().unwrap();
     }
@@ -258,7 +282,10 @@ fn held_entries_of_earlier_versions_are_read() {
     let due = registry.held_due(10, 10).unwrap();
     assert_eq!(due.held.len(), 1);
     let h = &due.held[0];
-    assert_eq!((h.task_id.as_str(), h.state, h.attempts, h.received_at), ("task_old", State::Success, 2, 5));
+    assert_eq!(
+        (h.task_id.as_str(), h.state, h.attempts, h.received_at),
+        ("task_old", State::Success, 2, 5)
+    );
     assert!(registry.held_size().unwrap().1 > 0);
     registry.settle_held(&[4], &[]).unwrap();
     assert_eq!(registry.held_size().unwrap(), (0, 0));
