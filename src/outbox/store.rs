@@ -53,7 +53,7 @@ pub(super) fn record_bytes(task_id: &str) -> u64 {
 }
 
 /// The B-tree's bookkeeping per entry, counted with each record.
-pub(super) const RECORD_OVERHEAD: u64 = 16;
+const RECORD_OVERHEAD: u64 = 16;
 
 /// Set in the state byte of an encoded record: [`TaskRecord::trusted`].
 /// (255, no state, never carries it.)

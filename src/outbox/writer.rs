@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::log::{Log, Record, Slot};
 use super::store::{
-    record_bytes, slot, DbCell, TaskRecord, DEAD, EXPIRY, META, PENDING, RECORD_OVERHEAD, REJECTED,
-    STORED_THROUGH, TASKS,
+    record_bytes, slot, DbCell, TaskRecord, DEAD, EXPIRY, META, PENDING, REJECTED, STORED_THROUGH,
+    TASKS,
 };
 use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Shared, Stats};
 use crate::config::OutboxConfig;
@@ -179,6 +179,28 @@ impl Checkpointer {
     }
 }
 
+/// What the task records in `tasks` (`count` of them) cost
+/// ([`record_bytes`]): exact up to `SAMPLE` records, else estimated from
+/// the first `SAMPLE` (their average size), so that a start-up never reads
+/// a store of millions of records whole.
+fn stored_bytes(
+    tasks: &impl ReadableTable<&'static str, &'static [u8]>,
+    count: u64,
+) -> Result<u64, OutboxError> {
+    const SAMPLE: usize = 10_000;
+    let (mut seen, mut bytes) = (0u64, 0u64);
+    for entry in tasks.iter()?.take(SAMPLE) {
+        let (k, _) = entry?;
+        seen += 1;
+        bytes += record_bytes(k.value());
+    }
+    Ok(match seen {
+        0 => 0,
+        _ if seen >= count => bytes,
+        _ => bytes / seen * count,
+    })
+}
+
 /// One durable transaction with `records` and the sequence number they
 /// cover.
 fn write_records(db: &DbCell, records: &Records, through: u64) -> Result<(), OutboxError> {
@@ -322,8 +344,7 @@ impl Writer {
             let through = meta.get(STORED_THROUGH)?.map_or(0, |v| v.value());
             let last_dead = dead.last()?.map_or(0, |(k, _)| k.value());
             let tasks_stored = tasks.len()?;
-            let bytes_stored =
-                tasks.stats()?.stored_bytes() + tasks_stored.saturating_mul(RECORD_OVERHEAD);
+            let bytes_stored = stored_bytes(&tasks, tasks_stored)?;
             (
                 through,
                 old,
