@@ -506,8 +506,9 @@ pub struct ProviderConfig {
     /// the state, the receive time, the sender's address and at most 256
     /// bytes of the body); past it the webhook answers 503.
     pub max_held_bytes: u64,
-    /// Verify mode: most callbacks held at once for one client address, so
-    /// that one address cannot fill the queue; past it that address gets 503.
+    /// Verify mode: most callbacks held at once for one client address (an
+    /// IPv6 address counts by its /64), so that one address cannot fill the
+    /// queue; past it that address gets 503.
     pub max_held_per_address: u64,
     /// Memory for the page cache of the task registry
     /// (`<outbox.data_dir>/tasks.redb`: registrations and held callbacks), in MiB.

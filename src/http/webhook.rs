@@ -73,7 +73,7 @@ pub async fn kinovi(
         return Ok(ok());
     }
     if state.tasks.verify {
-        let from = peer.map(|Extension(ConnectInfo(addr))| addr.ip().to_string());
+        let from = peer.map(|Extension(ConnectInfo(addr))| crate::poll::sender_of(addr.ip()));
         tasks::hold_for_verification(&state, event, from.unwrap_or_default(), &body).await?;
         return Ok(ok());
     }

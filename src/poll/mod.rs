@@ -81,7 +81,7 @@ mod verifier;
 pub use client::{ProviderClient, ProviderError};
 pub use reconciler::{Reconcile, ReconcileStep, Reconciler};
 pub use registry::{
-    Due, Held, HeldCap, HeldDue, HeldLimits, Holding, Origin, Registration, Registry,
+    sender_of, Due, Held, HeldCap, HeldDue, HeldLimits, Holding, Origin, Registration, Registry,
     RegistryError, RegistryOptions, Unreadable, UnreadableTask,
 };
 pub use verifier::{Verifier, Verify, VerifyStep};

@@ -42,8 +42,9 @@ pub struct Held {
     pub state: State,
     /// When the callback came (ms since the epoch).
     pub received_at: i64,
-    /// The client address it came from; empty when unknown (the verifier's
-    /// round-robin then counts it as one address).
+    /// The client address it came from ([`sender_of`]: an IPv6 address by
+    /// its /64); empty when unknown (the verifier's round-robin then counts
+    /// it as one address).
     #[serde(default)]
     pub from: String,
     /// The first bytes of the body (at most [`EXCERPT`], cut at a character).
@@ -106,6 +107,23 @@ impl Held {
         event.event_id = crate::event::event_id(&self.task_id, self.state);
         event.source = crate::event::Source::Webhook;
         event
+    }
+}
+
+/// The sender key of a client address for the per-address cap and the
+/// round-robin: an IPv4 address as is, an IPv6 address by its /64 (what
+/// one subscriber usually holds, so that one host cannot pose as many).
+pub fn sender_of(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{net}/64")
+            }
+        },
     }
 }
 

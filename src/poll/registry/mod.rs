@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::event::TaskEvent;
-pub use held::{Held, HeldCap, HeldDue, HeldLimits, Holding, Unreadable};
+pub use held::{sender_of, Held, HeldCap, HeldDue, HeldLimits, Holding, Unreadable};
 
 mod cell;
 mod held;

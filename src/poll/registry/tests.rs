@@ -402,3 +402,12 @@ fn unreadable_registrations_are_reported_then_forgotten() {
     assert!(registry.get("bad").unwrap().is_none());
     assert_eq!(registry.counts().unwrap(), (1, 0));
 }
+
+#[test]
+fn an_ipv6_sender_is_its_64() {
+    let key = |ip: &str| held::sender_of(ip.parse().unwrap());
+    assert_eq!(key("192.0.2.7"), "192.0.2.7");
+    assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+    assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+    assert_eq!(key("2001:db8:1:2:bbbb::9"), key("2001:db8:1:2::1"));
+}
