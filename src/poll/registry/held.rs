@@ -14,12 +14,14 @@
 //! from another by at most one turn per address with entries due.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::Mutex;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{encode, write, Registry, RegistryError, HELD, HELD_KEYS};
 use crate::event::{State, TaskEvent};
+use crate::supervise::lock;
 
 /// Held bookkeeping: [`BYTES`] -> what the held entries cost.
 pub(super) const HELD_META: TableDefinition<&str, u64> = TableDefinition::new("held_meta");
@@ -180,6 +182,64 @@ pub struct HeldLimits {
     pub per_address: u64,
 }
 
+/// A callback waiting for the next group commit of [`Registry::hold`].
+struct Waiting {
+    held: Held,
+    limits: HeldLimits,
+    reply: std::sync::mpsc::Sender<Result<Holding, RegistryError>>,
+}
+
+/// The queue of [`Registry::hold`]'s group commit.
+#[derive(Default)]
+pub(super) struct HoldQueue {
+    waiting: Mutex<Vec<Waiting>>,
+    /// Held by the caller whose turn it is to commit.
+    turn: Mutex<()>,
+}
+
+/// The held queue's tables inside one write transaction.
+struct HeldTables<'t> {
+    held: redb::Table<'t, u64, &'static [u8]>,
+    keys: redb::Table<'t, (&'static str, &'static str), u64>,
+    meta: redb::Table<'t, &'static str, u64>,
+    from: redb::Table<'t, &'static str, u64>,
+}
+
+impl HeldTables<'_> {
+    /// See [`Registry::hold`].
+    fn hold(&mut self, held: &Held, limits: HeldLimits) -> Result<Holding, RegistryError> {
+        let key = (held.task_id.as_str(), held.state.as_str());
+        let existing = self.keys.get(key)?.map(|seq| seq.value());
+        // A key whose entry was released some other way is stale.
+        if let Some(seq) = existing {
+            if self.held.get(seq)?.is_some() {
+                return Ok(Holding::Duplicate);
+            }
+        }
+        let value = encode(held);
+        let size = cost(value.len(), &held.task_id);
+        let bytes = self.meta.get(BYTES)?.map_or(0, |v| v.value());
+        let mine = self.from.get(held.from.as_str())?.map_or(0, |v| v.value());
+        if self.held.len()? >= limits.entries {
+            return Ok(Holding::Full(HeldCap::Entries));
+        }
+        if bytes + size > limits.bytes {
+            return Ok(Holding::Full(HeldCap::Bytes));
+        }
+        if !held.from.is_empty() && mine >= limits.per_address {
+            return Ok(Holding::Full(HeldCap::Address));
+        }
+        let seq = self.held.last()?.map_or(1, |(k, _)| k.value() + 1);
+        self.held.insert(seq, value.as_slice())?;
+        self.keys.insert(key, seq)?;
+        self.meta.insert(BYTES, bytes + size)?;
+        if !held.from.is_empty() {
+            self.from.insert(held.from.as_str(), mine + 1)?;
+        }
+        Ok(Holding::Held(seq))
+    }
+}
+
 /// Adds `by` (may be negative) to a counter row, deleting it at zero.
 fn shift(
     table: &mut redb::Table<'_, &'static str, u64>,
@@ -225,51 +285,64 @@ impl Registry {
     /// is already held or a cap is reached (in that order: a repeat is
     /// answered as held even when the queue is full). `held.from` empty:
     /// no per-address cap. Durable when it returns `Held`.
+    ///
+    /// Concurrent calls share one transaction and one fsync (group commit):
+    /// a caller queues its callback, then whoever holds the turn commits
+    /// everything queued so far and answers each caller.
     pub fn hold(&self, held: &Held, limits: HeldLimits) -> Result<Holding, RegistryError> {
-        let outcome = self.db.with(|db| {
-            let txn = write(db, true)?;
-            let outcome = {
-                let mut table = txn.open_table(HELD)?;
-                let mut keys = txn.open_table(HELD_KEYS)?;
-                let mut meta = txn.open_table(HELD_META)?;
-                let mut from = txn.open_table(HELD_FROM)?;
-                let key = (held.task_id.as_str(), held.state.as_str());
-                let existing = keys.get(key)?.map(|seq| seq.value());
-                // A key whose entry was released some other way is stale.
-                if let Some(seq) = existing {
-                    if table.get(seq)?.is_some() {
-                        return Ok(Holding::Duplicate);
-                    }
-                }
-                let value = encode(held);
-                let size = cost(value.len(), &held.task_id);
-                let bytes = meta.get(BYTES)?.map_or(0, |v| v.value());
-                let mine = from.get(held.from.as_str())?.map_or(0, |v| v.value());
-                if table.len()? >= limits.entries {
-                    return Ok(Holding::Full(HeldCap::Entries));
-                }
-                if bytes + size > limits.bytes {
-                    return Ok(Holding::Full(HeldCap::Bytes));
-                }
-                if !held.from.is_empty() && mine >= limits.per_address {
-                    return Ok(Holding::Full(HeldCap::Address));
-                }
-                let seq = table.last()?.map_or(1, |(k, _)| k.value() + 1);
-                table.insert(seq, value.as_slice())?;
-                keys.insert(key, seq)?;
-                meta.insert(BYTES, bytes + size)?;
-                if !held.from.is_empty() {
-                    from.insert(held.from.as_str(), mine + 1)?;
-                }
-                Holding::Held(seq)
-            };
-            txn.commit()?;
-            Ok(outcome)
-        })?;
-        if matches!(outcome, Holding::Held(_)) {
-            self.held_added.notify_one();
+        let (reply, answer) = std::sync::mpsc::channel();
+        lock(&self.holds.waiting).push(Waiting {
+            held: held.clone(),
+            limits,
+            reply,
+        });
+        {
+            // A turn's leader answers before it gives the turn up: once we
+            // have it, our callback was either answered or is still queued.
+            let _turn = lock(&self.holds.turn);
+            let batch = std::mem::take(&mut *lock(&self.holds.waiting));
+            if !batch.is_empty() {
+                self.hold_batch(batch);
+            }
         }
-        Ok(outcome)
+        answer.recv().map_err(|_| RegistryError::Closed)?
+    }
+
+    /// One durable transaction for every queued callback, in queue order.
+    fn hold_batch(&self, batch: Vec<Waiting>) {
+        let outcomes = self.db.with(|db| {
+            let txn = write(db, true)?;
+            let mut outcomes = Vec::with_capacity(batch.len());
+            {
+                let mut tables = HeldTables {
+                    held: txn.open_table(HELD)?,
+                    keys: txn.open_table(HELD_KEYS)?,
+                    meta: txn.open_table(HELD_META)?,
+                    from: txn.open_table(HELD_FROM)?,
+                };
+                for waiting in &batch {
+                    outcomes.push(tables.hold(&waiting.held, waiting.limits)?);
+                }
+            }
+            txn.commit()?;
+            Ok(outcomes)
+        });
+        match outcomes {
+            Ok(outcomes) => {
+                if outcomes.iter().any(|o| matches!(o, Holding::Held(_))) {
+                    self.held_added.notify_one();
+                }
+                for (waiting, outcome) in batch.into_iter().zip(outcomes) {
+                    // A caller that is gone no longer needs its answer.
+                    let _gone = waiting.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for waiting in batch {
+                    let _gone = waiting.reply.send(Err(e.copy()));
+                }
+            }
+        }
     }
 
     /// (entries, bytes) held now.

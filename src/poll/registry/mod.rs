@@ -127,6 +127,21 @@ pub enum RegistryError {
     Reopening,
     #[error("unreadable {0}")]
     Unreadable(String),
+    /// A shared transaction failed (the group commit of held callbacks):
+    /// every caller in it gets this copy of the error.
+    #[error("task registry database: {0}")]
+    Shared(String),
+}
+
+impl RegistryError {
+    /// The same error for another caller of a shared transaction.
+    fn copy(&self) -> Self {
+        match self {
+            Self::Closed => Self::Closed,
+            Self::Reopening => Self::Reopening,
+            other => Self::Shared(other.to_string()),
+        }
+    }
 }
 
 crate::redb_errors!(
@@ -165,6 +180,8 @@ pub struct Registry {
     reconciled: bool,
     tasks_added: Arc<Notify>,
     held_added: Arc<Notify>,
+    /// The group commit of held callbacks.
+    holds: Arc<held::HoldQueue>,
     /// Registrations on disk (approximate after pruning): lets the webhook
     /// skip the lookup entirely where no task was ever registered.
     known: Arc<AtomicU64>,
@@ -221,6 +238,7 @@ impl Registry {
             reconciled: options.reconciled,
             tasks_added: Arc::new(Notify::new()),
             held_added: Arc::new(Notify::new()),
+            holds: Arc::default(),
             known: Arc::new(AtomicU64::new(known)),
         })
     }

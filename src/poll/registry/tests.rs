@@ -411,3 +411,39 @@ fn an_ipv6_sender_is_its_64() {
     assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
     assert_eq!(key("2001:db8:1:2:bbbb::9"), key("2001:db8:1:2::1"));
 }
+
+/// Concurrent holds share commits and each gets its own answer: distinct
+/// sequence numbers, and one place for copies of the same (taskId, state).
+#[test]
+fn concurrent_holds_are_committed_together_and_each_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    let outcomes: Vec<Holding> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..32)
+            .map(|i| {
+                let registry = &registry;
+                scope.spawn(move || {
+                    // Threads 16..32 repeat 0..16's callbacks.
+                    let h = held(&format!("task_{}", i % 16), "success", "10.0.0.1", 1);
+                    registry.hold(&h, limits(1000)).unwrap()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut seqs: Vec<u64> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Holding::Held(seq) => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=16).collect::<Vec<u64>>());
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| **o == Holding::Duplicate)
+        .count();
+    assert_eq!(duplicates, 16);
+    assert_eq!(registry.counts().unwrap(), (0, 16));
+}
