@@ -342,9 +342,17 @@ pub struct OutboxConfig {
     /// How many rejected request bodies are kept in memory for inspection
     /// (each cut to 4 KiB; the oldest is dropped first).
     pub keep_rejected: u64,
-    /// Most tasks whose dedup record is kept; a callback for a new task past
-    /// it gets 503 (nothing stored) until older records expire.
+    /// Most tasks whose dedup record is kept. Past it the oldest records are
+    /// evicted, those of finished tasks first: a new task is never refused,
+    /// but an evicted task's repeat may be published again (same `eventId`).
     pub max_tracked_tasks: u64,
+    /// Most bytes of dedup records (task id + 65 bytes each), with the same
+    /// eviction as `max_tracked_tasks`.
+    pub max_tracked_bytes: u64,
+    /// How long the record of a one-off task is kept, in seconds: a task
+    /// seen in one callback only and not registered with hookbridge (the
+    /// usual shape of junk). A value over `dedup_window_secs` counts as that.
+    pub one_off_window_secs: u64,
     /// Memory for the page cache of `outbox.redb` (dedup records, dead
     /// letters), in MiB: with the channel and batch sizes, what bounds
     /// hookbridge's memory whatever the number of tasks tracked. Pending
@@ -366,6 +374,8 @@ impl Default for OutboxConfig {
             shutdown_grace_ms: 10_000,
             keep_rejected: 1000,
             max_tracked_tasks: 10_000_000,
+            max_tracked_bytes: 2 * 1024 * 1024 * 1024,
+            one_off_window_secs: 24 * 3600,
             cache_mib: 256,
         }
     }
@@ -552,6 +562,14 @@ pub struct ProviderConfig {
     /// Verify mode: most callbacks awaiting verification at once; past it
     /// the webhook answers 503. A repeated (taskId, state) takes no room.
     pub max_held: u64,
+    /// Verify mode: most bytes of held callbacks (each keeps the task id,
+    /// the state, the receive time, the sender's address and at most 256
+    /// bytes of the body); past it the webhook answers 503.
+    pub max_held_bytes: u64,
+    /// Verify mode: most callbacks held at once for one client address (an
+    /// IPv6 address counts by its /64), so that one address cannot fill the
+    /// queue; past it that address gets 503.
+    pub max_held_per_address: u64,
     /// Memory for the page cache of the task registry
     /// (`<outbox.data_dir>/tasks.redb`: registrations and held callbacks), in MiB.
     pub registry_cache_mib: usize,
@@ -572,6 +590,8 @@ impl Default for ProviderConfig {
             tasks_token: None,
             verify: false,
             max_held: 100_000,
+            max_held_bytes: 64 * 1024 * 1024,
+            max_held_per_address: 10_000,
             registry_cache_mib: 32,
         }
     }
@@ -771,6 +791,12 @@ impl Config {
         }
         if o.max_tracked_tasks == 0 {
             return invalid("outbox.max_tracked_tasks", "must be at least 1");
+        }
+        if o.max_tracked_bytes < 64 * 1024 {
+            return invalid("outbox.max_tracked_bytes", "must be at least 65536");
+        }
+        if o.one_off_window_secs == 0 {
+            return invalid("outbox.one_off_window_secs", "must be at least 1");
         }
         self.validate_edge()?;
         self.validate_provider()?;
@@ -1017,6 +1043,12 @@ impl Config {
         }
         if p.max_held == 0 {
             return invalid("provider.max_held", "must be at least 1");
+        }
+        if p.max_held_bytes < 64 * 1024 {
+            return invalid("provider.max_held_bytes", "must be at least 65536");
+        }
+        if p.max_held_per_address == 0 {
+            return invalid("provider.max_held_per_address", "must be at least 1");
         }
         if p.registry_cache_mib == 0 {
             return invalid("provider.registry_cache_mib", "must be at least 1");

@@ -187,8 +187,12 @@ pub struct Snapshot {
     pub publisher: &'static str,
     pub oldest_pending_age_ms: Option<i64>,
     pub tracked_tasks: u64,
+    /// What their records cost (`outbox.max_tracked_bytes`).
+    pub tracked_bytes: u64,
     pub registered_tasks: u64,
     pub held_callbacks: u64,
+    /// What the held callbacks cost (`provider.max_held_bytes`).
+    pub held_bytes: u64,
     pub ready: bool,
 }
 
@@ -284,6 +288,15 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
             ],
         ),
         (
+            "hookbridge_task_records_evicted",
+            "Dedup records evicted at outbox.max_tracked_tasks/max_tracked_bytes, by task state",
+            "task",
+            vec![
+                ("finished", load(&stats.evicted_finished)),
+                ("unfinished", load(&stats.evicted_unfinished)),
+            ],
+        ),
+        (
             "hookbridge_events_published",
             "Events acknowledged by the broker",
             "broker",
@@ -339,6 +352,11 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
             now.tracked_tasks as f64,
         ),
         (
+            "hookbridge_outbox_tracked_bytes",
+            "Bytes of the dedup records (task id + 65 each), against outbox.max_tracked_bytes",
+            now.tracked_bytes as f64,
+        ),
+        (
             "hookbridge_relay_last_progress_timestamp_seconds",
             "When the relay last moved the queue forward or found it empty (Unix time)",
             seconds(stats.relay_progress_at.load(Ordering::Relaxed)),
@@ -352,6 +370,11 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
             "hookbridge_held_callbacks",
             "Callbacks held until the provider confirms them (verify mode)",
             now.held_callbacks as f64,
+        ),
+        (
+            "hookbridge_held_callback_bytes",
+            "Bytes of the held callbacks, against provider.max_held_bytes",
+            now.held_bytes as f64,
         ),
         (
             "hookbridge_poll_halted",
@@ -413,12 +436,15 @@ pub async fn serve(State(state): State<AppState>) -> Result<Response, ApiError> 
             .status()
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         let (registered_tasks, held_callbacks) = state.tasks.registry.counts().unwrap_or_default();
+        let (_, held_bytes) = state.tasks.registry.held_size().unwrap_or_default();
         let now = Snapshot {
             publisher: state.publisher_name,
             oldest_pending_age_ms: status.oldest_pending_age_ms,
             tracked_tasks: status.tasks_tracked,
+            tracked_bytes: state.outbox.tracked_bytes(),
             registered_tasks,
             held_callbacks,
+            held_bytes,
             ready: crate::http::ready::problems(&state.health, &state.outbox).is_empty(),
         };
         Ok::<_, ApiError>(render(state.outbox.stats(), &state.tasks.stats, &now))
@@ -447,7 +473,7 @@ mod tests {
         let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
         let names: std::collections::BTreeSet<&str> =
             scrape.samples.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(names.len(), 39, "{names:#?}");
+        assert_eq!(names.len(), 42, "{names:#?}");
         for name in &names {
             assert!(name.starts_with("hookbridge_"), "{name}");
             let family = ["_count", "_sum"]

@@ -5,6 +5,11 @@
 //! answers. A broker outage alone is not a problem here: callbacks are
 //! still stored durably, and taking the instance out of service would lose
 //! the ones the provider never retries. `/healthz` is liveness only.
+//!
+//! Warnings are listed in either answer without changing its status: the
+//! dedup records at their cap with records of unfinished tasks evicted
+//! (`task-records: evicting`). Every callback is still stored then, and a
+//! 503 would let a flood of junk task ids take the instance out of service.
 
 use std::sync::atomic::Ordering;
 
@@ -25,17 +30,43 @@ pub struct Problem {
     /// A worker's name, `outbox-writer`, `storage`.
     pub component: &'static str,
     /// `restarting`, `failed`, `stopped`, `failing`, `stalled`,
-    /// `unreachable` (cluster coordination) or `draining` (shutting down).
+    /// `unreachable` (cluster coordination) or `draining` (shutting down);
+    /// as a warning, `evicting`.
     pub problem: &'static str,
 }
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let problems = problems(&state.health, &state.outbox);
-    if problems.is_empty() {
-        Json(json!({ "status": "ready" })).into_response()
+    let warnings = warnings(&state.outbox, now_ms());
+    let mut body = if problems.is_empty() {
+        json!({ "status": "ready" })
     } else {
-        let body = json!({ "status": "unavailable", "problems": problems });
+        json!({ "status": "unavailable", "problems": problems })
+    };
+    if !warnings.is_empty() {
+        body["warnings"] = json!(warnings);
+    }
+    if problems.is_empty() {
+        Json(body).into_response()
+    } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// How long `/readyz` warns after records of unfinished tasks were evicted.
+const EVICTING_WARNS_MS: i64 = 10 * 60 * 1000;
+
+/// What an operator should see but that does not stop this instance from
+/// storing callbacks.
+pub fn warnings(outbox: &Outbox, now: i64) -> Vec<Problem> {
+    let at = outbox.stats().evicted_unfinished_at.load(Ordering::Relaxed);
+    if at > 0 && now - at < EVICTING_WARNS_MS {
+        vec![Problem {
+            component: "task-records",
+            problem: "evicting",
+        }]
+    } else {
+        Vec::new()
     }
 }
 
@@ -124,6 +155,17 @@ mod tests {
         stats.storage_failing.store(true, Ordering::Relaxed);
         assert_eq!(problems(&health, &outbox), [problem("storage", "failing")]);
         stats.storage_failing.store(false, Ordering::Relaxed);
+
+        assert_eq!(warnings(&outbox, now), []);
+        stats
+            .evicted_unfinished_at
+            .store(now - 1_000, Ordering::Relaxed);
+        assert_eq!(
+            warnings(&outbox, now),
+            [problem("task-records", "evicting")]
+        );
+        assert_eq!(problems(&health, &outbox), [], "a warning only");
+        assert_eq!(warnings(&outbox, now + EVICTING_WARNS_MS), []);
 
         outbox.close().await;
         assert_eq!(

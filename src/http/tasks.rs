@@ -19,7 +19,7 @@ use super::{constant_time_eq, ApiError, AppState};
 use crate::event::{task_id_problem, TaskEvent};
 use crate::metrics::Reject;
 use crate::outbox::now_ms;
-use crate::poll::{Holding, Origin, PollStats, Registration};
+use crate::poll::{Held, HeldCap, Holding, Origin, PollStats, Registration};
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.tasks.tasks_token else {
@@ -164,17 +164,36 @@ pub async fn watch(
     })))
 }
 
+/// What the registry says of a callback's task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CallbackTask {
+    /// Not registered: trusted on shape alone (unless verify mode is on).
+    Unregistered,
+    /// Registered (created with the right token, or watched): a real task,
+    /// whose dedup record keeps the full window.
+    Registered,
+    /// Created through `POST /tasks`, and the token is missing or wrong:
+    /// nothing is stored. The caller answers it like an accepted callback.
+    Refused,
+}
+
 /// For a task created through `POST /tasks`, the callback must carry its
-/// token; a wrong or missing one is refused (401) and kept for inspection.
-/// Unregistered and watched tasks pass.
+/// token; a wrong or missing one is not stored, and kept (cut) for
+/// inspection. Unregistered and watched tasks pass.
+///
+/// The refusal is not told to the sender (the webhook answers 200 as for
+/// any callback): a 401 here and a 200 for an unknown task would tell
+/// anyone which task ids were created through hookbridge. Nothing real is
+/// lost by it: a created task is registered, so polling publishes its
+/// state even if its genuine callback lost the token on the way.
 pub(super) async fn check_callback_token(
     state: &AppState,
     task_id: &str,
     given: Option<&str>,
     body: &[u8],
-) -> Result<(), ApiError> {
+) -> Result<CallbackTask, ApiError> {
     if state.tasks.registry.is_empty() {
-        return Ok(());
+        return Ok(CallbackTask::Unregistered);
     }
     let id = task_id.to_string();
     let registration = state
@@ -187,36 +206,44 @@ pub(super) async fn check_callback_token(
             tracing::error!(error = %e, "cannot read the task registry");
             ApiError::Unavailable
         })?;
-    let Some(expected) = registration.and_then(|r| r.token) else {
-        return Ok(());
+    let Some(registration) = registration else {
+        return Ok(CallbackTask::Unregistered);
+    };
+    let Some(expected) = registration.token else {
+        return Ok(CallbackTask::Registered);
     };
     let given = given.unwrap_or_default();
     if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        return Ok(());
+        return Ok(CallbackTask::Registered);
     }
     let reason = if given.is_empty() {
-        format!("callback for task {task_id} has no token, but the task was created through POST /tasks")
+        format!("callback for task {task_id} has no token, but the task was created through POST /tasks (answered 200, not stored)")
     } else {
-        format!("callback for task {task_id} carries a wrong token")
+        format!("callback for task {task_id} carries a wrong token (answered 200, not stored)")
     };
     tracing::warn!(%task_id, %reason, "callback refused");
-    state.outbox.reject(body, &reason);
+    state.outbox.reject_in("bad_token", body, &reason);
     state.outbox.stats().metrics.rejected(Reject::BadToken);
-    Err(ApiError::Unauthorized)
+    Ok(CallbackTask::Refused)
 }
 
-/// Verify mode: stores the callback for the verifier (durable when it
-/// returns); nothing is published before the provider confirms it. A
-/// callback whose (taskId, state) is already held is answered as held.
+/// Verify mode: stores what the verifier needs of the callback (durable
+/// when it returns; see [`crate::poll::Held`]); nothing is published before
+/// the provider confirms it. A callback whose (taskId, state) is already
+/// held is answered as held. `from` is the client address ("" when unknown:
+/// no per-address cap).
 pub(super) async fn hold_for_verification(
     state: &AppState,
     event: TaskEvent,
+    from: String,
+    body: &[u8],
 ) -> Result<(), ApiError> {
-    let (task_id, max) = (event.task_id.clone(), state.tasks.max_held);
+    let held = Held::new(&event, &from, body, now_ms());
+    let (task_id, limits) = (event.task_id, state.tasks.held_limits);
     let holding = state
         .tasks
         .registry
-        .blocking(move |r| r.hold(&event, now_ms(), max))
+        .blocking(move |r| r.hold(&held, limits))
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "cannot hold a callback for verification");
@@ -225,7 +252,15 @@ pub(super) async fn hold_for_verification(
     match holding {
         Holding::Held(_) => tracing::debug!(%task_id, "callback held for verification"),
         Holding::Duplicate => tracing::debug!(%task_id, "callback already held"),
-        Holding::Full => return Err(ApiError::Backlog("provider.max_held")),
+        Holding::Full(cap) => {
+            let which = match cap {
+                HeldCap::Entries => "provider.max_held",
+                HeldCap::Bytes => "provider.max_held_bytes",
+                HeldCap::Address => "provider.max_held_per_address",
+            };
+            tracing::warn!(%task_id, %from, cap = which, "held queue full: callback refused with 503");
+            return Err(ApiError::Backlog(which));
+        }
     }
     Ok(())
 }

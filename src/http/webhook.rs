@@ -4,7 +4,8 @@
 //! duplicate or stale) is on disk; the broker is never on this path.
 //!
 //! Registered tasks: a task created through `POST /tasks` must send its
-//! `?token=` (else 401, nothing stored). In verify mode the callback is only
+//! `?token=` (else nothing is stored, answered 200 all the same: see
+//! `tasks::check_callback_token`). In verify mode the callback is only
 //! held (durably) for the verifier, which publishes it once the provider
 //! confirms it. Callbacks for unregistered tasks, or tasks registered with
 //! `watch`, are trusted on shape alone unless verify mode is on.
@@ -52,7 +53,7 @@ pub async fn kinovi(
             state.outbox.stats().metrics.rejected(Reject::TooLarge);
             state
                 .outbox
-                .reject(b"", "body over the size limit (not kept)");
+                .reject_in("too_large", b"", "body over the size limit (not kept)");
             ApiError::TooLarge(state.body_limit)
         } else {
             ApiError::InvalidPayload(rejection.body_text())
@@ -61,27 +62,44 @@ pub async fn kinovi(
     let event = event::parse(&body, Source::Webhook, now_ms()).map_err(|e| {
         let reason = e.to_string();
         tracing::info!(%reason, "rejected callback");
-        state.outbox.reject(&body, &reason);
+        state.outbox.reject_in("invalid", &body, &reason);
         state.outbox.stats().metrics.rejected(Reject::Invalid);
         ApiError::InvalidPayload(reason)
     })?;
     let token = query.ok().and_then(|Query(q)| q.token);
-    tasks::check_callback_token(&state, &event.task_id, token.as_deref(), &body).await?;
+    let task = tasks::check_callback_token(&state, &event.task_id, token.as_deref(), &body).await?;
+    let client = client.map(|Extension(c)| c);
+    if task == tasks::CallbackTask::Refused {
+        // Answered like any callback (no token oracle), charged all the same.
+        if let Some(c) = &client {
+            state.clients.charge(c.ip);
+        }
+        return Ok(ok());
+    }
     // Others may not fill the share of the backlog kept for known senders.
-    if let Some(Extension(client)) = client {
-        if client.reserved_percent > 0 && state.outbox.over_share(client.reserved_percent) {
+    if let Some(c) = &client {
+        if c.reserved_percent > 0 && state.outbox.over_share(c.reserved_percent) {
             Stats::add(&state.outbox.stats().refused_reserved, 1);
             return Err(ApiError::Backlog("the rest is reserved for known senders"));
         }
     }
     if state.tasks.verify {
-        tasks::hold_for_verification(&state, event).await?;
+        // Known senders are not held to the per-address quota.
+        let from = match &client {
+            Some(c) if !c.sender => crate::poll::sender_of(c.ip),
+            _ => String::new(),
+        };
+        tasks::hold_for_verification(&state, event, from, &body).await?;
         return Ok(ok());
     }
     // The ids are copied for the log line only when it is written.
     let ids = tracing::enabled!(tracing::Level::DEBUG)
         .then(|| (event.task_id.clone(), event.event_id.clone()));
-    let outcome = state.outbox.append(event).await?;
+    let outcome = if task == tasks::CallbackTask::Registered {
+        state.outbox.append_trusted(event).await?
+    } else {
+        state.outbox.append(event).await?
+    };
     if let Some((task_id, event_id)) = ids {
         match outcome {
             Appended::New { .. } | Appended::Conflict { .. } => {

@@ -835,6 +835,7 @@ mod tests {
             furthest: Some(State::Generating),
             accepted_at: [0, 0, at, 0, 0],
             last_seen: at,
+            trusted: false,
         }
     }
 

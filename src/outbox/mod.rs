@@ -34,7 +34,7 @@
 //! ack and the delete republishes that batch. The deterministic `eventId`
 //! (and JetStream's `Nats-Msg-Id` window) let consumers drop such repeats.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,8 +48,11 @@ use crate::supervise::lock;
 
 pub mod inspect;
 mod log;
+mod rejected;
 mod relay;
 mod store;
+#[cfg(test)]
+mod tracked_tests;
 mod writer;
 
 pub use relay::{Relay, RelayStep};
@@ -147,6 +150,14 @@ pub struct Stats {
     pub pending: AtomicU64,
     pub pending_bytes: AtomicU64,
     pub dead: AtomicU64,
+    /// Dedup records evicted at `max_tracked_tasks`/`max_tracked_bytes`:
+    /// of finished tasks (taken first), and of unfinished ones.
+    pub evicted_finished: AtomicU64,
+    pub evicted_unfinished: AtomicU64,
+    /// When eviction last had to take records of unfinished tasks (ms;
+    /// 0 = never): `/readyz` warns for a while after.
+    #[serde(skip)]
+    pub evicted_unfinished_at: AtomicI64,
     /// The last group commit failed; the database is being re-opened.
     #[serde(skip)]
     pub storage_failing: AtomicBool,
@@ -243,6 +254,8 @@ pub(super) struct Shared {
     frozen: Mutex<Option<Arc<HashMap<String, TaskRecord>>>>,
     /// Tasks with a dedup record, in the store or in `dirty`.
     tracked: AtomicU64,
+    /// What those records cost ([`store::record_bytes`]).
+    tracked_bytes: AtomicU64,
 }
 
 impl Shared {
@@ -253,6 +266,7 @@ impl Shared {
             dirty: Mutex::default(),
             frozen: Mutex::default(),
             tracked: AtomicU64::new(0),
+            tracked_bytes: AtomicU64::new(0),
         }
     }
 
@@ -277,10 +291,10 @@ struct Inner {
     stats: Arc<Stats>,
     notify: Arc<Notify>,
     config: OutboxConfig,
-    /// The last `keep_rejected` rejected bodies, newest last. In memory and
+    /// At most `keep_rejected` rejected bodies, fair across kinds. In memory and
     /// apart from the writer, so a flood of junk never queues in front of a
     /// good callback's commit.
-    rejected: Mutex<VecDeque<Rejected>>,
+    rejected: Mutex<rejected::Ring>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -334,6 +348,17 @@ impl Outbox {
     /// Stores `event` durably unless it is a duplicate or stale. Returns only
     /// after the decision is on disk.
     pub async fn append(&self, event: TaskEvent) -> Result<Appended, AppendError> {
+        self.append_as(event, false).await
+    }
+
+    /// Like [`Outbox::append`], for a task known not to be junk (registered
+    /// with hookbridge, polled, or confirmed by the provider): its dedup
+    /// record keeps the full `dedup_window_secs` even if it is seen once.
+    pub async fn append_trusted(&self, event: TaskEvent) -> Result<Appended, AppendError> {
+        self.append_as(event, true).await
+    }
+
+    async fn append_as(&self, event: TaskEvent, trusted: bool) -> Result<Appended, AppendError> {
         // Sized once: a callback's JSON is rarely above a few hundred bytes.
         let mut payload = Vec::with_capacity(1024);
         serde_json::to_writer(&mut payload, &event)
@@ -342,6 +367,7 @@ impl Outbox {
         self.send(writer::Command::Append {
             event: Box::new(event),
             payload,
+            trusted,
             reply,
         })
         .await?;
@@ -349,33 +375,19 @@ impl Outbox {
     }
 
     /// Keeps a rejected request body for inspection: cut to 4 KiB, in a
-    /// capped in-memory ring (the oldest is dropped and counted).
+    /// capped in-memory ring, in the share `other` (see [`Outbox::reject_in`]).
     pub fn reject(&self, body: &[u8], reason: &str) {
+        self.reject_in("other", body, reason)
+    }
+
+    /// Keeps a rejected request body for inspection: cut to 4 KiB, in a
+    /// capped in-memory ring where the oldest of the largest share (a kind
+    /// of rejection, e.g. `bad_token`) is dropped first, and counted.
+    pub fn reject_in(&self, share: &'static str, body: &[u8], reason: &str) {
         Stats::add(&self.inner.stats.rejected, 1);
-        const KEEP: usize = 4 * 1024;
-        const KEEP_REASON: usize = 512;
-        let cut = |text: &str, max: usize| match text.char_indices().nth(max) {
-            Some((at, _)) => text[..at].to_string(),
-            None => text.to_string(),
-        };
-        let rejected = Rejected {
-            received_at: now_ms(),
-            reason: cut(reason, KEEP_REASON),
-            body: cut(
-                &String::from_utf8_lossy(&body[..body.len().min(KEEP)]),
-                KEEP,
-            ),
-            body_truncated: body.len() > KEEP,
-        };
         let cap = self.inner.config.keep_rejected as usize;
-        let Ok(mut kept) = self.inner.rejected.lock() else {
-            return;
-        };
-        kept.push_back(rejected);
-        while kept.len() > cap {
-            kept.pop_front();
-            Stats::add(&self.inner.stats.rejected_dropped, 1);
-        }
+        let dropped = lock(&self.inner.rejected).push(share, body, reason, now_ms(), cap);
+        Stats::add(&self.inner.stats.rejected_dropped, dropped);
     }
 
     /// The next batch for the relay: the oldest pending entries in sequence
@@ -577,11 +589,7 @@ impl Outbox {
 
     /// The newest `limit` rejected bodies, newest first.
     pub fn rejected(&self, limit: usize) -> Vec<Rejected> {
-        self.inner
-            .rejected
-            .lock()
-            .map(|kept| kept.iter().rev().take(limit).cloned().collect())
-            .unwrap_or_default()
+        lock(&self.inner.rejected).newest(limit)
     }
 
     /// The task's dedup/guard record, if still within the window.
@@ -590,6 +598,12 @@ impl Outbox {
             Some(record) => Ok(Some(record)),
             None => store::task(&*self.inner.db.get()?, task_id),
         }
+    }
+
+    /// What the dedup records cost ([`store::record_bytes`]; estimated from
+    /// a sample after a restart with more than 10,000 records).
+    pub fn tracked_bytes(&self) -> u64 {
+        self.inner.shared.tracked_bytes.load(Ordering::Relaxed)
     }
 
     pub fn status(&self) -> Result<Status, OutboxError> {

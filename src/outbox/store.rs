@@ -40,7 +40,24 @@ pub struct TaskRecord {
     /// When each state was accepted (ms), indexed by [`slot`]; 0 = never.
     pub accepted_at: [i64; 5],
     pub last_seen: i64,
+    /// The task is known not to be junk: registered with hookbridge, polled,
+    /// or confirmed by the provider. Only an untrusted task seen once is a
+    /// one-off (kept for `outbox.one_off_window_secs`).
+    pub trusted: bool,
 }
+
+/// What a record costs in the task store, for `outbox.max_tracked_bytes`:
+/// the key, the 49-byte value and the B-tree's per-entry offsets.
+pub(super) fn record_bytes(task_id: &str) -> u64 {
+    task_id.len() as u64 + 49 + RECORD_OVERHEAD
+}
+
+/// The B-tree's bookkeeping per entry, counted with each record.
+const RECORD_OVERHEAD: u64 = 16;
+
+/// Set in the state byte of an encoded record: [`TaskRecord::trusted`].
+/// (255, no state, never carries it.)
+const TRUSTED: u8 = 0x40;
 
 pub(super) const STATES: [State; 5] = [
     State::Pending,
@@ -57,7 +74,9 @@ pub(super) fn slot(state: State) -> usize {
 impl TaskRecord {
     pub(super) fn encode(&self) -> [u8; 49] {
         let mut out = [0u8; 49];
-        out[0] = self.furthest.map_or(255, |s| slot(s) as u8);
+        out[0] = self.furthest.map_or(255, |s| {
+            slot(s) as u8 | if self.trusted { TRUSTED } else { 0 }
+        });
         for (i, at) in self.accepted_at.iter().enumerate() {
             out[1 + i * 8..9 + i * 8].copy_from_slice(&at.to_le_bytes());
         }
@@ -74,11 +93,34 @@ impl TaskRecord {
         for (i, a) in accepted_at.iter_mut().enumerate() {
             *a = int(1 + i * 8);
         }
+        let trusted = bytes[0] != 255 && bytes[0] & TRUSTED != 0;
         Self {
-            furthest: STATES.get(bytes[0] as usize).copied(),
+            furthest: STATES.get((bytes[0] & !TRUSTED) as usize).copied(),
             accepted_at,
             last_seen: int(41),
+            trusted,
         }
+    }
+
+    /// Seen in one callback only, and not known to be a real task.
+    pub(super) fn one_off(&self) -> bool {
+        !self.trusted && self.accepted_at.iter().filter(|at| **at > 0).count() <= 1
+    }
+
+    /// A terminal state was accepted: what eviction takes first.
+    pub(super) fn finished(&self) -> bool {
+        self.furthest.is_some_and(|s| s.is_terminal())
+    }
+
+    /// When the record may be pruned: `window_ms` after it was last seen,
+    /// `one_off_ms` for a one-off.
+    pub(super) fn expires_at(&self, window_ms: i64, one_off_ms: i64) -> i64 {
+        let keep = if self.one_off() {
+            one_off_ms.min(window_ms)
+        } else {
+            window_ms
+        };
+        self.last_seen.saturating_add(keep)
     }
 
     /// The state guard and the dedup check, in that order of precedence.
@@ -225,12 +267,17 @@ mod tests {
 
     #[test]
     fn task_record_round_trips() {
-        let r = TaskRecord {
+        let mut r = TaskRecord {
             furthest: Some(State::Generating),
             accepted_at: [0, 5, 7, 0, 0],
             last_seen: 7,
+            trusted: false,
         };
         assert_eq!(TaskRecord::decode(&r.encode()), r);
+        r.trusted = true;
+        r.furthest = Some(State::Fail);
+        assert_eq!(TaskRecord::decode(&r.encode()), r);
+        assert!(!r.one_off() && r.finished());
         assert_eq!(
             TaskRecord::decode(&TaskRecord::default().encode()),
             TaskRecord::default()

@@ -30,7 +30,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::log::{Log, Record, Slot};
 use super::store::{
-    slot, DbCell, TaskRecord, DEAD, EXPIRY, META, PENDING, REJECTED, STORED_THROUGH, TASKS,
+    record_bytes, slot, DbCell, TaskRecord, DEAD, EXPIRY, META, PENDING, REJECTED, STORED_THROUGH,
+    TASKS,
 };
 use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Shared, Stats};
 use crate::config::OutboxConfig;
@@ -46,6 +47,9 @@ const REOPEN_EVERY: Duration = Duration::from_millis(250);
 /// stalls appends for long.
 /// (A few in the unit tests, so that they cross step boundaries.)
 const PRUNE_SCAN: usize = if cfg!(test) { 3 } else { 20_000 };
+/// Most task records looked at by one eviction step: eviction takes the
+/// oldest among them (all of them when fewer are tracked).
+const EVICT_SCAN: usize = if cfg!(test) { 8 } else { 100_000 };
 /// A log segment is closed once it holds this many bytes.
 pub(super) const SEGMENT_BYTES: u64 = if cfg!(test) { 4096 } else { 64 << 20 };
 /// Dedup records are checkpointed into the task store this often...
@@ -60,6 +64,8 @@ pub(super) enum Command {
         event: Box<TaskEvent>,
         /// The event serialized on the caller's thread, off the single writer.
         payload: Vec<u8>,
+        /// See [`super::Outbox::append_trusted`].
+        trusted: bool,
         reply: oneshot::Sender<Result<Appended, AppendError>>,
     },
     Complete {
@@ -110,6 +116,8 @@ pub(super) struct Writer {
     /// Where the current prune pass resumes (the next task id to look at);
     /// `None` starts a new pass from the first.
     prune_from: Option<String>,
+    /// Where the next eviction step starts looking (see `evict_step`).
+    evict_from: Option<String>,
     /// Writes checkpoints of the dedup records off this thread.
     checkpointer: Checkpointer,
 }
@@ -169,6 +177,28 @@ impl Checkpointer {
             }
         }
     }
+}
+
+/// What the task records in `tasks` (`count` of them) cost
+/// ([`record_bytes`]): exact up to `SAMPLE` records, else estimated from
+/// the first `SAMPLE` (their average size), so that a start-up never reads
+/// a store of millions of records whole.
+fn stored_bytes(
+    tasks: &impl ReadableTable<&'static str, &'static [u8]>,
+    count: u64,
+) -> Result<u64, OutboxError> {
+    const SAMPLE: usize = 10_000;
+    let (mut seen, mut bytes) = (0u64, 0u64);
+    for entry in tasks.iter()?.take(SAMPLE) {
+        let (k, _) = entry?;
+        seen += 1;
+        bytes += record_bytes(k.value());
+    }
+    Ok(match seen {
+        0 => 0,
+        _ if seen >= count => bytes,
+        _ => bytes / seen * count,
+    })
 }
 
 /// One durable transaction with `records` and the sequence number they
@@ -244,11 +274,24 @@ struct StoreWork {
     requeued: Vec<u64>,
     prune: bool,
     pruned: Option<(u64, bool)>,
+    /// What the pruned records cost.
+    pruned_bytes: u64,
+    /// The task records are over a cap: evict some.
+    evict: bool,
+    evicted: Evicted,
+}
+
+/// What an eviction step took.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+struct Evicted {
+    finished: u64,
+    unfinished: u64,
+    bytes: u64,
 }
 
 impl StoreWork {
     fn is_empty(&self) -> bool {
-        self.letters.is_empty() && self.requeued.is_empty() && !self.prune
+        self.letters.is_empty() && self.requeued.is_empty() && !self.prune && !self.evict
     }
 }
 
@@ -259,6 +302,8 @@ struct Staged {
     /// Dedup records decided by this group (the latest per task).
     records: HashMap<String, TaskRecord>,
     new_tasks: u64,
+    /// What the new tasks' records cost.
+    new_bytes: u64,
     /// Published events leaving the queue.
     acked: Vec<u64>,
     /// Acks taken from `deferred_acks` into this group's write.
@@ -279,7 +324,7 @@ impl Writer {
         rx: mpsc::Receiver<Command>,
     ) -> Result<std::thread::JoinHandle<()>, OutboxError> {
         let txn = db.get()?.begin_write()?;
-        let (stored_through, old_pending, last_dead, dead_count, tasks_stored) = {
+        let (stored_through, old_pending, last_dead, dead_count, (tasks_stored, bytes_stored)) = {
             let old: Vec<(u64, Vec<u8>)> = {
                 let pending = txn.open_table(PENDING)?;
                 let mut old = Vec::new();
@@ -298,7 +343,15 @@ impl Writer {
             txn.delete_table(EXPIRY)?;
             let through = meta.get(STORED_THROUGH)?.map_or(0, |v| v.value());
             let last_dead = dead.last()?.map_or(0, |(k, _)| k.value());
-            (through, old, last_dead, dead.len()?, tasks.len()?)
+            let tasks_stored = tasks.len()?;
+            let bytes_stored = stored_bytes(&tasks, tasks_stored)?;
+            (
+                through,
+                old,
+                last_dead,
+                dead.len()?,
+                (tasks_stored, bytes_stored),
+            )
         };
         txn.commit()?;
 
@@ -384,13 +437,14 @@ impl Writer {
         }
 
         // Dedup records the task store does not have yet.
-        let mut new_tasks = 0;
+        let (mut new_tasks, mut new_bytes) = (0, 0);
         if !replayed.is_empty() {
             let txn = db.get()?.begin_read()?;
             let tasks = txn.open_table(TASKS)?;
             for task in replayed.keys() {
                 if tasks.get(task.as_str())?.is_none() {
                     new_tasks += 1;
+                    new_bytes += record_bytes(task);
                 }
             }
         }
@@ -403,6 +457,9 @@ impl Writer {
         shared
             .tracked
             .store(tasks_stored + new_tasks, Ordering::Relaxed);
+        shared
+            .tracked_bytes
+            .store(bytes_stored + new_bytes, Ordering::Relaxed);
         *lock(&shared.dirty) = replayed;
         tracing::info!(
             segments = opened.segments,
@@ -426,6 +483,7 @@ impl Writer {
             last_checkpoint: Instant::now(),
             deferred_acks: Vec::new(),
             prune_from: None,
+            evict_from: None,
             checkpointer: Checkpointer::start(db_for_checkpoints)?,
         };
         std::thread::Builder::new()
@@ -604,6 +662,10 @@ impl Writer {
         (self.config.dedup_window_secs as i64).saturating_mul(1000)
     }
 
+    fn one_off_ms(&self) -> i64 {
+        (self.config.one_off_window_secs as i64).saturating_mul(1000)
+    }
+
     /// Decides every command of the group and builds its log records.
     fn build(
         &mut self,
@@ -626,6 +688,7 @@ impl Writer {
                 Command::Append {
                     event,
                     payload,
+                    trusted,
                     reply,
                 } => {
                     // Faults for the tests below.
@@ -633,7 +696,15 @@ impl Writer {
                     let injected = event.task_id == tests::FAIL_TASK;
                     #[cfg(test)]
                     assert!(event.task_id != tests::PANIC_TASK, "injected writer panic");
-                    let outcome = self.append(&db, &mut tasks, staged, *event, payload, now, delta);
+                    let outcome = self.append(
+                        &db,
+                        &mut tasks,
+                        staged,
+                        (*event, trusted),
+                        payload,
+                        now,
+                        delta,
+                    );
                     #[cfg(test)]
                     let outcome = if injected {
                         Err(tests::injected())
@@ -724,7 +795,16 @@ impl Writer {
                 }
             }
         }
+        work.evict |= self.over_cap(staged);
         Ok(())
+    }
+
+    /// The task records (with this group's new ones) are over a cap.
+    fn over_cap(&self, staged: &Staged) -> bool {
+        let count = self.shared.tracked.load(Ordering::Relaxed) + staged.new_tasks;
+        let bytes = self.shared.tracked_bytes.load(Ordering::Relaxed) + staged.new_bytes;
+        self.config.dedup
+            && (count > self.config.max_tracked_tasks || bytes > self.config.max_tracked_bytes)
     }
 
     /// Writes and syncs the group's records.
@@ -766,6 +846,9 @@ impl Writer {
         self.shared
             .tracked
             .fetch_add(staged.new_tasks, Ordering::Relaxed);
+        self.shared
+            .tracked_bytes
+            .fetch_add(staged.new_bytes, Ordering::Relaxed);
     }
 
     /// The dedup record of `task_id`: this group's, then the one not yet
@@ -793,14 +876,16 @@ impl Writer {
     }
 
     /// Dedup and state guard first (a repeat is answered 200 even when the
-    /// backlog is full), then the backlog cap, then the log record.
+    /// backlog is full), then the backlog cap, then the log record. A new
+    /// task is never refused for want of a dedup record: past
+    /// `max_tracked_tasks` the group evicts old ones (`evict_step`).
     #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
         db: &redb::Database,
         tasks: &mut Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
         staged: &mut Staged,
-        mut event: TaskEvent,
+        (mut event, trusted): (TaskEvent, bool),
         payload: Vec<u8>,
         now: i64,
         delta: &mut Delta,
@@ -825,12 +910,6 @@ impl Writer {
             Appended::Conflict { previous, .. } => Some(previous),
             Appended::New { .. } => None,
         };
-        // A new task needs a dedup record: bounded like the backlog.
-        let tracked = self.shared.tracked.load(Ordering::Relaxed) + staged.new_tasks;
-        if self.config.dedup && old.is_none() && tracked >= self.config.max_tracked_tasks {
-            delta.refused_full += 1;
-            return Ok(Err(AppendError::Full("max_tracked_tasks")));
-        }
         let count =
             (self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending).max(0) as u64;
         let bytes = (self.stats.pending_bytes.load(Ordering::Relaxed) as i64 + delta.pending_bytes)
@@ -876,8 +955,10 @@ impl Writer {
                 record.furthest = Some(event.state);
             }
             record.last_seen = now;
+            record.trusted |= trusted;
             if old.is_none() {
                 staged.new_tasks += 1;
+                staged.new_bytes += record_bytes(&event.task_id);
             }
             Some(record)
         } else {
@@ -956,15 +1037,44 @@ impl Writer {
             delta.dead_lettered += 1;
         }
         delta.dead -= work.requeued.len() as i64;
+        let evicted = work.evicted;
+        let mut gone = evicted.finished + evicted.unfinished;
+        let mut gone_bytes = evicted.bytes + work.pruned_bytes;
         if let Some((pruned, _)) = work.pruned {
             if pruned > 0 {
                 tracing::debug!(pruned, "pruned expired task records");
             }
-            self.shared.tracked.fetch_sub(
-                pruned.min(self.shared.tracked.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
+            gone += pruned;
         }
+        if evicted.finished + evicted.unfinished > 0 {
+            let stats = &self.stats;
+            Stats::add(&stats.evicted_finished, evicted.finished);
+            Stats::add(&stats.evicted_unfinished, evicted.unfinished);
+            if evicted.unfinished > 0 {
+                stats
+                    .evicted_unfinished_at
+                    .store(now_ms(), Ordering::Relaxed);
+                tracing::warn!(
+                    finished = evicted.finished,
+                    unfinished = evicted.unfinished,
+                    "dedup records at outbox.max_tracked_tasks/max_tracked_bytes: evicted the \
+                     oldest, some of tasks not finished (a repeat of those may be published again)"
+                );
+            } else {
+                tracing::info!(
+                    finished = evicted.finished,
+                    "dedup records at outbox.max_tracked_tasks/max_tracked_bytes: evicted the \
+                     oldest records of finished tasks"
+                );
+            }
+        }
+        let shared = &self.shared;
+        gone = gone.min(shared.tracked.load(Ordering::Relaxed));
+        shared.tracked.fetch_sub(gone, Ordering::Relaxed);
+        gone_bytes = gone_bytes.min(shared.tracked_bytes.load(Ordering::Relaxed));
+        shared
+            .tracked_bytes
+            .fetch_sub(gone_bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -989,10 +1099,18 @@ impl Writer {
                 dead.remove(*seq)?;
             }
             put_records(&txn, records, through)?;
-            if work.prune {
-                let cutoff = now_ms() - self.window_ms();
+            if work.prune || work.evict {
                 let mut tasks = txn.open_table(TASKS)?;
-                work.pruned = Some(self.prune_step(&mut tasks, cutoff)?);
+                let now = now_ms();
+                if work.prune {
+                    let (pruned, bytes, more) = self.prune_step(&mut tasks, now)?;
+                    work.pruned = Some((pruned, more));
+                    work.pruned_bytes = bytes;
+                }
+                if work.evict {
+                    let pruned = work.pruned.map_or(0, |(n, _)| n);
+                    work.evicted = self.evict_step(&mut tasks, pruned, work.pruned_bytes)?;
+                }
             }
         }
         txn.commit()?;
@@ -1106,16 +1224,19 @@ impl Writer {
 }
 
 impl Writer {
-    /// Deletes the task records last seen before `cutoff` among the next
+    /// Deletes the task records expired at `now` (`TaskRecord::expires_at`:
+    /// the dedup window, or the shorter one of one-off tasks) among the next
     /// `PRUNE_SCAN` in key order, from where the last step stopped. The
     /// records hold their own expiry: no second index is written per event,
     /// at the price of a pass over every record per pruning round. Called
     /// right after a checkpoint, so the task store has every record.
+    /// Returns (deleted, their bytes, whether the pass goes on).
     fn prune_step(
         &mut self,
         tasks: &mut redb::Table<'_, &'static str, &'static [u8]>,
-        cutoff: i64,
-    ) -> Result<(u64, bool), OutboxError> {
+        now: i64,
+    ) -> Result<(u64, u64, bool), OutboxError> {
+        let (window, one_off) = (self.window_ms(), self.one_off_ms());
         let mut expired = Vec::new();
         let mut next = None;
         {
@@ -1126,17 +1247,95 @@ impl Writer {
                     next = Some(k.value().to_string());
                     break;
                 }
-                if TaskRecord::decode(v.value()).last_seen < cutoff {
+                if TaskRecord::decode(v.value()).expires_at(window, one_off) < now {
                     expired.push(k.value().to_string());
                 }
             }
         }
+        let mut bytes = 0;
         for task in &expired {
             tasks.remove(task.as_str())?;
+            bytes += record_bytes(task);
         }
         let more = next.is_some();
         self.prune_from = next;
-        Ok((expired.len() as u64, more))
+        Ok((expired.len() as u64, bytes, more))
+    }
+
+    /// Brings the task records under their caps, with some room (so that
+    /// eviction runs once per many new tasks, not once per group): among
+    /// the next `EVICT_SCAN` records in key order from where the last step
+    /// stopped (wrapping round), those of finished tasks go first, then
+    /// those of unfinished ones, oldest (`last_seen`) first in each class.
+    /// With more records than that, at most half of those looked at go in
+    /// one step, so what goes is the older half; the next group goes on.
+    /// `pruned` records (`bytes`) just went by expiry in the same
+    /// transaction.
+    fn evict_step(
+        &mut self,
+        tasks: &mut redb::Table<'_, &'static str, &'static [u8]>,
+        pruned: u64,
+        bytes: u64,
+    ) -> Result<Evicted, OutboxError> {
+        let (cap, cap_bytes) = (self.config.max_tracked_tasks, self.config.max_tracked_bytes);
+        let count = self
+            .shared
+            .tracked
+            .load(Ordering::Relaxed)
+            .saturating_sub(pruned);
+        let held = self
+            .shared
+            .tracked_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(bytes);
+        let room = (cap / 32).clamp(1, EVICT_SCAN as u64 / 4);
+        let room_bytes = (cap_bytes / 32).min(4 << 20);
+        let mut need = count.saturating_sub(cap.saturating_sub(room));
+        let mut need_bytes = held.saturating_sub(cap_bytes.saturating_sub(room_bytes));
+        let mut evicted = Evicted::default();
+        if need == 0 && need_bytes == 0 {
+            return Ok(evicted);
+        }
+        // (unfinished, last_seen, task id)
+        let mut seen: Vec<(bool, i64, String)> = Vec::new();
+        let from = self.evict_from.take().unwrap_or_default();
+        let mut whole = true;
+        for range in [
+            tasks.range::<&str>(from.as_str()..)?,
+            tasks.range::<&str>(..from.as_str())?,
+        ] {
+            for entry in range {
+                let (k, v) = entry?;
+                if seen.len() == EVICT_SCAN {
+                    self.evict_from = Some(k.value().to_string());
+                    whole = false;
+                    break;
+                }
+                let record = TaskRecord::decode(v.value());
+                seen.push((!record.finished(), record.last_seen, k.value().to_string()));
+            }
+            if !whole {
+                break;
+            }
+        }
+        seen.sort_unstable();
+        let most = if whole { seen.len() } else { seen.len() / 2 };
+        for (unfinished, _, task) in seen.into_iter().take(most) {
+            if need == 0 && need_bytes == 0 {
+                break;
+            }
+            tasks.remove(task.as_str())?;
+            let cost = record_bytes(&task);
+            need = need.saturating_sub(1);
+            need_bytes = need_bytes.saturating_sub(cost);
+            evicted.bytes += cost;
+            if unfinished {
+                evicted.unfinished += 1;
+            } else {
+                evicted.finished += 1;
+            }
+        }
+        Ok(evicted)
     }
 
     /// Appends every dead letter (or those in `only`) that holds a readable
@@ -1285,6 +1484,7 @@ mod tests {
         let command = Command::Append {
             event,
             payload,
+            trusted: false,
             reply,
         };
         (command, answer)
@@ -1439,6 +1639,7 @@ mod tests {
                     furthest: Some(crate::event::State::Waiting),
                     accepted_at: [0, now_ms(), 0, 0, 0],
                     last_seen: now_ms(),
+                    trusted: false,
                 };
                 tasks.insert("old", record.encode().as_slice()).unwrap();
                 let mut expiry = txn.open_table(EXPIRY).unwrap();

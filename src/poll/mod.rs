@@ -23,11 +23,20 @@
 //!   `source = "webhook"`: none of the sender's fields), an unconfirmed one
 //!   (unknown task, other state) is buried as a dead letter with the reason.
 //!   A forged callback therefore never reaches the broker. The held queue
-//!   keeps one callback per (taskId, state) and at most `provider.max_held`.
+//!   keeps one callback per (taskId, state), only what verification needs
+//!   (task id, state, receive time, address, 256 bytes of the body), at
+//!   most `provider.max_held` entries, `max_held_bytes` bytes and
+//!   `max_held_per_address` entries from one client address; the verifier
+//!   takes them round-robin across addresses, so a flood from one address
+//!   delays a callback from another by a bounded time.
 //!
 //! Per-task callback tokens: a task created through `POST /tasks` gets a
 //! `callBackUrl` carrying 32 random bytes; a callback for that task without
-//! the same token is refused with 401 and kept under `/admin/rejected`.
+//! the same token is not stored, and kept (cut) under `/admin/rejected`.
+//! It is answered 200 like any other, so that the answer does not tell a
+//! sender which task ids were created through hookbridge; a real callback
+//! that lost its token is still recovered by polling (the task is
+//! registered).
 //! Callbacks for tasks that are not registered, or were registered through
 //! `watch` (no token), take the normal path: trusted on shape alone unless
 //! verify mode is on.
@@ -72,8 +81,8 @@ mod verifier;
 pub use client::{ProviderClient, ProviderError};
 pub use reconciler::{Reconcile, ReconcileStep, Reconciler};
 pub use registry::{
-    Due, Held, HeldDue, Holding, Origin, Registration, Registry, RegistryError, RegistryOptions,
-    Unreadable, UnreadableTask,
+    sender_of, Due, Held, HeldCap, HeldDue, HeldLimits, Holding, Origin, Registration, Registry,
+    RegistryError, RegistryOptions, Unreadable, UnreadableTask,
 };
 pub use verifier::{Verifier, Verify, VerifyStep};
 
@@ -139,8 +148,8 @@ pub struct Tasks {
     pub public_url: Option<String>,
     pub tasks_token: Option<Secret>,
     pub verify: bool,
-    /// `provider.max_held`.
-    pub max_held: u64,
+    /// `provider.max_held`, `max_held_bytes`, `max_held_per_address`.
+    pub held_limits: HeldLimits,
     /// `reconcile.first_poll_after_secs`, in milliseconds.
     pub first_poll_after_ms: i64,
 }
@@ -177,7 +186,11 @@ impl Tasks {
                 .map(|u| u.trim_end_matches('/').to_string()),
             tasks_token: config.provider.tasks_token.clone(),
             verify: config.provider.verify,
-            max_held: config.provider.max_held,
+            held_limits: HeldLimits {
+                entries: config.provider.max_held,
+                bytes: config.provider.max_held_bytes,
+                per_address: config.provider.max_held_per_address,
+            },
             first_poll_after_ms: (config.reconcile.first_poll_after_secs as i64)
                 .saturating_mul(1000),
         })
@@ -186,12 +199,14 @@ impl Tasks {
     /// The `poll` section of `/admin/status`.
     pub fn status(&self) -> Value {
         let (active, held) = self.registry.counts().unwrap_or_default();
+        let (_, held_bytes) = self.registry.held_size().unwrap_or_default();
         json!({
             "polling": self.client.is_some(),
             "verify": self.verify,
             "halted": self.stats.halted(),
             "activeTasks": active,
             "awaitingVerification": held,
+            "awaitingVerificationBytes": held_bytes,
             "counters": serde_json::to_value(&*self.stats).unwrap_or_default(),
         })
     }

@@ -113,7 +113,7 @@ impl PollWorker<Reconcile> {
         let grace_ms = self.config.unknown_task_grace_secs as i64 * 1000;
         let outcome = match polled {
             Ok(event) if event.state.is_terminal() => {
-                return match self.outbox.append(event).await {
+                return match self.outbox.append_trusted(event).await {
                     Ok(appended) => {
                         tracing::info!(%task_id, ?appended, "terminal state found by polling");
                         r.done = true;
@@ -136,8 +136,7 @@ impl PollWorker<Reconcile> {
             Ok(event) => {
                 let mut published = false;
                 if self.config.publish_progress {
-                    published =
-                        matches!(self.outbox.append(event.clone()).await, Ok(a) if a.is_stored());
+                    published = matches!(self.outbox.append_trusted(event.clone()).await, Ok(a) if a.is_stored());
                 }
                 r.last_event = Some(Box::new(event));
                 r.last_error = None;

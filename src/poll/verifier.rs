@@ -15,6 +15,19 @@
 //! held entry that cannot be read is buried whole with the reason, so junk
 //! never sits in the capped queue. One callback per task is checked per
 //! step, oldest first, so a task's callbacks are appended in arrival order.
+//!
+//! Fairness: a step takes a few callbacks (`4 * provider.max_in_flight`,
+//! about a second of the provider's budget at the defaults), round-robin
+//! across the addresses they came from (`Registry::held_due`). A flood of
+//! forged callbacks from one address therefore delays a callback from
+//! another by at most one step plus one turn per address with callbacks
+//! due: `(step + addresses) / provider.requests_per_sec` seconds, not the
+//! time to verify the whole flood.
+//!
+//! A refuted callback's dead letter holds the task id, the state and the
+//! receive time (as an event with nothing else), and its reason ends with
+//! the first 256 bytes of the body and its size: a forged body is never
+//! kept whole.
 
 use futures::StreamExt;
 
@@ -23,7 +36,8 @@ use super::{retry_pause, Job, PollStats, PollWorker, ProviderError, Queue, Regis
 use crate::event::{self, Source, TaskEvent};
 use crate::outbox::now_ms;
 
-const BATCH: usize = 256;
+/// Most callbacks one step takes.
+const MAX_STEP: usize = 256;
 
 /// What one step did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +120,10 @@ impl PollWorker<Verify> {
     pub async fn run_once(&mut self) -> Result<VerifyStep, RegistryError> {
         let mut step = VerifyStep::default();
         let (now, registry) = (now_ms(), &self.tasks.registry);
-        let due = registry.blocking(move |r| r.held_due(now, BATCH)).await?;
+        let step_size = (self.max_in_flight * 4).clamp(4, MAX_STEP);
+        let due = registry
+            .blocking(move |r| r.held_due(now, step_size))
+            .await?;
         let (held, mut released) = (due.held, Vec::new());
         for entry in due.unreadable {
             let seq = entry.seq;
@@ -152,7 +169,7 @@ impl PollWorker<Verify> {
     }
 
     async fn check(&self, held: &Held) -> Outcome {
-        let callback = &held.event;
+        let callback = &held.callback();
         let task_id = callback.task_id.as_str();
         let client = &self.client;
         let in_grace =
@@ -180,7 +197,7 @@ impl PollWorker<Verify> {
         };
         let reason = match verdict {
             Verdict::Confirmed(event) => {
-                return match self.outbox.append(*event).await {
+                return match self.outbox.append_trusted(*event).await {
                     Ok(appended) => {
                         PollStats::add(&self.tasks.stats.verified, 1);
                         tracing::debug!(%task_id, ?appended, "callback confirmed");
@@ -196,7 +213,17 @@ impl PollWorker<Verify> {
             Verdict::Unsure(reason) => format!("not confirmed: {reason}"),
             Verdict::Refuted(reason) => reason,
         };
-        tracing::warn!(%task_id, %reason, "callback not confirmed by the provider; kept as a dead letter");
+        let from = if held.from.is_empty() {
+            "?"
+        } else {
+            held.from.as_str()
+        };
+        tracing::warn!(%task_id, %from, %reason, "callback not confirmed by the provider; kept as a dead letter");
+        let reason = format!(
+            "{reason}; from {from}, body of {bytes} bytes not kept, it began: {excerpt:?}",
+            bytes = held.body_bytes,
+            excerpt = held.excerpt,
+        );
         match self.outbox.bury(callback.clone(), reason).await {
             Ok(_) => {
                 PollStats::add(&self.tasks.stats.unconfirmed, 1);

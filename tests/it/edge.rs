@@ -336,36 +336,6 @@ async fn non_loopback_admin_without_a_token_is_refused_at_start() {
     );
 }
 
-/// Past `outbox.max_tracked_tasks`, a callback for a new task gets 503 and
-/// nothing is stored; known tasks still go through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tracked_tasks_are_capped_with_503() {
-    let dir = temp_dir();
-    let mut config = file_config(dir.path());
-    config.outbox.max_tracked_tasks = 3;
-    let app = TestApp::start(config).await;
-    let run = unique("task");
-    for n in 0..3 {
-        let body = callbacks::progress(&format!("{run}_{n}"), "generating", 1);
-        assert_eq!(app.callback(&body).await, StatusCode::OK);
-    }
-    let answer = app
-        .http
-        .try_callback(&callbacks::success(&format!("{run}_new")))
-        .await
-        .unwrap();
-    assert_eq!(
-        answer.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        answer.json
-    );
-    assert!(answer.headers.contains_key("retry-after"));
-    let known = callbacks::success(&format!("{run}_0"));
-    assert_eq!(app.callback(&known).await, StatusCode::OK);
-    assert_eq!(app.outbox.status().unwrap().counters["accepted"], 4);
-    app.stop().await;
-}
 
 /// A test CA and a `localhost` certificate it signed: (CA DER, cert PEM, key PEM).
 fn issue_certificate() -> (rustls::pki_types::CertificateDer<'static>, String, String) {

@@ -25,3 +25,5 @@ mod poll;
 mod readme;
 mod storage;
 mod supervise;
+mod tracked;
+mod verify;

@@ -5,8 +5,9 @@
 //! Tables: `tasks` (taskId -> [`Registration`] as JSON), `due`
 //! ((next_poll_at, taskId) for every task not done: the reconciler reads it
 //! in order), `by_age` ((registered_at, taskId), for pruning), `held`
-//! (seq -> [`Held`]: callbacks stored for the verifier) and `held_keys`
-//! ((taskId, state) -> seq: one held callback per task state).
+//! (seq -> [`Held`]: callbacks stored for the verifier), `held_keys`
+//! ((taskId, state) -> seq: one held callback per task state), `held_meta`
+//! (the bytes held) and `held_from` (entries held per client address).
 //!
 //! Invariants:
 //!
@@ -40,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::event::TaskEvent;
-pub use held::{Held, HeldDue, Holding, Unreadable};
+pub use held::{sender_of, Held, HeldCap, HeldDue, HeldLimits, Holding, Unreadable};
 
 mod cell;
 mod held;
@@ -126,6 +127,21 @@ pub enum RegistryError {
     Reopening,
     #[error("unreadable {0}")]
     Unreadable(String),
+    /// A shared transaction failed (the group commit of held callbacks):
+    /// every caller in it gets this copy of the error.
+    #[error("task registry database: {0}")]
+    Shared(String),
+}
+
+impl RegistryError {
+    /// The same error for another caller of a shared transaction.
+    fn copy(&self) -> Self {
+        match self {
+            Self::Closed => Self::Closed,
+            Self::Reopening => Self::Reopening,
+            other => Self::Shared(other.to_string()),
+        }
+    }
 }
 
 crate::redb_errors!(
@@ -164,6 +180,8 @@ pub struct Registry {
     reconciled: bool,
     tasks_added: Arc<Notify>,
     held_added: Arc<Notify>,
+    /// The group commit of held callbacks.
+    holds: Arc<held::HoldQueue>,
     /// Registrations on disk (approximate after pruning): lets the webhook
     /// skip the lookup entirely where no task was ever registered.
     known: Arc<AtomicU64>,
@@ -212,6 +230,7 @@ impl Registry {
             txn.open_table(HELD)?;
             txn.open_table(HELD_KEYS)?;
             txn.commit()?;
+            Self::count_held_bytes(db)?;
             Ok(known)
         })?;
         Ok(Self {
@@ -219,6 +238,7 @@ impl Registry {
             reconciled: options.reconciled,
             tasks_added: Arc::new(Notify::new()),
             held_added: Arc::new(Notify::new()),
+            holds: Arc::default(),
             known: Arc::new(AtomicU64::new(known)),
         })
     }

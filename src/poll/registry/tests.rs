@@ -94,19 +94,34 @@ fn unfinished_registrations_are_pruned_only_once_finished() {
     assert_eq!(registry.next_due().unwrap(), None);
 }
 
+fn held(task_id: &str, state: &str, from: &str, now: i64) -> Held {
+    Held::new(&callback(task_id, state), from, b"{}", now)
+}
+
+fn limits(entries: u64) -> HeldLimits {
+    HeldLimits {
+        entries,
+        bytes: u64::MAX,
+        per_address: u64::MAX,
+    }
+}
+
 #[test]
 fn held_callbacks_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
-    let (one, two) = (callback("task_1", "success"), callback("task_2", "success"));
+    let (one, two) = (
+        held("task_1", "success", "", 100),
+        held("task_2", "success", "", 200),
+    );
     {
         let registry = open(dir.path());
-        assert_eq!(registry.hold(&one, 100, 10).unwrap(), Holding::Held(1));
-        assert_eq!(registry.hold(&two, 200, 10).unwrap(), Holding::Held(2));
+        assert_eq!(registry.hold(&one, limits(10)).unwrap(), Holding::Held(1));
+        assert_eq!(registry.hold(&two, limits(10)).unwrap(), Holding::Held(2));
     }
     let registry = open(dir.path());
     let due = registry.held_due(150, 10).unwrap();
     assert_eq!(due.held.len(), 1);
-    assert_eq!((due.held[0].seq, &due.held[0].event), (1, &one));
+    assert_eq!(due.held[0], Held { seq: 1, ..one });
     let mut retry = due.held[0].clone();
     retry.next_at = 500;
     registry.settle_held(&[2], &[retry]).unwrap();
@@ -118,28 +133,37 @@ fn held_callbacks_survive_reopening() {
 fn held_callbacks_are_deduplicated_ordered_per_task_and_capped() {
     let dir = tempfile::tempdir().unwrap();
     let registry = open(dir.path());
-    let generating = callback("task_1", "generating");
-    assert_eq!(registry.hold(&generating, 1, 3).unwrap(), Holding::Held(1));
+    let generating = held("task_1", "generating", "", 1);
+    assert_eq!(
+        registry.hold(&generating, limits(3)).unwrap(),
+        Holding::Held(1)
+    );
     for _ in 0..100 {
         assert_eq!(
-            registry.hold(&generating, 1, 3).unwrap(),
+            registry.hold(&generating, limits(3)).unwrap(),
             Holding::Duplicate
         );
     }
     assert_eq!(
-        registry.hold(&callback("task_1", "success"), 1, 3).unwrap(),
+        registry
+            .hold(&held("task_1", "success", "", 1), limits(3))
+            .unwrap(),
         Holding::Held(2)
     );
     assert_eq!(
-        registry.hold(&callback("task_2", "fail"), 1, 3).unwrap(),
+        registry
+            .hold(&held("task_2", "fail", "", 1), limits(3))
+            .unwrap(),
         Holding::Held(3)
     );
     assert_eq!(
-        registry.hold(&callback("task_3", "fail"), 1, 3).unwrap(),
-        Holding::Full
+        registry
+            .hold(&held("task_3", "fail", "", 1), limits(3))
+            .unwrap(),
+        Holding::Full(HeldCap::Entries)
     );
     assert_eq!(
-        registry.hold(&generating, 1, 3).unwrap(),
+        registry.hold(&generating, limits(3)).unwrap(),
         Holding::Duplicate,
         "a repeat is not refused when full"
     );
@@ -150,10 +174,121 @@ fn held_callbacks_are_deduplicated_ordered_per_task_and_capped() {
     // Released: the same state may be held again.
     registry.settle_held(&[1], &[]).unwrap();
     assert!(matches!(
-        registry.hold(&generating, 1, 3).unwrap(),
+        registry.hold(&generating, limits(3)).unwrap(),
         Holding::Held(_)
     ));
-    assert_eq!(due.held[0].event.state, State::Generating);
+    assert_eq!(due.held[0].state, State::Generating);
+}
+
+/// A held entry keeps the task id, the state, the receive time, the
+/// address and a cut of the body; the queue is capped in bytes and per
+/// address, and its byte count comes back to zero once it is empty.
+#[test]
+fn held_callbacks_are_small_and_capped_in_bytes_and_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    let big = vec![b'x'; 1 << 20];
+    let entry = Held::new(&callback("task_big", "success"), "10.0.0.9", &big, 1);
+    assert_eq!(
+        (entry.excerpt.len(), entry.body_bytes),
+        (held::EXCERPT, 1 << 20)
+    );
+    let limits = HeldLimits {
+        entries: 1000,
+        bytes: 64 * 1024,
+        per_address: 3,
+    };
+    assert_eq!(registry.hold(&entry, limits).unwrap(), Holding::Held(1));
+    let (_, one) = registry.held_size().unwrap();
+    assert!(one < 1024, "one held 1 MiB callback costs {one} bytes");
+    for i in 0..2 {
+        let h = Held::new(&callback(&format!("t{i}"), "success"), "10.0.0.9", &big, 1);
+        assert!(matches!(
+            registry.hold(&h, limits).unwrap(),
+            Holding::Held(_)
+        ));
+    }
+    let fourth = Held::new(&callback("t9", "success"), "10.0.0.9", &big, 1);
+    assert_eq!(
+        registry.hold(&fourth, limits).unwrap(),
+        Holding::Full(HeldCap::Address)
+    );
+    let elsewhere = Held::new(&callback("t9", "success"), "10.0.0.7", &big, 1);
+    assert!(matches!(
+        registry.hold(&elsewhere, limits).unwrap(),
+        Holding::Held(_)
+    ));
+    // Bytes: ids long enough that few fit in 64 KiB.
+    let mut refused = None;
+    for i in 0..200 {
+        let id = format!("{i:0>500}");
+        let h = Held::new(&callback(&id, "success"), &format!("10.1.{i}.1"), &big, 1);
+        if let Holding::Full(cap) = registry.hold(&h, limits).unwrap() {
+            refused = Some((i, cap));
+            break;
+        }
+    }
+    let (at, cap) = refused.expect("the byte cap is reached");
+    assert_eq!(cap, HeldCap::Bytes);
+    assert!(at > 30, "after {at}");
+    let (count, bytes) = registry.held_size().unwrap();
+    assert!(bytes <= limits.bytes, "{bytes}");
+    let due = registry.held_due(10, 10_000).unwrap();
+    let seqs: Vec<u64> = due.held.iter().map(|h| h.seq).collect();
+    assert_eq!(seqs.len() as u64, count);
+    registry.settle_held(&seqs, &[]).unwrap();
+    assert_eq!(registry.held_size().unwrap(), (0, 0));
+    assert!(
+        matches!(registry.hold(&fourth, limits).unwrap(), Holding::Held(_)),
+        "the address's share is free again"
+    );
+}
+
+/// One address with many callbacks due cannot keep another's out of the
+/// next step: due entries are taken round-robin across addresses.
+#[test]
+fn held_callbacks_are_taken_round_robin_across_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    for i in 0..50 {
+        let h = held(&format!("forged_{i}"), "success", "10.0.0.66", 1);
+        registry.hold(&h, limits(1000)).unwrap();
+    }
+    registry
+        .hold(&held("real", "success", "10.0.0.1", 1), limits(1000))
+        .unwrap();
+    let due = registry.held_due(10, 4).unwrap();
+    let ids: Vec<&str> = due.held.iter().map(|h| h.task_id.as_str()).collect();
+    assert_eq!(ids, ["real", "forged_0", "forged_1", "forged_2"]);
+}
+
+/// Entries stored by earlier versions (the whole callback) still verify.
+#[test]
+fn held_entries_of_earlier_versions_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Database::create(dir.path().join("tasks.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut held = txn.open_table(HELD).unwrap();
+            let old = serde_json::json!({"event": callback("task_old", "success"),
+                "attempts": 2, "nextAt": 7});
+            held.insert(4, serde_json::to_vec(&old).unwrap().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let registry = open(dir.path());
+    let due = registry.held_due(10, 10).unwrap();
+    assert_eq!(due.held.len(), 1);
+    let h = &due.held[0];
+    assert_eq!(
+        (h.task_id.as_str(), h.state, h.attempts, h.received_at),
+        ("task_old", State::Success, 2, 5)
+    );
+    assert!(registry.held_size().unwrap().1 > 0);
+    registry.settle_held(&[4], &[]).unwrap();
+    assert_eq!(registry.held_size().unwrap(), (0, 0));
 }
 
 #[test]
@@ -266,4 +401,49 @@ fn unreadable_registrations_are_reported_then_forgotten() {
     assert_eq!(registry.next_due().unwrap(), Some(20));
     assert!(registry.get("bad").unwrap().is_none());
     assert_eq!(registry.counts().unwrap(), (1, 0));
+}
+
+#[test]
+fn an_ipv6_sender_is_its_64() {
+    let key = |ip: &str| held::sender_of(ip.parse().unwrap());
+    assert_eq!(key("192.0.2.7"), "192.0.2.7");
+    assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+    assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+    assert_eq!(key("2001:db8:1:2:bbbb::9"), key("2001:db8:1:2::1"));
+}
+
+/// Concurrent holds share commits and each gets its own answer: distinct
+/// sequence numbers, and one place for copies of the same (taskId, state).
+#[test]
+fn concurrent_holds_are_committed_together_and_each_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    let outcomes: Vec<Holding> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..32)
+            .map(|i| {
+                let registry = &registry;
+                scope.spawn(move || {
+                    // Threads 16..32 repeat 0..16's callbacks.
+                    let h = held(&format!("task_{}", i % 16), "success", "10.0.0.1", 1);
+                    registry.hold(&h, limits(1000)).unwrap()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut seqs: Vec<u64> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Holding::Held(seq) => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=16).collect::<Vec<u64>>());
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| **o == Holding::Duplicate)
+        .count();
+    assert_eq!(duplicates, 16);
+    assert_eq!(registry.counts().unwrap(), (0, 16));
 }
