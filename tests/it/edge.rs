@@ -336,7 +336,6 @@ async fn non_loopback_admin_without_a_token_is_refused_at_start() {
     );
 }
 
-
 /// A test CA and a `localhost` certificate it signed: (CA DER, cert PEM, key PEM).
 fn issue_certificate() -> (rustls::pki_types::CertificateDer<'static>, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
