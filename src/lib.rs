@@ -76,6 +76,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod poll;
 pub mod publish;
+pub mod redb_file;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod supervise;

@@ -4,7 +4,9 @@
 //! nothing for `health.stall_secs` while events are pending and the broker
 //! answers. A broker outage alone is not a problem here: callbacks are
 //! still stored durably, and taking the instance out of service would lose
-//! the ones the provider never retries. `/healthz` is liveness only.
+//! the ones the provider never retries. Damage found at start is listed
+//! under `warnings` and does not make it 503 either (see [`warnings`]).
+//! `/healthz` is liveness only.
 
 use std::sync::atomic::Ordering;
 
@@ -25,18 +27,50 @@ pub struct Problem {
     /// A worker's name, `outbox-writer`, `storage`.
     pub component: &'static str,
     /// `restarting`, `failed`, `stopped`, `failing`, `stalled`,
-    /// `unreachable` (cluster coordination) or `draining` (shutting down).
+    /// `unreachable` (cluster coordination) or `draining` (shutting down);
+    /// as a warning (ready all the same), `damaged`.
     pub problem: &'static str,
 }
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let problems = problems(&state.health, &state.outbox);
-    if problems.is_empty() {
-        Json(json!({ "status": "ready" })).into_response()
+    let warnings = warnings(&state.outbox);
+    let mut body = if problems.is_empty() {
+        json!({ "status": "ready" })
     } else {
-        let body = json!({ "status": "unavailable", "problems": problems });
+        json!({ "status": "unavailable", "problems": problems })
+    };
+    if !warnings.is_empty() {
+        body["warnings"] = json!(warnings);
+    }
+    if problems.is_empty() {
+        Json(body).into_response()
+    } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
+}
+
+/// What is wrong but does not keep the instance from its job: damage found
+/// at start (ranges of the pending log skipped, a database file set
+/// aside). Taking the instance out of service would not bring back what
+/// is damaged, and would stop what is intact from being delivered; the
+/// details are in `/admin/status` (`outbox.damage`) and the dead letters.
+pub fn warnings(outbox: &Outbox) -> Vec<Problem> {
+    let stats = outbox.stats();
+    let mut out = Vec::new();
+    if stats.log_damaged_ranges.load(Ordering::Relaxed) > 0 {
+        out.push(Problem {
+            component: "pending-log",
+            problem: "damaged",
+        });
+    }
+    if stats.stores_set_aside.load(Ordering::Relaxed) > 0 {
+        out.push(Problem {
+            component: "storage",
+            problem: "damaged",
+        });
+    }
+    out
 }
 
 /// Everything that is wrong now; empty when ready.
