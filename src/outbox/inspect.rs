@@ -188,6 +188,10 @@ fn outbox_status(db: &impl ReadableDatabase, log_dir: &Path) -> Result<Status, r
                 index.remove(seq);
             }
         }
+        Record::Records { seq, records } if seq > through => {
+            unstored.extend(records.into_iter().map(|(task, _)| task.to_string()));
+        }
+        Record::Records { .. } => {}
     })
     .map_err(redb::Error::Io)?;
     let mut damage: Vec<String> = damaged

@@ -89,6 +89,9 @@ const MAX_BODY: u32 = 256 * 1024 * 1024;
 pub(super) const MAX_EVENT: usize = MAX_BODY as usize - (1 << 20);
 const APPEND: u8 = b'A';
 const ACK: u8 = b'K';
+const RECORDS: u8 = b'R';
+/// Most dedup records in one `R` record.
+const RECORDS_PER_FRAME: usize = 1024;
 /// Bytes of an append body before its head (task id and meta).
 const APPEND_FIXED: usize = 1 + 8 + 8 + 1 + 49;
 
@@ -105,6 +108,12 @@ pub(super) enum Record<'a> {
         payload: &'a [u8],
     },
     Ack(Vec<u64>),
+    /// Dedup records carried over from a segment that was emptied before
+    /// the task store had them; `seq` is above every append they came from.
+    Records {
+        seq: u64,
+        records: Vec<(&'a str, TaskRecord)>,
+    },
 }
 
 /// An append's task id and the event's [`EventMeta`] (`None` for an event
@@ -256,7 +265,7 @@ impl Damage {
         }
         match decode(&self.bytes[FRAME..end])? {
             Record::Append { payload, .. } => serde_json::from_slice(payload).ok(),
-            Record::Ack(_) => None,
+            Record::Ack(_) | Record::Records { .. } => None,
         }
     }
 }
@@ -658,21 +667,45 @@ impl Log {
     }
 
     /// Empties the segment being written in place once nothing in it is
-    /// needed: no earlier segment is left (their acks may be in this one),
-    /// nothing is pending (the caller checks), and every dedup record in it
-    /// is in the task store (`stored_through`). This frees its space with
-    /// no new file, which a full disk may have no room for. Returns the
-    /// bytes of records it held (0: nothing done): a group being built
+    /// needed: no earlier segment is left (their acks may be in this one)
+    /// and nothing is pending (the caller checks). The dedup records the
+    /// task store does not have yet (`carry`) are written back into it, as
+    /// one `R` record per few thousand, numbered `seq` (above every append
+    /// they came from): they take far less room than the appends that
+    /// carried them, so this frees space even on a full disk, with no new
+    /// file and without waiting for the task store. Returns how far the
+    /// segment's end moved back (0: nothing done): a group being built
     /// moves back by as much.
-    pub(super) fn empty_active(&mut self, stored_through: u64) -> std::io::Result<u64> {
+    pub(super) fn empty_active(
+        &mut self,
+        carry: &[(String, TaskRecord)],
+        seq: u64,
+    ) -> std::io::Result<u64> {
         let header = MAGIC.len() as u64;
-        if !self.closed.is_empty()
-            || self.written_last_seq > stored_through
-            || self.active_len <= header
-        {
+        if !self.closed.is_empty() || self.active_len <= header {
             return Ok(0);
         }
-        let freed = self.active_len - header;
+        let mut records = Vec::new();
+        for chunk in carry.chunks(RECORDS_PER_FRAME) {
+            let start = records.len();
+            records.extend_from_slice(&[0; FRAME]);
+            records.push(RECORDS);
+            records.extend_from_slice(&seq.to_le_bytes());
+            for (task, record) in chunk {
+                let task = &task.as_bytes()[..task.len().min(MAX_HEAD_TEXT)];
+                records.extend_from_slice(&(task.len() as u16).to_le_bytes());
+                records.extend_from_slice(task);
+                records.extend_from_slice(&record.encode());
+            }
+            let body = &records[start + FRAME..];
+            let (len, crc) = (body.len() as u32, crc32fast::hash(body));
+            records[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            records[start + 4..start + FRAME].copy_from_slice(&crc.to_le_bytes());
+        }
+        if header + records.len() as u64 >= self.active_len {
+            return Ok(0);
+        }
+        let old = self.active_len;
         self.active.set_len(header)?;
         self.active.sync_all()?;
         self.active_len = header;
@@ -682,7 +715,30 @@ impl Log {
         if self.buf.is_empty() {
             self.active_last_seq = 0;
         }
-        Ok(freed)
+        if !records.is_empty() {
+            let written = self
+                .active
+                .write_all_at(&records, header)
+                .and_then(|()| self.active.sync_data());
+            match written {
+                Ok(()) => {
+                    self.active_len += records.len() as u64;
+                    self.active_last_seq = self.active_last_seq.max(seq);
+                    self.written_last_seq = seq;
+                }
+                Err(e) => {
+                    // They stay in memory until the next checkpoint.
+                    tracing::warn!(error = %e, "cannot carry the unstored dedup records over");
+                    self.active.set_len(header)?;
+                }
+            }
+        }
+        Ok(old - self.active_len)
+    }
+
+    /// Whether the segment being written is the only one.
+    pub(super) fn only_active(&self) -> bool {
+        self.closed.is_empty()
     }
 
     /// Bytes of records in the segment being written.
@@ -890,6 +946,9 @@ fn scan(segment: u64, bytes: &[u8], each: &mut impl FnMut(Record<'_>, Slot)) -> 
             slot.head = (len - APPEND_FIXED - payload.len()) as u32;
             out.last_seq = out.last_seq.max(*seq);
         }
+        if let Record::Records { seq, .. } = &record {
+            out.last_seq = out.last_seq.max(*seq);
+        }
         each(record, slot);
         out.records += 1;
         at += span;
@@ -906,6 +965,7 @@ fn frame_at(bytes: &[u8], at: usize) -> Option<(Record<'_>, usize)> {
     let plausible = match body[0] {
         APPEND => body.len() >= APPEND_FIXED && body[17] <= 1,
         ACK => (body.len() - 1).is_multiple_of(8),
+        RECORDS => body.len() >= 9,
         _ => false,
     };
     let crc = u32::from_le_bytes(bytes[at + 4..at + FRAME].try_into().ok()?);
@@ -1019,6 +1079,19 @@ fn decode(body: &[u8]) -> Option<Record<'_>> {
                     .collect(),
             ))
         }
+        RECORDS => {
+            let seq = u64_at(1)?;
+            let mut records = Vec::new();
+            let mut at = 9;
+            while at < body.len() {
+                let len = u16::from_le_bytes(body.get(at..at + 2)?.try_into().ok()?) as usize;
+                let task = std::str::from_utf8(body.get(at + 2..at + 2 + len)?).ok()?;
+                let record = body.get(at + 2 + len..at + 2 + len + 49)?;
+                records.push((task, TaskRecord::decode(record)));
+                at += 2 + len + 49;
+            }
+            Some(Record::Records { seq, records })
+        }
         _ => None,
     }
 }
@@ -1045,6 +1118,7 @@ mod tests {
                     index.remove(seq);
                 }
             }
+            Record::Records { .. } => {}
         })
         .unwrap();
         let segments = Segments::new(dir.to_path_buf());

@@ -397,6 +397,15 @@ impl Writer {
                         index.remove(seq);
                     }
                 }
+                // In log order: a later append of the task overrides them.
+                Record::Records { seq, records } => {
+                    last_seq = last_seq.max(seq);
+                    if seq > stored_through {
+                        for (task, record) in records {
+                            replayed.insert(task.to_string(), record);
+                        }
+                    }
+                }
             })
             .map_err(|source| OutboxError::DataDir {
                 path: log_dir.display().to_string(),
@@ -1260,10 +1269,17 @@ impl Writer {
             return 0;
         }
         let worth = self.short_of_space || self.log.active_bytes() >= EMPTY_ACTIVE_AT;
-        if first.is_some() || !worth {
+        if first.is_some() || !worth || !self.log.only_active() {
             return 0;
         }
-        match self.log.empty_active(self.stored_through) {
+        // What the task store lacks goes back into the emptied segment:
+        // settle the checkpoint in flight first (done, or back in `dirty`).
+        self.checkpoint_done(true);
+        let carry: Vec<(String, TaskRecord)> = lock(&self.shared.dirty)
+            .iter()
+            .map(|(task, record)| (task.clone(), *record))
+            .collect();
+        match self.log.empty_active(&carry, self.next_seq.saturating_sub(1)) {
             Ok(freed) => {
                 if freed > 0 {
                     // Their appends are gone with the segment.
