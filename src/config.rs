@@ -733,7 +733,10 @@ impl Config {
             return invalid("outbox.max_tracked_tasks", "must be at least 1");
         }
         if !(4096..=1 << 30).contains(&o.segment_bytes) {
-            return invalid("outbox.segment_bytes", "must be between 4096 and 1073741824");
+            return invalid(
+                "outbox.segment_bytes",
+                "must be between 4096 and 1073741824",
+            );
         }
         if o.max_dead_letters == 0 {
             return invalid("outbox.max_dead_letters", "must be at least 1");

@@ -39,7 +39,9 @@ fn is_damage(e: &redb::Error) -> bool {
         | redb::Error::TableIsNotMultimap(_)
         | redb::Error::TypeDefinitionChanged { .. }
         | redb::Error::RepairAborted => true,
-        redb::Error::Io(io) => matches!(io.kind(), ErrorKind::InvalidData | ErrorKind::UnexpectedEof),
+        redb::Error::Io(io) => {
+            matches!(io.kind(), ErrorKind::InvalidData | ErrorKind::UnexpectedEof)
+        }
         _ => false,
     }
 }

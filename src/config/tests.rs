@@ -189,7 +189,10 @@ fn environment_overrides_nested_keys() {
 
 #[test]
 fn dead_letter_caps_and_segment_size_are_checked() {
-    refused("[outbox]\nmax_dead_letters = 0\n", "outbox.max_dead_letters");
+    refused(
+        "[outbox]\nmax_dead_letters = 0\n",
+        "outbox.max_dead_letters",
+    );
     refused(
         "[outbox]\ndead_letter_keep_bytes = 10\n",
         "outbox.dead_letter_keep_bytes",

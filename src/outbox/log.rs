@@ -897,8 +897,7 @@ fn scan(segment: u64, bytes: &[u8], each: &mut impl FnMut(Record<'_>, Slot)) -> 
         return out;
     }
     if &bytes[..MAGIC.len()] != MAGIC {
-        out.damaged
-            .push(Damage::of(segment, bytes, 0, MAGIC.len()));
+        out.damaged.push(Damage::of(segment, bytes, 0, MAGIC.len()));
     }
     let mut at = MAGIC.len();
     out.good = at as u64;
@@ -999,7 +998,9 @@ enum Tail {
     Reserved,
     /// A write that did not finish (last segment only): never answered,
     /// cut. `bytes` counts the zeros of the reservation after it too.
-    Torn { bytes: u64 },
+    Torn {
+        bytes: u64,
+    },
     /// Bytes that were written whole and hold no valid record: kept.
     Damaged(Damage),
 }
@@ -1300,7 +1301,10 @@ mod tests {
         let (_, start, end) = frames[1];
         assert_eq!(opened.damaged.len(), 1, "{opened:?}");
         let damage = &opened.damaged[0];
-        assert_eq!((damage.offset, damage.len), (start as u64, (end - start) as u64));
+        assert_eq!(
+            (damage.offset, damage.len),
+            (start as u64, (end - start) as u64)
+        );
         assert_eq!(damage.bytes, bytes[start..end], "the raw bytes, exactly");
         assert_eq!(
             damage.readable_event(),
@@ -1346,7 +1350,9 @@ mod tests {
             std::fs::write(&file, &bytes).unwrap();
             let (_, opened, _, read) = open(dir.path());
             let hit = frames.iter().find(|(_, s, e)| (*s..*e).contains(&at));
-            let expect: Vec<u64> = (1..=6).filter(|seq| Some(*seq) != hit.map(|h| h.0)).collect();
+            let expect: Vec<u64> = (1..=6)
+                .filter(|seq| Some(*seq) != hit.map(|h| h.0))
+                .collect();
             assert_eq!(seqs(&read), expect, "flip at {at}");
             match hit {
                 None => {
@@ -1369,7 +1375,11 @@ mod tests {
                     assert_eq!(opened.torn_bytes, 0, "flip at {at}");
                     assert_eq!(opened.damaged.len(), 1, "flip at {at}: {opened:?}");
                     let d = &opened.damaged[0];
-                    assert_eq!((d.offset, d.len), (start as u64, (stop - start) as u64), "flip at {at}");
+                    assert_eq!(
+                        (d.offset, d.len),
+                        (start as u64, (stop - start) as u64),
+                        "flip at {at}"
+                    );
                 }
             }
             // Nothing written whole was cut: the file keeps its bytes
@@ -1399,7 +1409,10 @@ mod tests {
         assert_eq!(opened.torn_bytes, 0);
         assert_eq!(opened.damaged.len(), 1);
         let first = opened.damaged[0].clone();
-        assert_eq!((first.offset, first.len), (start as u64, (end - start) as u64));
+        assert_eq!(
+            (first.offset, first.len),
+            (start as u64, (end - start) as u64)
+        );
         assert!(
             first.readable_event().is_some(),
             "only the dedup record was hit: the event's JSON still reads"
@@ -1470,7 +1483,11 @@ mod tests {
             ]
         );
         assert_eq!(damaged, opened.damaged, "inspect sees the same");
-        assert_eq!(opened.torn_bytes, span(12, 12).1, "a flipped length at the end reads as torn");
+        assert_eq!(
+            opened.torn_bytes,
+            span(12, 12).1,
+            "a flipped length at the end reads as torn"
+        );
         assert_eq!(torn, opened.torn_bytes);
     }
 

@@ -23,7 +23,10 @@ fn config(dir: &Path) -> OutboxConfig {
 async fn fill(outbox: &Outbox, n: usize) -> Vec<u64> {
     let mut seqs = Vec::new();
     for i in 0..n {
-        match outbox.append(callback(&format!("task-{i}"), "generating")).await {
+        match outbox
+            .append(callback(&format!("task-{i}"), "generating"))
+            .await
+        {
             Ok(Appended::New { seq }) => seqs.push(seq),
             other => panic!("task-{i}: {other:?}"),
         }
@@ -78,7 +81,11 @@ async fn damaged_ranges_cost_their_events_only_and_are_kept_once_as_dead_letters
     let outbox = Outbox::open(&config(dir.path())).unwrap();
     fill(&outbox, 60).await;
     outbox.close().await;
-    assert!(segments(dir.path()).len() >= 4, "{:?}", segments(dir.path()));
+    assert!(
+        segments(dir.path()).len() >= 4,
+        "{:?}",
+        segments(dir.path())
+    );
 
     // Two events hit in two different segments, inside their JSON.
     for task in ["task-7", "task-41"] {
@@ -100,7 +107,11 @@ async fn damaged_ranges_cost_their_events_only_and_are_kept_once_as_dead_letters
     let letters = outbox.dead_letters(10).unwrap();
     assert_eq!(letters.len(), 2);
     for letter in &letters {
-        assert!(letter.reason.starts_with("damaged pending log"), "{}", letter.reason);
+        assert!(
+            letter.reason.starts_with("damaged pending log"),
+            "{}",
+            letter.reason
+        );
         let raw = letter.raw_hex.as_deref().unwrap();
         assert!(raw.len() > 100, "the record's raw bytes");
         assert_eq!(letter.truncated_from, None);
@@ -144,8 +155,15 @@ async fn a_damaged_task_store_is_set_aside_and_the_log_still_delivered() {
     assert_eq!(pending_tasks(&outbox).len(), 20);
     assert_eq!(outbox.stats().stores_set_aside.load(Ordering::Relaxed), 1);
     let status = outbox.status().unwrap();
-    assert_eq!(status.dead_letters, 0, "the dead letters were in the damaged file");
-    assert!(status.damage[0].starts_with("outbox.redb damaged"), "{:?}", status.damage);
+    assert_eq!(
+        status.dead_letters, 0,
+        "the dead letters were in the damaged file"
+    );
+    assert!(
+        status.damage[0].starts_with("outbox.redb damaged"),
+        "{:?}",
+        status.damage
+    );
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -172,7 +190,12 @@ async fn dead_letters_are_capped_by_count_and_bytes_oldest_first() {
         let event = callback(&format!("d{i}"), "fail");
         seqs.push(outbox.bury(event, "refused".into()).await.unwrap());
     }
-    let kept: Vec<u64> = outbox.dead_letters(10).unwrap().iter().map(|l| l.seq).collect();
+    let kept: Vec<u64> = outbox
+        .dead_letters(10)
+        .unwrap()
+        .iter()
+        .map(|l| l.seq)
+        .collect();
     assert_eq!(kept, seqs[2..]);
     assert_eq!(outbox.status().unwrap().dead_letters, 3);
     assert_eq!(outbox.stats().dead_dropped.load(Ordering::Relaxed), 2);
@@ -194,7 +217,10 @@ async fn dead_letters_are_capped_by_count_and_bytes_oldest_first() {
             .unwrap();
     }
     let letters = outbox.dead_letters(10).unwrap();
-    let sizes: Vec<usize> = letters.iter().map(|l| serde_json::to_vec(l).unwrap().len()).collect();
+    let sizes: Vec<usize> = letters
+        .iter()
+        .map(|l| serde_json::to_vec(l).unwrap().len())
+        .collect();
     assert_eq!(letters.len(), 3, "the newest that fit: {sizes:?}");
     assert_eq!(letters[2].raw_hex.as_deref(), Some(&*"05".repeat(1024)));
     assert_eq!(letters[2].truncated_from, Some(3000));
@@ -202,7 +228,10 @@ async fn dead_letters_are_capped_by_count_and_bytes_oldest_first() {
     outbox.close().await;
     // The count and the bytes carry over a restart.
     let outbox = Outbox::open(&config).unwrap();
-    outbox.bury_raw(&[9; 3000], "unreadable".into()).await.unwrap();
+    outbox
+        .bury_raw(&[9; 3000], "unreadable".into())
+        .await
+        .unwrap();
     assert_eq!(outbox.dead_letters(10).unwrap().len(), 3);
     outbox.close().await;
 }
@@ -234,7 +263,11 @@ async fn an_oversize_event_keeps_a_bounded_copy_and_says_so() {
     assert_eq!(letter.truncated_from, Some(stored.len() as u64));
     assert_eq!(letter.event, serde_json::Value::Null);
     assert_eq!(letter.raw_hex.as_deref(), Some(&*hex(&stored[..1024])));
-    assert!(letter.reason.starts_with("message too large (the event is"), "{}", letter.reason);
+    assert!(
+        letter.reason.starts_with("message too large (the event is"),
+        "{}",
+        letter.reason
+    );
     assert_eq!(outbox.requeue_dead().await.unwrap(), 0);
     outbox.close().await;
 }
@@ -261,11 +294,17 @@ async fn the_segment_being_written_is_emptied_once_nothing_is_pending() {
     outbox.complete(seqs[..29].to_vec(), vec![]).await.unwrap();
     assert!(records(&files[0]) > 4096, "one event is still pending");
     outbox.complete(seqs[29..].to_vec(), vec![]).await.unwrap();
-    assert_eq!(segments(dir.path()), files, "emptied in place, not replaced");
+    assert_eq!(
+        segments(dir.path()),
+        files,
+        "emptied in place, not replaced"
+    );
     let carried = std::fs::metadata(&files[0]).unwrap().len();
     // The header, then one frame of 30 dedup records (task id with its
     // length, the 49-byte record).
-    let each: u64 = (0..30).map(|i| 2 + format!("task-{i}").len() as u64 + 49).sum();
+    let each: u64 = (0..30)
+        .map(|i| 2 + format!("task-{i}").len() as u64 + 49)
+        .sum();
     assert_eq!(carried, 8 + 8 + 9 + each);
     outbox.close().await;
 
@@ -273,7 +312,9 @@ async fn the_segment_being_written_is_emptied_once_nothing_is_pending() {
     assert_eq!(outbox.status().unwrap().pending, 0);
     assert_eq!(outbox.status().unwrap().tasks_tracked, 30);
     for i in 0..30 {
-        let again = outbox.append(callback(&format!("task-{i}"), "generating")).await;
+        let again = outbox
+            .append(callback(&format!("task-{i}"), "generating"))
+            .await;
         assert_eq!(again, Ok(Appended::Duplicate), "task-{i}");
     }
     match outbox.append(callback("next", "generating")).await {

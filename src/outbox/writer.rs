@@ -374,39 +374,43 @@ impl Writer {
         let mut last_seq = 0u64;
         let (mut log, opened) = {
             let mut index = lock(&shared.index);
-            Log::open(&log_dir, config.segment_bytes, |record, slot| match record {
-                Record::Append {
-                    seq,
-                    task_id,
-                    record,
-                    ..
-                } => {
-                    last_seq = last_seq.max(seq);
-                    if let Some(record) = record.filter(|_| seq > stored_through) {
-                        replayed.insert(task_id.to_string(), record);
-                    }
-                    if !index.push(slot) {
-                        tracing::warn!(
-                            seq,
-                            "a repeated sequence number in the pending log is skipped"
-                        );
-                    }
-                }
-                Record::Ack(seqs) => {
-                    for seq in seqs {
-                        index.remove(seq);
-                    }
-                }
-                // In log order: a later append of the task overrides them.
-                Record::Records { seq, records } => {
-                    last_seq = last_seq.max(seq);
-                    if seq > stored_through {
-                        for (task, record) in records {
-                            replayed.insert(task.to_string(), record);
+            Log::open(
+                &log_dir,
+                config.segment_bytes,
+                |record, slot| match record {
+                    Record::Append {
+                        seq,
+                        task_id,
+                        record,
+                        ..
+                    } => {
+                        last_seq = last_seq.max(seq);
+                        if let Some(record) = record.filter(|_| seq > stored_through) {
+                            replayed.insert(task_id.to_string(), record);
+                        }
+                        if !index.push(slot) {
+                            tracing::warn!(
+                                seq,
+                                "a repeated sequence number in the pending log is skipped"
+                            );
                         }
                     }
-                }
-            })
+                    Record::Ack(seqs) => {
+                        for seq in seqs {
+                            index.remove(seq);
+                        }
+                    }
+                    // In log order: a later append of the task overrides them.
+                    Record::Records { seq, records } => {
+                        last_seq = last_seq.max(seq);
+                        if seq > stored_through {
+                            for (task, record) in records {
+                                replayed.insert(task.to_string(), record);
+                            }
+                        }
+                    }
+                },
+            )
             .map_err(|source| OutboxError::DataDir {
                 path: log_dir.display().to_string(),
                 source,
@@ -636,9 +640,10 @@ impl Writer {
         // refuses only while it stays full, not for `REOPEN_EVERY`).
         let log_only = matches!(log_error, Some(OutboxError::Log(_)));
         self.broken = (log_error.is_some() && !log_only) || store_error.is_some();
-        self.stats
-            .storage_failing
-            .store(log_error.is_some() || store_error.is_some(), Ordering::Relaxed);
+        self.stats.storage_failing.store(
+            log_error.is_some() || store_error.is_some(),
+            Ordering::Relaxed,
+        );
         if log_error.is_none() {
             self.apply_delta(&delta);
         }
@@ -858,7 +863,10 @@ impl Writer {
                 for slot in staged.slots.iter_mut().filter(|s| s.segment == active) {
                     slot.offset -= freed;
                 }
-                tracing::debug!(freed, "the disk is full; used log segments recycled, writing again");
+                tracing::debug!(
+                    freed,
+                    "the disk is full; used log segments recycled, writing again"
+                );
                 self.commit_log(sync, commands).map_err(OutboxError::Log)
             }
             written => written.map_err(OutboxError::Log),
@@ -1279,12 +1287,18 @@ impl Writer {
             .iter()
             .map(|(task, record)| (task.clone(), *record))
             .collect();
-        match self.log.empty_active(&carry, self.next_seq.saturating_sub(1)) {
+        match self
+            .log
+            .empty_active(&carry, self.next_seq.saturating_sub(1))
+        {
             Ok(freed) => {
                 if freed > 0 {
                     // Their appends are gone with the segment.
                     self.deferred_acks.clear();
-                    tracing::debug!(freed, "the log segment being written was emptied: nothing in it is pending");
+                    tracing::debug!(
+                        freed,
+                        "the log segment being written was emptied: nothing in it is pending"
+                    );
                     self.short_of_space = false;
                 }
                 freed

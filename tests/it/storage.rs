@@ -272,7 +272,12 @@ async fn damage_costs_only_the_damaged_records() {
             .filter(|l| l.starts_with("pending log damaged"))
             .count()
     };
-    assert_eq!(log_damage(&look.outbox.damage), 4, "{:?}", look.outbox.damage);
+    assert_eq!(
+        log_damage(&look.outbox.damage),
+        4,
+        "{:?}",
+        look.outbox.damage
+    );
     assert_eq!(look.outbox.pending, 116);
 
     let app = TestApp::start(config.clone()).await;
@@ -282,7 +287,11 @@ async fn damage_costs_only_the_damaged_records() {
         .filter(|t| !lost.contains(&t.as_str()))
         .cloned()
         .collect();
-    assert_eq!(published(&out), expect, "exactly the undamaged ones, in order, once");
+    assert_eq!(
+        published(&out),
+        expect,
+        "exactly the undamaged ones, in order, once"
+    );
 
     // Reported: a warning in /readyz (ready all the same), the status, the
     // metrics, and each damaged range a dead letter with its raw bytes.
@@ -297,15 +306,25 @@ async fn damage_costs_only_the_damaged_records() {
     assert!(damage.iter().any(|l| l.starts_with("tasks.redb damaged")));
     let (_, metrics) = app.admin.request("GET", "/metrics", Vec::new()).await;
     let metrics = metrics.as_str().unwrap_or_default().to_string();
-    assert!(metrics.contains("hookbridge_log_damaged_ranges_total 4"), "{metrics}");
+    assert!(
+        metrics.contains("hookbridge_log_damaged_ranges_total 4"),
+        "{metrics}"
+    );
     assert!(metrics.contains("hookbridge_storage_files_set_aside_total 2"));
     let (_, letters) = app.admin.get("/admin/dead-letters?limit=10").await;
     let letters = letters["deadLetters"].as_array().unwrap().clone();
-    assert_eq!(letters.len(), 4, "the buried one was in the damaged file: {letters:?}");
+    assert_eq!(
+        letters.len(),
+        4,
+        "the buried one was in the damaged file: {letters:?}"
+    );
     let mut raw: Vec<usize> = letters
         .iter()
         .map(|letter| {
-            assert!(letter["reason"].as_str().unwrap().starts_with("damaged pending log"));
+            assert!(letter["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("damaged pending log"));
             letter["rawHex"].as_str().unwrap().len() / 2
         })
         .collect();
@@ -377,7 +396,11 @@ fn free_bytes(path: &Path) -> u64 {
 
 /// Posts `body(task)` for `prefix_0`, `prefix_1`, ... until the bridge
 /// answers 503 three times; returns the tasks answered 200.
-async fn fill_until_refused(app: &TestApp, prefix: &str, body: &dyn Fn(&str) -> Value) -> Vec<String> {
+async fn fill_until_refused(
+    app: &TestApp,
+    prefix: &str,
+    body: &dyn Fn(&str) -> Value,
+) -> Vec<String> {
     let mut accepted = Vec::new();
     let mut refused = 0;
     for i in 0..100_000 {
@@ -418,7 +441,10 @@ async fn a_full_disk_is_given_back_once_drained_and_a_restart_needs_no_space() {
 
     let mut accepted = fill_until_refused(&app, "big", &big).await;
     let full = free_bytes(&disk.path);
-    let (status, _) = app.http.post_json("/webhooks/kinovi", &small("small_on_full")).await;
+    let (status, _) = app
+        .http
+        .post_json("/webhooks/kinovi", &small("small_on_full"))
+        .await;
     eprintln!(
         "full disk: {} callbacks of 20 KB accepted, {full} bytes free, a small callback answered {status}",
         accepted.len()
