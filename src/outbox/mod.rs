@@ -28,7 +28,18 @@
 //!    task in a batch, so a task's later event is never published before an
 //!    earlier one has been acknowledged, whatever is retried.
 //! 5. **Bounded.** Past `max_pending` entries or `max_pending_bytes`, appends
-//!    are refused (`Full`) instead of growing without bound.
+//!    are refused (`Full`) instead of growing without bound. Dead letters
+//!    are capped by count and bytes (`max_dead_letters`,
+//!    `max_dead_letter_bytes`: the oldest go first, counted), and each keeps
+//!    at most `dead_letter_keep_bytes` of its event (saying so). The log
+//!    gives its space back as soon as nothing in a segment is pending, the
+//!    segment being written included.
+//! 6. **Damage costs only what is damaged.** A range of the log that holds
+//!    no valid record costs the records in it, never the ones after it; it
+//!    is kept (bounded) as a dead letter and reported. Only a torn final
+//!    write (never answered) is ever cut. A damaged `outbox.redb` is set
+//!    aside for a fresh one at start, so the log is still delivered (see
+//!    `log.rs`, `crate::redb_file`).
 //!
 //! Delivery to the broker is at least once: a crash between the broker's
 //! ack and the delete republishes that batch. The deterministic `eventId`
