@@ -1342,7 +1342,11 @@ impl Writer {
         for damage in fresh {
             let seq = self.next_seq;
             self.next_seq += 1;
-            let kept = damage.bytes.len() as u64;
+            let bytes = &damage.bytes[..damage
+                .bytes
+                .len()
+                .min(self.config.dead_letter_keep_bytes as usize)];
+            let kept = bytes.len() as u64;
             let letter = DeadLetter {
                 seq,
                 reason: format!(
@@ -1357,7 +1361,7 @@ impl Writer {
                 ),
                 failed_at: now,
                 event: damage.readable_event().unwrap_or_default(),
-                raw_hex: Some(super::hex(&damage.bytes)),
+                raw_hex: Some(super::hex(bytes)),
                 truncated_from: (kept < damage.len).then_some(damage.len),
             };
             work.letters.push((letter, None));

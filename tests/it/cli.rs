@@ -423,10 +423,7 @@ async fn outbox_inspect_lists_damage() {
     segments.sort();
     let first = &segments[0];
     let mut bytes = std::fs::read(first).unwrap();
-    let at = bytes
-        .windows(9)
-        .position(|w| w == b"\"seen_03\"")
-        .unwrap();
+    let at = bytes.windows(9).position(|w| w == b"\"seen_03\"").unwrap();
     bytes[at + 3] ^= 0xff;
     std::fs::write(first, bytes).unwrap();
     std::fs::write(dir.path().join("tasks.redb"), vec![0x42; 8192]).unwrap();
@@ -436,7 +433,10 @@ async fn outbox_inspect_lists_damage() {
     let damage: Vec<String> = serde_json::from_value(found["outbox"]["damage"].clone()).unwrap();
     assert_eq!(damage.len(), 2, "{damage:?}");
     assert!(damage[0].starts_with("pending log damaged: pending/00000000000000000001.log: "));
-    assert!(damage[1].starts_with("tasks.redb cannot be read"), "{damage:?}");
+    assert!(
+        damage[1].starts_with("tasks.redb cannot be read"),
+        "{damage:?}"
+    );
     let table = ok(&[
         "outbox",
         "inspect",
@@ -444,5 +444,9 @@ async fn outbox_inspect_lists_damage() {
         dir.path().to_str().unwrap(),
     ])
     .await;
-    assert_eq!(table.lines().filter(|l| l.starts_with("damage: ")).count(), 2, "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("damage: ")).count(),
+        2,
+        "{table}"
+    );
 }
