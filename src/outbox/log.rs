@@ -12,9 +12,11 @@
 //! and a body is either an append (`A`: sequence number, receive time, the
 //! task's dedup record after the decision, the task id, what the publishers
 //! need of the event ([`EventMeta`], so the relay never parses the JSON
-//! again), the event's JSON) or an ack (`K`:
+//! again), the event's JSON), an ack (`K`:
 //! the sequence numbers that left the queue: published, or kept as dead
-//! letters elsewhere). A group of records is written with one `write` and
+//! letters elsewhere), or dedup records carried over (`R`: a number above
+//! the appends they came from, then task ids and records; see
+//! [`Log::empty_active`]). A group of records is written with one `write` and
 //! made durable with one `fdatasync`; an ack may ride along unsynced, since
 //! losing one only republishes its events.
 //!
