@@ -69,6 +69,15 @@ impl App {
     ) -> anyhow::Result<Self> {
         let outbox = Outbox::open(&config.outbox).context("cannot open the outbox")?;
         let tasks = Tasks::open(&config).context("cannot open the task registry")?;
+        if let Some(aside) = tasks.registry.set_aside() {
+            let stats = outbox.stats();
+            crate::outbox::Stats::add(&stats.stores_set_aside, 1);
+            stats.note_damage(format!(
+                "tasks.redb damaged ({}); set aside as {}: its registrations and held callbacks are not in use",
+                aside.cause,
+                aside.moved_to.display()
+            ));
+        }
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| {

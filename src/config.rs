@@ -358,6 +358,21 @@ pub struct OutboxConfig {
     /// hookbridge's memory whatever the number of tasks tracked. Pending
     /// events are read from the log; memory holds only where each one is.
     pub cache_mib: usize,
+    /// Most dead letters kept; past it (or past `max_dead_letter_bytes`)
+    /// the oldest are deleted to make room, and counted
+    /// (`hookbridge_dead_letters_dropped_total`).
+    pub max_dead_letters: u64,
+    /// Most bytes of dead letters kept (as stored, JSON), with the same
+    /// policy: the oldest go first.
+    pub max_dead_letter_bytes: u64,
+    /// Most bytes of an event a dead letter keeps: a longer one (say, one
+    /// the broker refused as too large) keeps its first bytes, hex-encoded,
+    /// and says so (`truncatedFrom`); it cannot be requeued.
+    pub dead_letter_keep_bytes: u64,
+    /// A pending log segment is closed once it holds this many bytes, and
+    /// deleted once nothing in it is pending. Smaller segments give disk
+    /// space back sooner after an outage; at least 4096.
+    pub segment_bytes: u64,
 }
 
 impl Default for OutboxConfig {
@@ -377,6 +392,11 @@ impl Default for OutboxConfig {
             max_tracked_bytes: 2 * 1024 * 1024 * 1024,
             one_off_window_secs: 24 * 3600,
             cache_mib: 256,
+            max_dead_letters: 100_000,
+            max_dead_letter_bytes: 256 * 1024 * 1024,
+            dead_letter_keep_bytes: 64 * 1024,
+            // Small in the unit tests, so that they cross segments.
+            segment_bytes: if cfg!(test) { 4096 } else { 64 << 20 },
         }
     }
 }
@@ -797,6 +817,28 @@ impl Config {
         }
         if o.one_off_window_secs == 0 {
             return invalid("outbox.one_off_window_secs", "must be at least 1");
+        }
+        if !(4096..=1 << 30).contains(&o.segment_bytes) {
+            return invalid(
+                "outbox.segment_bytes",
+                "must be between 4096 and 1073741824",
+            );
+        }
+        if o.max_dead_letters == 0 {
+            return invalid("outbox.max_dead_letters", "must be at least 1");
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&o.dead_letter_keep_bytes) {
+            return invalid(
+                "outbox.dead_letter_keep_bytes",
+                "must be between 1024 and 16777216",
+            );
+        }
+        // A dead letter stores what it keeps hex-encoded, with its reason.
+        if o.max_dead_letter_bytes < 4 * o.dead_letter_keep_bytes {
+            return invalid(
+                "outbox.max_dead_letter_bytes",
+                "must be at least 4 x outbox.dead_letter_keep_bytes",
+            );
         }
         self.validate_edge()?;
         self.validate_provider()?;

@@ -29,7 +29,10 @@
 //!   disk; the relay retries transient broker errors with capped backoff
 //!   for as long as it takes and deletes an entry only after the broker
 //!   acknowledged it. A restart resumes what is pending. Permanent refusals
-//!   are kept whole as dead letters, never dropped.
+//!   are kept as dead letters (capped by count and bytes, the oldest
+//!   dropped first and counted). Damage on disk costs only the records it
+//!   hits: the log skips to the next valid record and keeps the damaged
+//!   bytes as a dead letter; a damaged redb file is set aside at start.
 //! - **One event per task state** ([`outbox`], [`event::event_id`]): the
 //!   (taskId, state) key is checked by the single writer and recorded in
 //!   the very log record that stores the event, then in the task store,
@@ -81,6 +84,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod poll;
 pub mod publish;
+pub mod redb_file;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod supervise;

@@ -238,6 +238,31 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
             &stats.storage_errors,
         ),
         (
+            "hookbridge_dead_letters_dropped",
+            "Oldest dead letters deleted at outbox.max_dead_letters or max_dead_letter_bytes",
+            &stats.dead_dropped,
+        ),
+        (
+            "hookbridge_log_damaged_ranges",
+            "Damaged ranges of the pending log found at start (skipped, kept as dead letters)",
+            &stats.log_damaged_ranges,
+        ),
+        (
+            "hookbridge_log_damaged_bytes",
+            "Bytes in those damaged ranges",
+            &stats.log_damaged_bytes,
+        ),
+        (
+            "hookbridge_log_torn_bytes",
+            "Bytes of a torn final write (never answered) cut from the pending log at start",
+            &stats.log_torn_bytes,
+        ),
+        (
+            "hookbridge_storage_files_set_aside",
+            "Damaged database files (outbox.redb, tasks.redb) set aside at start for fresh ones",
+            &stats.stores_set_aside,
+        ),
+        (
             "hookbridge_provider_polls",
             "Status requests sent to the provider (each attempt)",
             &poll.polls,
@@ -473,7 +498,7 @@ mod tests {
         let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
         let names: std::collections::BTreeSet<&str> =
             scrape.samples.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(names.len(), 42, "{names:#?}");
+        assert_eq!(names.len(), 46, "{names:#?}");
         for name in &names {
             assert!(name.starts_with("hookbridge_"), "{name}");
             let family = ["_count", "_sum"]

@@ -56,5 +56,10 @@ fn render(i: &Inspection) -> String {
         rows.push(("registered tasks", r.registered_tasks.to_string()));
         rows.push(("held callbacks", r.held_callbacks.to_string()));
     }
-    pairs(&rows)
+    let mut out = pairs(&rows).trim_end().to_string();
+    // Damage is listed in full, one line each, after the counts.
+    for line in &o.damage {
+        out.push_str(&format!("\ndamage: {line}"));
+    }
+    out
 }

@@ -186,3 +186,24 @@ fn environment_overrides_nested_keys() {
         Ok(())
     });
 }
+
+#[test]
+fn dead_letter_caps_and_segment_size_are_checked() {
+    refused(
+        "[outbox]\nmax_dead_letters = 0\n",
+        "outbox.max_dead_letters",
+    );
+    refused(
+        "[outbox]\ndead_letter_keep_bytes = 10\n",
+        "outbox.dead_letter_keep_bytes",
+    );
+    refused(
+        "[outbox]\nmax_dead_letter_bytes = 100000\n",
+        "outbox.max_dead_letter_bytes",
+    );
+    refused("[outbox]\nsegment_bytes = 100\n", "outbox.segment_bytes");
+    let config = Config::from_toml("").unwrap();
+    assert_eq!(config.outbox.max_dead_letters, 100_000);
+    assert_eq!(config.outbox.max_dead_letter_bytes, 256 << 20);
+    assert_eq!(config.outbox.dead_letter_keep_bytes, 64 << 10);
+}

@@ -6,10 +6,11 @@
 //! still stored durably, and taking the instance out of service would lose
 //! the ones the provider never retries. `/healthz` is liveness only.
 //!
-//! Warnings are listed in either answer without changing its status: the
-//! dedup records at their cap with records of unfinished tasks evicted
-//! (`task-records: evicting`). Every callback is still stored then, and a
-//! 503 would let a flood of junk task ids take the instance out of service.
+//! Warnings are listed in either answer without changing its status:
+//! damage found at start (see [`warnings`]), and the dedup records at their
+//! cap with records of unfinished tasks evicted (`task-records: evicting`).
+//! Every callback is still stored then, and a 503 would let a flood of junk
+//! task ids, or one damaged byte, take the instance out of service.
 
 use std::sync::atomic::Ordering;
 
@@ -31,7 +32,7 @@ pub struct Problem {
     pub component: &'static str,
     /// `restarting`, `failed`, `stopped`, `failing`, `stalled`,
     /// `unreachable` (cluster coordination) or `draining` (shutting down);
-    /// as a warning, `evicting`.
+    /// as a warning (ready all the same), `evicting` or `damaged`.
     pub problem: &'static str,
 }
 
@@ -56,18 +57,35 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 /// How long `/readyz` warns after records of unfinished tasks were evicted.
 const EVICTING_WARNS_MS: i64 = 10 * 60 * 1000;
 
-/// What an operator should see but that does not stop this instance from
-/// storing callbacks.
+/// What is wrong but does not keep the instance from its job: damage found
+/// at start (ranges of the pending log skipped, a database file set
+/// aside), and records of unfinished tasks evicted at the tracked-task cap.
+/// Taking the instance out of service would not bring back what is damaged
+/// or evicted, and would stop what is intact from being delivered; the
+/// details are in `/admin/status` (`outbox.damage`) and the dead letters.
 pub fn warnings(outbox: &Outbox, now: i64) -> Vec<Problem> {
-    let at = outbox.stats().evicted_unfinished_at.load(Ordering::Relaxed);
+    let stats = outbox.stats();
+    let mut out = Vec::new();
+    if stats.log_damaged_ranges.load(Ordering::Relaxed) > 0 {
+        out.push(Problem {
+            component: "pending-log",
+            problem: "damaged",
+        });
+    }
+    if stats.stores_set_aside.load(Ordering::Relaxed) > 0 {
+        out.push(Problem {
+            component: "storage",
+            problem: "damaged",
+        });
+    }
+    let at = stats.evicted_unfinished_at.load(Ordering::Relaxed);
     if at > 0 && now - at < EVICTING_WARNS_MS {
-        vec![Problem {
+        out.push(Problem {
             component: "task-records",
             problem: "evicting",
-        }]
-    } else {
-        Vec::new()
+        });
     }
+    out
 }
 
 /// Everything that is wrong now; empty when ready.

@@ -86,35 +86,80 @@ pub fn table_len<K: redb::Key + 'static, V: redb::Value + 'static>(
 }
 
 /// Counts what `<dir>/outbox.redb` holds (and `<dir>/tasks.redb`, if there).
+/// A database file that cannot be read is listed as damaged (the pending
+/// log is still counted): hookbridge sets it aside at its next start.
 pub fn inspect(dir: &Path) -> Result<Inspection, InspectError> {
     let path = dir.join("outbox.redb");
-    let db = open_read_only(&path)?;
+    let mut damage = Vec::new();
     let fail = |source: redb::Error| InspectError::Db {
         path: path.display().to_string(),
         source,
     };
-    let outbox = outbox_status(&db, &dir.join("pending")).map_err(fail)?;
-    let registry = dir.join("tasks.redb");
-    let registry = if registry.is_file() {
-        let sizes = crate::poll::registry::sizes(&open_read_only(&registry)?);
-        let (registered_tasks, held_callbacks) = sizes.map_err(|source| InspectError::Db {
-            path: registry.display().to_string(),
-            source,
-        })?;
-        Some(RegistrySizes {
-            registered_tasks,
-            held_callbacks,
-        })
-    } else {
-        None
+    let mut outbox = match readable(&path)? {
+        Ok(db) => outbox_status(&db, &dir.join("pending")).map_err(fail)?,
+        Err(cause) => {
+            damage.push(format!(
+                "outbox.redb cannot be read ({cause}): set aside at the next start (its dead letters and older dedup records out of use)"
+            ));
+            let empty = redb::Database::builder()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .map_err(|e| fail(e.into()))?;
+            outbox_status(&empty, &dir.join("pending")).map_err(fail)?
+        }
     };
+    let registry = dir.join("tasks.redb");
+    let registry = if !registry.is_file() {
+        None
+    } else {
+        match readable(&registry)? {
+            Ok(db) => {
+                let sizes = crate::poll::registry::sizes(&db);
+                let (registered_tasks, held_callbacks) =
+                    sizes.map_err(|source| InspectError::Db {
+                        path: registry.display().to_string(),
+                        source,
+                    })?;
+                Some(RegistrySizes {
+                    registered_tasks,
+                    held_callbacks,
+                })
+            }
+            Err(cause) => {
+                damage.push(format!(
+                    "tasks.redb cannot be read ({cause}): set aside at the next start (its registrations and held callbacks out of use)"
+                ));
+                None
+            }
+        }
+    };
+    outbox.damage.append(&mut damage);
     Ok(Inspection { outbox, registry })
+}
+
+/// Opens `path` read-only; the inner error says it is damaged (what
+/// hookbridge would set aside), the outer one that it cannot be looked at
+/// now (missing, locked, needs the recovery of a start).
+fn readable(path: &Path) -> Result<Result<ReadOnlyDatabase, String>, InspectError> {
+    let opened = std::panic::catch_unwind(|| {
+        let db = open_read_only(path)?;
+        let probe = db.begin_read().map_err(redb::Error::from).and_then(|txn| {
+            txn.list_tables()?.count();
+            Ok(())
+        });
+        Ok((db, probe))
+    });
+    match opened {
+        Ok(Ok((db, Ok(())))) => Ok(Ok(db)),
+        Ok(Ok((_, Err(e)))) | Ok(Err(InspectError::Db { source: e, .. })) => Ok(Err(e.to_string())),
+        Ok(Err(e)) => Err(e),
+        Err(panic) => Ok(Err(crate::supervise::panic_message(&*panic))),
+    }
 }
 
 /// The log's pending events (and any that an older version left in redb),
 /// the dead letters, and the tasks with a dedup record in the store or only
 /// in the log (not checkpointed yet).
-fn outbox_status(db: &ReadOnlyDatabase, log_dir: &Path) -> Result<Status, redb::Error> {
+fn outbox_status(db: &impl ReadableDatabase, log_dir: &Path) -> Result<Status, redb::Error> {
     let txn = db.begin_read()?;
     let through = match txn.open_table(META) {
         Ok(meta) => meta.get(STORED_THROUGH)?.map_or(0, |v| v.value()),
@@ -123,7 +168,7 @@ fn outbox_status(db: &ReadOnlyDatabase, log_dir: &Path) -> Result<Status, redb::
     };
     let mut index = Index::default();
     let mut unstored = std::collections::HashSet::new();
-    read_only(log_dir, |record, slot| match record {
+    let (damaged, torn) = read_only(log_dir, |record, slot| match record {
         Record::Append {
             seq,
             task_id,
@@ -143,8 +188,21 @@ fn outbox_status(db: &ReadOnlyDatabase, log_dir: &Path) -> Result<Status, redb::
                 index.remove(seq);
             }
         }
+        Record::Records { seq, records } if seq > through => {
+            unstored.extend(records.into_iter().map(|(task, _)| task.to_string()));
+        }
+        Record::Records { .. } => {}
     })
     .map_err(redb::Error::Io)?;
+    let mut damage: Vec<String> = damaged
+        .iter()
+        .map(|d| format!("pending log damaged: {}", d.place()))
+        .collect();
+    if torn > 0 {
+        damage.push(format!(
+            "pending log ends in a torn write of {torn} bytes (never answered; cut at the next start)"
+        ));
+    }
     let mut pending = index.len();
     let mut bytes = index.bytes();
     let mut oldest = index.first().map(|s| s.received_at);
@@ -184,6 +242,7 @@ fn outbox_status(db: &ReadOnlyDatabase, log_dir: &Path) -> Result<Status, redb::
         oldest_pending_age_ms: oldest.map(|at: i64| (now_ms() - at).max(0)),
         dead_letters: table_len(&txn, DEAD)?,
         tasks_tracked: tasks,
+        damage,
         counters: serde_json::Value::Null,
     })
 }

@@ -12,17 +12,24 @@
 //! and a body is either an append (`A`: sequence number, receive time, the
 //! task's dedup record after the decision, the task id, what the publishers
 //! need of the event ([`EventMeta`], so the relay never parses the JSON
-//! again), the event's JSON) or an ack (`K`:
+//! again), the event's JSON), an ack (`K`:
 //! the sequence numbers that left the queue: published, or kept as dead
-//! letters elsewhere). A group of records is written with one `write` and
+//! letters elsewhere), or dedup records carried over (`R`: a number above
+//! the appends they came from, then task ids and records; see
+//! [`Log::empty_active`]). A group of records is written with one `write` and
 //! made durable with one `fdatasync`; an ack may ride along unsynced, since
 //! losing one only republishes its events.
 //!
-//! On open, every segment is read in order. A record whose frame is short
-//! or whose checksum does not match ends the segment: in the last segment
-//! that is a torn final write (a crash during a group commit, never
-//! answered 2xx), and the file is cut back to the last whole record; in an
-//! earlier one it is damage, reported and counted. The queue in memory
+//! On open, every segment is read in order. A range that holds no valid
+//! record (its length or checksum does not match, or the segment's header
+//! is wrong) is skipped up to the next offset where a whole frame with a
+//! matching checksum starts, so damage costs only the records it touches;
+//! the range is reported ([`Damage`]) and kept, bounded, as a dead letter
+//! (see `writer.rs`). Nothing written whole is ever cut: only the end of
+//! the last segment may be, when its first record there is not whole (a
+//! torn final write: the group being written when the process stopped,
+//! never answered 2xx). A whole record there that fails its checksum is
+//! damage, kept, and writing goes on after it. The queue in memory
 //! ([`Index`]) holds only where each pending event is, never its bytes.
 //!
 //! The segment being written is reserved ahead of its writes, in steps of
@@ -36,7 +43,9 @@
 //!
 //! A segment is deleted once it is not the one being written, none of its
 //! events is pending any more, and every dedup record in it is in the task
-//! store (see `writer.rs`).
+//! store (see `writer.rs`). The segment being written is emptied in place
+//! ([`Log::empty_active`]) on the same terms once nothing is pending at all,
+//! so a drained queue gives its disk space back before the segment is full.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -82,6 +91,9 @@ const MAX_BODY: u32 = 256 * 1024 * 1024;
 pub(super) const MAX_EVENT: usize = MAX_BODY as usize - (1 << 20);
 const APPEND: u8 = b'A';
 const ACK: u8 = b'K';
+const RECORDS: u8 = b'R';
+/// Most dedup records in one `R` record.
+const RECORDS_PER_FRAME: usize = 1024;
 /// Bytes of an append body before its head (task id and meta).
 const APPEND_FIXED: usize = 1 + 8 + 8 + 1 + 49;
 
@@ -98,6 +110,12 @@ pub(super) enum Record<'a> {
         payload: &'a [u8],
     },
     Ack(Vec<u64>),
+    /// Dedup records carried over from a segment that was emptied before
+    /// the task store had them; `seq` is above every append they came from.
+    Records {
+        seq: u64,
+        records: Vec<(&'a str, TaskRecord)>,
+    },
 }
 
 /// An append's task id and the event's [`EventMeta`] (`None` for an event
@@ -205,6 +223,53 @@ pub(super) struct Slot {
     pub len: u32,
     pub received_at: i64,
     pub done: bool,
+}
+
+/// The longest copy of a damaged range that its dead letter keeps.
+pub(super) const KEEP_DAMAGED: usize = 64 * 1024;
+
+/// A byte range of a segment that holds no valid record (its length or
+/// checksum does not match): reported, and kept (bounded) as a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Damage {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u64,
+    /// The range's first bytes, at most [`KEEP_DAMAGED`].
+    pub bytes: Vec<u8>,
+}
+
+impl Damage {
+    fn of(segment: u64, bytes: &[u8], from: usize, to: usize) -> Self {
+        Self {
+            segment,
+            offset: from as u64,
+            len: (to - from) as u64,
+            bytes: bytes[from..to.min(from + KEEP_DAMAGED)].to_vec(),
+        }
+    }
+
+    /// Where it is, for the logs, the status and the dead letter.
+    pub(super) fn place(&self) -> String {
+        format!(
+            "pending/{:020}.log: {} bytes at offset {}",
+            self.segment, self.len, self.offset
+        )
+    }
+
+    /// The event of the damaged record, if the range is one record whose
+    /// frame is intact and only the checksum fails: its JSON as it reads
+    /// now (unverified), for the operator to see what was lost.
+    pub(super) fn readable_event(&self) -> Option<serde_json::Value> {
+        let end = declared_end(&self.bytes, 0)?;
+        if end as u64 != self.len {
+            return None;
+        }
+        match decode(&self.bytes[FRAME..end])? {
+            Record::Append { payload, .. } => serde_json::from_slice(payload).ok(),
+            Record::Ack(_) | Record::Records { .. } => None,
+        }
+    }
 }
 
 /// The pending events in sequence order (shared by the writer, which adds
@@ -348,8 +413,9 @@ pub(super) struct Opened {
     /// tail of zeros only (the reservation ahead of the writes) is not
     /// counted.
     pub torn_bytes: u64,
-    /// Earlier segments that ended in damage, with where.
-    pub damaged: Vec<String>,
+    /// Ranges that hold no valid record, in every segment: written whole
+    /// (not a torn final write), so possibly answered.
+    pub damaged: Vec<Damage>,
 }
 
 /// The writing side, owned by the writer thread.
@@ -366,6 +432,8 @@ pub(super) struct Log {
     /// system refused once: it then grows with each write, as without).
     reserving: bool,
     active_last_seq: u64,
+    /// `active_last_seq` of what is written (not of the group being built).
+    written_last_seq: u64,
     segment_bytes: u64,
     /// The group being built.
     buf: Vec<u8>,
@@ -391,35 +459,37 @@ impl Log {
             let path = segment_path(dir, id);
             bytes.clear();
             File::open(&path)?.read_to_end(&mut bytes)?;
-            let scan = scan(id, &bytes, &mut each);
+            let mut scan = scan(id, &bytes, &mut each);
             opened.records += scan.records;
             let last = i + 1 == ids.len();
-            if scan.good < bytes.len() as u64 {
-                if last {
-                    let tail = &bytes[(scan.good as usize).max(MAGIC.len()).min(bytes.len())..];
-                    if tail.iter().any(|b| *b != 0) || scan.good < MAGIC.len() as u64 {
-                        opened.torn_bytes = bytes.len() as u64 - scan.good;
-                    }
-                } else {
-                    opened.damaged.push(format!(
-                        "{}: {} bytes after offset {} unreadable",
-                        path.display(),
-                        bytes.len() as u64 - scan.good,
-                        scan.good
-                    ));
-                }
-            }
+            let tail = classify_tail(id, &bytes, scan.good as usize, last);
+            opened.damaged.append(&mut scan.damaged);
             if last {
                 let file = OpenOptions::new().read(true).write(true).open(&path)?;
-                let good = if scan.good < MAGIC.len() as u64 {
+                // Where writing goes on: after the last valid record, or
+                // after damage that is kept (never over it).
+                let good = match tail {
+                    Tail::Clean | Tail::Reserved => scan.good,
+                    Tail::Torn { bytes: torn } => {
+                        opened.torn_bytes = torn;
+                        scan.good
+                    }
+                    Tail::Damaged(damage) => {
+                        let end = damage.offset + damage.len;
+                        opened.damaged.push(damage);
+                        end
+                    }
+                };
+                let good = if good < MAGIC.len() as u64 {
                     // Not even the header made it: start the file again.
                     file.set_len(0)?;
                     file.write_all_at(MAGIC, 0)?;
+                    file.sync_all()?;
                     MAGIC.len() as u64
                 } else {
-                    scan.good
+                    good
                 };
-                if good < bytes.len() as u64 || scan.good < MAGIC.len() as u64 {
+                if good < bytes.len() as u64 {
                     file.set_len(good)?;
                     file.sync_all()?;
                 }
@@ -432,10 +502,14 @@ impl Log {
                     reserved: good,
                     reserving: true,
                     active_last_seq: scan.last_seq,
+                    written_last_seq: scan.last_seq,
                     segment_bytes,
                     buf: Vec::new(),
                 };
                 return Ok((log, opened));
+            }
+            if let Tail::Damaged(damage) = tail {
+                opened.damaged.push(damage);
             }
             closed.push_back(Closed {
                 id,
@@ -452,6 +526,7 @@ impl Log {
             reserved: MAGIC.len() as u64,
             reserving: true,
             active_last_seq: 0,
+            written_last_seq: 0,
             segment_bytes,
             buf: Vec::new(),
         };
@@ -529,8 +604,9 @@ impl Log {
 
     /// Writes the group built since the last call and syncs it. On error
     /// nothing of the group counts: the file is cut back to its last whole
-    /// record (so a later group never follows garbage), or, if even that
-    /// fails, the next group starts a new segment.
+    /// record (so a later group never follows garbage) and the group is
+    /// kept, to be retried or discarded ([`Log::discard`]); if even the cut
+    /// fails, the group is dropped and the next one starts a new segment.
     pub(super) fn commit(&mut self, sync: bool) -> std::io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -547,18 +623,23 @@ impl Log {
                 }
             });
         let len = self.buf.len() as u64;
-        self.buf.clear();
         match written {
             Ok(()) => {
+                self.buf.clear();
                 self.active_len += len;
+                self.written_last_seq = self.active_last_seq;
                 Ok(())
             }
             Err(e) => {
                 self.reserved = self.active_len;
                 if self.active.set_len(self.active_len).is_err() {
                     // Cannot even cut it: leave the tail to the recovery of
-                    // the next open, and write elsewhere.
-                    let _ = self.roll();
+                    // the next open, and write elsewhere. The group's
+                    // places were in this segment: it cannot be retried.
+                    self.buf.clear();
+                    if let Err(roll) = self.roll() {
+                        tracing::warn!(error = %roll, "cannot start a new log segment either");
+                    }
                 }
                 Err(e)
             }
@@ -585,6 +666,91 @@ impl Log {
                 self.reserving = false;
             }
         }
+    }
+
+    /// Empties the segment being written in place once nothing in it is
+    /// needed: no earlier segment is left (their acks may be in this one)
+    /// and nothing is pending (the caller checks). The dedup records the
+    /// task store does not have yet (`carry`) are written back into it, as
+    /// one `R` record per few thousand, numbered `seq` (above every append
+    /// they came from): they take far less room than the appends that
+    /// carried them, so this frees space even on a full disk, with no new
+    /// file and without waiting for the task store. Returns how far the
+    /// segment's end moved back (0: nothing done): a group being built
+    /// moves back by as much.
+    pub(super) fn empty_active(
+        &mut self,
+        carry: &[(String, TaskRecord)],
+        seq: u64,
+    ) -> std::io::Result<u64> {
+        let header = MAGIC.len() as u64;
+        if !self.closed.is_empty() || self.active_len <= header {
+            return Ok(0);
+        }
+        let mut records = Vec::new();
+        for chunk in carry.chunks(RECORDS_PER_FRAME) {
+            let start = records.len();
+            records.extend_from_slice(&[0; FRAME]);
+            records.push(RECORDS);
+            records.extend_from_slice(&seq.to_le_bytes());
+            for (task, record) in chunk {
+                let task = &task.as_bytes()[..task.len().min(MAX_HEAD_TEXT)];
+                records.extend_from_slice(&(task.len() as u16).to_le_bytes());
+                records.extend_from_slice(task);
+                records.extend_from_slice(&record.encode());
+            }
+            let body = &records[start + FRAME..];
+            let (len, crc) = (body.len() as u32, crc32fast::hash(body));
+            records[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            records[start + 4..start + FRAME].copy_from_slice(&crc.to_le_bytes());
+        }
+        if header + records.len() as u64 >= self.active_len {
+            return Ok(0);
+        }
+        let old = self.active_len;
+        self.active.set_len(header)?;
+        self.active.sync_all()?;
+        self.active_len = header;
+        self.reserved = header;
+        self.reserving = true;
+        self.written_last_seq = 0;
+        if self.buf.is_empty() {
+            self.active_last_seq = 0;
+        }
+        if !records.is_empty() {
+            let written = self
+                .active
+                .write_all_at(&records, header)
+                .and_then(|()| self.active.sync_data());
+            match written {
+                Ok(()) => {
+                    self.active_len += records.len() as u64;
+                    self.active_last_seq = self.active_last_seq.max(seq);
+                    self.written_last_seq = seq;
+                }
+                Err(e) => {
+                    // They stay in memory until the next checkpoint.
+                    tracing::warn!(error = %e, "cannot carry the unstored dedup records over");
+                    self.active.set_len(header)?;
+                }
+            }
+        }
+        Ok(old - self.active_len)
+    }
+
+    /// Whether the segment being written is the only one.
+    pub(super) fn only_active(&self) -> bool {
+        self.closed.is_empty()
+    }
+
+    /// Bytes of records in the segment being written.
+    pub(super) fn active_bytes(&self) -> u64 {
+        self.active_len - MAGIC.len() as u64
+    }
+
+    /// The segment being written.
+    pub(super) fn active_id(&self) -> u64 {
+        self.active_id
     }
 
     /// Forgets the group being built (its commands failed before writing).
@@ -619,6 +785,7 @@ impl Log {
         self.reserved = self.active_len;
         self.reserving = true;
         self.active_last_seq = 0;
+        self.written_last_seq = 0;
         Ok(())
     }
 
@@ -663,18 +830,31 @@ fn segment_ids(dir: &Path) -> std::io::Result<Vec<u64>> {
 }
 
 /// Reads every record in `dir` in order without changing anything (for a
-/// look at a stopped instance's data dir). A missing dir holds nothing.
-pub(super) fn read_only(dir: &Path, mut each: impl FnMut(Record<'_>, Slot)) -> std::io::Result<()> {
+/// look at a stopped instance's data dir), and says what is damaged and
+/// how many bytes a torn final write left. A missing dir holds nothing.
+pub(super) fn read_only(
+    dir: &Path,
+    mut each: impl FnMut(Record<'_>, Slot),
+) -> std::io::Result<(Vec<Damage>, u64)> {
+    let mut damaged = Vec::new();
+    let mut torn = 0;
     if !dir.is_dir() {
-        return Ok(());
+        return Ok((damaged, torn));
     }
     let mut bytes = Vec::new();
-    for id in segment_ids(dir)? {
+    let ids = segment_ids(dir)?;
+    for (i, &id) in ids.iter().enumerate() {
         bytes.clear();
         File::open(segment_path(dir, id))?.read_to_end(&mut bytes)?;
-        scan(id, &bytes, &mut each);
+        let mut scan = scan(id, &bytes, &mut each);
+        damaged.append(&mut scan.damaged);
+        match classify_tail(id, &bytes, scan.good as usize, i + 1 == ids.len()) {
+            Tail::Damaged(damage) => damaged.push(damage),
+            Tail::Torn { bytes } => torn = bytes,
+            Tail::Clean | Tail::Reserved => {}
+        }
     }
-    Ok(())
+    Ok((damaged, torn))
 }
 
 fn create_segment(dir: &Path, id: u64) -> std::io::Result<(File, u64)> {
@@ -693,35 +873,56 @@ fn create_segment(dir: &Path, id: u64) -> std::io::Result<(File, u64)> {
 }
 
 struct Scan {
-    /// Bytes of whole, valid records from the start (the header included).
+    /// Where the last valid record ends (the header's end when there is
+    /// none; 0 when not even a header is there).
     good: u64,
     records: u64,
     last_seq: u64,
+    /// Ranges between valid records that hold none (a damaged header
+    /// included). What follows the last valid record is the caller's to
+    /// judge ([`classify_tail`]).
+    damaged: Vec<Damage>,
 }
 
+/// Reads the records of one segment into `each`. A range that holds no
+/// valid record is skipped up to the next offset where a whole frame with
+/// a matching checksum starts, and reported: damage costs only the records
+/// it touches.
 fn scan(segment: u64, bytes: &[u8], each: &mut impl FnMut(Record<'_>, Slot)) -> Scan {
     let mut out = Scan {
         good: 0,
         records: 0,
         last_seq: 0,
+        damaged: Vec::new(),
     };
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+    if bytes.len() < MAGIC.len() {
         return out;
+    }
+    if &bytes[..MAGIC.len()] != MAGIC {
+        out.damaged.push(Damage::of(segment, bytes, 0, MAGIC.len()));
     }
     let mut at = MAGIC.len();
     out.good = at as u64;
-    while bytes.len() - at >= FRAME {
-        let word =
-            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        let (len, crc) = (word(at), word(at + 4));
-        if len == 0 || len > MAX_BODY || (bytes.len() - at - FRAME) < len as usize {
-            break;
+    let mut bad_from = None;
+    while at < bytes.len() {
+        let Some((record, span)) = frame_at(bytes, at) else {
+            bad_from.get_or_insert(at);
+            // The damaged frame's own length first: damage inside one
+            // record's body leaves the next one where it was.
+            let next = declared_end(bytes, at)
+                .filter(|&end| frame_at(bytes, end).is_some())
+                .or_else(|| next_frame(bytes, at + 1));
+            match next {
+                Some(next) => {
+                    at = next;
+                    continue;
+                }
+                None => break,
+            }
+        };
+        if let Some(from) = bad_from.take() {
+            out.damaged.push(Damage::of(segment, bytes, from, at));
         }
-        let body = &bytes[at + FRAME..at + FRAME + len as usize];
-        if crc32fast::hash(body) != crc {
-            break;
-        }
-        let Some(record) = decode(body) else { break };
         let mut slot = Slot {
             seq: 0,
             segment,
@@ -738,19 +939,114 @@ fn scan(segment: u64, bytes: &[u8], each: &mut impl FnMut(Record<'_>, Slot)) -> 
             ..
         } = &record
         {
+            let len = span - FRAME;
             slot.seq = *seq;
             slot.received_at = *received_at;
             slot.len = payload.len() as u32;
             slot.offset = (at + FRAME + APPEND_FIXED) as u64;
-            slot.head = (len as usize - APPEND_FIXED - payload.len()) as u32;
+            slot.head = (len - APPEND_FIXED - payload.len()) as u32;
+            out.last_seq = out.last_seq.max(*seq);
+        }
+        if let Record::Records { seq, .. } = &record {
             out.last_seq = out.last_seq.max(*seq);
         }
         each(record, slot);
         out.records += 1;
-        at += FRAME + len as usize;
+        at += span;
         out.good = at as u64;
     }
     out
+}
+
+/// The valid record framed at `at`, and the bytes its frame spans.
+fn frame_at(bytes: &[u8], at: usize) -> Option<(Record<'_>, usize)> {
+    let end = declared_end(bytes, at)?;
+    let body = &bytes[at + FRAME..end];
+    // Cheap checks before the checksum: a resync tries every offset.
+    let plausible = match body[0] {
+        APPEND => body.len() >= APPEND_FIXED && body[17] <= 1,
+        ACK => (body.len() - 1).is_multiple_of(8),
+        RECORDS => body.len() >= 9,
+        _ => false,
+    };
+    let crc = u32::from_le_bytes(bytes[at + 4..at + FRAME].try_into().ok()?);
+    if !plausible || crc32fast::hash(body) != crc {
+        return None;
+    }
+    Some((decode(body)?, end - at))
+}
+
+/// Where the frame at `at` ends by its length field, if that length is
+/// one a record can have and the bytes are there.
+fn declared_end(bytes: &[u8], at: usize) -> Option<usize> {
+    let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?);
+    if len == 0 || len > MAX_BODY {
+        return None;
+    }
+    let end = at.checked_add(FRAME + len as usize)?;
+    (end <= bytes.len()).then_some(end)
+}
+
+/// The first offset from `from` where a valid record starts.
+fn next_frame(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len().saturating_sub(FRAME - 1)).find(|&at| frame_at(bytes, at).is_some())
+}
+
+/// What follows the last valid record of a segment.
+#[derive(Debug, PartialEq, Eq)]
+enum Tail {
+    Clean,
+    /// Zeros only: the reservation ahead of the writes (last segment).
+    Reserved,
+    /// A write that did not finish (last segment only): never answered,
+    /// cut. `bytes` counts the zeros of the reservation after it too.
+    Torn {
+        bytes: u64,
+    },
+    /// Bytes that were written whole and hold no valid record: kept.
+    Damaged(Damage),
+}
+
+/// Judges the bytes after the last valid record (`good`), after which no
+/// valid record starts. In an earlier segment anything there is damage:
+/// a segment is cut to its records and synced before the next exists. In
+/// the last one it is a torn final write when the first record there is
+/// not whole (its frame or its last bytes were never written, or it runs
+/// past the file's end), since only the group being written when the
+/// process stopped can look like that, and it was never answered; a
+/// record that is whole but fails its checksum was written, maybe
+/// answered, and is damage. (A damaged length field of the very last
+/// record reads as torn: nothing tells them apart.)
+fn classify_tail(segment: u64, bytes: &[u8], good: usize, last: bool) -> Tail {
+    if good >= bytes.len() {
+        return Tail::Clean;
+    }
+    if !last {
+        return Tail::Damaged(Damage::of(segment, bytes, good, bytes.len()));
+    }
+    let written = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    if written <= good {
+        return Tail::Reserved;
+    }
+    if good < MAGIC.len() {
+        // The segment's creation did not finish.
+        return Tail::Torn {
+            bytes: bytes.len() as u64,
+        };
+    }
+    let unfinished = match declared_end(bytes, good) {
+        None => true,
+        Some(end) => bytes[(end - 8).max(good + FRAME)..end]
+            .iter()
+            .all(|b| *b == 0),
+    };
+    if unfinished {
+        return Tail::Torn {
+            bytes: (bytes.len() - good) as u64,
+        };
+    }
+    let end = declared_end(bytes, good).map_or(written, |end| end.max(written));
+    Tail::Damaged(Damage::of(segment, bytes, good, end))
 }
 
 fn decode(body: &[u8]) -> Option<Record<'_>> {
@@ -786,6 +1082,19 @@ fn decode(body: &[u8]) -> Option<Record<'_>> {
                     .collect(),
             ))
         }
+        RECORDS => {
+            let seq = u64_at(1)?;
+            let mut records = Vec::new();
+            let mut at = 9;
+            while at < body.len() {
+                let len = u16::from_le_bytes(body.get(at..at + 2)?.try_into().ok()?) as usize;
+                let task = std::str::from_utf8(body.get(at + 2..at + 2 + len)?).ok()?;
+                let record = body.get(at + 2 + len..at + 2 + len + 49)?;
+                records.push((task, TaskRecord::decode(record)));
+                at += 2 + len + 49;
+            }
+            Some(Record::Records { seq, records })
+        }
         _ => None,
     }
 }
@@ -812,6 +1121,7 @@ mod tests {
                     index.remove(seq);
                 }
             }
+            Record::Records { .. } => {}
         })
         .unwrap();
         let segments = Segments::new(dir.to_path_buf());
@@ -962,22 +1272,51 @@ mod tests {
         }
     }
 
+    /// Appends `seqs` one group each, then drops the log; returns the
+    /// frames' places (start, end) in the segment file, by sequence number.
+    fn frames(dir: &Path, seqs: std::ops::RangeInclusive<u64>) -> Vec<(u64, usize, usize)> {
+        let (mut log, ..) = open(dir);
+        let mut out = Vec::new();
+        for seq in seqs {
+            let start = log.active_len as usize;
+            group(&mut log, seq..=seq);
+            out.push((seq, start, log.active_len as usize));
+        }
+        out
+    }
+
+    fn seqs(read: &Read) -> Vec<u64> {
+        read.iter().map(|r| r.0).collect()
+    }
+
     #[test]
-    fn a_damaged_record_ends_the_segment_and_is_never_read_as_an_event() {
+    fn a_damaged_record_costs_only_itself_and_is_never_read_as_an_event() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, ..) = open(dir.path());
-        let slots = group(&mut log, 1..=3);
-        drop(log);
+        let frames = frames(dir.path(), 1..=3);
         let file = segment_file(dir.path());
         // A flipped bit in the second event's bytes.
         let mut bytes = std::fs::read(&file).unwrap();
-        bytes[slots[1].offset as usize + 3] ^= 0x10;
+        bytes[frames[1].2 - 5] ^= 0x10;
         std::fs::write(&file, &bytes).unwrap();
         let (_, opened, _, read) = open(dir.path());
-        assert_eq!(read.iter().map(|r| r.0).collect::<Vec<_>>(), [1]);
-        assert!(opened.torn_bytes > 0);
+        assert_eq!(seqs(&read), [1, 3]);
+        assert_eq!(opened.torn_bytes, 0);
+        let (_, start, end) = frames[1];
+        assert_eq!(opened.damaged.len(), 1, "{opened:?}");
+        let damage = &opened.damaged[0];
+        assert_eq!(
+            (damage.offset, damage.len),
+            (start as u64, (end - start) as u64)
+        );
+        assert_eq!(damage.bytes, bytes[start..end], "the raw bytes, exactly");
+        assert_eq!(
+            damage.readable_event(),
+            None,
+            "the flipped bit is in the JSON's quotes region: not valid JSON"
+        );
 
-        // Something other than zeros after the records, then zeros.
+        // Something other than zeros after the records, then zeros: a
+        // frame that is not whole is a torn write.
         let dir = tempfile::tempdir().unwrap();
         let (mut log, ..) = open(dir.path());
         group(&mut log, 1..=2);
@@ -992,7 +1331,167 @@ mod tests {
         let (_, opened, _, read) = open(dir.path());
         assert_eq!(read.len(), 2);
         assert_eq!(opened.torn_bytes, 4096);
+        assert!(opened.damaged.is_empty());
         assert_eq!(std::fs::metadata(&file).unwrap().len(), len as u64);
+    }
+
+    /// Every single flipped byte, wherever it is, costs at most the one
+    /// record it is in; in the segment's header it costs nothing. A flip
+    /// that makes the last record's length reach past the file's end reads
+    /// as a torn write (cut); anywhere else in a record it is damage, kept
+    /// as raw bytes, never cut.
+    #[test]
+    fn any_flipped_byte_costs_only_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames = frames(dir.path(), 1..=6);
+        let file = segment_file(dir.path());
+        let whole = std::fs::read(&file).unwrap();
+        let end = frames.last().unwrap().2;
+        for at in 0..end {
+            let mut bytes = whole[..end].to_vec();
+            bytes[at] ^= 0x5a;
+            std::fs::write(&file, &bytes).unwrap();
+            let (_, opened, _, read) = open(dir.path());
+            let hit = frames.iter().find(|(_, s, e)| (*s..*e).contains(&at));
+            let expect: Vec<u64> = (1..=6)
+                .filter(|seq| Some(*seq) != hit.map(|h| h.0))
+                .collect();
+            assert_eq!(seqs(&read), expect, "flip at {at}");
+            match hit {
+                None => {
+                    assert_eq!(opened.damaged.len(), 1, "the header, at {at}");
+                    assert_eq!((opened.damaged[0].offset, opened.damaged[0].len), (0, 8));
+                }
+                // The last record's length now reaches past the file's
+                // end: a write that did not finish, as far as anyone can
+                // tell.
+                Some(&(6, start, _))
+                    if at < start + 4 && {
+                        let len = u32::from_le_bytes(bytes[start..start + 4].try_into().unwrap());
+                        start + FRAME + len as usize > end
+                    } =>
+                {
+                    assert!(opened.damaged.is_empty(), "flip at {at}: {opened:?}");
+                    assert_eq!(opened.torn_bytes, (end - start) as u64, "flip at {at}");
+                }
+                Some(&(_, start, stop)) => {
+                    assert_eq!(opened.torn_bytes, 0, "flip at {at}");
+                    assert_eq!(opened.damaged.len(), 1, "flip at {at}: {opened:?}");
+                    let d = &opened.damaged[0];
+                    assert_eq!(
+                        (d.offset, d.len),
+                        (start as u64, (stop - start) as u64),
+                        "flip at {at}"
+                    );
+                }
+            }
+            // Nothing written whole was cut: the file keeps its bytes
+            // unless the last record read as torn.
+            let kept = std::fs::read(&file).unwrap();
+            if opened.torn_bytes == 0 {
+                assert_eq!(kept, bytes, "flip at {at}");
+            }
+        }
+    }
+
+    /// A whole last record that fails its checksum is damage: kept in the
+    /// file, and writing goes on after it; the next open finds the same
+    /// range (same place: kept once as a dead letter) and the new records.
+    #[test]
+    fn writing_goes_on_after_damage_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames = frames(dir.path(), 1..=3);
+        let file = segment_file(dir.path());
+        let mut bytes = std::fs::read(&file).unwrap();
+        let (_, start, end) = frames[2];
+        bytes.truncate(end);
+        bytes[start + FRAME + 20] ^= 0x01;
+        std::fs::write(&file, &bytes).unwrap();
+        let (mut log, opened, _, read) = open(dir.path());
+        assert_eq!(seqs(&read), [1, 2]);
+        assert_eq!(opened.torn_bytes, 0);
+        assert_eq!(opened.damaged.len(), 1);
+        let first = opened.damaged[0].clone();
+        assert_eq!(
+            (first.offset, first.len),
+            (start as u64, (end - start) as u64)
+        );
+        assert!(
+            first.readable_event().is_some(),
+            "only the dedup record was hit: the event's JSON still reads"
+        );
+        group(&mut log, 4..=5);
+        drop(log);
+        let (_, opened, _, read) = open(dir.path());
+        assert_eq!(seqs(&read), [1, 2, 4, 5]);
+        assert_eq!(opened.damaged, [first]);
+    }
+
+    /// Damage at several places of several segments: each costs only the
+    /// records it touches, and the read-only look reports the same.
+    #[test]
+    fn damage_in_several_segments_costs_only_what_it_touches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, ..) = open(dir.path());
+        let mut places = Vec::new();
+        for seq in 1..=12 {
+            let start = log.active_len as usize;
+            group(&mut log, seq..=seq);
+            places.push((seq, log.active_id, start, log.active_len as usize));
+            if seq % 4 == 0 && seq < 12 {
+                log.roll().unwrap();
+            }
+        }
+        drop(log);
+        let place = |seq: u64| places[seq as usize - 1];
+        // Without the reservation, so the torn tail is just record 12.
+        let last = segment_path(dir.path(), place(12).1);
+        std::fs::write(&last, &std::fs::read(&last).unwrap()[..place(12).3]).unwrap();
+        // Segment 1: record 2 hit in its body; segment 2: its header and
+        // records 6 and 7 in one stroke; segment 3: record 12's length.
+        let flip = |segment: u64, at: usize, n: usize| {
+            let path = segment_path(dir.path(), segment);
+            let mut bytes = std::fs::read(&path).unwrap();
+            for b in &mut bytes[at..at + n] {
+                *b ^= 0xa5;
+            }
+            std::fs::write(&path, bytes).unwrap();
+        };
+        flip(place(2).1, place(2).2 + 30, 4);
+        flip(place(5).1, 2, 3);
+        flip(place(6).1, place(6).3 - 3, 6);
+        flip(place(12).1, place(12).2 + 1, 1);
+        let mut look = Vec::new();
+        let (damaged, torn) = read_only(dir.path(), |record, _| {
+            if let Record::Append { seq, .. } = record {
+                look.push(seq)
+            }
+        })
+        .unwrap();
+        let (_, opened, _, read) = open(dir.path());
+        assert_eq!(seqs(&read), [1, 3, 4, 5, 8, 9, 10, 11]);
+        assert_eq!(look, seqs(&read));
+        let ranges: Vec<(u64, u64, u64)> = opened
+            .damaged
+            .iter()
+            .map(|d| (d.segment, d.offset, d.len))
+            .collect();
+        let span = |a: u64, b: u64| (place(a).2 as u64, (place(b).3 - place(a).2) as u64);
+        assert_eq!(
+            ranges,
+            [
+                (place(2).1, span(2, 2).0, span(2, 2).1),
+                (place(5).1, 0, 8),
+                (place(6).1, span(6, 7).0, span(6, 7).1),
+            ]
+        );
+        assert_eq!(damaged, opened.damaged, "inspect sees the same");
+        assert_eq!(
+            opened.torn_bytes,
+            span(12, 12).1,
+            "a flipped length at the end reads as torn"
+        );
+        assert_eq!(torn, opened.torn_bytes);
     }
 
     /// Whether this file system reserves (`fallocate`) at all.

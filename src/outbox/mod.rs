@@ -28,7 +28,18 @@
 //!    task in a batch, so a task's later event is never published before an
 //!    earlier one has been acknowledged, whatever is retried.
 //! 5. **Bounded.** Past `max_pending` entries or `max_pending_bytes`, appends
-//!    are refused (`Full`) instead of growing without bound.
+//!    are refused (`Full`) instead of growing without bound. Dead letters
+//!    are capped by count and bytes (`max_dead_letters`,
+//!    `max_dead_letter_bytes`: the oldest go first, counted), and each keeps
+//!    at most `dead_letter_keep_bytes` of its event (saying so). The log
+//!    gives its space back as soon as nothing in a segment is pending, the
+//!    segment being written included.
+//! 6. **Damage costs only what is damaged.** A range of the log that holds
+//!    no valid record costs the records in it, never the ones after it; it
+//!    is kept (bounded) as a dead letter and reported. Only a torn final
+//!    write (never answered) is ever cut. A damaged `outbox.redb` is set
+//!    aside for a fresh one at start, so the log is still delivered (see
+//!    `log.rs`, `crate::redb_file`).
 //!
 //! Delivery to the broker is at least once: a crash between the broker's
 //! ack and the delete republishes that batch. The deterministic `eventId`
@@ -51,6 +62,8 @@ mod log;
 mod rejected;
 mod relay;
 mod store;
+#[cfg(test)]
+mod tests;
 #[cfg(test)]
 mod tracked_tests;
 mod writer;
@@ -158,6 +171,23 @@ pub struct Stats {
     /// 0 = never): `/readyz` warns for a while after.
     #[serde(skip)]
     pub evicted_unfinished_at: AtomicI64,
+    /// Oldest dead letters deleted to stay under `outbox.max_dead_letters`
+    /// and `outbox.max_dead_letter_bytes`.
+    pub dead_dropped: AtomicU64,
+    /// Damaged ranges of the pending log found when it was opened (each
+    /// kept as a dead letter the first time it is found).
+    pub log_damaged_ranges: AtomicU64,
+    /// Bytes in those ranges.
+    pub log_damaged_bytes: AtomicU64,
+    /// Bytes of a torn final write cut from the log when it was opened.
+    pub log_torn_bytes: AtomicU64,
+    /// Database files (`outbox.redb`, `tasks.redb`) found damaged at start
+    /// and set aside for fresh ones.
+    pub stores_set_aside: AtomicU64,
+    /// What is damaged, one line each (newest last, at most
+    /// [`MAX_DAMAGE_NOTES`]): for `/admin/status` and `/readyz`.
+    #[serde(skip)]
+    pub damage: Mutex<Vec<String>>,
     /// The last group commit failed; the database is being re-opened.
     #[serde(skip)]
     pub storage_failing: AtomicBool,
@@ -173,9 +203,26 @@ pub struct Stats {
     pub metrics: crate::metrics::Metrics,
 }
 
+/// Most lines kept in [`Stats::damage`].
+pub const MAX_DAMAGE_NOTES: usize = 100;
+
 impl Stats {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Notes what is damaged, for `/admin/status` and `/readyz`.
+    pub fn note_damage(&self, what: String) {
+        let mut notes = lock(&self.damage);
+        if notes.len() == MAX_DAMAGE_NOTES {
+            notes.remove(0);
+        }
+        notes.push(what);
+    }
+
+    /// Whether damage was found since the start.
+    pub fn damaged(&self) -> bool {
+        !lock(&self.damage).is_empty()
     }
 }
 
@@ -188,6 +235,10 @@ pub struct Status {
     pub oldest_pending_age_ms: Option<i64>,
     pub dead_letters: u64,
     pub tasks_tracked: u64,
+    /// What was found damaged (the pending log's ranges, database files set
+    /// aside), one line each; empty when nothing is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub damage: Vec<String>,
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub counters: serde_json::Value,
 }
@@ -202,14 +253,42 @@ pub struct DeadLetter {
     /// The event as JSON (`null` when the stored bytes are not JSON).
     pub event: serde_json::Value,
     /// The stored bytes exactly, hex-encoded, when they are not a readable
-    /// event: nothing is ever dropped, even what cannot be decoded.
+    /// event: nothing is ever dropped, even what cannot be decoded. When
+    /// [`DeadLetter::truncated_from`] is set, only their first bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_hex: Option<String>,
+    /// Set when the stored bytes were longer than a dead letter keeps
+    /// (`outbox.dead_letter_keep_bytes`, or a damaged range of the log):
+    /// how many there were. `rawHex` then holds their first bytes only,
+    /// and `event` is `null`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated_from: Option<u64>,
 }
 
 impl DeadLetter {
-    /// The dead letter of a pending entry's stored bytes.
-    pub(crate) fn of_stored(seq: u64, reason: String, failed_at: i64, bytes: &[u8]) -> Self {
+    /// The dead letter of a pending entry's stored bytes, keeping at most
+    /// `keep` of them: a longer event keeps its first `keep` bytes (as
+    /// `rawHex`, not requeueable) and says so in the reason.
+    pub(crate) fn of_stored(
+        seq: u64,
+        reason: String,
+        failed_at: i64,
+        bytes: &[u8],
+        keep: usize,
+    ) -> Self {
+        if bytes.len() > keep {
+            return Self {
+                seq,
+                reason: format!(
+                    "{reason} (the event is {} bytes; this dead letter keeps its first {keep})",
+                    bytes.len()
+                ),
+                failed_at,
+                event: serde_json::Value::Null,
+                raw_hex: Some(hex(&bytes[..keep])),
+                truncated_from: Some(bytes.len() as u64),
+            };
+        }
         let readable = serde_json::from_slice::<TaskEvent>(bytes).is_ok();
         Self {
             seq,
@@ -217,6 +296,7 @@ impl DeadLetter {
             failed_at,
             event: serde_json::from_slice(bytes).unwrap_or_default(),
             raw_hex: (!readable).then(|| hex(bytes)),
+            truncated_from: None,
         }
     }
 }
@@ -315,11 +395,29 @@ impl Outbox {
         };
         std::fs::create_dir_all(dir).map_err(io_err)?;
         check_writable(dir).map_err(io_err)?;
-        let db = Arc::new(store::DbCell::open(
+        let (db, set_aside) = store::DbCell::open(
             dir.join("outbox.redb"),
             config.cache_mib.saturating_mul(1024 * 1024),
-        )?);
+        )?;
+        let db = Arc::new(db);
         let stats = Arc::new(Stats::default());
+        if let Some(aside) = set_aside {
+            tracing::error!(
+                moved_to = %aside.moved_to.display(),
+                cause = %aside.cause,
+                "outbox.redb is damaged and was set aside; starting with a fresh one. LOST from \
+                 the running state: the dead letters, and the dedup records of events no \
+                 longer in the pending log (repeats of those may be published again). The \
+                 pending log is delivered as usual. The damaged file is kept for recovery \
+                 (see the README, \"Damage and recovery\")"
+            );
+            Stats::add(&stats.stores_set_aside, 1);
+            stats.note_damage(format!(
+                "outbox.redb damaged ({}); set aside as {}: its dead letters and older dedup records are not in use",
+                aside.cause,
+                aside.moved_to.display()
+            ));
+        }
         let notify = Arc::new(Notify::new());
         let shared = Arc::new(Shared::new(dir));
         let (tx, rx) = mpsc::channel(16 * 1024);
@@ -485,29 +583,20 @@ impl Outbox {
     /// Stores `event` straight in the dead letters with `reason`, without
     /// publishing it (for example a callback the provider did not confirm).
     pub async fn bury(&self, event: TaskEvent, reason: String) -> Result<u64, OutboxError> {
-        let event = serde_json::to_value(&event).unwrap_or_default();
-        self.bury_letter(event, None, reason).await
+        let bytes = serde_json::to_vec(&event).unwrap_or_default();
+        self.bury_raw(&bytes, reason).await
     }
 
     /// Like [`Outbox::bury`], for stored bytes that are not a readable event
     /// (an entry of another store that cannot be decoded): the dead letter
-    /// keeps them exactly, as [`DeadLetter::raw_hex`].
+    /// keeps them exactly, as [`DeadLetter::raw_hex`] (up to
+    /// `outbox.dead_letter_keep_bytes`).
     pub async fn bury_raw(&self, bytes: &[u8], reason: String) -> Result<u64, OutboxError> {
-        let letter = DeadLetter::of_stored(0, String::new(), 0, bytes);
-        self.bury_letter(letter.event, letter.raw_hex, reason).await
-    }
-
-    async fn bury_letter(
-        &self,
-        event: serde_json::Value,
-        raw_hex: Option<String>,
-        reason: String,
-    ) -> Result<u64, OutboxError> {
+        let keep = self.inner.config.dead_letter_keep_bytes as usize;
+        let letter = DeadLetter::of_stored(0, reason, 0, bytes, keep);
         let (reply, rx) = oneshot::channel();
         self.send(writer::Command::Bury {
-            event,
-            raw_hex,
-            reason,
+            letter: Box::new(letter),
             reply,
         })
         .await
@@ -617,6 +706,7 @@ impl Outbox {
             oldest_pending_age_ms: oldest.map(|at| (now_ms() - at).max(0)),
             dead_letters: s.dead.load(Ordering::Relaxed),
             tasks_tracked: tasks,
+            damage: lock(&s.damage).clone(),
             counters: serde_json::to_value(&**s).unwrap_or_default(),
         })
     }
@@ -653,8 +743,18 @@ impl Outbox {
 }
 
 /// An unwritable data dir must fail at start-up, not on the first callback.
+/// A full one must not: the probe is an empty file (no data block), and a
+/// lack of space is only logged, so that a restart on a full disk can
+/// deliver what is pending and free the space.
 fn check_writable(dir: &Path) -> std::io::Result<()> {
     let probe = dir.join(".write-probe");
-    std::fs::write(&probe, b"ok")?;
+    match std::fs::File::create(&probe) {
+        Ok(file) => drop(file),
+        Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+            tracing::warn!(dir = %dir.display(), "the data dir's file system is full; starting anyway");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    }
     std::fs::remove_file(probe)
 }

@@ -29,6 +29,8 @@ pub(super) const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Every append up to this sequence number has its dedup record in TASKS.
 pub(super) const STORED_THROUGH: &str = "tasks_stored_through";
+/// Bytes of the values in DEAD (for `outbox.max_dead_letter_bytes`).
+pub(super) const DEAD_BYTES: &str = "dead_letter_bytes";
 /// seq -> serialized Rejected: no longer written; dropped at start-up.
 pub(super) const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("rejected");
 
@@ -151,14 +153,20 @@ pub(super) struct DbCell {
 }
 
 impl DbCell {
-    pub(super) fn open(path: PathBuf, cache_bytes: usize) -> Result<Self, OutboxError> {
-        let db = Self::create(&path, cache_bytes)?;
-        Ok(Self {
+    /// Opens (or creates) the file. A damaged one is repaired or set aside
+    /// for a fresh one (see `redb_file`): then the second value says so.
+    pub(super) fn open(
+        path: PathBuf,
+        cache_bytes: usize,
+    ) -> Result<(Self, Option<crate::redb_file::SetAside>), OutboxError> {
+        let (db, set_aside) = crate::redb_file::open(&path, cache_bytes, probe)?;
+        let cell = Self {
             path,
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             closed: AtomicBool::new(false),
-        })
+        };
+        Ok((cell, set_aside))
     }
 
     fn create(path: &std::path::Path, cache_bytes: usize) -> Result<Database, OutboxError> {
@@ -208,6 +216,16 @@ impl DbCell {
     }
 }
 
+/// Reads what the writer reads at start-up.
+fn probe(db: &Database) -> Result<(), redb::Error> {
+    use crate::redb_file::probe_table;
+    let txn = db.begin_read()?;
+    probe_table(&txn, PENDING)?;
+    probe_table(&txn, DEAD)?;
+    probe_table(&txn, TASKS)?;
+    probe_table(&txn, META)
+}
+
 /// What the relay reads in one step.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -252,6 +270,7 @@ fn decode_letter(seq: u64, bytes: &[u8]) -> DeadLetter {
         failed_at: 0,
         event: serde_json::Value::Null,
         raw_hex: Some(super::hex(bytes)),
+        truncated_from: None,
     })
 }
 

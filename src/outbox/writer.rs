@@ -28,10 +28,10 @@ use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::log::{Log, Record, Slot};
+use super::log::{Damage, Log, Record, Slot};
 use super::store::{
-    record_bytes, slot, DbCell, TaskRecord, DEAD, EXPIRY, META, PENDING, REJECTED, STORED_THROUGH,
-    TASKS,
+    record_bytes, slot, DbCell, TaskRecord, DEAD, DEAD_BYTES, EXPIRY, META, PENDING, REJECTED,
+    STORED_THROUGH, TASKS,
 };
 use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Shared, Stats};
 use crate::config::OutboxConfig;
@@ -50,8 +50,6 @@ const PRUNE_SCAN: usize = if cfg!(test) { 3 } else { 20_000 };
 /// Most task records looked at by one eviction step: eviction takes the
 /// oldest among them (all of them when fewer are tracked).
 const EVICT_SCAN: usize = if cfg!(test) { 8 } else { 100_000 };
-/// A log segment is closed once it holds this many bytes.
-pub(super) const SEGMENT_BYTES: u64 = if cfg!(test) { 4096 } else { 64 << 20 };
 /// Dedup records are checkpointed into the task store this often...
 /// (Never by time in the unit tests, which check the log's copy.)
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(if cfg!(test) { 3600 } else { 1 });
@@ -80,11 +78,8 @@ pub(super) enum Command {
         reply: oneshot::Sender<Result<Vec<u64>, OutboxError>>,
     },
     Bury {
-        /// The event as JSON (`null` when the stored bytes are not JSON).
-        event: serde_json::Value,
-        /// The stored bytes, hex-encoded, when they are not a readable event.
-        raw_hex: Option<String>,
-        reason: String,
+        /// The dead letter; the writer gives it its number and time.
+        letter: Box<DeadLetter>,
         reply: oneshot::Sender<Result<u64, OutboxError>>,
     },
     /// One step of a pass over the task records: how many were deleted,
@@ -120,6 +115,91 @@ pub(super) struct Writer {
     evict_from: Option<String>,
     /// Writes checkpoints of the dedup records off this thread.
     checkpointer: Checkpointer,
+    /// Bytes of the dead letters in the task store, as stored.
+    dead_bytes: u64,
+    /// The last log write found the disk full: recycle the segment being
+    /// written as soon as it allows, whatever its size.
+    short_of_space: bool,
+}
+
+/// What the task store holds at start-up.
+struct StoreState {
+    stored_through: u64,
+    /// Pending events an older version kept in redb.
+    old_pending: Vec<(u64, Vec<u8>)>,
+    last_dead: u64,
+    dead_count: u64,
+    tasks_stored: u64,
+    /// What the stored task records cost (estimated from a sample).
+    bytes_stored: u64,
+    dead_bytes: u64,
+}
+
+/// Reads what the task store holds. Only a new file (or one of an older
+/// version) is written to here: opening an existing data dir must not need
+/// free space.
+fn read_store(db: &redb::Database) -> Result<StoreState, OutboxError> {
+    use redb::TableHandle;
+    let names: Vec<String> = db
+        .begin_read()?
+        .list_tables()?
+        .map(|t| t.name().to_string())
+        .collect();
+    let has = |table: &str| names.iter().any(|n| n == table);
+    let complete = [DEAD.name(), TASKS.name(), META.name()]
+        .iter()
+        .all(|t| has(t));
+    if !complete || has(REJECTED.name()) || has(EXPIRY.name()) {
+        let txn = db.begin_write()?;
+        txn.open_table(DEAD)?;
+        txn.open_table(TASKS)?;
+        txn.open_table(META)?;
+        // Rejected bodies are kept in memory now, and the task records
+        // carry their own expiry: free what older versions stored.
+        txn.delete_table(REJECTED)?;
+        txn.delete_table(EXPIRY)?;
+        txn.commit()?;
+    }
+    let txn = db.begin_read()?;
+    let mut old_pending = Vec::new();
+    if has(PENDING.name()) {
+        for entry in txn.open_table(PENDING)?.iter()? {
+            let (k, v) = entry?;
+            old_pending.push((k.value(), v.value().to_vec()));
+        }
+    }
+    let dead = txn.open_table(DEAD)?;
+    let meta = txn.open_table(META)?;
+    let dead_bytes = match meta.get(DEAD_BYTES)? {
+        Some(v) => v.value(),
+        // Written by an older version, which did not count them.
+        None => {
+            let mut bytes = 0;
+            for entry in dead.iter()? {
+                bytes += entry?.1.value().len() as u64;
+            }
+            bytes
+        }
+    };
+    let last_dead = dead.last()?.map_or(0, |(k, _)| k.value());
+    let tasks = txn.open_table(TASKS)?;
+    let tasks_stored = tasks.len()?;
+    let bytes_stored = stored_bytes(&tasks, tasks_stored)?;
+    Ok(StoreState {
+        stored_through: meta.get(STORED_THROUGH)?.map_or(0, |v| v.value()),
+        old_pending,
+        last_dead,
+        dead_count: dead.len()?,
+        tasks_stored,
+        bytes_stored,
+        dead_bytes,
+    })
+}
+
+/// The task store's note that a damaged range of the log is kept as a dead
+/// letter already (so a restart does not keep it twice).
+fn damage_key(damage: &Damage) -> String {
+    format!("damage:{:020}:{:020}", damage.segment, damage.offset)
 }
 
 /// The thread that writes the dedup records to the task store, so that a
@@ -250,6 +330,7 @@ struct Delta {
     refused_full: u64,
     published: u64,
     dead_lettered: u64,
+    dead_dropped: u64,
 }
 
 /// A reply, called with the error of the step it depends on (if any).
@@ -279,6 +360,12 @@ struct StoreWork {
     /// The task records are over a cap: evict some.
     evict: bool,
     evicted: Evicted,
+    /// Damaged log ranges kept by this group's letters (see [`damage_key`]).
+    damage_keys: Vec<String>,
+    /// Oldest dead letters deleted to stay under the caps.
+    dropped: u64,
+    /// The dead letters' bytes once the transaction commits.
+    dead_bytes: u64,
 }
 
 /// What an eviction step took.
@@ -323,67 +410,58 @@ impl Writer {
         shared: Arc<Shared>,
         rx: mpsc::Receiver<Command>,
     ) -> Result<std::thread::JoinHandle<()>, OutboxError> {
-        let txn = db.get()?.begin_write()?;
-        let (stored_through, old_pending, last_dead, dead_count, (tasks_stored, bytes_stored)) = {
-            let old: Vec<(u64, Vec<u8>)> = {
-                let pending = txn.open_table(PENDING)?;
-                let mut old = Vec::new();
-                for entry in pending.iter()? {
-                    let (k, v) = entry?;
-                    old.push((k.value(), v.value().to_vec()));
-                }
-                old
-            };
-            let dead = txn.open_table(DEAD)?;
-            let tasks = txn.open_table(TASKS)?;
-            let meta = txn.open_table(META)?;
-            // Rejected bodies are kept in memory now, and the task records
-            // carry their own expiry: free what older versions stored.
-            txn.delete_table(REJECTED)?;
-            txn.delete_table(EXPIRY)?;
-            let through = meta.get(STORED_THROUGH)?.map_or(0, |v| v.value());
-            let last_dead = dead.last()?.map_or(0, |(k, _)| k.value());
-            let tasks_stored = tasks.len()?;
-            let bytes_stored = stored_bytes(&tasks, tasks_stored)?;
-            (
-                through,
-                old,
-                last_dead,
-                dead.len()?,
-                (tasks_stored, bytes_stored),
-            )
-        };
-        txn.commit()?;
+        let StoreState {
+            stored_through,
+            old_pending,
+            last_dead,
+            dead_count,
+            tasks_stored,
+            bytes_stored,
+            dead_bytes,
+        } = read_store(&*db.get()?)?;
 
         let log_dir = config.data_dir.join("pending");
         let mut replayed: HashMap<String, TaskRecord> = HashMap::new();
         let mut last_seq = 0u64;
         let (mut log, opened) = {
             let mut index = lock(&shared.index);
-            Log::open(&log_dir, SEGMENT_BYTES, |record, slot| match record {
-                Record::Append {
-                    seq,
-                    task_id,
-                    record,
-                    ..
-                } => {
-                    last_seq = last_seq.max(seq);
-                    if let Some(record) = record.filter(|_| seq > stored_through) {
-                        replayed.insert(task_id.to_string(), record);
+            Log::open(
+                &log_dir,
+                config.segment_bytes,
+                |record, slot| match record {
+                    Record::Append {
+                        seq,
+                        task_id,
+                        record,
+                        ..
+                    } => {
+                        last_seq = last_seq.max(seq);
+                        if let Some(record) = record.filter(|_| seq > stored_through) {
+                            replayed.insert(task_id.to_string(), record);
+                        }
+                        if !index.push(slot) {
+                            tracing::warn!(
+                                seq,
+                                "a repeated sequence number in the pending log is skipped"
+                            );
+                        }
                     }
-                    if !index.push(slot) {
-                        tracing::warn!(
-                            seq,
-                            "a repeated sequence number in the pending log is skipped"
-                        );
+                    Record::Ack(seqs) => {
+                        for seq in seqs {
+                            index.remove(seq);
+                        }
                     }
-                }
-                Record::Ack(seqs) => {
-                    for seq in seqs {
-                        index.remove(seq);
+                    // In log order: a later append of the task overrides them.
+                    Record::Records { seq, records } => {
+                        last_seq = last_seq.max(seq);
+                        if seq > stored_through {
+                            for (task, record) in records {
+                                replayed.insert(task.to_string(), record);
+                            }
+                        }
                     }
-                }
-            })
+                },
+            )
             .map_err(|source| OutboxError::DataDir {
                 path: log_dir.display().to_string(),
                 source,
@@ -394,10 +472,17 @@ impl Writer {
                 bytes = opened.torn_bytes,
                 "the pending log ended in a torn write (a crash during a commit, never answered 2xx); cut back"
             );
+            Stats::add(&stats.log_torn_bytes, opened.torn_bytes);
         }
         for damage in &opened.damaged {
-            tracing::error!(%damage, "the pending log is damaged; the events there cannot be read");
-            Stats::add(&stats.storage_errors, 1);
+            tracing::error!(
+                damage = %damage.place(),
+                "the pending log is damaged: bytes that were written whole (maybe answered 2xx) hold no valid record; \
+                 skipped to the next valid one, the bytes kept as a dead letter"
+            );
+            Stats::add(&stats.log_damaged_ranges, 1);
+            Stats::add(&stats.log_damaged_bytes, damage.len);
+            stats.note_damage(format!("pending log damaged: {}", damage.place()));
         }
 
         // Older versions kept pending events in redb: move them into the
@@ -469,7 +554,7 @@ impl Writer {
         );
 
         let db_for_checkpoints = db.clone();
-        let writer = Writer {
+        let mut writer = Writer {
             db,
             log,
             shared,
@@ -485,7 +570,10 @@ impl Writer {
             prune_from: None,
             evict_from: None,
             checkpointer: Checkpointer::start(db_for_checkpoints)?,
+            dead_bytes,
+            short_of_space: false,
         };
+        writer.bury_damage(&opened.damaged);
         std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || writer.run(rx))
@@ -568,7 +656,7 @@ impl Writer {
             replies.push((Needs::Log, command.into_reply()));
         }
         let written = built.is_ok();
-        let logged = built.and_then(|()| self.write_log(&staged, commands));
+        let logged = built.and_then(|()| self.write_log(&mut staged, commands));
         let log_error = logged.err();
         let mut store_error = None;
         if let Some(e) = &log_error {
@@ -603,10 +691,15 @@ impl Writer {
             }
             self.recycle();
         }
-        self.broken = log_error.is_some() || store_error.is_some();
-        self.stats
-            .storage_failing
-            .store(self.broken, Ordering::Relaxed);
+        // A failed log write cuts the log back by itself; only the task
+        // store needs re-opening after an error (and a full disk then
+        // refuses only while it stays full, not for `REOPEN_EVERY`).
+        let log_only = matches!(log_error, Some(OutboxError::Log(_)));
+        self.broken = (log_error.is_some() && !log_only) || store_error.is_some();
+        self.stats.storage_failing.store(
+            log_error.is_some() || store_error.is_some(),
+            Ordering::Relaxed,
+        );
         if log_error.is_none() {
             self.apply_delta(&delta);
         }
@@ -653,6 +746,7 @@ impl Writer {
         Stats::add(&s.refused_full, d.refused_full);
         Stats::add(&s.published, d.published);
         Stats::add(&s.dead_lettered, d.dead_lettered);
+        Stats::add(&s.dead_dropped, d.dead_dropped);
         if d.accepted > 0 || d.pending > 0 {
             self.notify.notify_one();
         }
@@ -753,20 +847,13 @@ impl Writer {
                     ));
                     moved?;
                 }
-                Command::Bury {
-                    event,
-                    raw_hex,
-                    reason,
-                    reply,
-                } => {
+                Command::Bury { letter, reply } => {
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     let letter = DeadLetter {
                         seq,
-                        reason,
                         failed_at: now,
-                        event,
-                        raw_hex,
+                        ..*letter
                     };
                     work.letters.push((letter, None));
                     replies.push((
@@ -807,23 +894,72 @@ impl Writer {
             && (count > self.config.max_tracked_tasks || bytes > self.config.max_tracked_bytes)
     }
 
-    /// Writes and syncs the group's records.
-    fn write_log(&mut self, staged: &Staged, commands: usize) -> Result<(), OutboxError> {
+    /// Writes and syncs the group's records. On a full disk, the log
+    /// segments nothing needs are recycled and the write tried once more,
+    /// so a callback is refused only while there is truly no room.
+    fn write_log(&mut self, staged: &mut Staged, commands: usize) -> Result<(), OutboxError> {
         if !self.log.has_group() {
             return Ok(());
         }
         // Acks need no sync of their own: losing one in a crash only
         // republishes its events, and the next append's sync covers it.
         let sync = !staged.slots.is_empty();
+        let written = self.commit_log(sync, commands);
+        match written {
+            // Acks alone: the events leave the queue in memory all the same
+            // and the acks wait for the next write that fits (losing them
+            // in a crash only republishes), so that a full disk never stops
+            // the relay from draining it, which is what frees the space.
+            Err(e) if no_space(&e) && !sync => {
+                self.short_of_space = true;
+                self.log.discard();
+                self.deferred_acks.append(&mut staged.deferred);
+                self.deferred_acks.extend_from_slice(&staged.acked);
+                tracing::debug!("the disk is full: acks kept in memory until a write fits");
+                Ok(())
+            }
+            Err(e) if no_space(&e) && self.log.has_group() => {
+                self.short_of_space = true;
+                // The task store may still have room in its own pages: a
+                // checkpoint now lets the used segments go.
+                // (It covers what is written: not this group's numbers.)
+                self.checkpoint_done(true);
+                let next = self.next_seq;
+                if let Some(first) = staged.slots.first() {
+                    self.next_seq = first.seq;
+                }
+                let mut delta = Delta::default();
+                if let Err(e) = self.store(&mut StoreWork::default(), &mut delta) {
+                    tracing::debug!(error = %e, "no checkpoint on the full disk");
+                }
+                self.next_seq = next;
+                self.apply_delta(&delta);
+                let active = self.log.active_id();
+                let freed = self.recycle();
+                // The group's places were counted from the segment's old
+                // end: move them by what was emptied before it.
+                for slot in staged.slots.iter_mut().filter(|s| s.segment == active) {
+                    slot.offset -= freed;
+                }
+                tracing::debug!(
+                    freed,
+                    "the disk is full; used log segments recycled, writing again"
+                );
+                self.commit_log(sync, commands).map_err(OutboxError::Log)
+            }
+            written => written.map_err(OutboxError::Log),
+        }
+    }
+
+    fn commit_log(&mut self, sync: bool, commands: usize) -> std::io::Result<()> {
         let log = &mut self.log;
-        let written = if sync {
+        if sync {
             self.stats
                 .metrics
                 .time_commit(commands, || log.commit(true))
         } else {
             log.commit(false)
-        };
-        written.map_err(OutboxError::Log)
+        }
     }
 
     /// Makes a written group visible: pending slots, dedup records, acks.
@@ -1005,7 +1141,8 @@ impl Writer {
                 .segments
                 .payload(&slot)
                 .map_err(OutboxError::Log)?;
-            let letter = DeadLetter::of_stored(seq, reason, now, &bytes);
+            let keep = self.config.dead_letter_keep_bytes as usize;
+            let letter = DeadLetter::of_stored(seq, reason, now, &bytes, keep);
             work.letters.push((letter, Some(slot)));
         }
         Ok(())
@@ -1024,6 +1161,7 @@ impl Writer {
         // leave the queue and are acked with the next write.
         *lock(&self.shared.frozen) = None;
         self.stored_through = through;
+        self.dead_bytes = work.dead_bytes;
         let mut index = lock(&self.shared.index);
         for (letter, slot) in work.letters.drain(..) {
             if let Some(slot) = slot {
@@ -1036,7 +1174,14 @@ impl Writer {
             delta.dead += 1;
             delta.dead_lettered += 1;
         }
-        delta.dead -= work.requeued.len() as i64;
+        delta.dead -= work.requeued.len() as i64 + work.dropped as i64;
+        delta.dead_dropped += work.dropped;
+        if work.dropped > 0 {
+            tracing::warn!(
+                dropped = work.dropped,
+                "dead letters at their cap (outbox.max_dead_letters / max_dead_letter_bytes): the oldest were deleted"
+            );
+        }
         let evicted = work.evicted;
         let mut gone = evicted.finished + evicted.unfinished;
         let mut gone_bytes = evicted.bytes + work.pruned_bytes;
@@ -1089,15 +1234,38 @@ impl Writer {
         let txn = begin_durable(&db)?;
         {
             let mut dead = txn.open_table(DEAD)?;
+            let mut bytes = self.dead_bytes;
             for (letter, _) in &work.letters {
-                dead.insert(
-                    letter.seq,
-                    serde_json::to_vec(letter).unwrap_or_default().as_slice(),
-                )?;
+                let stored = serde_json::to_vec(letter).unwrap_or_default();
+                bytes += stored.len() as u64;
+                if let Some(old) = dead.insert(letter.seq, stored.as_slice())? {
+                    bytes = bytes.saturating_sub(old.value().len() as u64);
+                }
             }
             for seq in &work.requeued {
-                dead.remove(*seq)?;
+                if let Some(old) = dead.remove(*seq)? {
+                    bytes = bytes.saturating_sub(old.value().len() as u64);
+                }
             }
+            // At a cap the oldest go, so the newest failures stay to be seen.
+            let mut count = dead.len()?;
+            work.dropped = 0;
+            while count > self.config.max_dead_letters || bytes > self.config.max_dead_letter_bytes
+            {
+                let Some((_, old)) = dead.pop_first()? else {
+                    break;
+                };
+                bytes = bytes.saturating_sub(old.value().len() as u64);
+                count -= 1;
+                work.dropped += 1;
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(DEAD_BYTES, bytes)?;
+            work.dead_bytes = bytes;
+            for key in &work.damage_keys {
+                meta.insert(key.as_str(), 1)?;
+            }
+            drop(meta);
             put_records(&txn, records, through)?;
             if work.prune || work.evict {
                 let mut tasks = txn.open_table(TASKS)?;
@@ -1211,16 +1379,132 @@ impl Writer {
         }
     }
 
-    /// Deletes the log segments nothing needs any more.
-    fn recycle(&mut self) {
+    /// Deletes the log segments nothing needs any more, and empties the
+    /// one being written once nothing at all is pending (when it holds a
+    /// reservation step's worth of records, or at once when the disk was
+    /// found full). Returns the bytes of records freed in the latter.
+    fn recycle(&mut self) -> u64 {
         let first = lock(&self.shared.index).first_segment();
         if let Err(e) = self
             .log
             .recycle(first, self.stored_through, &self.shared.segments)
         {
             tracing::warn!(error = %e, "cannot delete a used log segment; trying again later");
+            return 0;
+        }
+        let worth = self.short_of_space || self.log.active_bytes() >= EMPTY_ACTIVE_AT;
+        if first.is_some() || !worth || !self.log.only_active() {
+            return 0;
+        }
+        // What the task store lacks goes back into the emptied segment:
+        // settle the checkpoint in flight first (done, or back in `dirty`).
+        self.checkpoint_done(true);
+        let carry: Vec<(String, TaskRecord)> = lock(&self.shared.dirty)
+            .iter()
+            .map(|(task, record)| (task.clone(), *record))
+            .collect();
+        match self
+            .log
+            .empty_active(&carry, self.next_seq.saturating_sub(1))
+        {
+            Ok(freed) => {
+                if freed > 0 {
+                    // Their appends are gone with the segment.
+                    self.deferred_acks.clear();
+                    tracing::debug!(
+                        freed,
+                        "the log segment being written was emptied: nothing in it is pending"
+                    );
+                    self.short_of_space = false;
+                }
+                freed
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot empty the log segment being written; trying again later");
+                0
+            }
         }
     }
+
+    /// Keeps each damaged range of the log that the task store does not
+    /// hold yet as a dead letter: its bytes (bounded), where it was, and
+    /// the event it held if its frame still reads. A failure is logged: the
+    /// ranges are found again at the next start.
+    fn bury_damage(&mut self, damaged: &[Damage]) {
+        if damaged.is_empty() {
+            return;
+        }
+        let fresh = || -> Result<Vec<&Damage>, OutboxError> {
+            let db = self.db.get()?;
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let mut fresh = Vec::new();
+            for damage in damaged {
+                if meta.get(damage_key(damage).as_str())?.is_none() {
+                    fresh.push(damage);
+                }
+            }
+            Ok(fresh)
+        };
+        let fresh = match fresh() {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot keep the damaged log ranges as dead letters now");
+                return;
+            }
+        };
+        let now = now_ms();
+        let mut work = StoreWork::default();
+        for damage in fresh {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let bytes = &damage.bytes[..damage
+                .bytes
+                .len()
+                .min(self.config.dead_letter_keep_bytes as usize)];
+            let kept = bytes.len() as u64;
+            let letter = DeadLetter {
+                seq,
+                reason: format!(
+                    "damaged pending log: {} hold no valid record (length or checksum does not \
+                     match); the events stored there left the queue, their bytes are kept here{}",
+                    damage.place(),
+                    if kept < damage.len {
+                        format!(" (the first {kept})")
+                    } else {
+                        String::new()
+                    }
+                ),
+                failed_at: now,
+                event: damage.readable_event().unwrap_or_default(),
+                raw_hex: Some(super::hex(bytes)),
+                truncated_from: (kept < damage.len).then_some(damage.len),
+            };
+            work.letters.push((letter, None));
+            work.damage_keys.push(damage_key(damage));
+        }
+        if work.letters.is_empty() {
+            return;
+        }
+        let mut delta = Delta::default();
+        match self.store(&mut work, &mut delta) {
+            Ok(()) => self.apply_delta(&delta),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot keep the damaged log ranges as dead letters now; they are found again at the next start");
+                Stats::add(&self.stats.storage_errors, 1);
+            }
+        }
+    }
+}
+
+/// Records in the segment being written that make it worth emptying once
+/// nothing is pending (see [`Writer::recycle`]): emptying drops its
+/// reservation, which the next write takes again.
+const EMPTY_ACTIVE_AT: u64 = if cfg!(test) { 1024 } else { 4 << 20 };
+
+/// Whether an I/O error says the file system is full.
+fn no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.kind() == std::io::ErrorKind::QuotaExceeded
 }
 
 impl Writer {
@@ -1506,7 +1790,7 @@ mod tests {
             data_dir: dir.to_path_buf(),
             ..OutboxConfig::default()
         };
-        let db = Arc::new(DbCell::open(dir.join("outbox.redb"), 1 << 20).unwrap());
+        let db = Arc::new(DbCell::open(dir.join("outbox.redb"), 1 << 20).unwrap().0);
         let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared::new(dir));
         let writer = Writer::start(
@@ -1761,7 +2045,7 @@ mod tests {
             }
         }
         let before = segments();
-        assert!(before > 3, "{before} segments of {SEGMENT_BYTES} bytes");
+        assert!(before > 3, "{before} segments of 4096 bytes");
         let (published, kept) = seqs.split_at(190);
         outbox.complete(published.to_vec(), vec![]).await.unwrap();
         // A prune step checkpoints the dedup records first.

@@ -400,3 +400,53 @@ async fn outbox_inspect_refuses_a_crashed_data_dir_until_hookbridge_recovers_it(
     let found = json(&stdout(&inspect(dir.path()).await));
     assert_eq!(found["outbox"]["tasksTracked"], 1, "{found}");
 }
+
+/// Damage in a stopped data dir is listed: a damaged record of the log,
+/// and a database file that cannot be read (the log is counted anyway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_inspect_lists_damage() {
+    use hookbridge::event::{parse, Source};
+    let dir = temp_dir();
+    let mut outbox_config = config(dir.path(), PublisherConfig::default()).outbox;
+    outbox_config.segment_bytes = 4096;
+    let outbox = hookbridge::outbox::Outbox::open(&outbox_config).unwrap();
+    for i in 0..20 {
+        let body = format!(r#"{{"taskId":"seen_{i:02}","state":"generating"}}"#);
+        let event = parse(body.as_bytes(), Source::Webhook, 1).unwrap();
+        assert!(outbox.append(event).await.unwrap().is_stored());
+    }
+    outbox.close().await;
+    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("pending"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    let first = &segments[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    let at = bytes.windows(9).position(|w| w == b"\"seen_03\"").unwrap();
+    bytes[at + 3] ^= 0xff;
+    std::fs::write(first, bytes).unwrap();
+    std::fs::write(dir.path().join("tasks.redb"), vec![0x42; 8192]).unwrap();
+
+    let found = json(&stdout(&inspect(dir.path()).await));
+    assert_eq!(found["outbox"]["pending"], 19, "{found}");
+    let damage: Vec<String> = serde_json::from_value(found["outbox"]["damage"].clone()).unwrap();
+    assert_eq!(damage.len(), 2, "{damage:?}");
+    assert!(damage[0].starts_with("pending log damaged: pending/00000000000000000001.log: "));
+    assert!(
+        damage[1].starts_with("tasks.redb cannot be read"),
+        "{damage:?}"
+    );
+    let table = ok(&[
+        "outbox",
+        "inspect",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("damage: ")).count(),
+        2,
+        "{table}"
+    );
+}

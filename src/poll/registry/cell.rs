@@ -29,15 +29,23 @@ pub(super) struct DbCell {
 }
 
 impl DbCell {
-    pub(super) fn open(path: PathBuf, cache_bytes: usize) -> Result<Self, RegistryError> {
-        let db = Self::create(&path, cache_bytes)?;
-        Ok(Self {
+    /// Opens (or creates) the file; `probe` reads what the start reads. A
+    /// damaged file is repaired or set aside for a fresh one (see
+    /// `redb_file`): then the second value says so.
+    pub(super) fn open(
+        path: PathBuf,
+        cache_bytes: usize,
+        probe: impl Fn(&Database) -> Result<(), redb::Error>,
+    ) -> Result<(Self, Option<crate::redb_file::SetAside>), RegistryError> {
+        let (db, set_aside) = crate::redb_file::open(&path, cache_bytes, probe)?;
+        let cell = Self {
             path,
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             broken: AtomicBool::new(false),
             last_reopen: Mutex::new(None),
-        })
+        };
+        Ok((cell, set_aside))
     }
 
     fn create(path: &std::path::Path, cache_bytes: usize) -> Result<Database, RegistryError> {

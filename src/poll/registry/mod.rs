@@ -185,6 +185,8 @@ pub struct Registry {
     /// Registrations on disk (approximate after pruning): lets the webhook
     /// skip the lookup entirely where no task was ever registered.
     known: Arc<AtomicU64>,
+    /// Set when the file was found damaged at start and set aside.
+    set_aside: Option<Arc<crate::redb_file::SetAside>>,
 }
 
 fn lenient_event<'de, D: serde::Deserializer<'de>>(
@@ -221,19 +223,57 @@ impl Registry {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io_err)?;
-        let db = cell::DbCell::open(dir.join("tasks.redb"), options.cache_bytes)?;
+        let path = dir.join("tasks.redb");
+        let (db, set_aside) = cell::DbCell::open(path.clone(), options.cache_bytes, |db| {
+            use crate::redb_file::probe_table;
+            let txn = db.begin_read()?;
+            probe_table(&txn, TASKS)?;
+            probe_table(&txn, DUE)?;
+            probe_table(&txn, BY_AGE)?;
+            probe_table(&txn, HELD)?;
+            probe_table(&txn, HELD_KEYS)
+        })?;
+        if let Some(aside) = &set_aside {
+            tracing::error!(
+                moved_to = %aside.moved_to.display(),
+                cause = %aside.cause,
+                "tasks.redb is damaged and was set aside; starting with a fresh one. LOST from \
+                 the running state: the task registrations (those tasks are no longer polled, \
+                 and their callbacks no longer checked against a token) and the callbacks held \
+                 for verification. The damaged file is kept for recovery (see the README, \
+                 \"Damage and recovery\")"
+            );
+        }
         let known = db.with(|db| {
-            let txn = db.begin_write()?;
-            let known = txn.open_table(TASKS)?.len()?;
-            txn.open_table(DUE)?;
-            txn.open_table(BY_AGE)?;
-            txn.open_table(HELD)?;
-            txn.open_table(HELD_KEYS)?;
-            txn.commit()?;
+            use redb::TableHandle;
+            let names: Vec<String> = db
+                .begin_read()?
+                .list_tables()?
+                .map(|t| t.name().to_string())
+                .collect();
+            let all = [
+                TASKS.name(),
+                DUE.name(),
+                BY_AGE.name(),
+                HELD.name(),
+                HELD_KEYS.name(),
+            ];
+            // Only a new file is written to here: opening an existing data
+            // dir must not need free space.
+            if !all.iter().all(|t| names.iter().any(|n| n == t)) {
+                let txn = db.begin_write()?;
+                txn.open_table(TASKS)?;
+                txn.open_table(DUE)?;
+                txn.open_table(BY_AGE)?;
+                txn.open_table(HELD)?;
+                txn.open_table(HELD_KEYS)?;
+                txn.commit()?;
+            }
             Self::count_held_bytes(db)?;
-            Ok(known)
+            Ok(db.begin_read()?.open_table(TASKS)?.len()?)
         })?;
         Ok(Self {
+            set_aside: set_aside.map(Arc::new),
             db: Arc::new(db),
             reconciled: options.reconciled,
             tasks_added: Arc::new(Notify::new()),
@@ -241,6 +281,12 @@ impl Registry {
             holds: Arc::default(),
             known: Arc::new(AtomicU64::new(known)),
         })
+    }
+
+    /// Where the damaged file went, when it was found damaged at start and
+    /// set aside for a fresh one.
+    pub fn set_aside(&self) -> Option<&crate::redb_file::SetAside> {
+        self.set_aside.as_deref()
     }
 
     /// No task was ever registered (cheap: no disk access).
