@@ -498,7 +498,7 @@ mod tests {
         let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
         let names: std::collections::BTreeSet<&str> =
             scrape.samples.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(names.len(), 46, "{names:#?}");
+        assert_eq!(names.len(), 47, "{names:#?}");
         for name in &names {
             assert!(name.starts_with("hookbridge_"), "{name}");
             let family = ["_count", "_sum"]
