@@ -22,5 +22,6 @@ mod nats;
 mod outbox;
 mod poll;
 mod readme;
+mod refusals;
 mod storage;
 mod supervise;
