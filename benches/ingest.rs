@@ -13,6 +13,7 @@
 //! ingest wait-http    --url URL                             wait until GET URL answers 200
 //! ingest wait-drained --url URL                             wait until the outbox is empty
 //! ingest edge         --url URL --attack none|loris|junk    fixed-rate good callbacks during an attack
+//! ingest large-pending --url URL [--count N] [--size B]     large callbacks held pending (publishes failing)
 //! ```
 //!
 //! `URL` is the server's base, e.g. `http://127.0.0.1:8080`; callbacks go to
@@ -39,6 +40,8 @@ use clap::{Args, Parser, Subcommand};
 mod dedup_size;
 #[path = "ingest/edge.rs"]
 mod edge;
+#[path = "ingest/large.rs"]
+mod large;
 #[path = "ingest/load.rs"]
 mod load;
 #[path = "ingest/outbox_rate.rs"]
@@ -180,6 +183,21 @@ enum Mode {
         #[arg(long, default_value_t = 0)]
         junk_rate: u64,
     },
+    /// Post COUNT valid callbacks of about SIZE bytes while publishes fail,
+    /// then keep them pending for HOLD seconds (bench.sh reads the peak RSS).
+    LargePending {
+        #[command(flatten)]
+        target: Url,
+        #[arg(long, default_value_t = 400)]
+        count: u64,
+        #[arg(long, default_value_t = 1_000_000)]
+        size: usize,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Seconds the events stay pending after the last answer.
+        #[arg(long, default_value_t = 20.0)]
+        hold: f64,
+    },
     /// Wait until the server's outbox has nothing pending.
     WaitDrained {
         #[command(flatten)]
@@ -310,6 +328,24 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             let report = load::closed_loop(target, connections, Stop::Count(count)).await?;
             report.print_closed(connections);
             server::drain(&admin, secs(timeout)).await?;
+        }
+        Mode::LargePending {
+            target,
+            count,
+            size,
+            connections,
+            hold,
+        } => {
+            let admin = target.admin()?;
+            large::run(
+                target.target()?,
+                admin,
+                count,
+                size,
+                connections,
+                secs(hold),
+            )
+            .await?
         }
         Mode::DedupSize {
             dir,

@@ -21,6 +21,10 @@
 #               during a flood of invalid 1 MiB bodies (32 connections): p50/p99 of each
 #   recovery    the outbox alone: BENCH_RECOVERY_COUNT events left pending, then the time
 #               to reopen it (restart after an outage), its data dir size and peak RSS
+#   large       hookbridge with its Kafka unreachable (every publish fails): BENCH_LARGE_COUNT
+#               valid callbacks of BENCH_LARGE_SIZE bytes posted, then kept pending for
+#               BENCH_LARGE_HOLD s while the relay retries; its peak RSS (the relay's batches
+#               are bounded in bytes by outbox.relay_batch_bytes)
 # then prints a summary table. Every full-speed phase also reports:
 #   end to end  the broker's acknowledgements per second against the 2xx answers per
 #               second, both from hookbridge's own counters over the same window
@@ -44,6 +48,9 @@
 #   BENCH_EDGE_DURATION    measured seconds of each edge phase (default 10)
 #   BENCH_LORIS            slow-loris connections (default 2000)
 #   BENCH_JUNK_RATE        junk bodies/s (default 0: as fast as they are answered)
+#   BENCH_LARGE_COUNT      large pending callbacks (default 400)
+#   BENCH_LARGE_SIZE       bytes of each (default 1000000)
+#   BENCH_LARGE_HOLD       seconds they stay pending, publishes failing (default 20)
 #   BENCH_CLIENT_THREADS   load generator runtime threads (default 1)
 #   BENCH_KEEP=1           keep the state dir (logs, data) and print its path
 #   BENCH_NO_SYNC=1        do not `sync` before each load phase (see measured() below)
@@ -62,7 +69,7 @@ BROKERS=$ROOT/scripts/brokers.sh
 cd "$ROOT"
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
-PHASES=${BENCH_PHASES:-baseline dedup-on dedup-off jetstream fixed-rate drain dedup-size edge recovery}
+PHASES=${BENCH_PHASES:-baseline dedup-on dedup-off jetstream fixed-rate drain dedup-size edge recovery large}
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-128}
 RATE=${BENCH_RATE:-5000}
@@ -74,6 +81,9 @@ EDGE_RATE=${BENCH_EDGE_RATE:-200}
 EDGE_DURATION=${BENCH_EDGE_DURATION:-10}
 LORIS=${BENCH_LORIS:-2000}
 JUNK_RATE=${BENCH_JUNK_RATE:-0}
+LARGE_COUNT=${BENCH_LARGE_COUNT:-400}
+LARGE_SIZE=${BENCH_LARGE_SIZE:-1000000}
+LARGE_HOLD=${BENCH_LARGE_HOLD:-20}
 # The slow-loris phase holds thousands of sockets in the load generator.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export BENCH_CLIENT_THREADS=${BENCH_CLIENT_THREADS:-1}
@@ -140,8 +150,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-mapfile -t PORTS < <(bash "$BROKERS" free-port 5)
+mapfile -t PORTS < <(bash "$BROKERS" free-port 6)
 KPORT=${PORTS[0]} KCPORT=${PORTS[1]} HPORT=${PORTS[2]} APORT=${PORTS[3]} NPORT=${PORTS[4]}
+# Nothing listens there: the large phase's Kafka that never answers.
+DEADPORT=${PORTS[5]}
 URL=http://127.0.0.1:$HPORT
 ADMIN=http://127.0.0.1:$APORT
 
@@ -455,6 +467,16 @@ if want recovery; then
   rm -rf "$STATE/recovery"
 fi
 
+if want large; then
+  step "large: $LARGE_COUNT callbacks of $LARGE_SIZE bytes pending for ${LARGE_HOLD}s, every publish failing"
+  start_hookbridge large HOOKBRIDGE_PUBLISHER__BROKERS="127.0.0.1:$DEADPORT" \
+    HOOKBRIDGE_PUBLISHER__MESSAGE_TIMEOUT_MS=2000
+  phase large "$BENCH" large-pending --url "$URL" --admin-url "$ADMIN" --count "$LARGE_COUNT" \
+    --size "$LARGE_SIZE" --hold "$LARGE_HOLD"
+  stop_hookbridge
+  echo "peak RSS with $LARGE_COUNT pending events of $LARGE_SIZE bytes: $(result rss-large rss_peak_mib) MiB"
+fi
+
 # ---------------------------------------------------------------------------
 # Summary
 
@@ -497,4 +519,5 @@ step "summary ($(nproc) cores, load average at the start: $LOAD_AT_START, load g
   printf '%-44s %14s %s\n' "reopen with $RECOVERY_COUNT pending: s" "$(result recovery open_s)" ""
   printf '%-44s %14s %s\n' "  peak RSS MiB; data dir MiB" "$(result recovery rss_peak_mib); $(result recovery data_mib)" ""
   printf '%-44s %14s %s\n' "  fill: appends/s" "$(result recovery fill_rps)" ""
+  printf '%-44s %14s %s\n' "$LARGE_COUNT pending x $LARGE_SIZE B, failing: RSS MiB" "$(result rss-large rss_peak_mib)" "<= 256"
 } | tee "$STATE/summary.txt"

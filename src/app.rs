@@ -54,7 +54,7 @@ impl App {
             return Ok(app);
         }
         let publisher: Arc<dyn Publisher> = Arc::from(
-            publish::build(&config.publisher)
+            publish::build(&config.publisher, config.server.body_limit_bytes)
                 .await
                 .context("cannot create the publisher")?,
         );

@@ -15,6 +15,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+mod ranges;
 mod show;
 pub use show::{is_secret_option, mask_url, split_userinfo, MASK};
 
@@ -125,6 +126,13 @@ impl Default for HealthConfig {
     }
 }
 
+/// librdkafka's default producer `message.max.bytes`.
+pub const KAFKA_DEFAULT_MESSAGE_MAX_BYTES: u64 = 1_000_000;
+/// Room for a record's key, headers and framing beside the event's JSON,
+/// which hookbridge adds to `server.body_limit_bytes` for the producer's
+/// `message.max.bytes` when the options do not set it.
+pub const KAFKA_MESSAGE_OVERHEAD: u64 = 64 * 1024;
+
 /// Largest `server.body_limit_bytes`: an event is one record of the outbox's
 /// log, which bounds a record (see `outbox/log.rs`).
 pub const MAX_BODY_LIMIT: usize = 64 * 1024 * 1024;
@@ -136,7 +144,9 @@ pub struct ServerConfig {
     /// Address to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
     /// Largest accepted request body in bytes; larger bodies get 413. At
-    /// most 64 MiB.
+    /// most 64 MiB, and at most the broker's message limit (a Kafka topic's
+    /// `max.message.bytes`, the NATS server's `max_payload`), checked at
+    /// start when the broker answers.
     pub body_limit_bytes: usize,
     /// Longest wait for a request's headers, in milliseconds, counted from
     /// the moment the server waits for them: it also closes a keep-alive
@@ -333,6 +343,17 @@ pub struct OutboxConfig {
     pub dedup_window_secs: u64,
     /// Most events the relay hands to the publisher at once.
     pub relay_batch: usize,
+    /// Most bytes of events (their JSON) the relay reads and hands to the
+    /// publisher at once, beside `relay_batch`: what bounds the relay's
+    /// memory when events are large. One event larger than this still goes,
+    /// alone. 64 KiB to 1 GiB.
+    pub relay_batch_bytes: u64,
+    /// How many times the broker may refuse one event for a reason that
+    /// retrying cannot fix for that event (no stream for its subject, an
+    /// unknown or invalid topic) before it becomes a dead letter. Each such
+    /// event waits out its own backoff (`retry_initial_ms` doubling up to
+    /// `retry_max_ms`); the others keep flowing. 1 to 1000.
+    pub refusal_attempts: u32,
     /// First retry delay after a transient publish error, in milliseconds.
     pub retry_initial_ms: u64,
     /// Longest retry delay after repeated transient publish errors, in milliseconds.
@@ -384,6 +405,8 @@ impl Default for OutboxConfig {
             dedup: true,
             dedup_window_secs: 7 * 24 * 3600,
             relay_batch: 2000,
+            relay_batch_bytes: 16 * 1024 * 1024,
+            refusal_attempts: 8,
             retry_initial_ms: 100,
             retry_max_ms: 30_000,
             shutdown_grace_ms: 10_000,
@@ -444,12 +467,17 @@ impl Default for FileConfig {
 pub struct KafkaConfig {
     /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
     pub brokers: String,
-    /// Topic template; `{model}` and `{state}` are replaced per event.
+    /// Topic template; `{model}` and `{state}` are replaced per event. Every
+    /// topic it can become is created at start (with the broker's default
+    /// partitions and replication) if missing; the producer never has a
+    /// topic auto-created (`allow.auto.create.topics = false`). Names starting
+    /// with `__` (Kafka's internal topics) are refused.
     #[serde(default = "default_topic")]
     pub topic: String,
     /// Allowlist of model names `{model}` may become (each 1-64 characters of
-    /// `[A-Za-z0-9_-]`); any other model becomes `unknown`. Empty (the default): the
-    /// provider's model with every other character replaced by `_`, cut to 64 characters.
+    /// `[A-Za-z0-9_-]`); any other model becomes `unknown`. Required (non-empty)
+    /// when the template uses `{model}`, so that no sender can name a destination:
+    /// every destination is known at start.
     #[serde(default)]
     pub models: Vec<String>,
     /// How long librdkafka tries one message before reporting it failed; the
@@ -458,7 +486,10 @@ pub struct KafkaConfig {
     pub message_timeout_ms: u64,
     /// Extra librdkafka properties (TLS, SASL, compression, ...). Values
     /// here override hookbridge's own, except the delivery guarantees
-    /// (`acks`, `enable.idempotence`), which are refused. `_` in a key reads
+    /// (`acks`, `enable.idempotence`, `allow.auto.create.topics`), which are
+    /// refused, as are `transactional.id`, `delivery.report.only.error`, an
+    /// unknown `security.protocol` and a `message.max.bytes` below
+    /// `server.body_limit_bytes`. `_` in a key reads
     /// as `.` (librdkafka keys have none), so the environment can set them:
     /// `HOOKBRIDGE_PUBLISHER__OPTIONS__SASL_PASSWORD` sets `sasl.password`.
     #[serde(default)]
@@ -478,12 +509,14 @@ fn default_message_timeout_ms() -> u64 {
 pub struct NatsConfig {
     /// Server URL(s), comma separated, e.g. `nats://127.0.0.1:4222`.
     pub url: String,
-    /// Subject template; `{model}` and `{state}` are replaced per event.
+    /// Subject template; `{model}` and `{state}` are replaced per event. With
+    /// `stream`, the stream's subjects must capture every subject it can become.
     #[serde(default = "default_subject")]
     pub subject: String,
     /// Allowlist of model names `{model}` may become (each 1-64 characters of
-    /// `[A-Za-z0-9_-]`); any other model becomes `unknown`. Empty (the default): the
-    /// provider's model with every other character replaced by `_`, cut to 64 characters.
+    /// `[A-Za-z0-9_-]`); any other model becomes `unknown`. Required (non-empty)
+    /// when the template uses `{model}`, so that no sender can name a destination:
+    /// every destination is known at start.
     #[serde(default)]
     pub models: Vec<String>,
     /// Publish through JetStream and wait for its PubAck (recommended). When
@@ -765,6 +798,7 @@ impl Config {
                 reason: reason.to_string(),
             })
         };
+        ranges::check(self)?;
         let o = &self.outbox;
         if self.server.body_limit_bytes == 0 {
             return invalid("server.body_limit_bytes", "must be at least 1");
@@ -858,6 +892,21 @@ impl Config {
                     return Err(ConfigError::Invalid {
                         key: "publisher.options",
                         reason: format!("`{key}` is set by hookbridge and may not be overridden"),
+                    });
+                }
+                // The producer refuses a larger message itself; the broker's
+                // own limit is checked when the publisher starts.
+                let producer_max = crate::publish::kafka_message_max_bytes(&k.options).unwrap_or(
+                    KAFKA_DEFAULT_MESSAGE_MAX_BYTES
+                        .max(self.server.body_limit_bytes as u64 + KAFKA_MESSAGE_OVERHEAD),
+                );
+                if self.server.body_limit_bytes as u64 > producer_max {
+                    return Err(ConfigError::Invalid {
+                        key: "server.body_limit_bytes",
+                        reason: format!(
+                            "is larger than the Kafka producer's message.max.bytes ({producer_max}): \
+                             such events could be accepted but never published"
+                        ),
                     });
                 }
                 Ok(())
@@ -955,13 +1004,21 @@ impl Config {
             return invalid("server.rate_limit.max_clients", "must be at least 1");
         }
         for proxy in &r.trusted_proxies {
-            if let Err(reason) = Cidr::parse(proxy) {
-                return invalid("server.rate_limit.trusted_proxies", &reason);
+            match Cidr::parse(proxy) {
+                Err(reason) => return invalid("server.rate_limit.trusted_proxies", &reason),
+                // A /0 trusts every peer: any client could name any address.
+                Ok(cidr) if cidr.prefix == 0 => {
+                    return invalid(
+                        "server.rate_limit.trusted_proxies",
+                        &format!("{proxy:?} would trust every peer; list the proxies"),
+                    )
+                }
+                Ok(_) => {}
             }
         }
         let a = &self.admin;
         if let Some(token) = &a.token {
-            if token.expose().len() < 16 {
+            if token.expose().chars().count() < 16 {
                 return invalid("admin.token", "must be at least 16 characters");
             }
         } else if !a.listen.ip().is_loopback() {
@@ -1099,7 +1156,7 @@ impl Config {
             return invalid("provider.verify", "needs provider.api_key");
         }
         if let Some(token) = &p.tasks_token {
-            if token.expose().len() < 16 {
+            if token.expose().chars().count() < 16 {
                 return invalid("provider.tasks_token", "must be at least 16 characters");
             }
             if p.api_key.is_none() || p.public_url.is_none() {
@@ -1203,7 +1260,8 @@ pub fn librdkafka_key(key: &str) -> String {
 /// `request.required.acks`, `bootstrap.servers` is `metadata.broker.list`)
 /// or the `topic.` prefix that sets a topic property globally.
 fn reserved_kafka_option(key: &str) -> Option<&'static str> {
-    const RESERVED: [(&str, &str); 5] = [
+    const RESERVED: [(&str, &str); 6] = [
+        ("allow.auto.create.topics", "allow.auto.create.topics"),
         ("acks", "acks"),
         ("request.required.acks", "acks"),
         ("enable.idempotence", "enable.idempotence"),

@@ -333,6 +333,7 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
             "class",
             vec![
                 ("transient", load(&stats.publish_retries)),
+                ("refused", load(&stats.refusals)),
                 ("isolation", load(&m.retried_alone)),
             ],
         ),
@@ -355,6 +356,11 @@ pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
             "hookbridge_outbox_pending_events",
             "Events stored and not yet acknowledged by the broker",
             load(&stats.pending) as f64,
+        ),
+        (
+            "hookbridge_relay_refused_events",
+            "Pending events the broker refused where they go, each waiting out its own backoff",
+            load(&stats.refusing) as f64,
         ),
         (
             "hookbridge_outbox_pending_bytes",
@@ -498,7 +504,7 @@ mod tests {
         let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
         let names: std::collections::BTreeSet<&str> =
             scrape.samples.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(names.len(), 47, "{names:#?}");
+        assert_eq!(names.len(), 48, "{names:#?}");
         for name in &names {
             assert!(name.starts_with("hookbridge_"), "{name}");
             let family = ["_count", "_sum"]

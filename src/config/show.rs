@@ -30,16 +30,21 @@ pub(super) const MASKED_READ_BACK: &str =
      of a secret; set the real value (e.g. through its HOOKBRIDGE_* variable)";
 
 /// Whether a librdkafka property (`sasl.password` or its environment form
-/// `sasl_password`) holds a secret: its name contains `password`, `secret`
-/// or `passphrase`, ends in `key.pem` (an inline private key), or it is
-/// `sasl.oauthbearer.config` (which may carry client credentials).
+/// `sasl_password`) holds a secret: its name contains `password`, `secret`,
+/// `passphrase`, `credential`, `token` (but not a token endpoint's URL) or
+/// `private`, ends in `key.pem` (an inline private key), or it is one of
+/// the properties that may carry credentials (`sasl.oauthbearer.config`,
+/// `sasl.oauthbearer.extensions`).
 pub fn is_secret_option(key: &str) -> bool {
     let key = librdkafka_key(key).to_ascii_lowercase();
-    ["password", "secret", "passphrase"]
+    let key = key.strip_prefix("topic.").unwrap_or(&key);
+    ["password", "secret", "passphrase", "credential", "private"]
         .iter()
         .any(|word| key.contains(word))
+        || (key.contains("token") && !key.ends_with(".url"))
         || key.ends_with("key.pem")
-        || key == "sasl.oauthbearer.config"
+        || key.ends_with(".key")
+        || ["sasl.oauthbearer.config", "sasl.oauthbearer.extensions"].contains(&key)
 }
 
 /// Whether a string setting named `key` holds a secret, whatever its type.

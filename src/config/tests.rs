@@ -207,3 +207,200 @@ fn dead_letter_caps_and_segment_size_are_checked() {
     assert_eq!(config.outbox.max_dead_letter_bytes, 256 << 20);
     assert_eq!(config.outbox.dead_letter_keep_bytes, 64 << 10);
 }
+
+/// Every value that turned a protection off or made a check lie is refused,
+/// naming its key (issue 20).
+#[test]
+fn values_out_of_range_are_refused_by_key() {
+    for (toml, key) in [
+        (
+            "[outbox]\ndedup_window_secs = 9223372036854775807\n",
+            "outbox.dedup_window_secs",
+        ),
+        (
+            "[health]\nstall_secs = 9223372036854775807\n",
+            "health.stall_secs",
+        ),
+        (
+            "[outbox]\nretry_initial_ms = 9000000000000000000\n",
+            "outbox.retry_initial_ms",
+        ),
+        (
+            "[outbox]\nretry_initial_ms = 0\n",
+            "outbox.retry_initial_ms",
+        ),
+        (
+            "[provider]\nretry_initial_ms = 9000000000000000000\n",
+            "provider.retry_initial_ms",
+        ),
+        ("[server]\nbody_timeout_ms = 1\n", "server.body_timeout_ms"),
+        (
+            "[server]\nmax_connections = 100000000\n",
+            "server.max_connections",
+        ),
+        (
+            "[outbox]\nrelay_batch_bytes = 1\n",
+            "outbox.relay_batch_bytes",
+        ),
+        (
+            "[outbox]\nrefusal_attempts = 0\n",
+            "outbox.refusal_attempts",
+        ),
+        ("[outbox]\ncache_mib = 10000000\n", "outbox.cache_mib"),
+        (
+            "[reconcile]\ndeadline_secs = 9223372036854775807\n",
+            "reconcile.deadline_secs",
+        ),
+        (
+            "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\nmessage_timeout_ms = 0\n",
+            "publisher.message_timeout_ms",
+        ),
+        (
+            "[publisher]\ntype = \"nats\"\nurl = \"x\"\nack_timeout_ms = 0\n",
+            "publisher.ack_timeout_ms",
+        ),
+    ] {
+        let err = Config::from_toml(toml).expect_err(toml).to_string();
+        assert!(
+            err.contains(key) && err.contains("between"),
+            "{toml}: {err}"
+        );
+    }
+    Config::default().validate().unwrap();
+}
+
+#[test]
+fn trusting_every_peer_is_refused() {
+    for cidr in ["0.0.0.0/0", "::/0"] {
+        refused(
+            &format!("[server.rate_limit]\ntrusted_proxies = [\"{cidr}\"]\n"),
+            "server.rate_limit.trusted_proxies",
+        );
+    }
+    Config::from_toml("[server.rate_limit]\ntrusted_proxies = [\"10.0.0.0/8\"]\n").unwrap();
+}
+
+#[test]
+fn kafka_internal_topics_are_refused() {
+    for topic in ["__consumer_offsets", "__anything"] {
+        refused(
+            &format!("[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\ntopic = \"{topic}\"\n"),
+            "publisher.topic",
+        );
+    }
+    refused(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\ntopic = \"{model}\"\nmodels = [\"__consumer_offsets\"]\n",
+        "publisher.topic",
+    );
+    refused(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[cluster]\nenabled = true\n\
+         transactional_id = \"r1\"\ninternal_topic = \"__x\"\n",
+        "cluster.internal_topic",
+    );
+}
+
+#[test]
+fn kafka_options_that_break_the_guarantees_are_refused() {
+    for (option, value) in [
+        ("\"transactional.id\"", "x"),
+        ("delivery_report_only_error", "true"),
+        ("\"security.protocol\"", "carrier_pigeon"),
+        ("\"allow.auto.create.topics\"", "true"),
+        ("\"message.max.bytes\"", "lots"),
+    ] {
+        let text = format!(
+            "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\n{option} = \"{value}\"\n"
+        );
+        refused(&text, "publisher.options");
+    }
+    let fine = "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n\
+                [publisher.options]\n\"security.protocol\" = \"SASL_SSL\"\n";
+    Config::from_toml(fine).unwrap();
+    // A producer limit below what the ingress accepts.
+    refused(
+        "[server]\nbody_limit_bytes = 2000000\n[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n\
+         [publisher.options]\n\"message.max.bytes\" = \"1000000\"\n",
+        "server.body_limit_bytes",
+    );
+}
+
+/// `{model}` without an allowlist would let every sender name a destination.
+#[test]
+fn a_model_placeholder_needs_an_allowlist() {
+    refused(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\ntopic = \"t.{model}\"\n",
+        "publisher.models",
+    );
+    refused(
+        "[publisher]\ntype = \"nats\"\nurl = \"x\"\nsubject = \"s.{model}.{state}\"\n",
+        "publisher.models",
+    );
+    Config::from_toml(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\ntopic = \"t.{model}\"\nmodels = [\"m1\"]\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_stream_must_capture_every_subject_published_to() {
+    let nats = |subjects: &str| {
+        format!(
+            "[publisher]\ntype = \"nats\"\nurl = \"x\"\nsubject = \"k.{{model}}.{{state}}\"\n\
+             models = [\"m1\"]\n[publisher.stream]\nname = \"S\"\nsubjects = {subjects}\n"
+        )
+    };
+    refused(&nats("[\"k.m1.>\"]"), "publisher.stream.subjects");
+    refused(&nats("[\"k.*.success\"]"), "publisher.stream.subjects");
+    Config::from_toml(&nats("[\"k.>\"]")).unwrap();
+    Config::from_toml(&nats("[\"k.m1.*\", \"k.unknown.*\"]")).unwrap();
+}
+
+#[test]
+fn tokens_count_characters_not_bytes() {
+    // 8 characters, 16 bytes.
+    let short = "éééééééé";
+    assert_eq!(short.len(), 16);
+    refused(
+        &format!("[admin]\nlisten = \"0.0.0.0:9091\"\ntoken = \"{short}\"\n"),
+        "admin.token",
+    );
+    refused(
+        &format!(
+            "[provider]\napi_key = \"k\"\npublic_url = \"https://h.example\"\ntasks_token = \"{short}\"\n"
+        ),
+        "provider.tasks_token",
+    );
+}
+
+#[test]
+fn every_secret_bearing_kafka_option_is_masked() {
+    for key in [
+        "sasl.oauthbearer.extensions",
+        "sasl_oauthbearer_extensions",
+        "sasl.oauthbearer.client.secret",
+        "sasl.oauthbearer.config",
+        "sasl.password",
+        "ssl.key.password",
+        "ssl.keystore.password",
+        "ssl.key.pem",
+        "sasl.oauthbearer.assertion.private.key.passphrase",
+        "sasl.oauthbearer.assertion.private.key.pem",
+    ] {
+        assert!(is_secret_option(key), "{key}");
+    }
+    for key in [
+        "linger.ms",
+        "sasl.oauthbearer.token.endpoint.url",
+        "security.protocol",
+    ] {
+        assert!(!is_secret_option(key), "{key}");
+    }
+    let config = Config::from_toml(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\n[publisher.options]\n\
+         \"sasl.oauthbearer.extensions\" = \"supportFeatureX=true,apiKey=sk-hidden-value\"\n",
+    )
+    .unwrap();
+    let printed = config.to_masked_toml().unwrap();
+    assert!(!printed.contains("sk-hidden-value"), "{printed}");
+    assert!(printed.contains("sasl.oauthbearer.extensions"), "{printed}");
+}

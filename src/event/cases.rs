@@ -365,7 +365,8 @@ pub enum Verdict {
 }
 
 /// Publisher settings the property is checked against: templates using `{model}` and
-/// `{state}` in every position, with and without an allowlist.
+/// `{state}` in every position, with an allowlist (which `{model}` requires), and one
+/// without `{model}` and without a list.
 pub struct Oracle {
     #[allow(dead_code)]
     kafka: Vec<config::KafkaConfig>,
@@ -378,11 +379,18 @@ pub const RECEIVED_AT: i64 = 1_735_599_760_123;
 
 impl Oracle {
     pub fn new() -> Self {
-        let lists = [Vec::new(), vec!["seedance-20".to_string(), "veo3".to_string()]];
+        let listed = vec!["seedance-20".to_string(), "veo3".to_string()];
         let mut kafka = Vec::new();
         let mut nats = Vec::new();
-        for models in lists {
-            for template in ["kinovi.{model}.{state}", "{model}", "{state}-{model}"] {
+        for (models, kafka_templates, nats_templates) in [
+            (
+                listed.clone(),
+                &["kinovi.{model}.{state}", "{model}", "{state}-{model}"][..],
+                &["kinovi.{model}.{state}", "{model}", "{state}.{model}.x"][..],
+            ),
+            (Vec::new(), &["kinovi.{state}"][..], &["kinovi.tasks.{state}"][..]),
+        ] {
+            for &template in kafka_templates {
                 kafka.push(config::KafkaConfig {
                     brokers: "127.0.0.1:9".into(),
                     topic: template.into(),
@@ -391,7 +399,7 @@ impl Oracle {
                     models: models.clone(),
                 });
             }
-            for template in ["kinovi.{model}.{state}", "{model}", "{state}.{model}.x"] {
+            for &template in nats_templates {
                 nats.push(config::NatsConfig {
                     url: "nats://127.0.0.1:9".into(),
                     subject: template.into(),

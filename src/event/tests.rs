@@ -261,6 +261,34 @@ fn error_variants() {
     assert_eq!(ok(bare(json!({"state": "fail"}))).error, None);
 }
 
+/// A code is kept as written: a big integer is never rewritten as a float.
+#[test]
+fn error_codes_are_kept_exactly_as_written() {
+    for (code, expected) in [
+        (
+            "123456789012345678901234567890",
+            "123456789012345678901234567890",
+        ),
+        ("-18446744073709551617", "-18446744073709551617"),
+        ("1.50", "1.50"),
+        ("2038", "2038"),
+    ] {
+        let body =
+            format!(r#"{{"taskId":"t","state":"fail","error":{{"code":{code},"message":"m"}}}}"#);
+        let event = parse(body.as_bytes(), Source::Webhook, NOW).unwrap();
+        assert_eq!(event.error, error(Some(expected), Some("m")), "{code}");
+    }
+    for (code, found) in [
+        ("[1]", "an array"),
+        ("{}", "an object"),
+        ("false", "a boolean"),
+    ] {
+        let body = format!(r#"{{"taskId":"t","state":"fail","error":{{"code":{code}}}}}"#);
+        let err = parse(body.as_bytes(), Source::Webhook, NOW).unwrap_err();
+        assert!(err.to_string().contains(found), "{code}: {err}");
+    }
+}
+
 #[test]
 fn demo_task_id_is_accepted_verbatim() {
     let event = ok(envelope(json!({
@@ -476,11 +504,17 @@ fn rejects_missing_or_malformed_task_id() {
         "del\u{7f}",
         "c1\u{85}",
         "tab\there",
+        "\u{2800}",
+        "a\u{3164}b",
+        "\u{115F}\u{1160}",
+        "x\u{FE0F}",
+        "nb\u{a0}sp",
+        "ideo\u{3000}graphic",
+        "zw\u{200b}sp",
     ] {
         assert_eq!(
             message(bare(json!({ "taskId": id }))),
-            "field `taskId` must not contain control, format or line/paragraph separator \
-             characters",
+            "field `taskId` must not contain control, format, separator or blank characters",
             "{id:?}"
         );
     }

@@ -2,7 +2,8 @@
 //! can; 503 with the list of problems when a background worker is down or
 //! restarting, when the outbox cannot write, or when the relay has moved
 //! nothing for `health.stall_secs` while events are pending and the broker
-//! answers. A broker outage alone is not a problem here: callbacks are
+//! answers, or while the broker refuses some events where they go (no
+//! stream, unknown topic) and they wait out their own backoff. A broker outage alone is not a problem here: callbacks are
 //! still stored durably, and taking the instance out of service would lose
 //! the ones the provider never retries. `/healthz` is liveness only.
 //!
@@ -30,7 +31,7 @@ use crate::supervise::{Health, WorkerState};
 pub struct Problem {
     /// A worker's name, `outbox-writer`, `storage`.
     pub component: &'static str,
-    /// `restarting`, `failed`, `stopped`, `failing`, `stalled`,
+    /// `restarting`, `failed`, `stopped`, `failing`, `stalled`, `refusing`,
     /// `unreachable` (cluster coordination) or `draining` (shutting down);
     /// as a warning (ready all the same), `evicting` or `damaged`.
     pub problem: &'static str,
@@ -116,6 +117,15 @@ pub fn problems(health: &Health, outbox: &Outbox) -> Vec<Problem> {
             problem: "failing",
         });
     }
+    // Events the broker refuses where they go wait alone; the others flow,
+    // but these are stuck until an operator fixes the destination or they
+    // become dead letters.
+    if stats.refusing.load(Ordering::Relaxed) > 0 {
+        out.push(Problem {
+            component: "relay",
+            problem: "refusing",
+        });
+    }
     let stall = health.stall.as_millis() as i64;
     let now = now_ms();
     let progress = stats.relay_progress_at.load(Ordering::Relaxed);
@@ -169,6 +179,10 @@ mod tests {
         stats.broker_error_at.store(0, Ordering::Relaxed);
         stats.pending.store(0, Ordering::Relaxed);
         assert_eq!(problems(&health, &outbox), [], "nothing pending");
+
+        stats.refusing.store(2, Ordering::Relaxed);
+        assert_eq!(problems(&health, &outbox), [problem("relay", "refusing")]);
+        stats.refusing.store(0, Ordering::Relaxed);
 
         stats.storage_failing.store(true, Ordering::Relaxed);
         assert_eq!(problems(&health, &outbox), [problem("storage", "failing")]);

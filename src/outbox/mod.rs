@@ -159,6 +159,12 @@ pub struct Stats {
     pub storage_errors: AtomicU64,
     pub published: AtomicU64,
     pub publish_retries: AtomicU64,
+    /// Refusals of one event where it goes (no stream, unknown topic), each
+    /// counted; past `outbox.refusal_attempts` the event is dead-lettered.
+    pub refusals: AtomicU64,
+    /// Pending events refused at their last try and waiting out their own
+    /// backoff now (a gauge); `/readyz` reports them.
+    pub refusing: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub pending: AtomicU64,
     pub pending_bytes: AtomicU64,
@@ -494,14 +500,39 @@ impl Outbox {
     /// `scan` entries.
     /// Entries that cannot be decoded come back apart, to be dead-lettered.
     pub fn read_batch(&self, batch: usize, scan: usize) -> Result<Batch, OutboxError> {
+        self.read_batch_within(batch, u64::MAX, scan, &HashMap::new())
+    }
+
+    /// Like [`Outbox::read_batch`], also bounded in bytes: the events' JSON
+    /// adds up to at most `max_bytes`, except that the first event always
+    /// comes, however large (it would otherwise never go). `skip` maps the
+    /// entries the relay holds back (each waiting out its own backoff) to
+    /// their task: they are not read, and neither is any later event of
+    /// their task.
+    pub fn read_batch_within(
+        &self,
+        batch: usize,
+        max_bytes: u64,
+        scan: usize,
+        skip: &HashMap<u64, String>,
+    ) -> Result<Batch, OutboxError> {
         let slots = lock(&self.inner.shared.index).oldest(scan);
         let mut tasks = HashSet::with_capacity(batch.min(slots.len()));
         let mut out = Batch {
             ready: Vec::with_capacity(batch.min(slots.len())),
             unreadable: Vec::new(),
         };
+        let mut bytes_read = 0u64;
         for slot in slots {
             if out.ready.len() == batch {
+                break;
+            }
+            if let Some(task_id) = skip.get(&slot.seq) {
+                tasks.insert(task_id.clone());
+                continue;
+            }
+            let size = u64::from(slot.len);
+            if !out.ready.is_empty() && bytes_read.saturating_add(size) > max_bytes {
                 break;
             }
             let read = self
@@ -522,6 +553,7 @@ impl Outbox {
             match meta {
                 Ok(meta) if !tasks.contains(&meta.task_id) => {
                     tasks.insert(meta.task_id.clone());
+                    bytes_read = bytes_read.saturating_add(size);
                     out.ready.push(crate::publish::Outgoing {
                         seq: slot.seq,
                         meta,

@@ -11,16 +11,37 @@
 //! an encoding error and even a panic while encoding one event (a bug that
 //! only some input reaches) make that event a dead letter with the reason,
 //! and the step goes on with the others.
+//!
+//! Backoff is per event unless the broker itself is failing. An event the
+//! broker refuses where it goes ([`PublishError::Refused`]: no stream for
+//! its subject, an unknown topic) is held back alone, with its own doubling
+//! backoff, and becomes a dead letter after `outbox.refusal_attempts`; a
+//! transient failure while other events of the step went through is held
+//! back the same way, without counting. Only a step in which nothing went
+//! through and something failed transiently (the broker is away) makes the
+//! whole relay wait. A held event keeps its task's later events back, so
+//! per-task order holds. The holds live in memory (a restart tries again
+//! from zero) and are bounded: past [`MAX_HELD_PER_BATCH`] batches' worth,
+//! no new event is read until some are due.
+//!
+//! Memory is bounded in bytes: a step reads at most `outbox.relay_batch`
+//! events and `outbox.relay_batch_bytes` of their JSON (one larger event
+//! goes alone), and the payload is shared, never copied, from the read to
+//! the publisher.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{now_ms, Outbox, OutboxError, Stats};
 use crate::publish::{Encoded, Outgoing, PublishError, Publisher};
 use crate::supervise::panic_message;
+
+/// Most events held back at once, in batches (`outbox.relay_batch`).
+pub const MAX_HELD_PER_BATCH: usize = 8;
 
 /// What one relay step did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +50,9 @@ pub struct RelayStep {
     pub dead_lettered: usize,
     /// Entries that failed transiently and stay pending.
     pub retrying: usize,
+    /// Entries the broker refused where they go, held back with their own
+    /// backoff (see the module docs).
+    pub refused: usize,
 }
 
 impl RelayStep {
@@ -37,11 +61,27 @@ impl RelayStep {
     }
 }
 
+/// One event held back after a failure, until `due`.
+#[derive(Debug, Clone)]
+struct Hold {
+    task_id: String,
+    /// Refusals so far; transient failures do not count.
+    refusals: u32,
+    due: Instant,
+    /// The wait after the next failure.
+    backoff: Duration,
+}
+
 pub struct Relay {
     outbox: Outbox,
     publisher: Arc<dyn Publisher>,
     backoff: Duration,
+    /// Events held back, by sequence number.
+    held: HashMap<u64, Hold>,
 }
+
+/// The longest sleep of an idle relay.
+const IDLE_LOOK: Duration = Duration::from_secs(1);
 
 /// Encodes one event, turning an error or a panic into the reason it is
 /// dead-lettered.
@@ -63,20 +103,48 @@ impl Relay {
             outbox,
             publisher,
             backoff,
+            held: HashMap::new(),
         }
+    }
+
+    /// When the first held event is due again, if any is held.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.held.values().map(|h| h.due).min()
     }
 
     /// One batch: read, encode, publish, record. Tests drive the relay with
     /// this.
     pub async fn run_once(&mut self) -> Result<RelayStep, OutboxError> {
-        let size = self.outbox.config().relay_batch;
+        let config = self.outbox.config();
+        let (size, max_bytes) = (config.relay_batch, config.relay_batch_bytes);
+        let now = Instant::now();
+        let skip: HashMap<u64, String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.due > now)
+            .map(|(seq, h)| (*seq, h.task_id.clone()))
+            .collect();
+        // Held events take no room in the batch; past the cap on them, no
+        // new event is looked at until some are due.
+        let cap = size.saturating_mul(MAX_HELD_PER_BATCH);
+        let scan = if self.held.len() >= cap {
+            // The held events are the oldest pending ones: look at them only.
+            self.held.len()
+        } else {
+            size * 2 + skip.len()
+        };
         let outbox = self.outbox.clone();
-        let batch = tokio::task::spawn_blocking(move || outbox.read_batch(size, size * 2))
-            .await
-            .map_err(|_| OutboxError::Closed)??;
+        let batch = tokio::task::spawn_blocking(move || {
+            outbox.read_batch_within(size, max_bytes, scan, &skip)
+        })
+        .await
+        .map_err(|_| OutboxError::Closed)??;
         let stats = self.outbox.stats().clone();
         if batch.ready.is_empty() && batch.unreadable.is_empty() {
-            stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
+            // Held events are pending but not moving: that is no progress.
+            if self.held.is_empty() {
+                stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
+            }
             return Ok(RelayStep::default());
         }
         let mut dead = Vec::new();
@@ -112,25 +180,57 @@ impl Relay {
         self.isolate_permanent_failures(&encoded, &mut results)
             .await;
         let (mut delivered, mut step) = (Vec::new(), RelayStep::default());
+        let went_through = results.iter().any(Result::is_ok);
+        let mut transient = Vec::new();
         for (m, result) in encoded.iter().zip(results) {
             match result {
-                Ok(()) => delivered.push(m.seq),
+                Ok(()) => {
+                    self.held.remove(&m.seq);
+                    delivered.push(m.seq);
+                }
                 Err(PublishError::Permanent(reason)) => {
+                    self.held.remove(&m.seq);
                     tracing::warn!(task_id = %m.key, event_id = %m.id, %reason, "dead-lettered");
                     dead.push((m.seq, reason));
+                }
+                Err(PublishError::Refused(reason)) => {
+                    Stats::add(&stats.refusals, 1);
+                    let attempts = self.outbox.config().refusal_attempts;
+                    let hold = self.hold(m, now);
+                    hold.refusals += 1;
+                    if hold.refusals >= attempts {
+                        let reason = format!("refused {attempts} times: {reason}");
+                        self.held.remove(&m.seq);
+                        tracing::warn!(task_id = %m.key, event_id = %m.id, %reason, "dead-lettered");
+                        dead.push((m.seq, reason));
+                    } else {
+                        tracing::warn!(task_id = %m.key, event_id = %m.id, destination = %m.destination, %reason, "refused; will retry this event alone");
+                        step.refused += 1;
+                    }
                 }
                 Err(PublishError::Transient(reason)) => {
                     if step.retrying == 0 {
                         tracing::warn!(%reason, "publish failed; will retry");
                     }
                     step.retrying += 1;
+                    transient.push(m);
                 }
             }
         }
+        // Others went through: the broker is there, so these wait alone.
+        if went_through {
+            for m in transient {
+                self.hold(m, now);
+            }
+        }
+        stats.refusing.store(
+            self.held.values().filter(|h| h.refusals > 0).count() as u64,
+            Ordering::Relaxed,
+        );
         step.published = delivered.len();
         step.dead_lettered = dead.len();
         Stats::add(&stats.publish_retries, step.retrying as u64);
-        if step.retrying > 0 {
+        if step.retrying > 0 && !went_through {
             stats.broker_error_at.store(now_ms(), Ordering::Relaxed);
         }
         if !encoded.is_empty() {
@@ -151,6 +251,23 @@ impl Relay {
             stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
         }
         Ok(step)
+    }
+
+    /// Holds `m` back for its next wait (doubling from `retry_initial_ms`
+    /// up to `retry_max_ms`) and returns its hold.
+    fn hold(&mut self, m: &Encoded, now: Instant) -> &mut Hold {
+        let config = self.outbox.config();
+        let initial = Duration::from_millis(config.retry_initial_ms);
+        let max = Duration::from_millis(config.retry_max_ms);
+        let hold = self.held.entry(m.seq).or_insert_with(|| Hold {
+            task_id: m.key.clone(),
+            refusals: 0,
+            due: now,
+            backoff: initial,
+        });
+        hold.due = now + hold.backoff;
+        hold.backoff = (hold.backoff * 2).min(max);
+        hold
     }
 
     /// A broker may refuse a whole produce request for one bad message (Kafka
@@ -209,7 +326,9 @@ impl Relay {
                 }
             };
             let pause = match step {
-                Ok(s) if s.retrying > 0 => Some(self.next_backoff(max_backoff)),
+                // Nothing went through and something failed transiently:
+                // the broker is away, the whole relay waits.
+                Ok(s) if s.retrying > 0 && s.published == 0 => Some(self.next_backoff(max_backoff)),
                 Ok(s) if s.is_idle() => None,
                 Ok(_) => {
                     self.backoff = initial;
@@ -220,11 +339,16 @@ impl Relay {
                     Some(self.next_backoff(max_backoff))
                 }
             };
+            // A periodic look even when idle: cheap, and robust to a lost
+            // wake-up; sooner when a held event is due.
+            let idle = self
+                .next_due()
+                .map(|due| due.saturating_duration_since(Instant::now()))
+                .map_or(IDLE_LOOK, |d| d.min(IDLE_LOOK));
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = notify.notified(), if pause.is_none() => {}
-                // A periodic look even when idle: cheap, and robust to a lost wake-up.
-                _ = tokio::time::sleep(pause.unwrap_or(Duration::from_secs(1))) => {}
+                _ = tokio::time::sleep(pause.unwrap_or(idle)) => {}
             }
         }
         self.publisher.flush(grace).await;
@@ -237,3 +361,6 @@ impl Relay {
         current
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,25 +10,35 @@
 use std::sync::RwLock;
 use std::time::Duration;
 
+use anyhow::Context;
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::OnceCell;
 
 use super::{
-    check_topic, render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError, Publisher,
-    CONTENT_TYPE,
+    check_topic, destinations, render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError,
+    Publisher, CONTENT_TYPE,
 };
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, KAFKA_MESSAGE_OVERHEAD, MAX_BODY_LIMIT};
 use crate::event::SCHEMA_VERSION;
+
+/// Longest wait for one admin request (topic creation, configs) at start.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct KafkaPublisher {
     config: KafkaConfig,
     /// Replaced when librdkafka reports a fatal (idempotence) error, after
     /// which the old instance refuses every message.
     producer: RwLock<FutureProducer>,
+    /// Set once the broker answered the topic check: every topic the
+    /// template can become exists (or could not be created, and was logged).
+    topics_ready: OnceCell<()>,
 }
 
 impl KafkaPublisher {
@@ -37,7 +47,53 @@ impl KafkaPublisher {
         Ok(Self {
             config,
             producer: RwLock::new(producer),
+            topics_ready: OnceCell::new(),
         })
+    }
+
+    /// Start-up: creates the topics events may go to and refuses a
+    /// `body_limit` the broker would refuse. A broker that does not answer
+    /// in time is not an error here: the topics are then created before
+    /// the first publish, and the limit is not checked.
+    pub async fn prepare(&self, body_limit: usize) -> anyhow::Result<()> {
+        match self.ensure_topics().await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka: cannot check the topics now; will before the first publish");
+                return Ok(());
+            }
+        }
+        let topics = destinations(&self.config.topic, &self.config.models);
+        let limit = match topic_message_limit(&self.config, &topics).await {
+            Ok(limit) => limit,
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka: cannot read the topics' max.message.bytes");
+                return Ok(());
+            }
+        };
+        if let Some((topic, limit)) = limit {
+            if body_limit as u64 > limit {
+                anyhow::bail!(
+                    "invalid `server.body_limit_bytes`: {body_limit} is larger than the \
+                     max.message.bytes of topic {topic:?} ({limit}); such events could be \
+                     accepted but never published"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates every topic the template can become, once the broker answers.
+    async fn ensure_topics(&self) -> Result<(), PublishError> {
+        self.topics_ready
+            .get_or_try_init(|| async {
+                let topics = destinations(&self.config.topic, &self.config.models);
+                create_topics(&self.config, &topics)
+                    .await
+                    .map_err(|e| PublishError::Transient(format!("cannot create topics: {e:#}")))
+            })
+            .await
+            .map(|_| ())
     }
 
     fn producer(&self) -> FutureProducer {
@@ -59,6 +115,15 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         // Resume within about a second of the broker's return; librdkafka's
         // default backoff grows to 10 s (measured: first publish 6-10 s late).
         .set("reconnect.backoff.max.ms", "1000")
+        // Topics come from hookbridge (created at start), never from a
+        // metadata request that names one.
+        .set("allow.auto.create.topics", "false")
+        // Large enough for any accepted event: the broker's own limit is
+        // the one that counts, checked at start.
+        .set(
+            "message.max.bytes",
+            (MAX_BODY_LIMIT as u64 + KAFKA_MESSAGE_OVERHEAD).to_string(),
+        )
         .set("client.id", "hookbridge");
     for (key, value) in &config.options {
         cc.set(crate::config::librdkafka_key(key), value.expose());
@@ -73,10 +138,85 @@ async fn create(config: &KafkaConfig) -> anyhow::Result<FutureProducer> {
     Ok(producer)
 }
 
+/// Creates `topics` with the broker's default partitions and replication;
+/// one that exists already is fine. A topic that cannot be created (no
+/// right to) is logged: its events are refused as unknown-topic and become
+/// dead letters after `outbox.refusal_attempts`, the others flow.
+async fn create_topics(config: &KafkaConfig, topics: &[String]) -> anyhow::Result<()> {
+    let admin = admin_client(config).await?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, -1, TopicReplication::Fixed(-1)))
+        .collect();
+    let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    let results = admin
+        .create_topics(&new, &options)
+        .await
+        .context("the broker did not answer the topic creation")?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(%topic, "kafka: topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, RDKafkaErrorCode::RequestTimedOut | RDKafkaErrorCode::OperationTimedOut)) => {
+                anyhow::bail!("the broker did not answer the topic creation in time")
+            }
+            Err((topic, code)) => {
+                tracing::error!(%topic, error = %code, "kafka: cannot create a topic hookbridge may publish to")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The smallest `max.message.bytes` among `topics`, with its topic.
+async fn topic_message_limit(
+    config: &KafkaConfig,
+    topics: &[String],
+) -> anyhow::Result<Option<(String, u64)>> {
+    let admin = admin_client(config).await?;
+    let specifiers: Vec<ResourceSpecifier> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    let results = admin
+        .describe_configs(&specifiers, &options)
+        .await
+        .context("the broker did not answer for the topic configs")?;
+    let mut smallest: Option<(String, u64)> = None;
+    for (topic, result) in topics.iter().zip(results) {
+        let Ok(resource) = result else { continue };
+        let limit = resource
+            .entries
+            .iter()
+            .find(|e| e.name == "max.message.bytes")
+            .and_then(|e| e.value.as_deref()?.parse::<u64>().ok());
+        if let Some(limit) = limit {
+            if smallest.as_ref().is_none_or(|(_, s)| limit < *s) {
+                smallest = Some((topic.clone(), limit));
+            }
+        }
+    }
+    Ok(smallest)
+}
+
+async fn admin_client(config: &KafkaConfig) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    let cc = client_config(config);
+    // Client creation resolves names and starts threads: keep it off the runtime.
+    let admin = tokio::task::spawn_blocking(move || cc.create::<AdminClient<_>>()).await??;
+    Ok(admin)
+}
+
 /// Permanent means the broker will refuse this message however often it is
-/// sent; everything else (connectivity, leadership, timeouts) is retried.
+/// sent; refused means it refuses it where it is going now (an unknown
+/// topic), which only an operator can fix; everything else (connectivity,
+/// leadership, timeouts) is retried.
 pub fn classify(err: &KafkaError) -> PublishError {
     use RDKafkaErrorCode as C;
+    if matches!(
+        err.rdkafka_error_code(),
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition)
+    ) {
+        return PublishError::Refused(err.to_string());
+    }
     let permanent = matches!(
         err.rdkafka_error_code(),
         Some(
@@ -189,6 +329,9 @@ impl Publisher for KafkaPublisher {
 
     fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
         async move {
+            if let Err(e) = self.ensure_topics().await {
+                return vec![Err(e); batch.len()];
+            }
             let producer = self.producer();
             // All sends are enqueued before any is awaited: librdkafka batches
             // them, and per-partition order is kept by the idempotent producer.

@@ -11,6 +11,9 @@ use futures::future::BoxFuture;
 use crate::config::PublisherConfig;
 use crate::event::{State, TaskEvent, MAX_TIME_MS};
 
+pub use check::{check_config, destinations, kafka_message_max_bytes, subject_matches};
+
+mod check;
 pub mod file;
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -77,10 +80,16 @@ pub struct Encoded {
 /// class, never on message text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
-    /// Worth retrying as is: broker unreachable, leader change, timeout,
-    /// queue full.
+    /// Worth retrying as is, for every event: broker unreachable, leader
+    /// change, timeout, queue full.
     #[error("transient: {0}")]
     Transient(String),
+    /// The broker refuses this event where it is going (no stream captures
+    /// its subject, its topic does not exist): nothing heals that but an
+    /// operator. The relay retries this event alone, with its own backoff,
+    /// and dead-letters it after `outbox.refusal_attempts`; the others flow.
+    #[error("refused: {0}")]
+    Refused(String),
     /// Retrying the same message cannot succeed (too large, not
     /// authorized, invalid destination): it goes to the dead letters.
     #[error("permanent: {0}")]
@@ -113,15 +122,30 @@ pub trait Publisher: Send + Sync {
     fn flush(&self, timeout: Duration) -> BoxFuture<'_, ()>;
 }
 
-/// Builds the backend chosen in the configuration. Never waits for the
-/// broker: an unreachable broker shows up as transient publish errors.
-pub async fn build(config: &PublisherConfig) -> anyhow::Result<Box<dyn Publisher>> {
+/// Builds the backend chosen in the configuration, and checks what only
+/// the broker can tell: the Kafka topics are created, and a `body_limit`
+/// larger than the broker's message limit (a topic's `max.message.bytes`,
+/// the NATS server's `max_payload`) is refused. Waits for the broker only a
+/// bounded time: an unreachable broker shows up as transient publish errors.
+pub async fn build(
+    config: &PublisherConfig,
+    body_limit: usize,
+) -> anyhow::Result<Box<dyn Publisher>> {
+    check_config(config).map_err(|(key, reason)| anyhow::anyhow!("invalid `{key}`: {reason}"))?;
     Ok(match config {
         PublisherConfig::File(c) => Box::new(file::FilePublisher::open(c)?),
         #[cfg(feature = "kafka")]
-        PublisherConfig::Kafka(c) => Box::new(kafka::KafkaPublisher::new(c.clone()).await?),
+        PublisherConfig::Kafka(c) => {
+            let publisher = kafka::KafkaPublisher::new(c.clone()).await?;
+            publisher.prepare(body_limit).await?;
+            Box::new(publisher)
+        }
         #[cfg(feature = "nats")]
-        PublisherConfig::Nats(c) => Box::new(nats::NatsPublisher::connect(c.clone()).await?),
+        PublisherConfig::Nats(c) => {
+            let publisher = nats::NatsPublisher::connect(c.clone()).await?;
+            publisher.check_max_payload(body_limit).await?;
+            Box::new(publisher)
+        }
         #[allow(unreachable_patterns)]
         other => anyhow::bail!("publisher {other:?} is not compiled into this build"),
     })
@@ -223,6 +247,8 @@ pub fn check_topic(topic: &str) -> Result<(), EncodeError> {
         Some("may only contain A-Z, a-z, 0-9, '.', '_' and '-'")
     } else if topic == "." || topic == ".." {
         Some("must not be '.' or '..'")
+    } else if topic.starts_with("__") {
+        Some("must not start with '__' (Kafka's internal topics, such as __consumer_offsets)")
     } else {
         None
     };
@@ -256,30 +282,6 @@ pub fn check_subject(subject: &str) -> Result<(), EncodeError> {
             problem,
         }),
     }
-}
-
-/// Start-up check of the publisher settings this module interprets: `publisher.models`
-/// entries, and templates that render to a legal topic or subject for every state and
-/// model. Returns the key at fault and why.
-pub fn check_config(config: &PublisherConfig) -> Result<(), (&'static str, String)> {
-    type Check = fn(&str) -> Result<(), EncodeError>;
-    let (key, template, models, check): (_, _, _, Check) = match config {
-        PublisherConfig::File(_) => return Ok(()),
-        PublisherConfig::Kafka(k) => ("publisher.topic", &k.topic, &k.models, check_topic),
-        PublisherConfig::Nats(n) => ("publisher.subject", &n.subject, &n.models, check_subject),
-    };
-    if let Some(bad) = models.iter().find(|m| !is_model_token(m)) {
-        return Err((
-            "publisher.models",
-            format!("{bad:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'"),
-        ));
-    }
-    // The longest `{model}` value, and the longest state word.
-    let longest = "m".repeat(MAX_MODEL_TOKEN);
-    let filled = template
-        .replace("{model}", &longest)
-        .replace("{state}", "generating");
-    check(&filled).map_err(|e| (key, e.to_string()))
 }
 
 /// CloudEvents attributes shared by the backends (binary content mode).

@@ -74,6 +74,31 @@ impl NatsPublisher {
         })
     }
 
+    /// Refuses a `body_limit` above the server's `max_payload`, when the
+    /// server answers within the ack timeout (else nothing is known yet).
+    pub async fn check_max_payload(&self, body_limit: usize) -> anyhow::Result<()> {
+        let wait = Duration::from_millis(self.config.ack_timeout_ms);
+        let connected = tokio::time::timeout(wait, async {
+            while self.client.connection_state() != async_nats::connection::State::Connected {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if connected.is_err() {
+            tracing::warn!("NATS: not connected yet; the server's max_payload is not checked");
+            return Ok(());
+        }
+        let max_payload = self.client.server_info().max_payload;
+        if max_payload > 0 && body_limit > max_payload {
+            anyhow::bail!(
+                "invalid `server.body_limit_bytes`: {body_limit} is larger than the NATS \
+                 server's max_payload ({max_payload}); such events could be accepted but \
+                 never published"
+            );
+        }
+        Ok(())
+    }
+
     /// The JetStream context (cluster mode keeps its guard in a bucket).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
@@ -184,8 +209,12 @@ pub fn encode(o: &Outgoing, config: &NatsConfig) -> Result<EncodedMessage, Encod
 }
 
 /// Permanent: the message itself is refused (too large for the server or
-/// the stream). Missing streams, timeouts and broken connections heal.
+/// the stream). Refused: no stream captures its subject, which only an
+/// operator can change. Timeouts and broken connections heal.
 pub fn classify(err: &jetstream::context::PublishError) -> PublishError {
+    if err.kind() == PublishErrorKind::StreamNotFound {
+        return PublishError::Refused(err.to_string());
+    }
     let too_large = match err.kind() {
         PublishErrorKind::MaxPayloadExceeded => true,
         PublishErrorKind::Other => std::error::Error::source(err)

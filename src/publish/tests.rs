@@ -171,14 +171,21 @@ fn config_check_names_the_key() {
         "publisher.models"
     );
     assert_eq!(
-        check_config(&kafka("a b.{model}", &[])).unwrap_err().0,
+        check_config(&kafka("a b.{model}", &["m"])).unwrap_err().0,
         "publisher.topic"
+    );
+    // `{model}` without an allowlist would let senders name topics.
+    assert_eq!(
+        check_config(&kafka("k.{model}", &[])).unwrap_err().0,
+        "publisher.models"
     );
     let too_long = format!("{}.{{model}}", "t".repeat(200));
+    let longest = "m".repeat(64);
     assert_eq!(
-        check_config(&kafka(&too_long, &[])).unwrap_err().0,
+        check_config(&kafka(&too_long, &[&longest])).unwrap_err().0,
         "publisher.topic"
     );
+    assert_eq!(check_config(&kafka(&too_long, &["m"])), Ok(()));
     let nats = PublisherConfig::Nats(NatsConfig {
         url: "x".into(),
         subject: "kinovi.>".into(),

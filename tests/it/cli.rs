@@ -31,7 +31,11 @@ struct Refusing {
 impl Refusing {
     async fn wrap(config: &PublisherConfig, refused: &[String]) -> Arc<Self> {
         Arc::new(Self {
-            inner: Arc::from(publish::build(config).await.expect("publisher builds")),
+            inner: Arc::from(
+                publish::build(config, 1024 * 1024)
+                    .await
+                    .expect("publisher builds"),
+            ),
             refused: Mutex::new(refused.to_vec()),
         })
     }

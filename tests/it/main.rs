@@ -23,6 +23,7 @@ mod nats;
 mod outbox;
 mod poll;
 mod readme;
+mod refusals;
 mod storage;
 mod supervise;
 mod tracked;

@@ -91,11 +91,13 @@ impl Scraped {
 async fn the_scrape_follows_the_traffic() {
     let bootstrap = brokers::kafka().await;
     let topic = unique("metrics");
-    kafka::create_topic(&bootstrap, &topic, 1, &[("max.message.bytes", "2000")]).await;
+    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
     let dir = temp_dir();
     let mut config = config(dir.path(), kafka_publisher(&bootstrap, &topic));
     config.server.body_limit_bytes = 32 * 1024;
     let app = TestApp::start(config).await;
+    // Lowered after the start, which refuses a topic smaller than the body limit.
+    kafka::limit_message_bytes(&bootstrap, &topic, 2000).await;
 
     let before = Scraped::from(&app.admin).await;
     assert_eq!(before.value("hookbridge_events_accepted_total", &[]), 0.0);

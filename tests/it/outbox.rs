@@ -379,9 +379,11 @@ async fn crash_after_200_loses_nothing() {
 async fn permanent_error_goes_to_dead_letters_and_the_rest_flows() {
     let bootstrap = brokers::kafka().await;
     let topic = unique("limited");
-    kafka::create_topic(&bootstrap, &topic, 1, &[("max.message.bytes", "2000")]).await;
+    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
     let dir = temp_dir();
     let app = TestApp::start(config(dir.path(), kafka_publisher(&bootstrap, &topic))).await;
+    // Lowered after the start, which refuses a topic smaller than the body limit.
+    kafka::limit_message_bytes(&bootstrap, &topic, 2000).await;
 
     let run = unique("task");
     let small = |n: usize| format!("{run}_small_{n}");

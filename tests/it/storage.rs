@@ -381,7 +381,11 @@ impl Publisher for Gated {
 }
 
 async fn gated(config: &PublisherConfig, open: &Arc<AtomicBool>) -> Arc<dyn Publisher> {
-    let inner = Arc::from(publish::build(config).await.expect("publisher builds"));
+    let inner = Arc::from(
+        publish::build(config, 1024 * 1024)
+            .await
+            .expect("publisher builds"),
+    );
     Arc::new(Gated {
         inner,
         open: open.clone(),

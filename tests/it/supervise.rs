@@ -50,7 +50,11 @@ struct Faulty {
 
 impl Faulty {
     async fn wrap(config: &PublisherConfig, faults: &[(&str, Fault)]) -> Arc<dyn Publisher> {
-        let inner = Arc::from(publish::build(config).await.expect("publisher builds"));
+        let inner = Arc::from(
+            publish::build(config, 1024 * 1024)
+                .await
+                .expect("publisher builds"),
+        );
         Arc::new(Self {
             inner,
             faults: faults.iter().map(|(t, f)| (t.to_string(), *f)).collect(),

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -49,6 +51,68 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32, configs
     for r in results {
         r.expect("topic created");
     }
+}
+
+/// Sets `topic`'s `max.message.bytes` (after hookbridge started: at start it
+/// refuses a topic that cannot take its largest body) and waits, bounded,
+/// until the broker reports it.
+pub async fn limit_message_bytes(bootstrap: &str, topic: &str, bytes: u32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let value = bytes.to_string();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let change = AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", &value);
+    for r in admin
+        .alter_configs([&change], &options)
+        .await
+        .expect("alter_configs answered")
+    {
+        r.expect("topic config altered");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let described = admin
+            .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
+            .await
+            .expect("describe_configs answered");
+        let now = described.into_iter().flatten().any(|resource| {
+            resource
+                .entries
+                .iter()
+                .any(|e| e.name == "max.message.bytes" && e.value.as_deref() == Some(&value))
+        });
+        if now {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "max.message.bytes of {topic} not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The topics the broker has now.
+pub async fn topics(bootstrap: &str) -> Vec<String> {
+    let bootstrap = bootstrap.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("metadata client");
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(30))
+            .expect("metadata");
+        metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect()
+    })
+    .await
+    .expect("metadata task")
 }
 
 /// Consumes `topic` from the beginning until `expected` records arrived,
