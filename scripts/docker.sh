@@ -368,10 +368,12 @@ build_compose() {
   buildlog=$dir/build.log
   log "building Docker Compose $COMPOSE_VERSION from the Go module proxy with $(go env GOVERSION) (about a minute; log $buildlog)"
   # Outside any Go module of the caller's, so only the module named here is resolved.
-  moddir=$(cd "$dir" && timeout "$COMPOSE_BUILD_TIMEOUT" go mod download -json "$COMPOSE_MODULE@$COMPOSE_VERSION" 2>"$buildlog" |
-    tee -a "$buildlog" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p') || true
+  (cd "$dir" && timeout "$COMPOSE_BUILD_TIMEOUT" go mod download -json "$COMPOSE_MODULE@$COMPOSE_VERSION" \
+    >"$dir/download.json" 2>"$buildlog") || true
+  moddir=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' "$dir/download.json")
   if [[ -z $moddir || ! -d $moddir/cmd ]]; then
-    COMPOSE_WHY="go mod download $COMPOSE_MODULE@$COMPOSE_VERSION failed: $(grep -v '^\s*$' "$buildlog" | grep -m 1 -i 'error' | cut -c1-200)"
+    COMPOSE_WHY="go mod download $COMPOSE_MODULE@$COMPOSE_VERSION failed: $(cat "$dir/download.json" "$buildlog" 2>/dev/null |
+      grep -m 1 -i 'error' | sed 's/^[[:space:]]*//' | cut -c1-200)"
     return 1
   fi
   if ! (cd "$moddir" && timeout "$COMPOSE_BUILD_TIMEOUT" go build -trimpath \
