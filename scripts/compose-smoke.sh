@@ -79,8 +79,8 @@ OUT=
 setup_step() {
   local what=$1 status=0 reason
   shift
-  "$@" >"$TMP/out" 2> >(tee "$TMP/err" >&2) || status=$?
-  wait $! 2>/dev/null || true # the tee above, so its file is complete
+  # stderr through tee, stdout to a file (the order of the redirections matters).
+  "$@" 2>&1 >"$TMP/out" | tee "$TMP/err" >&2 || status=$?
   OUT=$(<"$TMP/out")
   ((status != 0)) || return 0
   reason=$(grep -v '^\s*$' "$TMP/err" | tail -n 1 | sed 's/^docker\.sh: \(error: \)\{0,1\}//' | cut -c1-300)
@@ -180,7 +180,12 @@ gated() {
   healthy=$(docker inspect -f '{{range .State.Health.Log}}{{if eq .ExitCode 0}}{{.End}}{{"\n"}}{{end}}{{end}}' \
     "$(container "$2")" | head -n 1)
   [[ -n $healthy ]] || fail "$1 runs, but $2 has not passed a health check"
-  (($(date -d "$started" +%s%N) >= $(date -d "$healthy" +%s%N))) ||
+  # The health log's times print as Go's time.String ("... +0000 UTC"); date wants no zone name.
+  local t_started t_healthy
+  if ! t_started=$(date -d "$started" +%s%N) || ! t_healthy=$(date -d "${healthy% UTC}" +%s%N); then
+    fail "cannot read the times $started / $healthy"
+  fi
+  ((t_started >= t_healthy)) ||
     fail "$1 started at $started, before $2 was healthy ($healthy): depends_on is not health-gated"
 }
 
