@@ -38,12 +38,14 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/hookbridge-smoke.XXXXXX")
 PROJECT=hookbridge-smoke-$$
 COMPOSE=()
 STACK=0 # 1 once `up` ran: there is a stack to tear down
+EVENTS= # the pid of the `docker events` recording `up`
 
 compose() { "${COMPOSE[@]}" -p "$PROJECT" -f "$ROOT/docker-compose.yml" -f "$TMP/override.yml" "$@"; }
 
 # shellcheck disable=SC2317 # invoked by the trap
 teardown() {
   local status=$?
+  [[ -z $EVENTS ]] || kill "$EVENTS" 2>/dev/null || true
   if ((STACK)); then
     if ((status == 1)); then
       log "logs of the stack:"
@@ -148,12 +150,6 @@ fi
 size=$(docker image inspect -f '{{.Size}}' "$HOOKBRIDGE_IMAGE")
 log "image $HOOKBRIDGE_IMAGE: $((size / 1000000)) MB, built in $((SECONDS - t0)) s"
 
-log "up: project $PROJECT, bridges on :$HOOKBRIDGE_KAFKA_PORT (Kafka) and :$HOOKBRIDGE_NATS_PORT (JetStream)"
-STACK=1
-t0=$SECONDS
-compose up -d >&2 || fail "'${COMPOSE[*]} up -d'"
-log "up -d returned after $((SECONDS - t0)) s"
-
 # until_ok TIMEOUT WHAT CMD...: retries CMD every half second until it succeeds.
 until_ok() {
   local timeout=$1 what=$2
@@ -165,6 +161,23 @@ until_ok() {
   done
 }
 
+log "up: project $PROJECT, bridges on :$HOOKBRIDGE_KAFKA_PORT (Kafka) and :$HOOKBRIDGE_NATS_PORT (JetStream)"
+STACK=1
+# The project's container starts and health changes, as the engine reports them.
+docker events --filter type=container --filter "label=com.docker.compose.project=$PROJECT" \
+  --filter event=start --filter event=health_status \
+  --format '{{.TimeNano}} {{index .Actor.Attributes "com.docker.compose.service"}} {{.Action}}' \
+  >"$TMP/events" 2>&1 &
+EVENTS=$!
+t0=$SECONDS
+compose up -d >&2 || fail "'${COMPOSE[*]} up -d'"
+log "up -d returned after $((SECONDS - t0)) s"
+until_ok 30 "the bridges' start events" grep -q ' hookbridge-nats start' "$TMP/events"
+until_ok 30 "the bridges' start events" grep -q ' hookbridge-kafka start' "$TMP/events"
+kill "$EVENTS" 2>/dev/null || true
+wait "$EVENTS" 2>/dev/null || true
+EVENTS=
+
 container() {
   local id
   id=$(compose ps -q "$1") || id=
@@ -172,21 +185,17 @@ container() {
   printf '%s' "$id"
 }
 
-# gated BRIDGE BROKER: the bridge's container started after the broker's first passed
-# health check (depends_on: condition: service_healthy).
+# gated BRIDGE BROKER: the bridge's container started after its broker's first "healthy"
+# (depends_on: condition: service_healthy). Both times are the engine's, from the events
+# recorded while `up` ran (a container's health log keeps only its last five checks).
 gated() {
   local started healthy
-  started=$(docker inspect -f '{{.State.StartedAt}}' "$(container "$1")")
-  healthy=$(docker inspect -f '{{range .State.Health.Log}}{{if eq .ExitCode 0}}{{.End}}{{"\n"}}{{end}}{{end}}' \
-    "$(container "$2")" | head -n 1)
-  [[ -n $healthy ]] || fail "$1 runs, but $2 has not passed a health check"
-  # The health log's times print as Go's time.String ("... +0000 UTC"); date wants no zone name.
-  local t_started t_healthy
-  if ! t_started=$(date -d "$started" +%s%N) || ! t_healthy=$(date -d "${healthy% UTC}" +%s%N); then
-    fail "cannot read the times $started / $healthy"
-  fi
-  ((t_started >= t_healthy)) ||
-    fail "$1 started at $started, before $2 was healthy ($healthy): depends_on is not health-gated"
+  started=$(awk -v s="$1" '$2 == s && $3 == "start" {print $1; exit}' "$TMP/events")
+  healthy=$(awk -v s="$2" '$2 == s && $3 == "health_status:" && $4 == "healthy" {print $1; exit}' "$TMP/events")
+  [[ -n $started ]] || fail "no start event of $1 while up ran"
+  [[ -n $healthy ]] || fail "$1 started, but $2 never reported healthy while up ran"
+  ((started >= healthy)) ||
+    fail "$1 started $(((healthy - started) / 1000000)) ms before $2 was healthy: depends_on is not health-gated"
 }
 
 healthy() { curl -fsS --max-time 2 "http://127.0.0.1:$1/healthz"; }
