@@ -145,9 +145,10 @@ elif [[ $SOURCE == testcontainers ]]; then
   smoke_log=$(mktemp "${TMPDIR:-/tmp}/hookbridge-smoke.XXXXXX")
   smoke=0
   bash "$ROOT/scripts/compose-smoke.sh" 2>&1 | tee "$smoke_log" >&2 || smoke=$?
+  # (grep finds nothing after a pass: not an error here)
   reason=$(grep -E '^compose-smoke: (FAILED: |cannot set up the stack: |skipped: )' "$smoke_log" |
-    tail -n 1 | sed 's/^compose-smoke: //' | cut -c1-300)
-  used=$(sed -n 's/^compose-smoke: using //p' "$smoke_log" | tail -n 1)
+    tail -n 1 | sed 's/^compose-smoke: //' | cut -c1-300) || true
+  used=$(sed -n 's/^compose-smoke: using //p' "$smoke_log" | tail -n 1) || true
   rm -f "$smoke_log"
   if ((smoke == 0)); then
     compose="passed (${used:-compose version unknown})"
