@@ -16,7 +16,7 @@
 #   compose       Make sure Docker Compose v2 or later answers as `docker compose` and print the
 #                 command that runs it (`docker compose`; `docker-compose` for the fallback).
 #                 When the engine is up and no Compose v2+ is found, build Docker Compose
-#                 $COMPOSE_VERSION from the Go module proxy (about a minute; the binary is
+#                 $COMPOSE_VERSION from the Go module proxy (about 160 CPU-seconds; the binary is
 #                 cached in $HOOKBRIDGE_CACHE/compose-VERSION) and install it as the Docker CLI
 #                 plugin ($DOCKER_CONFIG/cli-plugins/docker-compose, a link to the cached binary).
 #                 Only when that build is impossible (no Go, no proxy), Debian's docker-compose
@@ -366,7 +366,7 @@ build_compose() {
   }
   mkdir -p "$dir"
   buildlog=$dir/build.log
-  log "building Docker Compose $COMPOSE_VERSION from the Go module proxy with $(go env GOVERSION) (about a minute; log $buildlog)"
+  log "building Docker Compose $COMPOSE_VERSION from the Go module proxy with $(go env GOVERSION) (about 160 CPU-seconds with empty Go caches; log $buildlog)"
   # Outside any Go module of the caller's, so only the module named here is resolved.
   (cd "$dir" && timeout "$COMPOSE_BUILD_TIMEOUT" go mod download -json "$COMPOSE_MODULE@$COMPOSE_VERSION" \
     >"$dir/download.json" 2>"$buildlog") || true
