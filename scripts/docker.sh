@@ -13,17 +13,27 @@
 #   base          Build the local Debian base image (no registry needed); print its name.
 #   builder       Build the local Rust builder image (the host's rustup toolchain on the local
 #                 base, for the Dockerfile's RUST_IMAGE build arg); print its name.
+#   compose       Make sure Docker Compose v2 or later answers as `docker compose` and print the
+#                 command that runs it (`docker compose`; `docker-compose` for the fallback).
+#                 When the engine is up and no Compose v2+ is found, build Docker Compose
+#                 $COMPOSE_VERSION from the Go module proxy (about 160 CPU-seconds; the binary is
+#                 cached in $HOOKBRIDGE_CACHE/compose-VERSION) and install it as the Docker CLI
+#                 plugin ($DOCKER_CONFIG/cli-plugins/docker-compose, a link to the cached binary).
+#                 Only when that build is impossible (no Go, no proxy), Debian's docker-compose
+#                 1.29 (Compose v1, end-of-life) is used, installed with apt-get if missing,
+#                 and one line says so.
 #   sweep         Remove test containers whose test process has exited (tests label them
 #                 org.hookbridge.test-pid; scripts/test.sh runs this after the tests).
 #   stop          Stop the dockerd that `engine` started.
 #
 # Environment:
 #   HOOKBRIDGE_TEST_KAFKA_IMAGE    Kafka image for tests and compose (default apache/kafka:4.1.1)
-#   HOOKBRIDGE_TEST_NATS_IMAGE     NATS image for tests and compose (default nats:2.10)
+#   HOOKBRIDGE_TEST_NATS_IMAGE     NATS image for tests and compose (default nats:2.10-alpine)
 #   HOOKBRIDGE_TEST_DOCKER_IMAGES  auto (default): use the images named above when present or
 #                                  pullable, else build local ones; local: always build;
 #                                  official: never build
 #   HOOKBRIDGE_CACHE               cache root (default ~/.cache/hookbridge)
+#   DOCKER_CONFIG                  the Docker client's configuration (default ~/.docker)
 #
 # Local images are tagged with a hash of everything that went into them, so they are
 # rebuilt only when an input changes. The base is `debootstrap --variant=minbase` from the
@@ -41,7 +51,13 @@ DOCKER_STATE=$CACHE_DIR/docker
 SUITE=bookworm
 KAFKA_VERSION=4.1.1
 OFFICIAL_KAFKA=apache/kafka:$KAFKA_VERSION
-OFFICIAL_NATS=nats:2.10
+OFFICIAL_NATS=nats:2.10-alpine
+# Docker Compose built from the Go module proxy when none is installed: a release that builds
+# with this machine's Go. Its version is printed through -ldflags (the module's `internal`
+# package holds it, as the upstream Makefile sets it).
+COMPOSE_MODULE=github.com/docker/compose/v5
+COMPOSE_VERSION=v5.6.0
+COMPOSE_BUILD_TIMEOUT=900
 # Bounded waits.
 ENGINE_START_TIMEOUT=60
 PULL_TIMEOUT=120
@@ -310,6 +326,129 @@ cmd_builder() {
   printf '%s\n' "$tag"
 }
 
+# ---------------------------------------------------------------------------
+# compose
+
+PLUGIN_DIR=${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins
+COMPOSE_BIN=$CACHE_DIR/compose-$COMPOSE_VERSION/docker-compose
+# Why the last build_compose / install_compose failed (one line).
+COMPOSE_WHY=
+
+# version_of CMD...: the version CMD reports with `version --short` (no leading v).
+version_of() {
+  local v
+  v=$(timeout 20 "$@" version --short 2>/dev/null | head -n 1) || return 1
+  v=${v#v}
+  [[ $v =~ ^[0-9]+\. ]] || return 1
+  printf '%s' "$v"
+}
+
+# v2_or_later VERSION
+v2_or_later() { ((${1%%.*} >= 2)); }
+
+# The plugin link is ours when it points into the cache (a link this script made).
+plugin_is_ours() {
+  local link=$PLUGIN_DIR/docker-compose
+  [[ -L $link && $(readlink "$link") == "$CACHE_DIR"/compose-* ]]
+}
+
+# Docker Compose $COMPOSE_VERSION in the cache, built from the Go module proxy when missing.
+# `go install MODULE/cmd@VERSION` is refused for this module (its go.mod has exclude
+# directives), so the module is downloaded and its ./cmd package built.
+build_compose() {
+  local dir=${COMPOSE_BIN%/*} want=${COMPOSE_VERSION#v} got buildlog moddir t0=$SECONDS
+  if [[ -x $COMPOSE_BIN ]] && [[ $(version_of "$COMPOSE_BIN") == "$want" ]]; then
+    return 0
+  fi
+  command -v go >/dev/null || {
+    COMPOSE_WHY="go is not installed"
+    return 1
+  }
+  mkdir -p "$dir"
+  buildlog=$dir/build.log
+  log "building Docker Compose $COMPOSE_VERSION from the Go module proxy with $(go env GOVERSION) (about 160 CPU-seconds with empty Go caches; log $buildlog)"
+  # Outside any Go module of the caller's, so only the module named here is resolved.
+  (cd "$dir" && timeout "$COMPOSE_BUILD_TIMEOUT" go mod download -json "$COMPOSE_MODULE@$COMPOSE_VERSION" \
+    >"$dir/download.json" 2>"$buildlog") || true
+  moddir=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' "$dir/download.json")
+  if [[ -z $moddir || ! -d $moddir/cmd ]]; then
+    COMPOSE_WHY="go mod download $COMPOSE_MODULE@$COMPOSE_VERSION failed: $(cat "$dir/download.json" "$buildlog" 2>/dev/null |
+      grep -m 1 -i 'error' | sed 's/^[[:space:]]*//' | cut -c1-200)"
+    return 1
+  fi
+  if ! (cd "$moddir" && timeout "$COMPOSE_BUILD_TIMEOUT" go build -trimpath \
+    -ldflags "-w -X $COMPOSE_MODULE/internal.Version=$COMPOSE_VERSION" \
+    -o "$COMPOSE_BIN.tmp" ./cmd) >>"$buildlog" 2>&1; then
+    rm -f "$COMPOSE_BIN.tmp"
+    COMPOSE_WHY="go build of $COMPOSE_MODULE@$COMPOSE_VERSION failed: $(grep -v '^\s*$' "$buildlog" | tail -n 1 | cut -c1-200) (log: $buildlog)"
+    return 1
+  fi
+  got=$(version_of "$COMPOSE_BIN.tmp") || got=none
+  if [[ $got != "$want" ]]; then
+    rm -f "$COMPOSE_BIN.tmp"
+    COMPOSE_WHY="the Compose just built reports version $got, not $want"
+    return 1
+  fi
+  mv -f "$COMPOSE_BIN.tmp" "$COMPOSE_BIN"
+  log "built Docker Compose $COMPOSE_VERSION in $((SECONDS - t0)) s ($COMPOSE_BIN)"
+}
+
+# The cached binary as the Docker CLI plugin: a link, replaced only when it is ours or absent.
+install_compose() {
+  local link=$PLUGIN_DIR/docker-compose
+  if [[ -e $link || -L $link ]] && ! plugin_is_ours; then
+    COMPOSE_WHY="$link is there but does not answer as Compose v2 or later (remove it to let this script install one)"
+    return 1
+  fi
+  mkdir -p "$PLUGIN_DIR"
+  ln -sfn "$COMPOSE_BIN" "$link"
+  local got
+  got=$(version_of docker compose) || {
+    COMPOSE_WHY="installed $link, but \`docker compose version\` does not answer"
+    return 1
+  }
+  log "installed Docker Compose $got as the Docker CLI plugin $link"
+}
+
+# Debian's docker-compose 1.29 (Compose v1), installed with apt-get when missing and allowed.
+compose_v1() {
+  command -v docker-compose >/dev/null && return 0
+  command -v apt-get >/dev/null || return 1
+  [[ $EUID -eq 0 ]] || sudo -n true 2>/dev/null || return 1
+  log "apt-get install docker-compose"
+  {
+    as_root apt-get update -qq &&
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose
+  } >&2 && command -v docker-compose >/dev/null
+}
+
+cmd_compose() {
+  local v
+  # A Compose of our own from an earlier pin is replaced by the current one.
+  if v=$(version_of docker compose) && v2_or_later "$v" &&
+    ! { plugin_is_ours && [[ $(readlink "$PLUGIN_DIR/docker-compose") != "$COMPOSE_BIN" ]]; }; then
+    log "Docker Compose $v (docker compose)"
+    printf 'docker compose\n'
+    return 0
+  fi
+  if v=$(version_of docker-compose) && v2_or_later "$v"; then
+    log "Docker Compose $v (docker-compose)"
+    printf 'docker-compose\n'
+    return 0
+  fi
+  if build_compose && install_compose; then
+    printf 'docker compose\n'
+    return 0
+  fi
+  local why=$COMPOSE_WHY
+  if compose_v1 && v=$(version_of docker-compose); then
+    log "falling back to docker-compose $v (Compose v1, end-of-life since 2023): cannot install Docker Compose $COMPOSE_VERSION: $why"
+    printf 'docker-compose\n'
+    return 0
+  fi
+  die "no Docker Compose: cannot install Docker Compose $COMPOSE_VERSION ($why), and no docker-compose to fall back on"
+}
+
 # A container with a published port that answers from the host: what the tests need. Run
 # once the images exist, so a machine whose engine starts but cannot run or reach
 # containers is found here (and the caller can fall back) rather than in the tests.
@@ -356,6 +495,10 @@ main() {
       ;;
     base) mkdir -p "$DOCKER_STATE" && cmd_base ;;
     builder) mkdir -p "$DOCKER_STATE" && cmd_builder ;;
+    compose)
+      engine_answers || no_engine "none answers (run: $SCRIPT_PATH engine)"
+      cmd_compose
+      ;;
     sweep) cmd_sweep ;;
     stop) cmd_stop ;;
     -h | --help | help) usage 0 ;;

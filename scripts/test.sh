@@ -10,11 +10,14 @@
 #    HOOKBRIDGE_TEST_BROKERS_SCRIPT (default: scripts/brokers.sh).
 # 2. testcontainers: scripts/docker.sh provides a Docker engine (starting Debian's docker.io
 #    if needed and allowed) and the images; every broker, private ones included, is a
-#    container. Then scripts/compose-smoke.sh checks docker-compose.yml.
+#    container. Then scripts/compose-smoke.sh checks docker-compose.yml with Docker Compose
+#    (scripts/docker.sh installs Compose v5.6.0 when none is found); a stack that cannot be
+#    set up there fails the run.
 # 3. processes: scripts/brokers.sh starts one shared Kafka and one shared NATS, stopped
 #    when this script exits, and runs the private ones.
 # If Docker cannot be set up, one line says why and the processes are used: a machine
-# without Docker still runs the whole suite.
+# without Docker still runs the whole suite (the compose stack is then skipped, and the last
+# line says why).
 #
 # HOOKBRIDGE_TEST_BROKERS=docker|processes forces a source (docker: fail when there is no engine).
 # HOOKBRIDGE_TEST_KEEP_STATE=1 keeps the process brokers' data and logs (the path is printed).
@@ -130,24 +133,34 @@ if ((status == 0 && $# == 0)); then
   cargo test --locked --test it chaos -- --ignored --nocapture || status=$?
 fi
 
-# The compose stack, whenever the engine is up (a filtered run skips it).
-compose=skipped
-if ((status == 0)) && [[ $SOURCE == testcontainers ]] && (($# == 0)); then
+# The compose stack, whenever the tests ran on the Docker engine. There, a stack that cannot
+# be set up (no Compose, image build, ...) fails the run with the reason: a skip would hide
+# a missing step. Only a machine without a usable engine skips it, and the summary says so.
+if ((status != 0)); then
+  compose="not run: the tests failed"
+elif (($#)); then
+  compose="skipped: a filtered run"
+elif [[ $SOURCE == testcontainers ]]; then
   step "compose stack (scripts/compose-smoke.sh)"
+  smoke_log=$(mktemp "${TMPDIR:-/tmp}/hookbridge-smoke.XXXXXX")
   smoke=0
-  bash "$ROOT/scripts/compose-smoke.sh" || smoke=$?
-  case $smoke in
-    0) compose=passed ;;
-    # 2: the stack could not be set up here (image build, engine): not a test failure.
-    2) compose="skipped: could not be set up (see above)" ;;
-    *)
-      compose="FAILED (exit status $smoke)"
-      status=1
-      ;;
-  esac
+  bash "$ROOT/scripts/compose-smoke.sh" 2>&1 | tee "$smoke_log" >&2 || smoke=$?
+  # (grep finds nothing after a pass: not an error here)
+  reason=$(grep -E '^compose-smoke: (FAILED: |cannot set up the stack: |skipped: )' "$smoke_log" |
+    tail -n 1 | sed 's/^compose-smoke: //' | cut -c1-300) || true
+  used=$(sed -n 's/^compose-smoke: using //p' "$smoke_log" | tail -n 1) || true
+  rm -f "$smoke_log"
+  if ((smoke == 0)); then
+    compose="passed (${used:-compose version unknown})"
+  else
+    compose="FAILED (exit status $smoke): ${reason:-see above}"
+    status=1
+  fi
+elif [[ $SOURCE == processes && $mode == processes ]]; then
+  compose="skipped: HOOKBRIDGE_TEST_BROKERS=processes"
 elif [[ $SOURCE == processes ]]; then
-  compose="skipped: no Docker"
-elif [[ $SOURCE == environment ]]; then
+  compose="skipped: no usable Docker engine"
+else
   compose="skipped: brokers from the environment"
 fi
 
