@@ -164,7 +164,8 @@ pub struct ServerConfig {
     /// How long shutdown waits for open requests, in milliseconds; the
     /// connections still open then are dropped.
     pub shutdown_timeout_ms: u64,
-    /// Most connections one client address may hold at once. At the cap a
+    /// Most connections one client address may hold at once, once fewer
+    /// than a quarter of `max_connections` are free. At the cap a
     /// new connection takes the place of that address's own oldest idle
     /// one; when all of them are busy, it waits (at most
     /// `header_timeout_ms`) for one of them to end. Known senders and

@@ -6,8 +6,9 @@
 //! the sender's (on the public listener, with [`Clients`]):
 //!
 //! - A client in penalty ([`Clients`]) is closed at accept, before a byte
-//!   is read. A connection past `max_connections_per_client` takes the
-//!   place of its address's own oldest idle connection; when all of them
+//!   is read. Once fewer than a quarter of the slots are free, a
+//!   connection past `max_connections_per_client` takes the place of its
+//!   address's own oldest idle connection; when all of them
 //!   are busy it waits (off the accept loop, at most `max_connections` such
 //!   connections, at most `header_timeout`) for one of them to end, and is
 //!   closed only then.
@@ -204,7 +205,15 @@ pub async fn serve(
             linger_bytes: limits.linger_bytes,
             live: live.clone(),
         };
-        if kind == Kind::Other && live.count(ip) >= limits.max_per_client && !live.evict_own(ip) {
+        // The per-address cap only binds once the listener is filling up:
+        // until then a heavy address costs nobody anything, and closing a
+        // sender's idle connection could race its next request.
+        let pressed = slots.shared.available_permits() < limits.max_connections / 4;
+        if kind == Kind::Other
+            && pressed
+            && live.count(ip) >= limits.max_per_client
+            && !live.evict_own(ip)
+        {
             // Every connection of that address is busy: this one waits, off
             // the accept loop and bounded in number and time, for one of
             // them to end (a sender's burst is served late, never refused).

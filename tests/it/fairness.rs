@@ -765,6 +765,7 @@ async fn connections_past_the_per_address_cap_wait_their_turn() {
     const CLIENTS: usize = 12;
     let dir = temp_dir();
     let mut config = file_config(dir.path());
+    config.server.max_connections = 12;
     config.server.max_connections_per_client = 3;
     let app = TestApp::start(config).await;
     let run = unique("cap");
