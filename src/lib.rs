@@ -28,7 +28,10 @@
 //!   disk; the relay retries transient broker errors with capped backoff
 //!   for as long as it takes and deletes an entry only after the broker
 //!   acknowledged it. A restart resumes what is pending. Permanent refusals
-//!   are kept whole as dead letters, never dropped.
+//!   are kept whole as dead letters, never dropped; an event refused where
+//!   it goes (no stream, unknown topic) is retried alone and dead-lettered
+//!   after `outbox.refusal_attempts`, never holding the others up. A batch
+//!   is bounded in count and bytes (`outbox.relay_batch_bytes`).
 //! - **One event per task state** ([`outbox`], [`event::event_id`]): the
 //!   (taskId, state) key is checked by the single writer and recorded in
 //!   the very log record that stores the event, then in the task store,
@@ -53,6 +56,9 @@
 //!   `POST /tasks` or watched are polled when their callback does not come,
 //!   and dead-lettered as `stuck` at their deadline; verify mode keeps forged
 //!   callbacks off the broker. `sim` (feature `sim`) simulates the provider for tests.
+//! - **No destination at the sender's choice** ([`publish`]): `{model}` needs
+//!   an allowlist, so every topic or subject is known at start; the Kafka
+//!   publisher creates its topics and never has one auto-created.
 //! - **One bad event never stops the flow** ([`outbox::Relay`]): each event
 //!   is encoded on its own; an error or a panic there, or an entry that does
 //!   not decode, makes that one event a dead letter and the relay goes on.

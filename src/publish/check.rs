@@ -154,7 +154,8 @@ fn check_kafka_options(options: &BTreeMap<String, Secret>) -> Result<(), Refusal
 /// The producer's `message.max.bytes` from the options, when set.
 pub fn kafka_message_max_bytes(options: &BTreeMap<String, Secret>) -> Option<u64> {
     options.iter().find_map(|(key, value)| {
-        (librdkafka_key(key.trim()).to_ascii_lowercase() == "message.max.bytes")
+        librdkafka_key(key.trim())
+            .eq_ignore_ascii_case("message.max.bytes")
             .then(|| value.expose().trim().parse().ok())
             .flatten()
     })
