@@ -30,9 +30,13 @@
 //!   for as long as it takes and deletes an entry only after the broker
 //!   acknowledged it. A restart resumes what is pending. Permanent refusals
 //!   are kept as dead letters (capped by count and bytes, the oldest
-//!   dropped first and counted). Damage on disk costs only the records it
-//!   hits: the log skips to the next valid record and keeps the damaged
-//!   bytes as a dead letter; a damaged redb file is set aside at start.
+//!   dropped first and counted); an event refused where it goes (no
+//!   stream, unknown topic) is retried alone and dead-lettered after
+//!   `outbox.refusal_attempts`, never holding the others up. A batch is
+//!   bounded in count and bytes (`outbox.relay_batch_bytes`). Damage on
+//!   disk costs only the records it hits: the log skips to the next valid
+//!   record and keeps the damaged bytes as a dead letter; a damaged redb
+//!   file is set aside at start.
 //! - **One event per task state** ([`outbox`], [`event::event_id`]): the
 //!   (taskId, state) key is checked by the single writer and recorded in
 //!   the very log record that stores the event, then in the task store,
@@ -61,6 +65,9 @@
 //!   `POST /tasks` or watched are polled when their callback does not come,
 //!   and dead-lettered as `stuck` at their deadline; verify mode keeps forged
 //!   callbacks off the broker. `sim` (feature `sim`) simulates the provider for tests.
+//! - **No destination at the sender's choice** ([`publish`]): `{model}` needs
+//!   an allowlist, so every topic or subject is known at start; the Kafka
+//!   publisher creates its topics and never has one auto-created.
 //! - **One bad event never stops the flow** ([`outbox::Relay`]): each event
 //!   is encoded on its own; an error or a panic there, or an entry that does
 //!   not decode, makes that one event a dead letter and the relay goes on.
