@@ -80,6 +80,12 @@ fn failure_kind(e: &anyhow::Error) -> &'static str {
             if h.is_canceled() {
                 return "canceled";
             }
+            if h.is_closed() {
+                return "closed";
+            }
+            if h.is_body_write_aborted() {
+                return "body-write-aborted";
+            }
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
@@ -277,8 +283,8 @@ pub async fn run(target: Target, s: Settings) -> anyhow::Result<()> {
             format!(" ({})", lost_kinds.join(" "))
         }
     );
-    if let Some(e) = &all.first_failure {
-        println!("first failure         : {e}");
+    for (kind, e) in &all.samples {
+        println!("first {kind:<16}: {e}");
     }
     if let Some((ok, s429, other, errors, took, kinds)) = &burst_line {
         println!(
@@ -296,6 +302,9 @@ pub async fn run(target: Target, s: Settings) -> anyhow::Result<()> {
             counts.outcomes(),
             counts.connect_failed.load(Ordering::Relaxed)
         );
+        if let Some(e) = counts.sample() {
+            println!("attack's first error  : {e}");
+        }
     }
     let cpu_s = match (cpu0, cpu1) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 100.0),

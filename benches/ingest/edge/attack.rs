@@ -57,6 +57,8 @@ pub struct Counts {
     pub refused: AtomicU64,
     /// Connections the attacker could not open.
     pub connect_failed: AtomicU64,
+    /// The first error message of a failed request.
+    sample: Mutex<Option<String>>,
 }
 
 impl Counts {
@@ -70,6 +72,16 @@ impl Counts {
     fn failed(&self, kind: &str) {
         self.add(kind.to_string());
         self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failed_with(&self, e: &anyhow::Error) {
+        self.failed(failure_kind(e));
+        let mut sample = self.sample.lock().unwrap_or_else(|e| e.into_inner());
+        sample.get_or_insert_with(|| format!("{e:#}"));
+    }
+
+    pub fn sample(&self) -> Option<String> {
+        self.sample.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn add(&self, key: String) {
@@ -143,7 +155,7 @@ async fn flood(
                 match sent {
                     Ok(Ok((status, _))) => counts.status(status),
                     Ok(Err(e)) => {
-                        counts.failed(failure_kind(&e));
+                        counts.failed_with(&e);
                         conn = None;
                     }
                     Err(_) => {

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -46,7 +46,8 @@ pub struct Tally {
     /// Pooled connections found closed by the server before a callback was
     /// put on them (the callback went on a new one: not lost).
     pub stale: u64,
-    pub first_failure: Option<String>,
+    /// The first error message of each kind.
+    pub samples: BTreeMap<&'static str, String>,
 }
 
 impl Tally {
@@ -71,8 +72,8 @@ impl Tally {
             *self.failures.entry(k).or_default() += n;
         }
         self.stale += other.stale;
-        if self.first_failure.is_none() {
-            self.first_failure = other.first_failure;
+        for (k, m) in other.samples {
+            self.samples.entry(k).or_insert(m);
         }
     }
 
@@ -88,8 +89,9 @@ impl Tally {
                 }
             }
             Err(e) => {
-                *self.failures.entry(failure_kind(&e)).or_default() += 1;
-                self.first_failure.get_or_insert_with(|| format!("{e:#}"));
+                let kind = failure_kind(&e);
+                *self.failures.entry(kind).or_default() += 1;
+                self.samples.entry(kind).or_insert_with(|| format!("{e:#}"));
             }
         }
     }
@@ -109,41 +111,40 @@ impl Tally {
     }
 }
 
-/// Sends one callback on `conn` within `timeout`; the connection is
-/// dropped when it failed, so the next callback opens a new one.
+/// Sends one callback on `conn` (a new connection when `None`), connect
+/// and answer within `timeout`; the connection is dropped when it failed.
 async fn post(
     conn: &mut Option<Conn>,
     target: &Target,
     body: Bytes,
     timeout: Duration,
 ) -> anyhow::Result<u16> {
-    let c = match conn {
-        Some(c) => c,
-        None => conn.insert(
-            tokio::time::timeout(timeout, Conn::open_from(target, Some(SENDER)))
-                .await
-                .map_err(|_| anyhow::anyhow!("connect timed out"))?
-                .context("connect")?,
-        ),
+    let attempt = async {
+        let c = match conn {
+            Some(c) => c,
+            None => conn.insert(
+                Conn::open_from(target, Some(SENDER))
+                    .await
+                    .context("connect")?,
+            ),
+        };
+        c.send(target, "POST", body).await.map(|(status, _)| status)
     };
-    match tokio::time::timeout(timeout, c.send(target, "POST", body)).await {
-        Ok(Ok((status, _))) => Ok(status),
-        Ok(Err(e)) => {
-            *conn = None;
-            Err(e)
-        }
-        Err(_) => {
-            *conn = None;
-            Err(super::Timeout.into())
-        }
+    let outcome = match tokio::time::timeout(timeout, attempt).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(super::Timeout.into()),
+    };
+    if outcome.is_err() {
+        *conn = None;
     }
+    outcome
 }
 
 /// The pool (opened now, before the caller starts the attack) and the
 /// fresh-connection trickle; `run` sends them on the timeline.
 pub struct Sender {
     target: Arc<Target>,
-    pool: Vec<Conn>,
+    idle: Arc<Mutex<Vec<Conn>>>,
     bodies: Arc<Bodies>,
 }
 
@@ -159,20 +160,23 @@ impl Sender {
         }
         Ok(Self {
             target: Arc::new(target.clone()),
-            pool,
+            idle: Arc::new(Mutex::new(pool)),
             bodies: Arc::new(Bodies::new()),
         })
     }
 
-    /// Open loop: pooled callback `i` is due at `start + i / rate`, the
-    /// fresh ones on their own timeline; latency runs from the due time.
+    /// Open loop: pooled callback `i` is due at `start + i / rate` and goes
+    /// out then, on an idle pooled connection or, when none is idle, on a
+    /// new one that joins the pool (as an HTTP client's pool does). The
+    /// fresh ones run on their own timeline. Latency runs from the due
+    /// time; every callback ends within `load.timeout` of leaving.
     pub async fn run(self, load: &Load) -> anyhow::Result<Tally> {
         anyhow::ensure!(load.rate > 0, "--rate must be positive");
         let start = Instant::now() + Duration::from_millis(20);
         let from = start + load.warmup;
         let end = from + load.duration;
         let total = ((load.warmup + load.duration).as_secs_f64() * load.rate as f64) as u64;
-        let (due_tx, due_rx) = tokio::sync::mpsc::channel::<Instant>(self.pool.len() * 4);
+        let (due_tx, mut due_rx) = tokio::sync::mpsc::channel::<Instant>(1024);
         let rate = load.rate;
         // The OS timer, not tokio's millisecond wheel (see load::open_loop).
         let pacer = std::thread::Builder::new()
@@ -190,41 +194,50 @@ impl Sender {
                 }
             })
             .context("cannot start the pacing thread")?;
-        let due_rx = Arc::new(tokio::sync::Mutex::new(due_rx));
-        let mut workers = JoinSet::new();
-        for conn in self.pool {
-            let (target, bodies, due_rx) =
-                (self.target.clone(), self.bodies.clone(), due_rx.clone());
-            let timeout = load.timeout;
-            workers.spawn(async move {
-                let mut tally = Tally::default();
-                let mut conn = Some(conn);
-                loop {
-                    let Some(due) = due_rx.lock().await.recv().await else {
-                        break;
-                    };
-                    if conn.as_ref().is_some_and(Conn::is_closed) {
-                        tally.stale += 1;
-                        conn = None;
-                    }
-                    let outcome = post(&mut conn, &target, bodies.next(), timeout).await;
-                    tally.record(outcome, due.elapsed(), due >= from);
-                }
-                tally
-            });
-        }
-        let fresh = fresh(
+        let fresh = tokio::spawn(fresh(
             self.target.clone(),
             self.bodies.clone(),
-            load,
+            load.fresh_rate,
+            load.timeout,
             start,
             from,
             end,
-        );
-        let mut tally = fresh.await?;
-        while let Some(worker) = workers.join_next().await {
-            tally.merge(worker?);
+        ));
+        let pool_max = load.pool.max(1) * 4;
+        let mut sends = JoinSet::new();
+        let mut tally = Tally::default();
+        while let Some(due) = due_rx.recv().await {
+            while let Some(done) = sends.try_join_next() {
+                tally.merge(done?);
+            }
+            let (target, body, idle, timeout) = (
+                self.target.clone(),
+                self.bodies.next(),
+                self.idle.clone(),
+                load.timeout,
+            );
+            sends.spawn(async move {
+                let mut one = Tally::default();
+                let mut conn = lock(&idle).pop();
+                if conn.as_ref().is_some_and(Conn::is_closed) {
+                    one.stale += 1;
+                    conn = None;
+                }
+                let outcome = post(&mut conn, &target, body, timeout).await;
+                one.record(outcome, due.elapsed(), due >= from);
+                if let Some(conn) = conn {
+                    let mut idle = lock(&idle);
+                    if idle.len() < pool_max {
+                        idle.push(conn);
+                    }
+                }
+                one
+            });
         }
+        while let Some(done) = sends.join_next().await {
+            tally.merge(done?);
+        }
+        tally.merge(fresh.await??);
         if pacer.join().is_err() {
             anyhow::bail!("the pacing thread panicked");
         }
@@ -232,26 +245,31 @@ impl Sender {
     }
 }
 
-/// Callbacks at `load.fresh_rate` per second from `start` to `end`, each on
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Callbacks at `rate` per second from `start` to `end`, each on
 /// a connection of its own, closed after the answer.
 async fn fresh(
     target: Arc<Target>,
     bodies: Arc<Bodies>,
-    load: &Load,
+    rate: f64,
+    timeout: Duration,
     start: Instant,
     from: Instant,
     end: Instant,
 ) -> anyhow::Result<Tally> {
     let mut tally = Tally::default();
-    if load.fresh_rate <= 0.0 {
+    if rate <= 0.0 {
         return Ok(tally);
     }
-    let every = Duration::from_secs_f64(1.0 / load.fresh_rate);
+    let every = Duration::from_secs_f64(1.0 / rate);
     let mut sends = JoinSet::new();
     let mut due = start;
     while due < end {
         tokio::time::sleep_until(due.into()).await;
-        let (target, body, timeout) = (target.clone(), bodies.next(), load.timeout);
+        let (target, body) = (target.clone(), bodies.next());
         sends.spawn(async move {
             let mut conn = None;
             let outcome = post(&mut conn, &target, body, timeout).await;
