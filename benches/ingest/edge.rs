@@ -310,8 +310,12 @@ pub async fn run(target: Target, s: Settings) -> anyhow::Result<()> {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 100.0),
         _ => None,
     };
-    let per_refused = cpu_s.filter(|_| refused > 0).map(|c| c * 1e6 / refused as f64);
-    let per_request = cpu_s.filter(|_| requests > 0).map(|c| c * 1e6 / requests as f64);
+    let per_refused = cpu_s
+        .filter(|_| refused > 0)
+        .map(|c| c * 1e6 / refused as f64);
+    let per_request = cpu_s
+        .filter(|_| requests > 0)
+        .map(|c| c * 1e6 / requests as f64);
     println!(
         "hookbridge CPU        : {} s over {:.1} s; {} us per refused request; {} us per attack request",
         fig(cpu_s, 2),
@@ -328,13 +332,21 @@ pub async fn run(target: Target, s: Settings) -> anyhow::Result<()> {
         if p99_ok && lost == 0 { "MET" } else { "MISSED" },
         fig(ratio, 2)
     );
-    let (b200, b429, bother, berr) = burst_line
-        .as_ref()
-        .map_or(("-".into(), "-".into(), "-".into(), "-".into()), |b| {
-            (b.0.to_string(), b.1.to_string(), b.2.to_string(), b.3.to_string())
-        });
+    let (b200, b429, bother, berr) =
+        burst_line
+            .as_ref()
+            .map_or(("-".into(), "-".into(), "-".into(), "-".into()), |b| {
+                (
+                    b.0.to_string(),
+                    b.1.to_string(),
+                    b.2.to_string(),
+                    b.3.to_string(),
+                )
+            });
     println!(
-        "RESULT p50_ms={p50:.2} p99_ms={p99:.2} p99_ratio={} lost={lost} good_sent={} attack_requests={requests} refused={refused} hookbridge_cpu_s={} cpu_us_per_refused={} burst_200={b200} burst_429={b429} burst_other={bother} burst_errors={berr}",
+        "RESULT p50_ms={} p99_ms={} p99_ratio={} lost={lost} good_sent={} attack_requests={requests} refused={refused} hookbridge_cpu_s={} cpu_us_per_refused={} burst_200={b200} burst_429={b429} burst_other={bother} burst_errors={berr}",
+        fig(Some(p50), 2),
+        fig(Some(p99), 2),
         fig(ratio, 2),
         all.sent,
         fig(cpu_s, 2),

@@ -81,7 +81,10 @@ impl Counts {
     }
 
     pub fn sample(&self) -> Option<String> {
-        self.sample.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.sample
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn add(&self, key: String) {
@@ -235,7 +238,16 @@ pub async fn slow_bodies(
         target.path, target.authority, sizes.slow_content_length
     );
     let body = slow_writer(sizes.slow_byte_every);
-    held(target, sizes, sizes.slow_connections, head, body, stop, counts).await;
+    held(
+        target,
+        sizes,
+        sizes.slow_connections,
+        head,
+        body,
+        stop,
+        counts,
+    )
+    .await;
 }
 
 /// Half a request head, then nothing.
@@ -245,7 +257,16 @@ pub async fn loris(target: &Target, sizes: &Sizes, stop: &CancellationToken, cou
         target.path, target.authority
     );
     let idle = slow_writer(Duration::ZERO);
-    held(target, sizes, sizes.loris_connections, head, idle, stop, counts).await;
+    held(
+        target,
+        sizes,
+        sizes.loris_connections,
+        head,
+        idle,
+        stop,
+        counts,
+    )
+    .await;
 }
 
 /// A byte every `every` (never when zero).

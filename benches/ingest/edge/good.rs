@@ -146,22 +146,33 @@ pub struct Sender {
     target: Arc<Target>,
     idle: Arc<Mutex<Vec<Conn>>>,
     bodies: Arc<Bodies>,
+    /// The callbacks that warmed the pool up (counted, not measured).
+    warm: Tally,
 }
 
 impl Sender {
+    /// Opens the pool and sends one callback on each connection, so that
+    /// the server sees a pool in use, as the provider's would be.
     pub async fn open(target: &Target, load: &Load) -> anyhow::Result<Self> {
+        let bodies = Bodies::new();
         let mut pool = Vec::with_capacity(load.pool);
+        let mut warm = Tally::default();
         for _ in 0..load.pool.max(1) {
-            pool.push(
+            let mut conn = Some(
                 Conn::open_from(target, Some(SENDER))
                     .await
                     .context("the good sender cannot connect")?,
             );
+            let sent = Instant::now();
+            let outcome = post(&mut conn, target, bodies.next(), load.timeout).await;
+            warm.record(outcome, sent.elapsed(), false);
+            pool.extend(conn);
         }
         Ok(Self {
             target: Arc::new(target.clone()),
             idle: Arc::new(Mutex::new(pool)),
-            bodies: Arc::new(Bodies::new()),
+            bodies: Arc::new(bodies),
+            warm,
         })
     }
 
@@ -205,7 +216,7 @@ impl Sender {
         ));
         let pool_max = load.pool.max(1) * 4;
         let mut sends = JoinSet::new();
-        let mut tally = Tally::default();
+        let mut tally = self.warm;
         while let Some(due) = due_rx.recv().await {
             while let Some(done) = sends.try_join_next() {
                 tally.merge(done?);
