@@ -140,7 +140,11 @@ async fn flood(
                     }
                 }
                 if conn.is_none() {
-                    match Conn::open_from(&target, Some(from)).await {
+                    let opened = tokio::select! {
+                        c = Conn::open_from(&target, Some(from)) => c,
+                        _ = stop.cancelled() => break,
+                    };
+                    match opened {
                         Ok(c) => conn = Some(c),
                         Err(_) => {
                             counts.connect_failed.fetch_add(1, Ordering::Relaxed);
@@ -292,7 +296,12 @@ async fn held(
         let from = sizes.source(c);
         tasks.spawn(async move {
             while !stop.is_cancelled() {
-                let Ok(mut stream) = connect_from(addr, Some(from)).await else {
+                // A full accept queue can hold a connect for long: the run's end wins.
+                let connected = tokio::select! {
+                    c = connect_from(addr, Some(from)) => c,
+                    _ = stop.cancelled() => return,
+                };
+                let Ok(mut stream) = connected else {
                     counts.connect_failed.fetch_add(1, Ordering::Relaxed);
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
@@ -300,7 +309,11 @@ async fn held(
                     }
                 };
                 counts.requests.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = stream.write_all(head.as_bytes()).await {
+                let written = tokio::select! {
+                    w = stream.write_all(head.as_bytes()) => w,
+                    _ = stop.cancelled() => return,
+                };
+                if let Err(e) = written {
                     counts.failed(io_kind(&e));
                     continue;
                 }
@@ -361,7 +374,11 @@ pub async fn churn(target: &Target, sizes: &Sizes, stop: &CancellationToken, cou
         let (from, hold) = (sizes.source(i), sizes.churn_hold);
         i += 1;
         conns.spawn(async move {
-            let Ok(mut stream) = connect_from(addr, Some(from)).await else {
+            let connected = tokio::select! {
+                c = connect_from(addr, Some(from)) => c,
+                _ = stop.cancelled() => return,
+            };
+            let Ok(mut stream) = connected else {
                 counts.connect_failed.fetch_add(1, Ordering::Relaxed);
                 return;
             };
