@@ -12,7 +12,8 @@
 //! ingest recovery     --dir DIR [--count N] [--concurrency C]   the outbox alone: open time with N pending
 //! ingest wait-http    --url URL                             wait until GET URL answers 200
 //! ingest wait-drained --url URL                             wait until the outbox is empty
-//! ingest edge         --url URL --attack none|loris|junk    fixed-rate good callbacks during an attack
+//! ingest edge         --url URL --attack quiet|burst|junk|slow|churn|forged|loris
+//!                                                       good callbacks from 127.0.0.1, attack from 127.0.0.2+
 //! ingest large-pending --url URL [--count N] [--size B]     large callbacks held pending (publishes failing)
 //! ```
 //!
@@ -159,29 +160,71 @@ enum Mode {
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
     },
-    /// Open-loop good callbacks at a fixed rate while the edge is attacked
-    /// (nothing, a slow-loris, or a flood of invalid 1 MiB bodies).
+    /// Good callbacks from 127.0.0.1 at a fixed rate while the edge is
+    /// attacked from 127.0.0.2 and up (see benches/ingest/edge.rs).
     Edge {
         #[command(flatten)]
         target: Url,
-        #[arg(long, value_enum, default_value = "none")]
+        #[arg(long, value_enum, default_value = "quiet")]
         attack: edge::Attack,
-        /// Good callbacks per second.
-        #[arg(long, default_value_t = 200)]
+        /// Good callbacks per second on the keep-alive pool.
+        #[arg(long, default_value_t = 100)]
         rate: u64,
+        /// Good callbacks per second each on a fresh connection.
+        #[arg(long, default_value_t = 5.0)]
+        fresh_rate: f64,
+        /// The good sender's keep-alive connections.
+        #[arg(long, default_value_t = 16)]
+        pool: usize,
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
-        /// Slow-loris connections held open.
-        #[arg(long, default_value_t = 2000)]
-        loris: usize,
-        /// Connections the junk is sent on.
-        #[arg(long, default_value_t = 32)]
+        /// Seconds the attack runs before the good callbacks start.
+        #[arg(long, default_value_t = 1.0)]
+        ramp: f64,
+        /// Longest wait for a good callback's answer (then it counts as lost).
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        /// hookbridge's process id: its CPU time per refused request.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// The quiet phase's good p99 in ms, for the ratio.
+        #[arg(long)]
+        quiet_p99_ms: Option<f64>,
+        /// Attacker addresses: 127.0.0.2 ..= 127.0.0.(1 + N).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=250))]
+        attackers: u8,
+        /// Burst phase: callbacks, and the keep-alive connections they go on.
+        #[arg(long, default_value_t = 3000)]
+        burst: u64,
+        #[arg(long, default_value_t = 16)]
+        burst_connections: usize,
+        /// Junk flood: connections, and bodies per second in all (0: as fast as answered).
+        #[arg(long, default_value_t = 16)]
         junk_connections: usize,
-        /// Junk bodies per second in all; 0 sends them as fast as answered.
         #[arg(long, default_value_t = 0)]
         junk_rate: u64,
+        /// Slow bodies: connections, declared Content-Length, seconds between bytes.
+        #[arg(long, default_value_t = 700)]
+        slow_connections: usize,
+        #[arg(long, default_value_t = 100_000)]
+        slow_content_length: u64,
+        #[arg(long, default_value_t = 5.0)]
+        slow_byte_every: f64,
+        /// Churn: new connections per second, and seconds each stays open after its answer.
+        #[arg(long, default_value_t = 500)]
+        churn_rate: u64,
+        #[arg(long, default_value_t = 2.0)]
+        churn_hold: f64,
+        /// Forged flood: connections, and callbacks per second in all (0: as fast as answered).
+        #[arg(long, default_value_t = 8)]
+        forged_connections: usize,
+        #[arg(long, default_value_t = 1000)]
+        forged_rate: u64,
+        /// Slow-loris: connections sending half a request head.
+        #[arg(long, default_value_t = 2000)]
+        loris: usize,
     },
     /// Post COUNT valid callbacks of about SIZE bytes while publishes fail,
     /// then keep them pending for HOLD seconds (bench.sh reads the peak RSS).
@@ -372,20 +415,56 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             target,
             attack,
             rate,
+            fresh_rate,
+            pool,
             duration,
             warmup,
-            loris,
+            ramp,
+            timeout,
+            server_pid,
+            quiet_p99_ms,
+            attackers,
+            burst,
+            burst_connections,
             junk_connections,
             junk_rate,
+            slow_connections,
+            slow_content_length,
+            slow_byte_every,
+            churn_rate,
+            churn_hold,
+            forged_connections,
+            forged_rate,
+            loris,
         } => {
             let settings = edge::Settings {
                 attack,
-                rate,
-                warmup: secs(warmup),
-                duration: secs(duration),
-                loris,
-                junk_connections,
-                junk_rate,
+                load: edge::Load {
+                    rate,
+                    fresh_rate,
+                    pool,
+                    warmup: secs(warmup),
+                    duration: secs(duration),
+                    timeout: secs(timeout),
+                },
+                sizes: edge::Sizes {
+                    attackers,
+                    junk_connections,
+                    junk_rate,
+                    slow_connections,
+                    slow_content_length,
+                    slow_byte_every: secs(slow_byte_every),
+                    churn_rate,
+                    churn_hold: secs(churn_hold),
+                    forged_connections,
+                    forged_rate,
+                    loris_connections: loris,
+                },
+                burst,
+                burst_connections,
+                ramp: secs(ramp),
+                server_pid,
+                quiet_p99_ms,
             };
             edge::run(target.target()?, settings).await?;
         }

@@ -16,9 +16,24 @@
 #   drain       Kafka stopped, BENCH_DRAIN_COUNT callbacks posted, Kafka started:
 #               events/s from the first publish to an empty outbox
 #   dedup-size  the outbox alone: on-disk size of BENCH_DEDUP_COUNT tasks' dedup records
-#   edge        good callbacks at BENCH_EDGE_RATE/s (open loop) alone, then during a
-#               slow-loris (BENCH_LORIS connections sending half a request head), then
-#               during a flood of invalid 1 MiB bodies (32 connections): p50/p99 of each
+#   edge        hookbridge with its DEFAULT limits (rate limits on; a fresh one per
+#               attack), good callbacks from 127.0.0.1 (BENCH_EDGE_RATE/s on a keep-alive
+#               pool opened before the attack, BENCH_EDGE_FRESH_RATE/s each on a fresh
+#               connection), the attack always from 127.0.0.2 and up; one run per attack
+#               of BENCH_EDGE_PHASES:
+#                 quiet   no attack: the reference
+#                 burst   the sender's own burst: BENCH_EDGE_BURST callbacks for distinct
+#                         tasks from 127.0.0.1 over 16 keep-alive connections, at once
+#                 junk    16 connections posting invalid 1 MiB bodies, as fast as answered
+#                 slow    BENCH_EDGE_SLOW connections declaring Content-Length: 100000 and
+#                         sending a byte every 5 s
+#                 churn   BENCH_EDGE_CHURN_RATE new connections/s, each GET /healthz, held
+#                         open 2 s, against the good sender's pool
+#                 forged  valid-looking callbacks for random task ids, BENCH_EDGE_FORGED_RATE/s
+#                 loris   (not in the default list) BENCH_LORIS half request heads
+#               each prints good p50/p99 (from the due time) and p99 / quiet p99, the good
+#               callbacks LOST (any answer but 200, or none) by kind, and hookbridge's CPU
+#               (/proc/PID/stat) per refused attack request. Goal: p99 <= 2x quiet, 0 lost.
 #   recovery    the outbox alone: BENCH_RECOVERY_COUNT events left pending, then the time
 #               to reopen it (restart after an outage), its data dir size and peak RSS
 #   large       hookbridge with its Kafka unreachable (every publish fails): BENCH_LARGE_COUNT
@@ -44,13 +59,25 @@
 #   BENCH_DRAIN_COUNT      callbacks posted during the outage (default 200000)
 #   BENCH_DEDUP_COUNT      distinct tasks for dedup-size (default 1000000)
 #   BENCH_RECOVERY_COUNT   pending events for recovery (default 1000000)
-#   BENCH_EDGE_RATE        good callbacks/s in the edge phases (default 200)
-#   BENCH_EDGE_DURATION    measured seconds of each edge phase (default 10)
+#   BENCH_EDGE_PHASES      edge attacks to run, in order (default: quiet burst junk slow
+#                          churn forged; quiet first, it is the others' reference)
+#   BENCH_EDGE_RATE        good callbacks/s on the sender's pool in the edge phases (default 100)
+#   BENCH_EDGE_FRESH_RATE  good callbacks/s each on a fresh connection (default 5)
+#   BENCH_EDGE_DURATION    measured seconds of each edge phase (default 10; plus 1 s of
+#                          attack ramp, 1 s warm-up, at most 10 s for the last answers)
+#   BENCH_EDGE_ATTACKERS   attacker addresses, 127.0.0.2 and up (default 4)
+#   BENCH_EDGE_BURST       callbacks in the burst (default 3000)
+#   BENCH_EDGE_SLOW        slow-body connections (default 700)
+#   BENCH_EDGE_CHURN_RATE  churned connections/s (default 500)
+#   BENCH_EDGE_FORGED_RATE forged callbacks/s (default 1000; 0: as fast as answered)
 #   BENCH_LORIS            slow-loris connections (default 2000)
 #   BENCH_JUNK_RATE        junk bodies/s (default 0: as fast as they are answered)
 #   BENCH_LARGE_COUNT      large pending callbacks (default 400)
 #   BENCH_LARGE_SIZE       bytes of each (default 1000000)
 #   BENCH_LARGE_HOLD       seconds they stay pending, publishes failing (default 20)
+#                          The edge phases pass HOOKBRIDGE_* on as well, e.g. to measure
+#                          with the sender known (issue 19's server.senders):
+#                          HOOKBRIDGE_SERVER__SENDERS='["127.0.0.1/32"]'
 #   BENCH_CLIENT_THREADS   load generator runtime threads (default 1)
 #   BENCH_KEEP=1           keep the state dir (logs, data) and print its path
 #   BENCH_NO_SYNC=1        do not `sync` before each load phase (see measured() below)
@@ -77,8 +104,15 @@ RATE_DURATION=${BENCH_RATE_DURATION:-15}
 DRAIN_COUNT=${BENCH_DRAIN_COUNT:-200000}
 DEDUP_COUNT=${BENCH_DEDUP_COUNT:-1000000}
 RECOVERY_COUNT=${BENCH_RECOVERY_COUNT:-1000000}
-EDGE_RATE=${BENCH_EDGE_RATE:-200}
+EDGE_PHASES=${BENCH_EDGE_PHASES:-quiet burst junk slow churn forged}
+EDGE_RATE=${BENCH_EDGE_RATE:-100}
+EDGE_FRESH_RATE=${BENCH_EDGE_FRESH_RATE:-5}
 EDGE_DURATION=${BENCH_EDGE_DURATION:-10}
+EDGE_ATTACKERS=${BENCH_EDGE_ATTACKERS:-4}
+EDGE_BURST=${BENCH_EDGE_BURST:-3000}
+EDGE_SLOW=${BENCH_EDGE_SLOW:-700}
+EDGE_CHURN_RATE=${BENCH_EDGE_CHURN_RATE:-500}
+EDGE_FORGED_RATE=${BENCH_EDGE_FORGED_RATE:-1000}
 LORIS=${BENCH_LORIS:-2000}
 JUNK_RATE=${BENCH_JUNK_RATE:-0}
 LARGE_COUNT=${BENCH_LARGE_COUNT:-400}
@@ -187,6 +221,7 @@ NATS_PUBLISHER=(HOOKBRIDGE_PUBLISHER__TYPE=nats HOOKBRIDGE_PUBLISHER__URL="nats:
   HOOKBRIDGE_PUBLISHER__SUBJECT='bench.{state}' HOOKBRIDGE_PUBLISHER__STREAM__NAME=BENCH
   HOOKBRIDGE_PUBLISHER__STREAM__SUBJECTS='["bench.>"]')
 PUBLISHER=("${KAFKA_PUBLISHER[@]}")
+# Every phase runs hookbridge's default limits: valid callbacks are never rate limited.
 
 # start_hookbridge NAME [VAR=VALUE...]: a fresh data dir per NAME, the publisher of $PUBLISHER.
 start_hookbridge() {
@@ -441,17 +476,25 @@ if want drain; then
 fi
 stop_hookbridge
 
+EDGE_QUIET_P99=
 if want edge; then
-  # Rate limits stay off: the load generator is one client sending good and bad.
-  start_hookbridge edge
-  for attack in none loris junk; do
-    step "edge: ${EDGE_RATE}/s good callbacks for ${EDGE_DURATION}s, attack: $attack"
+  # hookbridge's defaults: the attack comes from other addresses than the sender, as in
+  # the field. A fresh hookbridge per attack, so that one attack's buckets and
+  # connections do not carry into the next.
+  for attack in $EDGE_PHASES; do
+    step "edge $attack: ${EDGE_RATE}/s + ${EDGE_FRESH_RATE}/s good callbacks for ${EDGE_DURATION}s"
+    start_hookbridge "edge-$attack"
     [[ -n ${BENCH_NO_SYNC:-} ]] || sync
-    phase "edge-$attack" "$BENCH" edge --url "$URL" --attack "$attack" --rate "$EDGE_RATE" \
-      --duration "$EDGE_DURATION" --loris "$LORIS" --junk-rate "$JUNK_RATE"
+    quiet=()
+    [[ -z $EDGE_QUIET_P99 || $EDGE_QUIET_P99 == - ]] || quiet=(--quiet-p99-ms "$EDGE_QUIET_P99")
+    phase "edge-$attack" "$BENCH" edge --url "$URL" --attack "$attack" --server-pid "$HB_PID" \
+      --rate "$EDGE_RATE" --fresh-rate "$EDGE_FRESH_RATE" --duration "$EDGE_DURATION" \
+      --attackers "$EDGE_ATTACKERS" --burst "$EDGE_BURST" --slow-connections "$EDGE_SLOW" \
+      --churn-rate "$EDGE_CHURN_RATE" --forged-rate "$EDGE_FORGED_RATE" --junk-rate "$JUNK_RATE" \
+      --loris "$LORIS" "${quiet[@]}"
+    [[ $attack != quiet ]] || EDGE_QUIET_P99=$(result edge-quiet p99_ms)
+    stop_hookbridge
   done
-  phase edge-relay "$BENCH" wait-drained --url "$URL" --admin-url "$ADMIN" --timeout 60
-  stop_hookbridge
 fi
 stop "$KAFKA_PID" 30
 KAFKA_PID=
@@ -512,10 +555,18 @@ step "summary ($(nproc) cores, load average at the start: $LOAD_AT_START, load g
   printf '%-44s %14s %s\n' "dedup records, $DEDUP_COUNT tasks: MiB" "$(result dedup-size dedup_mib)" ""
   printf '%-44s %14s %s\n' "  bytes per task (pages; file diff MiB)" "$(result dedup-size dedup_bytes_per_task) ($(result dedup-size file_diff_mib))" ""
   printf '%-44s %14s %s\n' "  outbox append us, dedup on / off" "$(result dedup-size append_on_us) / $(result dedup-size append_off_us)" ""
-  printf '%-44s %14s %s\n' "edge ${EDGE_RATE}/s: p50 / p99 ms, no attack" "$(result edge-none p50_ms) / $(result edge-none p99_ms)" ""
-  printf '%-44s %14s %s\n' "  during a slow-loris ($LORIS conns)" "$(result edge-loris p50_ms) / $(result edge-loris p99_ms)" ""
-  printf '%-44s %14s %s\n' "  during a junk flood (1 MiB bodies)" "$(result edge-junk p50_ms) / $(result edge-junk p99_ms)" ""
-  printf '%-44s %14s %s\n' "  p99 ratio loris / none; junk / none" "$(ratio "$(result edge-loris p99_ms)" "$(result edge-none p99_ms)"); $(ratio "$(result edge-junk p99_ms)" "$(result edge-none p99_ms)")" "<= 2"
+  if want edge; then
+    printf '%-44s %14s %s\n' "edge (${EDGE_RATE}+${EDGE_FRESH_RATE}/s good): p50 / p99 ms" "" ""
+    for attack in $EDGE_PHASES; do
+      printf '%-44s %14s %s\n' "  $attack: p50 / p99 ms (x quiet)" \
+        "$(result "edge-$attack" p50_ms) / $(result "edge-$attack" p99_ms) ($(result "edge-$attack" p99_ratio))" "<= 2x"
+      printf '%-44s %14s %s\n' "    lost; CPU us per refused (refused)" \
+        "$(result "edge-$attack" lost); $(result "edge-$attack" cpu_us_per_refused) ($(result "edge-$attack" refused))" "lost 0"
+    done
+    [[ " $EDGE_PHASES " != *" burst "* ]] ||
+      printf '%-44s %14s %s\n' "  burst of $EDGE_BURST: 200 / 429 / other / conn err" \
+        "$(result edge-burst burst_200) / $(result edge-burst burst_429) / $(result edge-burst burst_other) / $(result edge-burst burst_errors)" "all 200"
+  fi
   printf '%-44s %14s %s\n' "reopen with $RECOVERY_COUNT pending: s" "$(result recovery open_s)" ""
   printf '%-44s %14s %s\n' "  peak RSS MiB; data dir MiB" "$(result recovery rss_peak_mib); $(result recovery data_mib)" ""
   printf '%-44s %14s %s\n' "  fill: appends/s" "$(result recovery fill_rps)" ""

@@ -2,7 +2,7 @@
 //! closed and open loops.
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use hyper::client::conn::http1::{handshake, SendRequest};
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::report::{micros, Report};
 
@@ -43,13 +43,18 @@ pub struct Bodies {
 
 impl Bodies {
     pub fn new() -> Self {
+        Self::with_prefix(run_prefix())
+    }
+
+    /// Ids `{prefix}{counter:015}`: another prefix, another set of tasks.
+    pub fn with_prefix(prefix: String) -> Self {
         Self {
-            prefix: run_prefix(),
+            prefix,
             next: AtomicU64::new(0),
         }
     }
 
-    fn next(&self) -> Bytes {
+    pub fn next(&self) -> Bytes {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let template = if n % 5 == 4 { FAILURE } else { SUCCESS };
         // A 25-character id like the provider's "cl..." cuids.
@@ -107,6 +112,25 @@ impl fmt::Display for Target {
     }
 }
 
+/// A TCP connection to `addr` from the loopback address `from` (any free
+/// port), or from the system's choice when `None`.
+pub async fn connect_from(addr: SocketAddr, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect(addr).await;
+    };
+    if !from.is_loopback() {
+        return Err(std::io::Error::other(format!(
+            "{from}: the benchmark only sends from loopback addresses"
+        )));
+    }
+    let socket = match from {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(addr).await
+}
+
 /// One keep-alive HTTP/1 connection.
 pub struct Conn {
     sender: SendRequest<Full<Bytes>>,
@@ -114,13 +138,24 @@ pub struct Conn {
 
 impl Conn {
     pub async fn open(target: &Target) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(target.addr).await?;
+        Self::open_from(target, None).await
+    }
+
+    /// A connection from the loopback address `from` (see [`connect_from`]).
+    pub async fn open_from(target: &Target, from: Option<IpAddr>) -> anyhow::Result<Self> {
+        let stream = connect_from(target.addr, from).await?;
         stream.set_nodelay(true)?;
         let (sender, conn) = handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
         Ok(Self { sender })
+    }
+
+    /// The server closed this connection (seen while it was idle): a
+    /// request sent on it now would never leave.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
     }
 
     /// Sends one request and reads the whole answer; returns status and body.
