@@ -207,7 +207,7 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             max_connections: 512,
             shutdown_timeout_ms: 15_000,
-            max_connections_per_client: 128,
+            max_connections_per_client: 64,
             min_body_bytes_per_sec: 1024,
             senders: Vec::new(),
             sender_connections: 64,
