@@ -466,8 +466,13 @@ pub async fn serve(State(state): State<AppState>) -> Result<Response, ApiError> 
             .outbox
             .status()
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let (registered_tasks, held_callbacks) = state.tasks.registry.counts().unwrap_or_default();
-        let (_, held_bytes) = state.tasks.registry.held_size().unwrap_or_default();
+        let registry = |e: crate::poll::RegistryError| {
+            tracing::warn!(error = %e, "cannot read the task registry's sizes; reporting 0");
+            (0, 0)
+        };
+        let (registered_tasks, held_callbacks) =
+            state.tasks.registry.counts().unwrap_or_else(registry);
+        let (_, held_bytes) = state.tasks.registry.held_size().unwrap_or_else(registry);
         let now = Snapshot {
             publisher: state.publisher_name,
             oldest_pending_age_ms: status.oldest_pending_age_ms,

@@ -78,7 +78,7 @@ fn quota(per_sec: u32, burst: u32) -> Option<Quota> {
 }
 
 /// IPv4-mapped IPv6 addresses are their IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(super) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

@@ -61,7 +61,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
-use super::clients::Clients;
+use super::clients::{canonical, Clients};
 use super::tls::Tls;
 use crate::config::ServerConfig;
 use crate::supervise::lock;
@@ -351,14 +351,6 @@ fn report(ended: Result<(), tokio::task::JoinError>) {
         if e.is_panic() {
             tracing::error!(panic = %crate::supervise::panic_message(&*e.into_panic()), "a connection task panicked");
         }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are their IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 

@@ -198,8 +198,14 @@ impl Tasks {
 
     /// The `poll` section of `/admin/status`.
     pub fn status(&self) -> Value {
-        let (active, held) = self.registry.counts().unwrap_or_default();
-        let (_, held_bytes) = self.registry.held_size().unwrap_or_default();
+        let (active, held) = self.registry.counts().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot count the registered tasks; reporting 0");
+            (0, 0)
+        });
+        let (_, held_bytes) = self.registry.held_size().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot size the held callbacks; reporting 0");
+            (0, 0)
+        });
         json!({
             "polling": self.client.is_some(),
             "verify": self.verify,
