@@ -226,12 +226,9 @@ EOF
 [publisher]
 type = "nats"
 url = "$NATS_URL"
-subject = "$SUBJECT_PREFIX.{state}"
+subject = "$SUBJECT_PREFIX.{state}.{task}"
 [cluster]
 enabled = true
-kv_bucket = "chaos-guard"
-kv_replicas = 3
-lease_ms = 15000
 drain_ms = 2000
 EOF
   fi

@@ -67,14 +67,6 @@ pub struct ClusterConfig {
     pub partitions: i32,
     /// Kafka: replication factor of those topics when created.
     pub replication_factor: i32,
-    /// JetStream: the key-value bucket holding each task's guard state;
-    /// created when missing.
-    pub kv_bucket: String,
-    /// JetStream: replicas of that bucket when created (1, 3 or 5).
-    pub kv_replicas: usize,
-    /// JetStream: how long a replica may hold a task's publish before
-    /// another may take it over, in milliseconds.
-    pub lease_ms: u64,
     /// On SIGTERM, `/readyz` answers 503 for this long before the listener
     /// closes, so the load balancer stops sending first, in milliseconds.
     pub drain_ms: u64,
@@ -90,9 +82,6 @@ impl Default for ClusterConfig {
             transactional_id: String::new(),
             partitions: 12,
             replication_factor: 3,
-            kv_bucket: "hookbridge-guard".into(),
-            kv_replicas: 1,
-            lease_ms: 30_000,
             drain_ms: 3_000,
         }
     }
@@ -510,8 +499,10 @@ fn default_message_timeout_ms() -> u64 {
 pub struct NatsConfig {
     /// Server URL(s), comma separated, e.g. `nats://127.0.0.1:4222`.
     pub url: String,
-    /// Subject template; `{model}` and `{state}` are replaced per event. With
-    /// `stream`, the stream's subjects must capture every subject it can become.
+    /// Subject template; `{model}` and `{state}` are replaced per event, `{task}`
+    /// by a token of the task id (its UUIDv5, 32 hex digits). Cluster mode needs
+    /// `{task}` (e.g. `kinovi.tasks.{state}.{task}`). With `stream`, the stream's
+    /// subjects must capture every subject it can become.
     #[serde(default = "default_subject")]
     pub subject: String,
     /// Allowlist of model names `{model}` may become (each 1-64 characters of
@@ -1083,22 +1074,19 @@ impl Config {
                 if !n.jetstream {
                     return invalid("cluster.enabled", "needs `publisher.jetstream = true`");
                 }
-                let name_ok = !c.kv_bucket.is_empty()
-                    && c.kv_bucket.len() <= 64
-                    && c.kv_bucket
-                        .chars()
-                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_');
-                if !name_ok {
+                // The stream's own write keeps each task's order: every
+                // state of a task must land on subjects one filter selects.
+                let whole_tokens = n.subject.split('.').all(|token| {
+                    !token.contains('{') || ["{model}", "{state}", "{task}"].contains(&token)
+                });
+                if !n.subject.split('.').any(|t| t == "{task}") || !whole_tokens {
                     return invalid(
-                        "cluster.kv_bucket",
-                        "must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'",
+                        "publisher.subject",
+                        "must have {task} as one of its tokens in JetStream cluster mode, \
+                         and {model}, {state} and {task} only as whole tokens \
+                         (e.g. kinovi.tasks.{state}.{task}): the stream keeps each task's \
+                         order by the last message on that task's subjects",
                     );
-                }
-                if ![1, 3, 5].contains(&c.kv_replicas) {
-                    return invalid("cluster.kv_replicas", "must be 1, 3 or 5");
-                }
-                if c.lease_ms == 0 {
-                    return invalid("cluster.lease_ms", "must be at least 1");
                 }
                 Ok(())
             }
@@ -1278,11 +1266,15 @@ fn reserved_kafka_option(key: &str) -> Option<&'static str> {
 }
 
 fn check_template(key: &'static str, template: &str) -> Result<(), ConfigError> {
-    let stripped = template.replace("{model}", "").replace("{state}", "");
+    let stripped = template
+        .replace("{model}", "")
+        .replace("{state}", "")
+        .replace("{task}", "");
     if template.is_empty() || stripped.contains(['{', '}']) {
         return Err(ConfigError::Invalid {
             key,
-            reason: "must be non-empty and may only use the placeholders {model} and {state}"
+            reason: "must be non-empty and may only use the placeholders {model}, {state} \
+                     and (subjects only) {task}"
                 .into(),
         });
     }

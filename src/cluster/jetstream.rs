@@ -1,105 +1,107 @@
-//! JetStream cluster mode: the shared guard in a key-value bucket.
+//! JetStream cluster mode: the output stream's own write keeps each task's
+//! order.
 //!
-//! One entry per task (key: a UUIDv5 of the task id, so any task id is a
-//! legal key) holds a [`Guard`]: the furthest state claimed, its event id,
-//! whether it was published, when it was claimed. For each event:
+//! Every state of a task is published on subjects one filter selects:
+//! `publisher.subject` has a `{task}` token (e.g.
+//! `kinovi.tasks.{state}.{task}`), and the filter is that template with
+//! `{task}` rendered and `{state}` and `{model}` as `*`. For each event:
 //!
-//! 1. read the entry; [`verdict`] decides;
-//! 2. `Advance`: claim the state, with create-if-absent for a new task or a
-//!    revision-checked update otherwise; a lost race reads again. While
-//!    another replica's claim of an earlier state is unpublished and younger
-//!    than `cluster.lease_ms`, the event waits (a transient error: the relay
-//!    retries), so a task's states reach the stream in order;
-//! 3. publish with `Nats-Msg-Id` = event id and wait for the PubAck;
-//! 4. mark the entry published (revision-checked; losing that race means
-//!    another replica already moved the task on).
+//! 1. read the last message on the task's filter (from the stream leader);
+//!    its `Nats-Msg-Id` is an event id, hence a state; [`verdict`] decides;
+//! 2. `Suppress` (that event, a later state or the other terminal one is
+//!    there): done, nothing published;
+//! 3. else publish with `Nats-Msg-Id` = event id and the condition
+//!    `Nats-Expected-Last-Subject-Sequence` = the sequence read, on that
+//!    filter (`Nats-Expected-Last-Subject-Sequence-Subject`). The stream
+//!    leader stores it only if nothing landed on the task's subjects since
+//!    the read, and refuses a second conditional write on the same filter
+//!    while one is in flight; a refusal reads again (1).
 //!
-//! A crash between 2 and 4 leaves a claim that is not published: the same
-//! event, from this replica's outbox after its restart or from another
-//! replica's, gets `Republish`, and the stream's duplicate window drops the
-//! copy if the first publish did land. Entries expire with the bucket's
-//! `max_age` = `outbox.dedup_window_secs`.
+//! No interleaving of replicas can publish a lower state after a higher
+//! one: each write is conditional on the task's last message, and the
+//! verdict only ever lets a higher rank follow a lower one. There is no
+//! side record to fall out of step with the stream across a leader change,
+//! no claim and no lease: a crash at any point leaves the stream as the
+//! whole truth, and the retry reads it. The duplicate window still drops a
+//! repeat whose PubAck was lost. Past the stream's `max_age` (or after a
+//! purge) a task's history is gone and a late state is published again, as
+//! a single instance past its dedup window would.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKind};
-use async_nats::jetstream::stream;
-use bytes::Bytes;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
+use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use super::{state_of, verdict, Coordination, Guard, Verdict};
 use crate::config::{ClusterConfig, NatsConfig};
-use crate::event::State;
-use crate::outbox::now_ms;
-use crate::publish::nats::NatsPublisher;
-use crate::publish::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
+use crate::publish::nats::{Checked, Expect, NatsPublisher, Version};
+use crate::publish::{task_token, EncodeError, Encoded, Outgoing, PublishError, Publisher};
 
-/// Names the bucket's keys: UUIDv5s of task ids.
-const KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b1c_52a8_4c1e_4a3c_9d0e_5f2b_7a61_c0de);
-/// The key the probe reads (absent is fine: the read is what counts).
-const PROBE_KEY: &str = "probe";
+/// The oldest nats-server cluster mode runs on: the first that checks an
+/// expected last sequence against a subject filter, and refuses a second
+/// conditional write on a filter while one is in flight.
+pub const OLDEST_SERVER: Version = Version(2, 11, 0);
+/// How many times one event re-reads after losing the conditional write
+/// before the relay is told to retry it later.
+const MAX_RACES: usize = 16;
 
-/// A [`NatsPublisher`] behind the shared guard.
+/// A [`NatsPublisher`] whose writes the stream orders per task.
 pub struct GuardedJetStream {
     inner: NatsPublisher,
-    cluster: ClusterConfig,
-    max_age: Duration,
-    store: OnceCell<Store>,
+    /// `publisher.subject` with `{state}` and `{model}` as `*`.
+    filter_template: String,
+    stream: OnceCell<Stream<()>>,
     coordination: Arc<Coordination>,
 }
 
 impl GuardedJetStream {
     pub async fn connect(
         config: NatsConfig,
-        cluster: ClusterConfig,
-        window_secs: u64,
+        _cluster: ClusterConfig,
         coordination: Arc<Coordination>,
     ) -> anyhow::Result<Self> {
+        let filter_template = config
+            .subject
+            .replace("{state}", "*")
+            .replace("{model}", "*");
+        let inner = NatsPublisher::connect(config).await?;
+        inner
+            .check_version(OLDEST_SERVER, "JetStream cluster mode")
+            .await?;
         Ok(Self {
-            inner: NatsPublisher::connect(config).await?,
-            cluster,
-            max_age: Duration::from_secs(window_secs),
-            store: OnceCell::new(),
+            inner,
+            filter_template,
+            stream: OnceCell::new(),
             coordination,
         })
     }
 
-    /// The bucket, created when missing.
-    async fn store(&self) -> Result<&Store, PublishError> {
-        let js = self.inner.jetstream();
-        let name = &self.cluster.kv_bucket;
-        let result = self
-            .store
+    /// The stream that captures the tasks' subjects: looked up once, by the
+    /// filter of any task.
+    async fn stream(&self) -> Result<&Stream<()>, PublishError> {
+        self.stream
             .get_or_try_init(|| async {
-                if let Ok(store) = js.get_key_value(name).await {
-                    return Ok(store);
-                }
-                // The bucket's stream as `create_key_value` makes it, created
-                // directly: that call first asks for account details in a
-                // shape older servers (2.9) do not answer in.
-                js.get_or_create_stream(stream::Config {
-                    name: format!("KV_{name}"),
-                    subjects: vec![format!("$KV.{name}.>")],
-                    max_messages_per_subject: 1,
-                    max_age: self.max_age,
-                    allow_rollup: true,
-                    deny_delete: true,
-                    allow_direct: true,
-                    discard: stream::DiscardPolicy::New,
-                    num_replicas: self.cluster.kv_replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| format!("cannot create bucket {name}: {e}"))?;
-                js.get_key_value(name)
+                // Refused, not transient: only an operator can upgrade it.
+                self.inner
+                    .version_ok(OLDEST_SERVER, "JetStream cluster mode")
+                    .map_err(PublishError::Refused)?;
+                let js = self.inner.jetstream();
+                let sample = self.filter(&task_token(""));
+                let name = js.stream_by_subject(sample.clone()).await.map_err(|e| {
+                    self.unreachable(format!("no stream found for subject {sample}: {e}"))
+                })?;
+                js.get_stream_no_info(&name)
                     .await
-                    .map_err(|e| format!("cannot open bucket {name}: {e}"))
+                    .map_err(|e| self.unreachable(format!("cannot open stream {name}: {e}")))
             })
-            .await;
-        result.map_err(|e| self.unreachable(e))
+            .await
+    }
+
+    fn filter(&self, token: &str) -> String {
+        self.filter_template.replace("{task}", token)
     }
 
     fn unreachable(&self, why: impl std::fmt::Display) -> PublishError {
@@ -108,90 +110,84 @@ impl GuardedJetStream {
         PublishError::Transient(why)
     }
 
-    /// One read of the bucket, for readiness when no event tells.
+    /// One read of the stream, for readiness when no event tells.
     pub async fn probe(&self) {
-        let Ok(store) = self.store().await else {
+        let Ok(stream) = self.stream().await else {
             return;
         };
-        match store.get(PROBE_KEY).await {
-            Ok(_) => self.coordination.ok(),
-            Err(e) => self.coordination.failed(&e.to_string()),
+        let probe = self.filter(&task_token(""));
+        if self.last(stream, "", &probe).await.is_ok() {
+            self.coordination.ok();
         }
     }
 
-    /// Guard, publish, mark: see the module docs.
-    async fn guarded(&self, m: &Encoded) -> Result<(), PublishError> {
-        let Some(state) = state_of(&m.key, &m.id) else {
-            // Not an id hookbridge made: nothing to guard it by.
-            return self.publish_one(m).await;
-        };
-        let store = self.store().await?;
-        let key = task_key(&m.key);
-        let claimed = loop {
-            let entry = store
-                .entry(key.as_str())
-                .await
-                .map_err(|e| self.unreachable(e))?;
-            self.coordination.ok();
-            let (guard, revision) = match &entry {
-                Some(e) if e.operation == Operation::Put => {
-                    (serde_json::from_slice::<Guard>(&e.value).ok(), e.revision)
-                }
-                Some(e) => (None, e.revision),
-                None => (None, 0),
-            };
-            match verdict(guard.as_ref(), state, &m.id) {
-                Verdict::Suppress => {
-                    tracing::debug!(task_id = %m.key, state = state.as_str(), "suppressed by the cluster guard");
-                    return Ok(());
-                }
-                Verdict::Republish => break revision,
-                Verdict::Advance => {}
-            }
-            if let Some(g) = &guard {
-                if !g.done && now_ms() - g.at < self.cluster.lease_ms as i64 {
-                    return Err(PublishError::Transient(format!(
-                        "task {} waits for its {} to be published",
-                        m.key,
-                        g.state.as_str()
-                    )));
-                }
-            }
-            let value = encode(state, &m.id, false);
-            let result = if guard.is_none() && entry.is_none() {
-                store
-                    .create(key.as_str(), value)
-                    .await
-                    .map_err(|e| (e.kind() == CreateErrorKind::AlreadyExists, e.to_string()))
-            } else {
-                store
-                    .update(key.as_str(), value, revision)
-                    .await
-                    .map_err(|e| {
-                        (
-                            e.kind() == UpdateErrorKind::WrongLastRevision,
-                            e.to_string(),
-                        )
-                    })
-            };
-            match result {
-                Ok(revision) => break revision,
-                // Another replica moved the task meanwhile: decide again.
-                Err((true, _)) => continue,
-                Err((false, e)) => return Err(self.unreachable(e)),
-            }
-        };
-        self.publish_one(m).await?;
-        match store
-            .update(key.as_str(), encode(state, &m.id, true), claimed)
+    /// The task's last message on the stream: its sequence (0: none) and,
+    /// when its id is one of the task's event ids, the guard it stands for.
+    async fn last(
+        &self,
+        stream: &Stream<()>,
+        task_id: &str,
+        filter: &str,
+    ) -> Result<(u64, Option<Guard>), PublishError> {
+        match stream
+            .raw_message_builder()
+            .last_by_subject(filter)
+            .send()
             .await
         {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(()),
-            // Published, not marked: the retry republishes (the window drops
-            // it) and marks.
-            Err(e) => Err(self.unreachable(e)),
+            Ok(message) => {
+                let guard = message
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .map(|id| id.as_str().to_string())
+                    .and_then(|id| {
+                        state_of(task_id, &id).map(|state| Guard {
+                            state,
+                            id,
+                            done: true,
+                            at: 0,
+                        })
+                    });
+                Ok((message.sequence, guard))
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok((0, None)),
+            Err(e) => {
+                Err(self.unreachable(format!("cannot read the last message on {filter}: {e}")))
+            }
         }
+    }
+
+    /// Read, decide, write conditionally: see the module docs.
+    async fn guarded(&self, m: &Encoded) -> Result<(), PublishError> {
+        let Some(state) = state_of(&m.key, &m.id) else {
+            // Not an id hookbridge made: nothing to order it by.
+            return self.publish_one(m).await;
+        };
+        let stream = self.stream().await?;
+        let filter = self.filter(&task_token(&m.key));
+        for _ in 0..MAX_RACES {
+            let (last_sequence, guard) = self.last(stream, &m.key, &filter).await?;
+            self.coordination.ok();
+            if verdict(guard.as_ref(), state, &m.id) == Verdict::Suppress {
+                tracing::debug!(task_id = %m.key, state = state.as_str(), "suppressed by the stream's last state");
+                return Ok(());
+            }
+            let expect = Expect {
+                filter: &filter,
+                last_sequence,
+            };
+            match self.inner.send_expecting(m, &expect).await {
+                Ok(()) => return Ok(()),
+                // Another replica wrote the task meanwhile: decide again.
+                Err(Checked::Moved) => continue,
+                Err(Checked::Failed(e)) => return Err(e),
+            }
+        }
+        Err(PublishError::Transient(format!(
+            "task {} kept moving while its {} was published",
+            m.key,
+            state.as_str()
+        )))
     }
 
     async fn publish_one(&self, m: &Encoded) -> Result<(), PublishError> {
@@ -202,25 +198,6 @@ impl GuardedJetStream {
             .next()
             .unwrap_or_else(|| Err(PublishError::Transient("no result".into())))
     }
-}
-
-/// The bucket key of a task.
-fn task_key(task_id: &str) -> String {
-    format!(
-        "t.{}",
-        uuid::Uuid::new_v5(&KEY_NAMESPACE, task_id.as_bytes()).simple()
-    )
-}
-
-fn encode(state: State, id: &str, done: bool) -> Bytes {
-    let guard = Guard {
-        state,
-        id: id.to_string(),
-        done,
-        at: now_ms(),
-    };
-    // A struct of strings, a bool and a number always serializes.
-    Bytes::from(serde_json::to_vec(&guard).unwrap_or_default())
 }
 
 impl Publisher for GuardedJetStream {

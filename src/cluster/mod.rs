@@ -13,13 +13,12 @@
 //!   one Kafka transaction. A partition that moves is restored from the
 //!   changelog before its first message is processed. Consumers read the
 //!   output with `isolation.level=read_committed`.
-//! - **JetStream** ([`jetstream`]): one key-value entry per task holds the
-//!   furthest state claimed, its event id, and whether it was published.
-//!   A replica claims a state with create-if-absent or a revision-checked
-//!   update, publishes with `Nats-Msg-Id`, then marks the entry published.
-//!   A crash between claim and publish leaves the claim unpublished: the
-//!   same event from any outbox proceeds, and the stream's duplicate window
-//!   drops a repeat.
+//! - **JetStream** ([`jetstream`]): each task's states are published on
+//!   subjects one filter selects (`{task}` in `publisher.subject`). A
+//!   replica reads the task's last message on the stream, and publishes
+//!   only a further state, with the condition that the task's last sequence
+//!   is still the one it read: the stream leader's own write decides, so no
+//!   side record can disagree with the stream across a leader change.
 //!
 //! Whichever replica finds a state stale or already published answers the
 //! relay "done": the event leaves that replica's outbox without a publish.
@@ -69,8 +68,9 @@ pub struct Guard {
     pub state: State,
     /// Its event id.
     pub id: String,
-    /// Whether the broker acknowledged it (JetStream; Kafka writes the
-    /// guard in the same transaction as the event, so always true there).
+    /// Whether the broker acknowledged it (always true today: Kafka writes
+    /// the guard in the same transaction as the event, JetStream reads it
+    /// from the stream; `false` is kept for records written before).
     pub done: bool,
     /// When it was claimed, ms since the epoch.
     pub at: i64,
@@ -179,13 +179,8 @@ pub async fn build(config: &Config) -> anyhow::Result<(Arc<dyn Publisher>, Clust
         #[cfg(feature = "nats")]
         PublisherConfig::Nats(n) => {
             let guarded = Arc::new(
-                jetstream::GuardedJetStream::connect(
-                    n.clone(),
-                    c.clone(),
-                    config.outbox.dedup_window_secs,
-                    coordination.clone(),
-                )
-                .await?,
+                jetstream::GuardedJetStream::connect(n.clone(), c.clone(), coordination.clone())
+                    .await?,
             );
             (guarded.clone(), Backend::JetStream(guarded))
         }
@@ -339,8 +334,8 @@ mod config_tests {
         let kafka =
             "[publisher]\ntype = \"kafka\"\nbrokers = \"k:9092\"\n[cluster]\nenabled = true\n";
         let replica = format!("{kafka}transactional_id = \"r1\"\n");
-        let nats =
-            "[publisher]\ntype = \"nats\"\nurl = \"nats://n:4222\"\n[cluster]\nenabled = true\n";
+        let nats = "[publisher]\ntype = \"nats\"\nurl = \"nats://n:4222\"\n\
+                    subject = \"k.{state}.{task}\"\n[cluster]\nenabled = true\n";
         for (toml, refused) in [
             (
                 "[cluster]\nenabled = true".to_string(),
@@ -357,16 +352,17 @@ mod config_tests {
                 Some("cluster.changelog_topic"),
             ),
             (nats.to_string(), None),
+            (nats.replace(".{task}", ""), Some("publisher.subject")),
             (
-                format!("{nats}kv_bucket = \"a.b\""),
-                Some("cluster.kv_bucket"),
+                nats.replace(".{task}", ".t{task}"),
+                Some("publisher.subject"),
             ),
             (
-                format!("{nats}kv_replicas = 2"),
-                Some("cluster.kv_replicas"),
+                nats.replace("{state}", "s-{state}"),
+                Some("publisher.subject"),
             ),
             // Off, nothing is checked: single-instance mode is unchanged.
-            ("[cluster]\nkv_replicas = 2".to_string(), None),
+            ("[cluster]\ndrain_ms = 2".to_string(), None),
         ] {
             assert_eq!(key_of(&toml), refused, "{toml}");
         }

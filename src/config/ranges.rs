@@ -165,7 +165,6 @@ fn ranges(c: &Config) -> Vec<Range> {
         ));
     }
     if c.cluster.enabled {
-        out.push(r("cluster.lease_ms", c.cluster.lease_ms, 100, 600_000));
         out.push(r("cluster.drain_ms", c.cluster.drain_ms, 0, 600_000));
     }
     match &c.publisher {

@@ -38,8 +38,13 @@ fn invalid_values_name_their_key() {
         "acks",
     );
     refused(
-        "[publisher]\ntype = \"nats\"\nurl = \"x\"\nsubject = \"a.{task}\"\n",
+        "[publisher]\ntype = \"nats\"\nurl = \"x\"\nsubject = \"a.{taskId}\"\n",
         "publisher.subject",
+    );
+    // A topic per task would be a topic per callback.
+    refused(
+        "[publisher]\ntype = \"kafka\"\nbrokers = \"a:1\"\ntopic = \"a.{task}\"\n",
+        "publisher.topic",
     );
     refused("[server]\nlisten = \"nowhere\"\n", "listen");
     refused(

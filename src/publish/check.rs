@@ -24,7 +24,8 @@ const STATES: [State; 5] = [
 ];
 
 /// Every topic or subject `template` can render to: `{model}` as each listed
-/// model and as `unknown`, `{state}` as each state. Sorted, without repeats.
+/// model and as `unknown`, `{state}` as each state, `{task}` as one sample
+/// token (all tokens have the same shape). Sorted, without repeats.
 pub fn destinations(template: &str, models: &[String]) -> Vec<String> {
     let mut tokens: Vec<&str> = models.iter().map(String::as_str).collect();
     tokens.push(UNKNOWN_MODEL);
@@ -35,6 +36,7 @@ pub fn destinations(template: &str, models: &[String]) -> Vec<String> {
                 template
                     .replace("{model}", model)
                     .replace("{state}", state.as_str())
+                    .replace("{task}", &super::task_token(""))
             })
         })
         .collect();
@@ -56,6 +58,12 @@ pub fn check_config(config: &PublisherConfig) -> Result<(), Refusal> {
         return Err((
             "publisher.models",
             format!("{bad:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'"),
+        ));
+    }
+    if matches!(config, PublisherConfig::Kafka(_)) && template.contains("{task}") {
+        return Err((
+            key,
+            "may not use {task}: that would make a topic per task (it is for NATS subjects)".into(),
         ));
     }
     if template.contains("{model}") && models.is_empty() {

@@ -144,6 +144,9 @@ pub async fn build(
         PublisherConfig::Nats(c) => {
             let publisher = nats::NatsPublisher::connect(c.clone()).await?;
             publisher.check_max_payload(body_limit).await?;
+            publisher
+                .check_version(nats::OLDEST_SERVER, "hookbridge")
+                .await?;
             Box::new(publisher)
         }
         #[allow(unreachable_patterns)]
@@ -189,7 +192,20 @@ const MAX_TOPIC: usize = 249;
 /// Longest subject hookbridge publishes to; NATS itself only bounds the protocol line.
 const MAX_SUBJECT: usize = 1024;
 
-/// Expands `{model}` and `{state}` in a topic or subject template.
+/// Names the `{task}` token of subjects: UUIDv5s of task ids.
+const TASK_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b1c_52a8_4c1e_4a3c_9d0e_5f2b_7a61_c0de);
+
+/// What `{task}` becomes for `task_id`: the UUIDv5 of the task id, as 32 hex digits, so
+/// that any task id (dots, wildcards, any length) makes one legal subject token, and the
+/// same task always the same one.
+pub fn task_token(task_id: &str) -> String {
+    uuid::Uuid::new_v5(&TASK_NAMESPACE, task_id.as_bytes())
+        .simple()
+        .to_string()
+}
+
+/// Expands `{model}`, `{state}` and `{task}` (NATS subjects only, see [`task_token`]) in a
+/// topic or subject template.
 ///
 /// `{state}` is one of five fixed words. `{model}` is the event's model when `models` (the
 /// `publisher.models` allowlist) lists it exactly; any other model, and a missing one, is
@@ -204,6 +220,7 @@ pub fn render(template: &str, event: &EventMeta, models: &[String]) -> String {
     template
         .replace("{model}", &model_token(event.model.as_deref(), models))
         .replace("{state}", event.state.as_str())
+        .replace("{task}", &task_token(&event.task_id))
 }
 
 /// The `{model}` value of [`render`].

@@ -25,6 +25,14 @@ use crate::event::SCHEMA_VERSION;
 /// JetStream's deduplication header.
 const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
+/// Conditions JetStream checks before it stores a message.
+const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+
+/// The oldest nats-server hookbridge publishes to (cluster mode needs a newer
+/// one, see `cluster::jetstream::OLDEST_SERVER`).
+pub const OLDEST_SERVER: Version = Version(2, 9, 0);
+
 /// JetStream API error: "message size exceeds maximum allowed".
 const JS_MESSAGE_TOO_LARGE: u64 = 10054;
 
@@ -74,17 +82,23 @@ impl NatsPublisher {
         })
     }
 
-    /// Refuses a `body_limit` above the server's `max_payload`, when the
-    /// server answers within the ack timeout (else nothing is known yet).
-    pub async fn check_max_payload(&self, body_limit: usize) -> anyhow::Result<()> {
+    /// Waits (bounded by the ack timeout) for the connection; false when it
+    /// is not up by then, so nothing the server says is known yet.
+    async fn connected(&self) -> bool {
         let wait = Duration::from_millis(self.config.ack_timeout_ms);
-        let connected = tokio::time::timeout(wait, async {
+        tokio::time::timeout(wait, async {
             while self.client.connection_state() != async_nats::connection::State::Connected {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
-        .await;
-        if connected.is_err() {
+        .await
+        .is_ok()
+    }
+
+    /// Refuses a `body_limit` above the server's `max_payload`, when the
+    /// server answers within the ack timeout (else nothing is known yet).
+    pub async fn check_max_payload(&self, body_limit: usize) -> anyhow::Result<()> {
+        if !self.connected().await {
             tracing::warn!("NATS: not connected yet; the server's max_payload is not checked");
             return Ok(());
         }
@@ -99,7 +113,31 @@ impl NatsPublisher {
         Ok(())
     }
 
-    /// The JetStream context (cluster mode keeps its guard in a bucket).
+    /// Refuses a server older than `oldest` (`for_what` says why it is needed), when the
+    /// server answers within the ack timeout. Also checked again by [`Self::version_ok`]
+    /// once connected.
+    pub async fn check_version(&self, oldest: Version, for_what: &str) -> anyhow::Result<()> {
+        if !self.connected().await {
+            tracing::warn!("NATS: not connected yet; the server's version is checked later");
+            return Ok(());
+        }
+        self.version_ok(oldest, for_what)
+            .map_err(|e| anyhow::anyhow!(e))
+    }
+
+    /// `Err` with the reason when the connected server is older than `oldest`. A server
+    /// whose version cannot be read is taken as it is.
+    pub fn version_ok(&self, oldest: Version, for_what: &str) -> Result<(), String> {
+        let reported = self.client.server_info().version;
+        match Version::parse(&reported) {
+            Some(v) if v < oldest => Err(format!(
+                "nats-server {reported} is too old: {for_what} needs nats-server {oldest} or newer"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The JetStream context (cluster mode reads a task's last message).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }
@@ -131,32 +169,108 @@ impl NatsPublisher {
     }
 
     async fn send_one(&self, m: &Encoded) -> Result<(), PublishError> {
+        self.send(m, None).await.map_err(|e| match e {
+            Checked::Moved => PublishError::Transient("wrong last sequence".into()),
+            Checked::Failed(e) => e,
+        })
+    }
+
+    /// Publishes `m` through JetStream only if the last message on `expect.filter` is
+    /// still `expect.last_sequence` (0: none): the stream's leader decides, so two
+    /// writers that read the same last message cannot both land.
+    pub async fn send_expecting(&self, m: &Encoded, expect: &Expect<'_>) -> Result<(), Checked> {
+        self.send(m, Some(expect)).await
+    }
+
+    async fn send(&self, m: &Encoded, expect: Option<&Expect<'_>>) -> Result<(), Checked> {
         let subject = m.destination.clone();
         let mut headers = HeaderMap::new();
+        let invalid = |name: &str| {
+            Checked::Failed(PublishError::Permanent(format!(
+                "header {name} cannot carry its value"
+            )))
+        };
         for (name, value) in &m.headers {
             // `encode` checked every value; async-nats panics on one it cannot carry.
-            let value = value.parse::<HeaderValue>().map_err(|_| {
-                PublishError::Permanent(format!("header {name} cannot carry its value"))
-            })?;
+            let value = value.parse::<HeaderValue>().map_err(|_| invalid(name))?;
             headers.insert(*name, value);
+        }
+        if let Some(expect) = expect {
+            let sequence = expect.last_sequence.to_string();
+            for (name, value) in [
+                (EXPECTED_LAST_SUBJECT_SEQUENCE, sequence.as_str()),
+                (EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT, expect.filter),
+            ] {
+                let value = value.parse::<HeaderValue>().map_err(|_| invalid(name))?;
+                headers.insert(name, value);
+            }
         }
         if !self.config.jetstream {
             self.client
                 .publish_with_headers(subject, headers, m.payload.clone())
                 .await
-                .map_err(|e| PublishError::Transient(e.to_string()))?;
+                .map_err(|e| Checked::Failed(PublishError::Transient(e.to_string())))?;
             return Ok(());
         }
         // The headers already hold `Nats-Msg-Id`.
         let message = PublishMessage::build()
             .payload(m.payload.clone())
             .headers(headers);
+        let checked = |e: jetstream::context::PublishError| {
+            if e.kind() == PublishErrorKind::WrongLastSequence {
+                Checked::Moved
+            } else {
+                Checked::Failed(classify(&e))
+            }
+        };
         let ack = self
             .js
             .send_publish(subject, message)
             .await
-            .map_err(|e| classify(&e))?;
-        ack.await.map(|_| ()).map_err(|e| classify(&e))
+            .map_err(checked)?;
+        ack.await.map(|_| ()).map_err(checked)
+    }
+}
+
+/// The condition of [`NatsPublisher::send_expecting`].
+#[derive(Debug, Clone, Copy)]
+pub struct Expect<'a> {
+    /// A subject filter (wildcards allowed) in the same stream.
+    pub filter: &'a str,
+    /// The sequence of the last message on it as read; 0 when it had none.
+    pub last_sequence: u64,
+}
+
+/// Why a conditional publish did not land.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Another message landed on the filter since it was read: read again.
+    Moved,
+    /// Any other failure, classified.
+    Failed(PublishError),
+}
+
+/// A nats-server version, compared part by part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pub u64, pub u64, pub u64);
+
+impl Version {
+    /// `2.15.3`, `v2.11.0-RC.1` (pre-release text ignored); `None` when there are not
+    /// three numbers.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim().trim_start_matches('v');
+        let core = text.split(['-', '+']).next()?;
+        let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(Some(a)), Some(Some(b)), Some(Some(c))) => Some(Self(a, b, c)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
     }
 }
 

@@ -272,3 +272,36 @@ fn nats_headers_refuse_line_breaks_without_panicking() {
         Some(o.meta.event_id.as_str())
     );
 }
+
+#[test]
+fn the_task_token_is_one_safe_subject_token_per_task() {
+    let hostile = ["a.b", "*", ">", "t 1", "", "ü.>.*"];
+    for id in hostile {
+        let token = task_token(id);
+        assert_eq!(token.len(), 32, "{id:?}");
+        assert!(token.chars().all(|c| c.is_ascii_hexdigit()), "{id:?}");
+        assert_eq!(token, task_token(id), "the same task, the same token");
+    }
+    assert_ne!(task_token("t-1"), task_token("t-2"));
+    let mut e = event("m");
+    e.task_id = "x.*.>".into();
+    let subject = render("k.{state}.{task}", &EventMeta::of(&e), &[]);
+    assert_eq!(
+        subject,
+        format!("k.{}.{}", e.state.as_str(), task_token("x.*.>"))
+    );
+    assert!(check_subject(&subject).is_ok());
+}
+
+#[cfg(feature = "nats")]
+#[test]
+fn nats_server_versions_compare_part_by_part() {
+    use crate::publish::nats::Version;
+    assert_eq!(Version::parse("2.15.3"), Some(Version(2, 15, 3)));
+    assert_eq!(Version::parse("v2.11.0-RC.1"), Some(Version(2, 11, 0)));
+    assert_eq!(Version::parse("2.9"), None);
+    assert_eq!(Version::parse("nonsense"), None);
+    assert!(Version(2, 9, 10) < Version(2, 11, 0));
+    assert!(Version(2, 15, 3) > Version(2, 11, 0));
+    assert_eq!(Version(2, 11, 0).to_string(), "2.11.0");
+}

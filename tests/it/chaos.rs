@@ -222,20 +222,21 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
             tokio::time::sleep_until(at(0.35).into()).await;
             let leader = tokio::task::spawn_blocking({
                 let bootstrap = bed.get("KAFKA_BOOTSTRAP").to_string();
-                move || partition_leader(&bootstrap, "chaos.task-events")
+                move || partition_leader(&bootstrap, "hookbridge.internal")
             })
             .await
             .unwrap();
             let leader = leader.to_string();
-            strike("kill of the busy partition's Kafka leader");
+            strike("kill of the internal topic's partition-0 Kafka leader");
             bed.run(&["kafka", &leader, "kill"]).await;
             tokio::time::sleep_until(at(0.45).into()).await;
-            strike("kill of one NATS node");
-            bed.run(&["nats", "2", "kill"]).await;
+            let nats_leader = stream_leader(bed.get("NATS_URL"), bed.get("NATS_STREAM")).await;
+            strike("kill of the stream's NATS leader");
+            bed.run(&["nats", &nats_leader, "kill"]).await;
             tokio::time::sleep_until(at(0.50).into()).await;
             bed.run(&["kafka", &leader, "start"]).await;
             tokio::time::sleep_until(at(0.60).into()).await;
-            bed.run(&["nats", "2", "start"]).await;
+            bed.run(&["nats", &nats_leader, "start"]).await;
             tokio::time::sleep_until(at(0.65).into()).await;
             let from = now_ms();
             let t = Instant::now();
@@ -301,7 +302,7 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
         let terminal = accepted.keys().filter(|(_, s)| rank(s) == 3).count();
         let published = match bridge {
             "kafka" => read_kafka(bed.get("KAFKA_BOOTSTRAP"), "chaos.task-events", terminal).await,
-            _ => read_jetstream(bed.get("NATS_URL"), bed.get("NATS_STREAM"), terminal).await,
+            _ => read_jetstream(bed.get("NATS_URL"), bed.get("NATS_STREAM"), "", terminal).await,
         };
         // Exactly once, in order, every accepted terminal state there.
         let mut by_task: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -373,6 +374,17 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
             "{bridge}: callbacks refused during the rolling restart"
         );
     }
+    // Two replicas racing states of the same tasks while the stream's
+    // leader, found at run time, is killed: repeated.
+    let rounds = setting("HOOKBRIDGE_CHAOS_LEADER_ROUNDS", 5) as usize;
+    let mut race_wrong = Vec::new();
+    for round in 0..rounds {
+        let (line, wrong) = leader_race(&bed, round).await;
+        eprintln!("{line}");
+        report.push(line);
+        race_wrong.extend(wrong);
+    }
+    violations.push(("jetstream leader races", race_wrong));
     let mut out = std::io::stderr().lock();
     use std::io::Write;
     let _ = writeln!(out, "chaos: {tasks} tasks, {} callbacks per bridge in {load_secs:.1} s, Kafka broker {leader} killed", sent.len() / 2);
@@ -392,6 +404,120 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
             &wrong[..wrong.len().min(20)]
         );
     }
+}
+
+/// Tasks of one leader race.
+const RACE_TASKS: usize = 30;
+
+/// One round: each state of [`RACE_TASKS`] tasks goes to one of two
+/// JetStream replicas and half of them a copy to the other, the states a
+/// second apart; the stream's leader is killed while the second state is
+/// on its way and started again after the last. Returns the report line
+/// and the violations (order, twice, terminal not last).
+async fn leader_race(bed: &Bed, round: usize) -> (String, Vec<String>) {
+    let prefix = unique(&format!("race{round}"));
+    let replicas = ["PORT_n1", "PORT_n2"]
+        .map(|port| Http::new(format!("127.0.0.1:{}", bed.get(port)).parse().unwrap()));
+    let (url, stream) = (bed.get("NATS_URL"), bed.get("NATS_STREAM"));
+    let leader = stream_leader(url, stream).await;
+    let started = Instant::now();
+    let mut sends = Vec::new();
+    let mut killed = false;
+    for (n, state) in ["waiting", "generating", "success"].into_iter().enumerate() {
+        for t in 0..RACE_TASKS {
+            if n == 1 && t == RACE_TASKS / 3 && !killed {
+                bed.run(&["nats", &leader, "kill"]).await;
+                killed = true;
+            }
+            let task = format!("{prefix}-{t}");
+            let body = callbacks::progress(&task, state, 1_735_599_000_000 + n as i64 * 1000);
+            let first = (t + n) % 2;
+            let targets = if t % 2 == 0 {
+                vec![first, 1 - first]
+            } else {
+                vec![first]
+            };
+            for r in targets {
+                let (http, body) = (replicas[r].clone(), body.clone());
+                sends.push(tokio::spawn(async move {
+                    http.try_callback(&body).await.ok().map(|a| a.status)
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(1000 / RACE_TASKS as u64)).await;
+        }
+    }
+    let mut refused = 0;
+    for s in sends {
+        if s.await.unwrap() != Some(StatusCode::OK) {
+            refused += 1;
+        }
+    }
+    bed.run(&["nats", &leader, "start"]).await;
+    let published = read_jetstream(url, stream, &prefix, RACE_TASKS).await;
+    let mut by_task: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (task, state, _) in &published {
+        by_task.entry(task).or_default().push(state);
+    }
+    let mut wrong = Vec::new();
+    for t in 0..RACE_TASKS {
+        let task = format!("{prefix}-{t}");
+        let states = by_task.get(task.as_str()).cloned().unwrap_or_default();
+        if !states.windows(2).all(|w| rank(w[0]) < rank(w[1])) || states.last() != Some(&"success")
+        {
+            wrong.push(format!("race round {round}: {task} published {states:?}"));
+        }
+    }
+    wait_for_replicas(url, stream).await;
+    let line = format!(
+        "chaos jetstream leader race {round}: NATS node {leader} (the stream's leader) killed; {} of {} (task,state) published, {refused} refused, {} violations, {:.1?}",
+        published.len(),
+        RACE_TASKS * 3,
+        wrong.len(),
+        started.elapsed()
+    );
+    (line, wrong)
+}
+
+/// The NATS node (1-3) leading `stream` now.
+async fn stream_leader(url: &str, stream: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(leader) = stream_cluster(url, stream).await.and_then(|c| c.leader) {
+            if let Some(n) = leader.strip_prefix("chaos-n") {
+                return n.to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader for stream {stream}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Until `stream` has a leader and both other replicas are current again.
+async fn wait_for_replicas(url: &str, stream: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(c) = stream_cluster(url, stream).await {
+            if c.leader.is_some() && c.replicas.len() == 2 && c.replicas.iter().all(|r| r.current) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream {stream} did not recover its replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn stream_cluster(
+    url: &str,
+    stream: &str,
+) -> Option<async_nats::jetstream::stream::ClusterInfo> {
+    let urls: Vec<&str> = url.split(',').collect();
+    let client = async_nats::connect(urls.as_slice()).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.ok()?;
+    stream.info().await.ok()?.cluster.clone()
 }
 
 /// The broker leading partition 0 of `topic` (created on first publish).
@@ -457,8 +583,14 @@ async fn read_kafka(bootstrap: &str, topic: &str, terminal: usize) -> Vec<(Strin
     .unwrap()
 }
 
-/// Like [`read_kafka`], from the stream in sequence order.
-async fn read_jetstream(url: &str, stream: &str, terminal: usize) -> Vec<(String, String, i64)> {
+/// Like [`read_kafka`], from the stream in sequence order, the tasks whose
+/// id starts with `prefix` only.
+async fn read_jetstream(
+    url: &str,
+    stream: &str,
+    prefix: &str,
+    terminal: usize,
+) -> Vec<(String, String, i64)> {
     let urls: Vec<&str> = url.split(',').collect();
     let client = async_nats::connect(urls.as_slice())
         .await
@@ -490,6 +622,9 @@ async fn read_jetstream(url: &str, stream: &str, terminal: usize) -> Vec<(String
         match tokio::time::timeout(wait, messages.next()).await {
             Ok(Some(Ok(m))) => {
                 let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                if !v["taskId"].as_str().unwrap_or_default().starts_with(prefix) {
+                    continue;
+                }
                 let at = m
                     .info()
                     .map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as i64)

@@ -22,27 +22,24 @@ fn clustered(mut config: Config, cluster: ClusterConfig) -> Config {
     config
 }
 
-fn jetstream_cluster(bucket: &str) -> ClusterConfig {
+fn jetstream_cluster() -> ClusterConfig {
     ClusterConfig {
         enabled: true,
-        kv_bucket: bucket.to_string(),
         drain_ms: 100,
         ..ClusterConfig::default()
     }
 }
 
-/// Two JetStream replicas sharing one bucket.
-async fn jetstream_pair(
-    url: &str,
-    subject: &str,
-    bucket: &str,
-) -> (TestApp, TestApp, [tempfile::TempDir; 2]) {
+/// Two JetStream replicas publishing to one stream; `subject` is
+/// `<prefix>.{state}`, each task gets its own token after it.
+async fn jetstream_pair(url: &str, subject: &str) -> (TestApp, TestApp, [tempfile::TempDir; 2]) {
+    let subject = format!("{subject}.{{task}}");
     hookbridge::telemetry::init(&Default::default());
     let dirs = [temp_dir(), temp_dir()];
     let start = |dir: &tempfile::TempDir| {
         TestApp::start(clustered(
-            config(dir.path(), jetstream_publisher(url, subject, None)),
-            jetstream_cluster(bucket),
+            config(dir.path(), jetstream_publisher(url, &subject, None)),
+            jetstream_cluster(),
         ))
     };
     let a = start(&dirs[0]).await;
@@ -54,9 +51,10 @@ async fn jetstream_pair(
 async fn jetstream_a_duplicate_on_another_replica_is_published_once() {
     let url = brokers::nats().await;
     let (stream, prefix) = (unique("S").to_uppercase(), unique("tasks"));
-    // A one-second duplicate window: past it, only the bucket can drop the copy.
+    // A one-second duplicate window: past it, only the task's last message
+    // on the stream can drop the copy.
     let subject = nats::create_stream(&url, &stream, &prefix, Duration::from_secs(1)).await;
-    let (a, b, _dirs) = jetstream_pair(&url, &subject, &unique("kv")).await;
+    let (a, b, _dirs) = jetstream_pair(&url, &subject).await;
     let task = unique("task");
 
     assert_eq!(a.callback(&callbacks::success(&task)).await, StatusCode::OK);
@@ -75,6 +73,68 @@ async fn jetstream_a_duplicate_on_another_replica_is_published_once() {
         "the duplicate on replica B is dropped: {stored:?}"
     );
     assert_eq!(stored[0].value["taskId"], task.as_str());
+    assert_eq!(
+        stored[0].subject,
+        format!(
+            "{prefix}.success.{}",
+            hookbridge::publish::task_token(&task)
+        ),
+        "each task has its own subject token"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_replicas_racing_the_states_of_the_same_tasks_publish_each_in_order() {
+    let url = brokers::nats().await;
+    let (stream, prefix) = (unique("S").to_uppercase(), unique("tasks"));
+    let subject = nats::create_stream(&url, &stream, &prefix, Duration::from_secs(120)).await;
+    let (a, b, _dirs) = jetstream_pair(&url, &subject).await;
+    let tasks: Vec<String> = (0..40).map(|t| format!("{}-{t}", unique("race"))).collect();
+    // Every state of every task to both replicas at once, in both orders:
+    // the replicas' relays race each other on every write.
+    let mut sends = Vec::new();
+    for (n, state) in ["waiting", "generating", "success"].into_iter().enumerate() {
+        for (t, task) in tasks.iter().enumerate() {
+            let body = callbacks::progress(task, state, 1_735_599_000_000 + n as i64 * 1000);
+            let (first, second) = if t % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            for app in [first, second] {
+                let (http, body) = (app.http.clone(), body.clone());
+                sends.push(tokio::spawn(async move { http.callback(&body).await }));
+            }
+        }
+    }
+    for send in sends {
+        assert_eq!(send.await.unwrap(), StatusCode::OK);
+    }
+    a.drained(LIMIT).await;
+    b.drained(LIMIT).await;
+    let stored = nats::read_stream(&url, &stream, 1, LIMIT, Duration::from_secs(1)).await;
+    let mut by_task: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in &stored {
+        by_task
+            .entry(m.value["taskId"].as_str().unwrap().to_string())
+            .or_default()
+            .push(m.value["state"].as_str().unwrap().to_string());
+    }
+    let rank = |s: &str| {
+        ["waiting", "generating", "success"]
+            .iter()
+            .position(|x| *x == s)
+    };
+    for task in &tasks {
+        let states = by_task.get(task).cloned().unwrap_or_default();
+        assert!(
+            states.windows(2).all(|w| rank(&w[0]) < rank(&w[1])),
+            "{task}: each state once and in order: {states:?}"
+        );
+        assert_eq!(
+            states.last().map(String::as_str),
+            Some("success"),
+            "{task}: {states:?}"
+        );
+    }
     a.stop().await;
     b.stop().await;
 }
@@ -84,7 +144,7 @@ async fn jetstream_a_stale_state_on_another_replica_is_suppressed() {
     let url = brokers::nats().await;
     let (stream, prefix) = (unique("S").to_uppercase(), unique("tasks"));
     let subject = nats::create_stream(&url, &stream, &prefix, Duration::from_secs(120)).await;
-    let (a, b, _dirs) = jetstream_pair(&url, &subject, &unique("kv")).await;
+    let (a, b, _dirs) = jetstream_pair(&url, &subject).await;
     let task = unique("task");
 
     let success = callbacks::progress(&task, "success", 1_735_599_754_000);
@@ -269,15 +329,15 @@ async fn readiness(app: &TestApp) -> Option<Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_cannot_reach_the_bucket_is_not_ready_but_keeps_accepting() {
+async fn a_replica_that_cannot_reach_the_stream_is_not_ready_but_keeps_accepting() {
     let url = format!("nats://127.0.0.1:{}", free_port());
     let dir = temp_dir();
     let app = TestApp::start(clustered(
         config(
             dir.path(),
-            jetstream_publisher(&url, "kinovi.{state}", None),
+            jetstream_publisher(&url, "kinovi.{state}.{task}", None),
         ),
-        jetstream_cluster(&unique("kv")),
+        jetstream_cluster(),
     ))
     .await;
     let problems = eventually(LIMIT, "readiness to name the cluster", || async {
@@ -304,11 +364,11 @@ async fn a_replica_that_cannot_reach_the_bucket_is_not_ready_but_keeps_accepting
 async fn on_shutdown_readiness_fails_while_callbacks_are_still_taken() {
     let url = brokers::nats().await;
     let dir = temp_dir();
-    let mut cluster = jetstream_cluster(&unique("kv"));
+    let mut cluster = jetstream_cluster();
     // The window in which the test must see "draining" and then have a
     // callback taken: wide enough for a loaded machine (the stop waits it out).
     cluster.drain_ms = 10_000;
-    let subject = format!("{}.{{state}}", unique("tasks"));
+    let subject = format!("{}.{{state}}.{{task}}", unique("tasks"));
     let app = TestApp::start(clustered(
         config(dir.path(), jetstream_publisher(&url, &subject, None)),
         cluster,
