@@ -26,7 +26,6 @@ fn jetstream_cluster() -> ClusterConfig {
     ClusterConfig {
         enabled: true,
         drain_ms: 100,
-        ..ClusterConfig::default()
     }
 }
 
@@ -173,7 +172,6 @@ fn kafka_cluster(prefix: &str, replica: &str) -> ClusterConfig {
         partitions: 4,
         replication_factor: 1,
         drain_ms: 100,
-        ..ClusterConfig::default()
     }
 }
 
