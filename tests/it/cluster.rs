@@ -26,6 +26,7 @@ fn jetstream_cluster() -> ClusterConfig {
     ClusterConfig {
         enabled: true,
         drain_ms: 100,
+        ..ClusterConfig::default()
     }
 }
 
