@@ -113,10 +113,17 @@ struct RestoreContext;
 
 impl ClientContext for RestoreContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        if !is_end_of_partition(&error) {
             tracing::warn!(%error, reason, "changelog restore");
         }
     }
+}
+
+/// The end of a partition, however librdkafka wraps it (the client context
+/// gets it as a global error, `poll` as a partition's).
+fn is_end_of_partition(error: &KafkaError) -> bool {
+    matches!(error, KafkaError::PartitionEOF(_))
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
 }
 
 impl ConsumerContext for RestoreContext {}
@@ -602,4 +609,20 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .context("a blocking Kafka call panicked")?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_partition_is_recognised_however_it_is_wrapped() {
+        assert!(is_end_of_partition(&KafkaError::PartitionEOF(3)));
+        assert!(is_end_of_partition(&KafkaError::Global(
+            RDKafkaErrorCode::PartitionEOF
+        )));
+        assert!(!is_end_of_partition(&KafkaError::Global(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+    }
 }

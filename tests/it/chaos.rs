@@ -453,6 +453,7 @@ async fn leader_race(bed: &Bed, round: usize) -> (String, Vec<String>) {
         }
     }
     bed.run(&["nats", &leader, "start"]).await;
+    wait_for_replicas(url, stream).await;
     let published = read_jetstream(url, stream, &prefix, RACE_TASKS).await;
     let mut by_task: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (task, state, _) in &published {
@@ -467,7 +468,6 @@ async fn leader_race(bed: &Bed, round: usize) -> (String, Vec<String>) {
             wrong.push(format!("race round {round}: {task} published {states:?}"));
         }
     }
-    wait_for_replicas(url, stream).await;
     let line = format!(
         "chaos jetstream leader race {round}: NATS node {leader} (the stream's leader) killed; {} of {} (task,state) published, {refused} refused, {} violations, {:.1?}",
         published.len(),
@@ -596,15 +596,27 @@ async fn read_jetstream(
         .await
         .expect("connect to NATS");
     let js = async_nats::jetstream::new(client);
-    let stream = js.get_stream(stream).await.expect("stream");
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
+    // Right after a node restart the stream may still be electing a leader.
+    let ready = Instant::now() + Duration::from_secs(60);
+    let consumer = loop {
+        let created = async {
+            js.get_stream(stream)
+                .await
+                .map_err(|e| e.to_string())?
+                .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                    deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+                    ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match created.await {
+            Ok(consumer) => break consumer,
+            Err(e) => assert!(Instant::now() < ready, "no consumer on {stream}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     let mut messages = consumer.messages().await.expect("messages");
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
