@@ -23,8 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -93,17 +92,40 @@ impl Publisher for Intake {
     }
 }
 
-/// Counts rebalances, so the owner knows its guards may be stale.
+/// Notes the partitions a rebalance moved, so the owner drops their guards
+/// (read again from the changelog before their next record) and keeps the
+/// others'. With the cooperative protocol a rebalance names only what
+/// moved; with the eager one, everything.
 #[derive(Default)]
 struct OwnerContext {
-    rebalances: AtomicU64,
+    moved: Mutex<Moved>,
+}
+
+#[derive(Default)]
+struct Moved {
+    /// A rebalance failed: nothing known can be trusted.
+    all: bool,
+    partitions: Vec<i32>,
+}
+
+impl OwnerContext {
+    /// What moved since the last call.
+    fn take_moved(&self) -> Moved {
+        std::mem::take(&mut *self.moved.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl ClientContext for OwnerContext {}
 
 impl ConsumerContext for OwnerContext {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
-        self.rebalances.fetch_add(1, Ordering::Relaxed);
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+        match rebalance {
+            Rebalance::Assign(tpl) | Rebalance::Revoke(tpl) => moved
+                .partitions
+                .extend(tpl.elements().iter().map(|e| e.partition())),
+            Rebalance::Error(_) => moved.all = true,
+        }
     }
 }
 
@@ -135,6 +157,8 @@ struct Incoming {
     key: String,
     payload: Vec<u8>,
     headers: Vec<(String, Vec<u8>)>,
+    /// When the relay produced it, ms since the epoch (0: unknown).
+    produced_ms: i64,
 }
 
 impl Incoming {
@@ -153,6 +177,7 @@ impl Incoming {
             key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
             payload: m.payload().unwrap_or_default().to_vec(),
             headers,
+            produced_ms: m.timestamp().to_millis().unwrap_or_default(),
         }
     }
 
@@ -284,7 +309,13 @@ impl Owner {
             .set("auto.offset.reset", "earliest")
             // A replica that dies unannounced gives its tasks up this fast.
             .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "1500");
+            .set("heartbeat.interval.ms", "1500")
+            // A rebalance moves only the partitions that must move; the others
+            // keep being processed, their guards kept.
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            // Static membership: a replica restarted within the session
+            // timeout gets its partitions back without a rebalance.
+            .set("group.instance.id", &self.cluster.transactional_id);
         let topic = self.cluster.internal_topic.clone();
         let consumer: Arc<StreamConsumer<OwnerContext>> = Arc::new(
             blocking(move || {
@@ -306,7 +337,6 @@ impl Owner {
         backoff: &mut Duration,
     ) -> anyhow::Result<()> {
         let mut guards = Guards::new();
-        let mut seen = consumer.context().rebalances.load(Ordering::Relaxed);
         loop {
             let mut batch = Vec::new();
             match tokio::time::timeout(PROBE_EVERY, consumer.recv()).await {
@@ -322,20 +352,32 @@ impl Owner {
                     Err(_) => break,
                 }
             }
-            let now = consumer.context().rebalances.load(Ordering::Relaxed);
-            if now != seen {
-                // Partitions may have moved: read each one's guards again.
+            // A partition that moved may have been another owner's meanwhile:
+            // read its guards again. The others' stay valid.
+            let moved = consumer.context().take_moved();
+            if moved.all {
                 guards.clear();
-                seen = now;
+            }
+            for partition in moved.partitions {
+                guards.remove(&partition);
             }
             let mut firsts = BTreeMap::new();
             for record in &batch {
                 firsts.entry(record.partition).or_insert(record.offset);
             }
-            match self
-                .transact(producer, consumer, &mut guards, batch)
-                .await?
-            {
+            let (records, oldest) = (
+                batch.len(),
+                batch.iter().map(|r| r.produced_ms).min().unwrap_or_default(),
+            );
+            let started = Instant::now();
+            let outcome = self.transact(producer, consumer, &mut guards, batch).await?;
+            tracing::debug!(
+                records,
+                waited_ms = started_ms(started) - oldest,
+                took_ms = started.elapsed().as_millis() as u64,
+                "owner batch"
+            );
+            match outcome {
                 Outcome::Committed => {
                     self.coordination.ok();
                     *backoff = Duration::from_millis(500);
@@ -400,7 +442,9 @@ impl Owner {
         missing.sort_unstable();
         missing.dedup();
         if !missing.is_empty() {
-            guards.extend(self.restore(missing).await?);
+            let started = Instant::now();
+            guards.extend(self.restore(missing.clone()).await?);
+            tracing::debug!(partitions = ?missing, took_ms = started.elapsed().as_millis() as u64, "guards restored");
         }
         for record in batch {
             offsets.insert(record.partition, record.offset + 1);
@@ -509,6 +553,9 @@ impl Owner {
         cc.set("group.id", format!("{}-restore", self.cluster.group_id))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
+            // The end of an empty or read partition is answered at once
+            // rather than after the broker's 500 ms wait for new records.
+            .set("fetch.wait.max.ms", "10")
             .set("isolation.level", "read_committed");
         let topic = self.cluster.changelog_topic.clone();
         let oldest = now_ms() - self.window_ms;
@@ -600,6 +647,11 @@ fn enqueue(
             Err((e, _)) => return Err(e),
         }
     }
+}
+
+/// `at` in ms since the epoch.
+fn started_ms(at: Instant) -> i64 {
+    now_ms() - at.elapsed().as_millis() as i64
 }
 
 /// Runs blocking librdkafka calls off the runtime.
