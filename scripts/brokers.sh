@@ -8,11 +8,11 @@
 #                                         and the C toolchain and OpenSSL headers that the Rust build needs.
 #   libs                                  Print the directory of the Kafka jars (fetching them if needed).
 #   nats-bin                              Print the path of the nats-server to run (building it if needed):
-#                                         $HOOKBRIDGE_NATS_SERVER if set, else nats-server $NATS_VERSION
+#                                         $HOOKBRIDGE_NATS_SERVER if set, else nats-server NATS_VERSION (set below)
 #                                         built from the Go module proxy (about 30 s, once; cached in
 #                                         $HOOKBRIDGE_CACHE/nats-server-VERSION). Only when Go is missing
 #                                         or the build fails, Debian's nats-server, and one line says so.
-#   nats-version                          Print the nats-server version this script builds ($NATS_VERSION).
+#   nats-version                          Print the nats-server version this script builds (NATS_VERSION).
 #   kafka DATA_DIR PORT CONTROLLER_PORT   Run one single-node KRaft Kafka in the foreground
 #                                         (formats DATA_DIR on first use; logs: DATA_DIR/kafka.log).
 #   nats DATA_DIR PORT [MONITOR_PORT]     Run nats-server with JetStream in the foreground
