@@ -9,7 +9,7 @@
 #   libs                                  Print the directory of the Kafka jars (fetching them if needed).
 #   nats-bin                              Print the path of the nats-server to run (building it if needed):
 #                                         $HOOKBRIDGE_NATS_SERVER if set, else nats-server NATS_VERSION (set below)
-#                                         built from the Go module proxy (about 30 s, once; cached in
+#                                         built from the Go module proxy (under a minute, once; cached in
 #                                         $HOOKBRIDGE_CACHE/nats-server-VERSION). Only when Go is missing
 #                                         or the build fails, Debian's nats-server, and one line says so.
 #   nats-version                          Print the nats-server version this script builds (NATS_VERSION).
@@ -196,7 +196,7 @@ build_nats() {
     trap 'rm -rf "$tmp"' EXIT
     buildlog=$NATS_HOME/build.log
     t0=$SECONDS
-    log "building nats-server $NATS_VERSION from the Go module proxy with $("$go" env GOVERSION) (about 30 s, once; log $buildlog)"
+    log "building nats-server $NATS_VERSION from the Go module proxy with $("$go" env GOVERSION) (under a minute, once; log $buildlog)"
     # Outside any Go module of the caller's; CGO_ENABLED=0 makes a static binary, which
     # also runs in the local Docker image.
     if ! (cd "$tmp" && CGO_ENABLED=0 GOBIN="$tmp" PATH="$(dirname "$go"):$PATH" \
