@@ -7,6 +7,12 @@
 #                                         nats-server, java, python3, the Kafka jars,
 #                                         and the C toolchain and OpenSSL headers that the Rust build needs.
 #   libs                                  Print the directory of the Kafka jars (fetching them if needed).
+#   nats-bin                              Print the path of the nats-server to run (building it if needed):
+#                                         $HOOKBRIDGE_NATS_SERVER if set, else nats-server NATS_VERSION (set below)
+#                                         built from the Go module proxy (under a minute, once; cached in
+#                                         $HOOKBRIDGE_CACHE/nats-server-VERSION). Only when Go is missing
+#                                         or the build fails, Debian's nats-server, and one line says so.
+#   nats-version                          Print the nats-server version this script builds (NATS_VERSION).
 #   kafka DATA_DIR PORT CONTROLLER_PORT   Run one single-node KRaft Kafka in the foreground
 #                                         (formats DATA_DIR on first use; logs: DATA_DIR/kafka.log).
 #   nats DATA_DIR PORT [MONITOR_PORT]     Run nats-server with JetStream in the foreground
@@ -20,7 +26,8 @@
 #                                         The wait-* commands fail early if PID (the broker) exits.
 #
 # Environment:
-#   HOOKBRIDGE_CACHE                cache root for the Kafka jars (default: ~/.cache/hookbridge)
+#   HOOKBRIDGE_CACHE                cache root for the Kafka jars and nats-server (default: ~/.cache/hookbridge)
+#   HOOKBRIDGE_NATS_SERVER          a nats-server binary to run instead of the one built here
 #   HOOKBRIDGE_KAFKA_JVM_OPTS       extra JVM flags for Kafka, appended last so they override the defaults
 #
 # Apart from the export lines of `up` and the ports of `free-port`, everything
@@ -39,6 +46,11 @@ set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SCRIPT_PATH=$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")
 
+# The nats-server the tests, the test beds and the local Docker image run: built with
+# `go install` from the Go module proxy (Debian's 2.9 is too old for cluster mode).
+NATS_VERSION=v2.15.3
+NATS_MODULE=github.com/nats-io/nats-server/v2
+NATS_BUILD_TIMEOUT=600
 KAFKA_VERSION=4.1.1
 KAFKA_POM=$SCRIPT_DIR/kafka/pom.xml
 CACHE_DIR=${HOOKBRIDGE_CACHE:-$HOME/.cache/hookbridge}
@@ -48,6 +60,10 @@ KAFKA_HOME=$CACHE_DIR/kafka-$KAFKA_VERSION-$(sha256sum "$KAFKA_POM" | cut -c1-12
 KAFKA_LIBS=$KAFKA_HOME/libs
 # Written last, after a complete copy; holds the pom's hash.
 KAFKA_MARKER=$KAFKA_LIBS/.complete
+NATS_HOME=$CACHE_DIR/nats-server-$NATS_VERSION
+NATS_CACHED=$NATS_HOME/nats-server
+# Written after the binary is in place (renamed there whole); holds the version it reports.
+NATS_MARKER=$NATS_HOME/.complete
 
 # Bounded waits used by `up`.
 KAFKA_START_TIMEOUT=90
@@ -91,7 +107,6 @@ apt_install() {
 # Installs, in one apt run, the system packages that are missing.
 ensure_system_packages() {
   local pkgs=()
-  command -v nats-server >/dev/null || pkgs+=(nats-server)
   command -v java >/dev/null || pkgs+=(default-jre-headless)
   command -v python3 >/dev/null || pkgs+=(python3) # free ports and broker readiness probes
   command -v curl >/dev/null || pkgs+=(curl)          # the README's examples (tests/it/readme.rs)
@@ -142,9 +157,91 @@ ensure_kafka_jars() {
   ) 9>"$KAFKA_HOME/.lock"
 }
 
+# ---------------------------------------------------------------------------
+# nats-server
+
+nats_ready() {
+  [[ -x $NATS_CACHED && -f $NATS_MARKER && "$(<"$NATS_MARKER")" == "$NATS_VERSION" ]]
+}
+
+# go on PATH, else the official tarball's place.
+go_cmd() {
+  if command -v go >/dev/null; then
+    command -v go
+  elif [[ -x /usr/local/go/bin/go ]]; then
+    printf '%s' /usr/local/go/bin/go
+  else
+    return 1
+  fi
+}
+
+# Builds nats-server $NATS_VERSION into the cache. On failure, sets NATS_WHY (one line)
+# and returns 1. A lock keeps parallel jobs that share the cache from building twice; the
+# binary is built in a temp dir and renamed into place whole, then the marker is written.
+build_nats() {
+  nats_ready && return 0
+  local go
+  go=$(go_cmd) || {
+    NATS_WHY="go is not installed"
+    return 1
+  }
+  mkdir -p "$NATS_HOME"
+  local why
+  why=$(
+    exec 9>"$NATS_HOME/.lock"
+    flock 9
+    nats_ready && exit 0 # someone else finished while we waited
+    rm -rf "$NATS_HOME"/build.* # left by a build that was killed
+    tmp=$(mktemp -d "$NATS_HOME/build.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    buildlog=$NATS_HOME/build.log
+    t0=$SECONDS
+    log "building nats-server $NATS_VERSION from the Go module proxy with $("$go" env GOVERSION) (under a minute, once; log $buildlog)"
+    # Outside any Go module of the caller's; CGO_ENABLED=0 makes a static binary, which
+    # also runs in the local Docker image.
+    if ! (cd "$tmp" && CGO_ENABLED=0 GOBIN="$tmp" PATH="$(dirname "$go"):$PATH" \
+      timeout "$NATS_BUILD_TIMEOUT" "$go" install "$NATS_MODULE@$NATS_VERSION") >"$buildlog" 2>&1; then
+      echo "go install of $NATS_VERSION failed: $(grep -v '^\s*$' "$buildlog" | tail -n 1 | cut -c1-200) (log: $buildlog)"
+      exit 1
+    fi
+    got=$("$tmp/nats-server" --version 2>&1) || got="no answer to --version"
+    if [[ $got != "nats-server: $NATS_VERSION" ]]; then
+      echo "the nats-server just built reports '$got', not $NATS_VERSION"
+      exit 1
+    fi
+    rm -f "$NATS_MARKER"
+    mv -f "$tmp/nats-server" "$NATS_CACHED"
+    echo "$NATS_VERSION" >"$NATS_MARKER"
+    log "built nats-server $NATS_VERSION in $((SECONDS - t0)) s ($NATS_CACHED)"
+  ) && return 0
+  NATS_WHY=${why:-the build failed}
+  return 1
+}
+
+# The nats-server to run; prints its path. See `nats-bin` above.
+nats_bin() {
+  if [[ -n ${HOOKBRIDGE_NATS_SERVER:-} ]]; then
+    [[ -x $HOOKBRIDGE_NATS_SERVER ]] || die "HOOKBRIDGE_NATS_SERVER=$HOOKBRIDGE_NATS_SERVER is not an executable"
+    printf '%s\n' "$HOOKBRIDGE_NATS_SERVER"
+    return 0
+  fi
+  NATS_WHY=
+  if build_nats; then
+    printf '%s\n' "$NATS_CACHED"
+    return 0
+  fi
+  command -v nats-server >/dev/null || apt_install nats-server
+  local bin version
+  bin=$(command -v nats-server) || die "no nats-server: $NATS_WHY, and Debian's could not be installed"
+  version=$("$bin" --version 2>&1 | sed 's/^nats-server: v\{0,1\}//')
+  log "using Debian's nats-server $version as a fallback ($NATS_WHY); cluster mode needs >= 2.12"
+  printf '%s\n' "$bin"
+}
+
 cmd_install() {
   ensure_system_packages
   ensure_kafka_jars
+  nats_bin >/dev/null
 }
 
 # ---------------------------------------------------------------------------
@@ -367,8 +464,8 @@ cmd_kafka() {
 
 cmd_nats() {
   (($# == 2 || $# == 3)) || usage
-  local data=$1 port=$2 mport=${3:-}
-  command -v nats-server >/dev/null || die "nats-server not found; run: $SCRIPT_PATH install"
+  local data=$1 port=$2 mport=${3:-} bin
+  bin=$(nats_bin)
   mkdir -p "$data/js"
   data=$(cd "$data" && pwd)
   # A fixed server_name: JetStream keys some of its state by server name, and the
@@ -383,8 +480,8 @@ cmd_nats() {
   } >"$data/nats.conf"
   # Errors before the log file is opened (bad config, port in use) land in the same file.
   exec >>"$data/nats.log" 2>&1
-  echo "[brokers.sh] $(date -Is) starting nats-server (pid $$) on 127.0.0.1:$port"
-  exec nats-server -c "$data/nats.conf"
+  echo "[brokers.sh] $(date -Is) starting $bin (pid $$) on 127.0.0.1:$port"
+  exec "$bin" -c "$data/nats.conf"
 }
 
 # ---------------------------------------------------------------------------
@@ -454,7 +551,12 @@ cmd_up() {
     fi
   done
 
-  cmd_install
+  ensure_system_packages
+  ensure_kafka_jars
+  # Resolved once: the brokers started below, and the tests' private ones, run this binary.
+  HOOKBRIDGE_NATS_SERVER=$(nats_bin)
+  export HOOKBRIDGE_NATS_SERVER
+  log "NATS: $HOOKBRIDGE_NATS_SERVER ($("$HOOKBRIDGE_NATS_SERVER" --version 2>&1))"
 
   local ports
   mapfile -t ports < <(probe free-ports 4)
@@ -483,6 +585,7 @@ cmd_up() {
     printf 'export HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP=%q\n' "127.0.0.1:$kport"
     printf 'export HOOKBRIDGE_TEST_NATS_URL=%q\n' "nats://127.0.0.1:$nport"
     printf 'export HOOKBRIDGE_TEST_BROKERS_SCRIPT=%q\n' "$SCRIPT_PATH"
+    printf 'export HOOKBRIDGE_NATS_SERVER=%q\n' "$HOOKBRIDGE_NATS_SERVER"
   } | tee "$state/env" >&3
 }
 
@@ -503,6 +606,8 @@ main() {
   case $cmd in
     install) cmd_install ;;
     libs) ensure_kafka_jars && printf '%s\n' "$KAFKA_LIBS" ;;
+    nats-bin) nats_bin ;;
+    nats-version) printf '%s\n' "$NATS_VERSION" ;;
     kafka) cmd_kafka "$@" ;;
     nats) cmd_nats "$@" ;;
     up) cmd_up "$@" ;;

@@ -18,7 +18,9 @@
 #                                the restarted one before it is ready again.
 #
 # Environment: HOOKBRIDGE_BIN (default target/debug/hookbridge), and what
-# scripts/brokers.sh reads (HOOKBRIDGE_CACHE for the Kafka jars).
+# scripts/brokers.sh reads (HOOKBRIDGE_CACHE for the Kafka jars and nats-server,
+# HOOKBRIDGE_NATS_SERVER). The nats-server is `scripts/brokers.sh nats-bin`'s (the
+# current release, built once), resolved by `up` and kept in DIR/env.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -124,7 +126,8 @@ nats_start() {
   data=$dir/nats$n
   # shellcheck disable=SC1091
   source "$dir/env"
-  local port=NATS_PORT_$n rport=NATS_RPORT_$n
+  local port=NATS_PORT_$n rport=NATS_RPORT_$n bin=${NATS_SERVER:-}
+  [[ -n $bin ]] || bin=$(bash "$BROKERS" nats-bin) # a DIR from before NATS_SERVER was kept
   mkdir -p "$data/js"
   cat >"$data/nats.conf" <<EOF
 server_name: chaos-n$n
@@ -137,7 +140,7 @@ cluster {
   routes: ["nats-route://127.0.0.1:$NATS_RPORT_1", "nats-route://127.0.0.1:$NATS_RPORT_2", "nats-route://127.0.0.1:$NATS_RPORT_3"]
 }
 EOF
-  nats-server -c "$data/nats.conf" </dev/null >>"$data/nats.out" 2>&1 &
+  "$bin" -c "$data/nats.conf" </dev/null >>"$data/nats.out" 2>&1 &
   echo $! >"$dir/nats$n.pid"
 }
 
@@ -317,8 +320,10 @@ cmd_up() {
     log "installing haproxy (Debian package)"
     apt-get install -y haproxy >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y haproxy >/dev/null; }
   }
-  bash "$BROKERS" install
-  local p
+  local p nats_server
+  nats_server=$(bash "$BROKERS" nats-bin)
+  log "nats-server: $nats_server ($("$nats_server" --version 2>&1))"
+  HOOKBRIDGE_NATS_SERVER=$nats_server bash "$BROKERS" install
   mapfile -t p < <(bash "$BROKERS" free-port 26)
   {
     echo "KAFKA_PORT_1=${p[0]} KAFKA_PORT_2=${p[1]} KAFKA_PORT_3=${p[2]}"
@@ -332,6 +337,7 @@ cmd_up() {
     echo "NATS_URL=nats://127.0.0.1:${p[6]},nats://127.0.0.1:${p[7]},nats://127.0.0.1:${p[8]}"
     echo "ADMIN_n1=${p[23]} ADMIN_n2=${p[24]} ADMIN_n3=${p[25]}"
     echo "NATS_STREAM=$STREAM"
+    printf 'NATS_SERVER=%q\n' "$nats_server"
   } >"$dir/env"
   head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' | sed 's/^-/A/' >"$dir/kafka.cluster-id"
   for n in 1 2 3; do kafka_start "$dir" "$n"; done

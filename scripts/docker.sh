@@ -28,7 +28,8 @@
 #
 # Environment:
 #   HOOKBRIDGE_TEST_KAFKA_IMAGE    Kafka image for tests and compose (default apache/kafka:4.1.1)
-#   HOOKBRIDGE_TEST_NATS_IMAGE     NATS image for tests and compose (default nats:2.10-alpine)
+#   HOOKBRIDGE_TEST_NATS_IMAGE     NATS image for tests and compose (default nats:2.15.3-alpine, the
+#                                  version scripts/brokers.sh builds)
 #   HOOKBRIDGE_TEST_DOCKER_IMAGES  auto (default): use the images named above when present or
 #                                  pullable, else build local ones; local: always build;
 #                                  official: never build
@@ -51,7 +52,9 @@ DOCKER_STATE=$CACHE_DIR/docker
 SUITE=bookworm
 KAFKA_VERSION=4.1.1
 OFFICIAL_KAFKA=apache/kafka:$KAFKA_VERSION
-OFFICIAL_NATS=nats:2.10-alpine
+# The nats-server version lives in brokers.sh (NATS_VERSION); the local image runs its build.
+NATS_VERSION=$(bash "$SCRIPT_DIR/brokers.sh" nats-version)
+OFFICIAL_NATS=nats:${NATS_VERSION#v}-alpine
 # Docker Compose built from the Go module proxy when none is installed: a release that builds
 # with this machine's Go. Its version is printed through -ldflags (the module's `internal`
 # package holds it, as the upstream Makefile sets it).
@@ -242,14 +245,25 @@ local_kafka() {
   printf '%s' "$tag"
 }
 
+# nats-server from `brokers.sh nats-bin` (v2.15.3 built from the Go module proxy; Debian's,
+# with a line saying so, only when that build is impossible). The tag names the version it
+# reports and hashes the binary itself, so a new version builds a new image.
 local_nats() {
-  local base=$1 h tag
+  local base=$1 h tag ctx bin version
+  bin=$(bash "$SCRIPT_DIR/brokers.sh" nats-bin)
+  version=$("$bin" --version 2>&1 | sed -n 's/^nats-server: v\{0,1\}//p')
+  [[ -n $version ]] || die "$bin does not report its version (nats-server --version)"
   h=$({
     echo "$base"
+    sha256sum <"$bin"
     tar -C "$ROOT/docker/nats" -c --sort=name --mtime=@0 --owner=0 --group=0 . | sha256sum
   } | hash_of)
-  tag=hookbridge-local/nats:$h
-  image_present "$tag" || build_image "$tag" "$(fresh_context nats)" --build-arg "BASE_IMAGE=$base"
+  tag=hookbridge-local/nats:$version-$h
+  if ! image_present "$tag"; then
+    ctx=$(fresh_context nats)
+    cp "$bin" "$ctx/nats-server"
+    build_image "$tag" "$ctx" --build-arg "BASE_IMAGE=$base"
+  fi
   printf '%s' "$tag"
 }
 

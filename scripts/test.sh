@@ -36,6 +36,13 @@ if [[ -n ${CI:-} ]]; then
   export CARGO_TERM_COLOR=never
 fi
 
+# The nats-server of the broker processes and the chaos test's cluster (built once by
+# brokers.sh; Debian's only as a fallback, which it says), resolved once for the whole run.
+step "nats-server (scripts/brokers.sh nats-bin)"
+HOOKBRIDGE_NATS_SERVER=$(bash "$BROKERS" nats-bin)
+export HOOKBRIDGE_NATS_SERVER
+NATS_VERSION=$("$HOOKBRIDGE_NATS_SERVER" --version 2>&1 | sed 's/^nats-server: //')
+
 step "install test prerequisites (scripts/brokers.sh install)"
 bash "$BROKERS" install
 
@@ -97,6 +104,11 @@ elif [[ $mode != processes ]] && try_docker; then
   # Private brokers are containers too.
   unset HOOKBRIDGE_TEST_KAFKA_BOOTSTRAP HOOKBRIDGE_TEST_NATS_URL HOOKBRIDGE_TEST_BROKERS_SCRIPT
   step "brokers: testcontainers (Kafka $HOOKBRIDGE_TEST_KAFKA_IMAGE, NATS $HOOKBRIDGE_TEST_NATS_IMAGE)"
+  # The tests' NATS is the image's; the chaos test's cluster still runs brokers.sh's.
+  image_nats=$(timeout 60 docker run --rm "$HOOKBRIDGE_TEST_NATS_IMAGE" --version 2>&1 | sed -n 's/^nats-server: //p') || true
+  if [[ ${image_nats:-unknown} != "$NATS_VERSION" ]]; then
+    NATS_VERSION="${image_nats:-unknown} (image; $NATS_VERSION for the chaos test)"
+  fi
 else
   if [[ $mode == docker ]]; then
     echo "HOOKBRIDGE_TEST_BROKERS=docker, but Docker is not available: $DOCKER_SKIPPED" >&2
@@ -124,7 +136,7 @@ step "cargo clippy --all-targets --locked -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
 # Benches are load generators run by scripts/bench.sh (clippy above still checks them).
-step "cargo test --locked --lib --bins --tests${*:+ $*} (brokers: $SOURCE)"
+step "cargo test --locked --lib --bins --tests${*:+ $*} (brokers: $SOURCE, nats-server $NATS_VERSION)"
 status=0
 cargo test --locked --lib --bins --tests "$@" || status=$?
 # The chaos test starts broker clusters and six replicas of its own: alone, after the rest.
@@ -165,6 +177,11 @@ else
 fi
 
 summary="brokers: $SOURCE"
+if [[ $SOURCE == environment ]]; then
+  summary+="; nats-server $NATS_VERSION for private brokers and the chaos test"
+else
+  summary+="; nats-server $NATS_VERSION"
+fi
 [[ -z $DOCKER_SKIPPED ]] || summary+=" (Docker not used: $DOCKER_SKIPPED)"
 summary+="; compose stack: $compose"
 if ((status == 0)); then

@@ -7,7 +7,7 @@
 //!    for private ones;
 //! 2. testcontainers, when a Docker engine answers, with the images named by
 //!    `HOOKBRIDGE_TEST_KAFKA_IMAGE` (default `apache/kafka:4.1.1`) and
-//!    `HOOKBRIDGE_TEST_NATS_IMAGE` (default `nats:2.10-alpine`); `scripts/docker.sh` builds
+//!    `HOOKBRIDGE_TEST_NATS_IMAGE` (default `nats:2.15.3-alpine`); `scripts/docker.sh` builds
 //!    local stand-ins for them where no registry answers;
 //! 3. else a loud failure naming the variables.
 //!
@@ -133,7 +133,7 @@ mod containers {
     }
 
     pub fn nats_image() -> String {
-        std::env::var(NATS_IMAGE_VAR).unwrap_or_else(|_| "nats:2.10-alpine".into())
+        std::env::var(NATS_IMAGE_VAR).unwrap_or_else(|_| "nats:2.15.3-alpine".into())
     }
 
     /// `repo/name:tag` split at the tag's colon (a registry may have a port).
