@@ -234,7 +234,7 @@ nats_bin() {
   local bin version
   bin=$(command -v nats-server) || die "no nats-server: $NATS_WHY, and Debian's could not be installed"
   version=$("$bin" --version 2>&1 | sed 's/^nats-server: v\{0,1\}//')
-  log "using Debian's nats-server $version as a fallback ($NATS_WHY); cluster mode needs >= 2.12"
+  log "using Debian's nats-server $version as a fallback ($NATS_WHY); cluster mode needs >= 2.11"
   printf '%s\n' "$bin"
 }
 
