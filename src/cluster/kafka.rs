@@ -281,13 +281,36 @@ impl Owner {
                 return Err(e);
             }
         };
+        let restorer = match self.restorer().await {
+            Ok(restorer) => restorer,
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+                return Err(e);
+            }
+        };
         self.coordination.ok();
         let result = self
-            .process_until_error(&producer, &consumer, backoff)
+            .process_until_error(&producer, &consumer, &restorer, backoff)
             .await;
         // Leaving the group blocks; not on the runtime.
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        let _ = tokio::task::spawn_blocking(move || drop((consumer, restorer))).await;
         result
+    }
+
+    /// The consumer that reads changelog partitions back, kept for the
+    /// session so that a restore does not pay for new connections.
+    async fn restorer(&self) -> anyhow::Result<Arc<BaseConsumer<RestoreContext>>> {
+        let mut cc = self.base();
+        cc.set("group.id", format!("{}-restore", self.cluster.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            // The end of an empty or read partition is answered at once
+            // rather than after the broker's 500 ms wait for new records.
+            .set("fetch.wait.max.ms", "10")
+            .set("isolation.level", "read_committed");
+        blocking(move || Ok(Arc::new(cc.create_with_context(RestoreContext)?)))
+            .await
+            .context("cannot create the changelog reader")
     }
 
     /// The transactional producer and the consumer in the owner group.
@@ -312,10 +335,10 @@ impl Owner {
             .set("heartbeat.interval.ms", "1500")
             // A rebalance moves only the partitions that must move; the others
             // keep being processed, their guards kept.
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            // Static membership: a replica restarted within the session
-            // timeout gets its partitions back without a rebalance.
-            .set("group.instance.id", &self.cluster.transactional_id);
+            // (Static membership, `group.instance.id`, was tried with it: a
+            // replica restarted during a broker fault came back with no
+            // partitions and never consumed again.)
+            .set("partition.assignment.strategy", "cooperative-sticky");
         let topic = self.cluster.internal_topic.clone();
         let consumer: Arc<StreamConsumer<OwnerContext>> = Arc::new(
             blocking(move || {
@@ -334,6 +357,7 @@ impl Owner {
         &self,
         producer: &FutureProducer,
         consumer: &Arc<StreamConsumer<OwnerContext>>,
+        restorer: &Arc<BaseConsumer<RestoreContext>>,
         backoff: &mut Duration,
     ) -> anyhow::Result<()> {
         let mut guards = Guards::new();
@@ -344,11 +368,22 @@ impl Owner {
                     self.probe(consumer).await;
                     continue;
                 }
-                Ok(m) => batch.push(Incoming::of(&m.context("consuming the internal topic")?)),
+                Ok(Ok(m)) => batch.push(Incoming::of(&m)),
+                Ok(Err(e)) => {
+                    // A broker gone or a leader moving: librdkafka reconnects
+                    // and goes on by itself. Rejoining the group would move
+                    // every partition and read every guard again.
+                    self.consumer_error(e)?;
+                    continue;
+                }
             }
             while batch.len() < MAX_BATCH {
                 match tokio::time::timeout(LINGER, consumer.recv()).await {
-                    Ok(m) => batch.push(Incoming::of(&m.context("consuming the internal topic")?)),
+                    Ok(Ok(m)) => batch.push(Incoming::of(&m)),
+                    Ok(Err(e)) => {
+                        self.consumer_error(e)?;
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -367,10 +402,16 @@ impl Owner {
             }
             let (records, oldest) = (
                 batch.len(),
-                batch.iter().map(|r| r.produced_ms).min().unwrap_or_default(),
+                batch
+                    .iter()
+                    .map(|r| r.produced_ms)
+                    .min()
+                    .unwrap_or_default(),
             );
             let started = Instant::now();
-            let outcome = self.transact(producer, consumer, &mut guards, batch).await?;
+            let outcome = self
+                .transact(producer, consumer, restorer, &mut guards, batch)
+                .await?;
             tracing::debug!(
                 records,
                 waited_ms = started_ms(started) - oldest,
@@ -392,6 +433,17 @@ impl Owner {
                 }
             }
         }
+    }
+
+    /// An error from the owner's consumer: `Err` ends the session only when
+    /// the client cannot go on (fatal); others are noted and passed.
+    fn consumer_error(&self, e: KafkaError) -> anyhow::Result<()> {
+        if is_fatal(&e) {
+            return Err(anyhow::Error::new(e).context("consuming the internal topic"));
+        }
+        tracing::debug!(error = %e, "owner consumer (librdkafka recovers by itself)");
+        self.coordination.failed(&e.to_string());
+        Ok(())
     }
 
     /// Seeks each partition back to `firsts`; a partition no longer
@@ -429,6 +481,7 @@ impl Owner {
         &self,
         producer: &FutureProducer,
         consumer: &StreamConsumer<OwnerContext>,
+        restorer: &Arc<BaseConsumer<RestoreContext>>,
         guards: &mut Guards,
         batch: Vec<Incoming>,
     ) -> anyhow::Result<Outcome> {
@@ -443,7 +496,7 @@ impl Owner {
         missing.dedup();
         if !missing.is_empty() {
             let started = Instant::now();
-            guards.extend(self.restore(missing.clone()).await?);
+            guards.extend(self.restore(restorer, missing.clone()).await?);
             tracing::debug!(partitions = ?missing, took_ms = started.elapsed().as_millis() as u64, "guards restored");
         }
         for record in batch {
@@ -548,20 +601,16 @@ impl Owner {
     /// The guards of `partitions`, read from their changelog partitions
     /// (committed records only) with one consumer, without the ones older
     /// than the dedup window.
-    async fn restore(&self, partitions: Vec<i32>) -> anyhow::Result<Guards> {
-        let mut cc = self.base();
-        cc.set("group.id", format!("{}-restore", self.cluster.group_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            // The end of an empty or read partition is answered at once
-            // rather than after the broker's 500 ms wait for new records.
-            .set("fetch.wait.max.ms", "10")
-            .set("isolation.level", "read_committed");
+    async fn restore(
+        &self,
+        consumer: &Arc<BaseConsumer<RestoreContext>>,
+        partitions: Vec<i32>,
+    ) -> anyhow::Result<Guards> {
         let topic = self.cluster.changelog_topic.clone();
         let oldest = now_ms() - self.window_ms;
         let what = format!("{topic} partitions {partitions:?}");
+        let consumer = consumer.clone();
         blocking(move || {
-            let consumer: BaseConsumer<RestoreContext> = cc.create_with_context(RestoreContext)?;
             let mut tpl = TopicPartitionList::new();
             for p in &partitions {
                 tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
@@ -581,7 +630,9 @@ impl Owner {
                     Some(Err(KafkaError::PartitionEOF(p))) => {
                         open.remove(&p);
                     }
-                    Some(Err(e)) => return Err(e.into()),
+                    Some(Err(e)) if is_fatal(&e) => return Err(e.into()),
+                    // A broker gone: librdkafka reconnects; the deadline bounds it.
+                    Some(Err(_)) => continue,
                     Some(Ok(m)) => {
                         let tasks = guards.entry(m.partition()).or_default();
                         let key = String::from_utf8_lossy(m.key().unwrap_or_default());
@@ -599,7 +650,7 @@ impl Owner {
                     }
                 }
             }
-            tracing::debug!(partitions = ?partitions, "guards restored");
+            consumer.unassign()?;
             Ok(guards)
         })
         .await
@@ -649,6 +700,13 @@ fn enqueue(
     }
 }
 
+/// Whether the client behind `error` cannot go on. librdkafka reports a
+/// broker gone, a leader moving or a timeout to the consumer as well, and
+/// recovers from them by itself.
+fn is_fatal(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+}
+
 /// `at` in ms since the epoch.
 fn started_ms(at: Instant) -> i64 {
     now_ms() - at.elapsed().as_millis() as i64
@@ -675,6 +733,18 @@ mod tests {
         )));
         assert!(!is_end_of_partition(&KafkaError::Global(
             RDKafkaErrorCode::BrokerTransportFailure
+        )));
+    }
+
+    #[test]
+    fn a_broker_gone_does_not_end_the_owner_session() {
+        let gone = KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure);
+        assert!(!is_fatal(&gone));
+        assert!(!is_fatal(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AllBrokersDown
+        )));
+        assert!(is_fatal(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::Fatal
         )));
     }
 }
