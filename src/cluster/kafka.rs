@@ -362,6 +362,21 @@ impl Owner {
     ) -> anyhow::Result<()> {
         let mut guards = Guards::new();
         loop {
+            // Guards of newly assigned partitions are read before their
+            // first record arrives, not when it does.
+            self.forget_moved(consumer, &mut guards);
+            let assigned = consumer.assignment().map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| e.partition())
+                    .filter(|p| !guards.contains_key(p))
+                    .collect::<Vec<_>>()
+            });
+            if let Ok(missing) = assigned {
+                if !missing.is_empty() {
+                    guards.extend(self.restore(restorer, missing).await?);
+                }
+            }
             let mut batch = Vec::new();
             match tokio::time::timeout(PROBE_EVERY, consumer.recv()).await {
                 Err(_) => {
@@ -387,15 +402,7 @@ impl Owner {
                     Err(_) => break,
                 }
             }
-            // A partition that moved may have been another owner's meanwhile:
-            // read its guards again. The others' stay valid.
-            let moved = consumer.context().take_moved();
-            if moved.all {
-                guards.clear();
-            }
-            for partition in moved.partitions {
-                guards.remove(&partition);
-            }
+            self.forget_moved(consumer, &mut guards);
             let mut firsts = BTreeMap::new();
             for record in &batch {
                 firsts.entry(record.partition).or_insert(record.offset);
@@ -432,6 +439,19 @@ impl Owner {
                     self.rewind(consumer, firsts).await;
                 }
             }
+        }
+    }
+
+    /// Drops the guards of the partitions a rebalance moved: each may have
+    /// been another owner's meanwhile, so it is read again. The others'
+    /// stay valid.
+    fn forget_moved(&self, consumer: &StreamConsumer<OwnerContext>, guards: &mut Guards) {
+        let moved = consumer.context().take_moved();
+        if moved.all {
+            guards.clear();
+        }
+        for partition in moved.partitions {
+            guards.remove(&partition);
         }
     }
 
