@@ -80,7 +80,7 @@
 //!   liveness only.
 //! - **Several replicas as one bridge** ([`cluster`], `[cluster] enabled`):
 //!   dedup and per-task order across replicas through a Kafka consumer
-//!   group with transactions, or a JetStream key-value bucket.
+//!   group with transactions, or JetStream writes conditional on the task's last message.
 
 pub mod app;
 pub mod cluster;

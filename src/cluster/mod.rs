@@ -22,7 +22,7 @@
 //!
 //! Whichever replica finds a state stale or already published answers the
 //! relay "done": the event leaves that replica's outbox without a publish.
-//! A replica that cannot reach the coordination (the group or the bucket)
+//! A replica that cannot reach the coordination (the group or the stream)
 //! says so on `/readyz`, so the load balancer sends the traffic elsewhere.
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -61,7 +61,7 @@ pub fn state_of(task_id: &str, id: &str) -> Option<State> {
     .find(|s| event_id(task_id, *s) == id)
 }
 
-/// A task's shared guard state, as the bucket or the changelog holds it.
+/// A task's shared guard state, as the changelog holds it (Kafka) or the stream's last message tells (JetStream).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Guard {
     /// The furthest state claimed for the task.
