@@ -248,7 +248,7 @@ async fn prune_periodically(
                 }
                 // Registrations live as long as the dedup records: a late
                 // callback's token is still checked while it could matter.
-                let before = crate::outbox::now_ms() - retention_ms;
+                let before = crate::clock::now_ms() - retention_ms;
                 if let Err(e) = registry.blocking(move |r| r.prune(before, 10_000)).await {
                     tracing::warn!(error = %e, "pruning task registrations failed");
                 }

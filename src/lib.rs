@@ -83,6 +83,7 @@
 //!   group with transactions, or JetStream writes conditional on the task's last message.
 
 pub mod app;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod event;
@@ -95,6 +96,7 @@ pub mod redb_file;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod supervise;
+pub mod sync;
 pub mod telemetry;
 
 pub use app::App;

@@ -73,7 +73,7 @@ fn attempt(
         Ok(Err(e)) => Err(Failure::Other(e)),
         Err(panic) => Err(Failure::Damage(format!(
             "reading it panicked: {}",
-            crate::supervise::panic_message(&*panic)
+            crate::sync::panic_message(&*panic)
         ))),
     }
 }

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -25,23 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::HealthConfig;
-
-/// Locks `m`, going on with its data when a thread panicked while holding
-/// it: every value kept behind these mutexes is whole between statements
-/// (a map, a queue, a cell), and a panic elsewhere must not stop the
-/// service.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The message of a caught panic, for logs and dead letters.
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
+use crate::sync::{lock, panic_message};
 
 /// Longest delay before a restart.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

@@ -38,8 +38,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{state_of, verdict, Coordination, Guard, Verdict};
+use crate::clock::now_ms;
 use crate::config::{ClusterConfig, KafkaConfig};
-use crate::outbox::now_ms;
 use crate::publish::kafka::{client_config, KafkaPublisher};
 use crate::publish::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
 

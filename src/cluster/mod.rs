@@ -121,7 +121,7 @@ impl Coordination {
     }
 
     pub fn failed(&self, why: &str) {
-        let now = crate::outbox::now_ms().max(1);
+        let now = crate::clock::now_ms().max(1);
         if self
             .failing_since
             .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -139,7 +139,7 @@ impl Coordination {
     }
 
     pub fn reachable(&self) -> bool {
-        self.reachable_at(crate::outbox::now_ms())
+        self.reachable_at(crate::clock::now_ms())
     }
 }
 
@@ -308,7 +308,7 @@ mod tests {
         let c = Coordination::default();
         assert!(c.reachable());
         c.failed("down");
-        let now = crate::outbox::now_ms();
+        let now = crate::clock::now_ms();
         assert!(c.reachable_at(now), "a moment's failure is not reported");
         c.failed("still down");
         assert!(!c.reachable_at(now + UNREACHABLE_AFTER_MS + 1));

@@ -38,7 +38,7 @@ use serde::Serialize;
 use super::{close, ApiError};
 use crate::config::{Cidr, ForwardedHeader, ServerConfig};
 use crate::outbox::Stats;
-use crate::supervise::lock;
+use crate::sync::lock;
 
 /// How many addresses each "top clients" table remembers.
 const TOP_TRACKED: usize = 1024;

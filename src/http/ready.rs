@@ -23,7 +23,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::AppState;
-use crate::outbox::{now_ms, Outbox};
+use crate::clock::now_ms;
+use crate::outbox::Outbox;
 use crate::supervise::{Health, WorkerState};
 
 /// One thing that keeps the instance from being ready.

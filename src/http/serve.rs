@@ -64,7 +64,7 @@ use tower::ServiceExt;
 use super::clients::{canonical, Clients};
 use super::tls::Tls;
 use crate::config::ServerConfig;
-use crate::supervise::lock;
+use crate::sync::lock;
 
 /// Delay after a failed `accept` (for example out of file descriptors)
 /// before the next one, so the loop does not spin.
@@ -349,7 +349,7 @@ fn reap(connections: &mut JoinSet<()>) {
 fn report(ended: Result<(), tokio::task::JoinError>) {
     if let Err(e) = ended {
         if e.is_panic() {
-            tracing::error!(panic = %crate::supervise::panic_message(&*e.into_panic()), "a connection task panicked");
+            tracing::error!(panic = %crate::sync::panic_message(&*e.into_panic()), "a connection task panicked");
         }
     }
 }

@@ -16,9 +16,9 @@ use serde_json::{json, Value};
 
 use super::admin::check_bearer;
 use super::{constant_time_eq, ApiError, AppState};
+use crate::clock::now_ms;
 use crate::event::{task_id_problem, TaskEvent};
 use crate::metrics::Reject;
-use crate::outbox::now_ms;
 use crate::poll::{Held, HeldCap, Holding, Origin, PollStats, Registration};
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {

@@ -17,9 +17,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::{tasks, ApiError, AppState, ClientInfo};
+use crate::clock::now_ms;
 use crate::event::{self, Source};
 use crate::metrics::Reject;
-use crate::outbox::{now_ms, Appended, Stats};
+use crate::outbox::{Appended, Stats};
 
 /// The callback URL's query: `?token=` for tasks created through `POST /tasks`.
 #[derive(serde::Deserialize)]

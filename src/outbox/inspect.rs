@@ -17,7 +17,8 @@ use serde::Serialize;
 
 use super::log::{read_only, Index, Record};
 use super::store::{DEAD, META, PENDING, STORED_THROUGH, TASKS};
-use super::{now_ms, Status};
+use super::Status;
+use crate::clock::now_ms;
 use crate::event::TaskEvent;
 
 /// What a data dir holds.
@@ -152,7 +153,7 @@ fn readable(path: &Path) -> Result<Result<ReadOnlyDatabase, String>, InspectErro
         Ok(Ok((db, Ok(())))) => Ok(Ok(db)),
         Ok(Ok((_, Err(e)))) | Ok(Err(InspectError::Db { source: e, .. })) => Ok(Err(e.to_string())),
         Ok(Err(e)) => Err(e),
-        Err(panic) => Ok(Err(crate::supervise::panic_message(&*panic))),
+        Err(panic) => Ok(Err(crate::sync::panic_message(&*panic))),
     }
 }
 

@@ -56,7 +56,7 @@ use std::sync::{Arc, Mutex};
 
 use super::store::{slot as state_slot, TaskRecord, STATES};
 use crate::publish::EventMeta;
-use crate::supervise::lock;
+use crate::sync::lock;
 
 /// The active segment is reserved ahead of its writes by this much at a
 /// time. Measured on ext4 (a virtio disk): a write and `fdatasync` into

@@ -53,9 +53,10 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::clock::now_ms;
 use crate::config::OutboxConfig;
 use crate::event::{State, TaskEvent};
-use crate::supervise::lock;
+use crate::sync::lock;
 
 pub mod inspect;
 mod log;
@@ -383,13 +384,6 @@ struct Inner {
     rejected: Mutex<rejected::Ring>,
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Outbox {
     /// Opens (or creates) the outbox in `config.data_dir` and starts its
     /// writer thread. Whatever an earlier run left pending is relayed again.
@@ -663,7 +657,7 @@ impl Outbox {
         let db = self.inner.db.clone();
         let closed = tokio::task::spawn_blocking(move || {
             if let Some(Err(panic)) = writer.map(|w| w.join()) {
-                tracing::error!(cause = %crate::supervise::panic_message(&*panic), "outbox writer thread panicked");
+                tracing::error!(cause = %crate::sync::panic_message(&*panic), "outbox writer thread panicked");
             }
             db.close();
         })

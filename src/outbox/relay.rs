@@ -36,9 +36,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{now_ms, Outbox, OutboxError, Stats};
+use super::{Outbox, OutboxError, Stats};
+use crate::clock::now_ms;
 use crate::publish::{Encoded, Outgoing, PublishError, Publisher};
-use crate::supervise::panic_message;
+use crate::sync::panic_message;
 
 /// Most events held back at once, in batches (`outbox.relay_batch`).
 pub const MAX_HELD_PER_BATCH: usize = 8;

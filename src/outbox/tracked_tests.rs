@@ -4,7 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{now_ms, Appended, Outbox};
+use super::{Appended, Outbox};
+use crate::clock::now_ms;
 use crate::config::OutboxConfig;
 use crate::event::{parse, Source, TaskEvent};
 

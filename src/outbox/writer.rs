@@ -33,11 +33,12 @@ use super::store::{
     record_bytes, slot, DbCell, TaskRecord, DEAD, DEAD_BYTES, EXPIRY, META, PENDING, REJECTED,
     STORED_THROUGH, TASKS,
 };
-use super::{now_ms, AppendError, Appended, DeadLetter, OutboxError, Shared, Stats};
+use super::{AppendError, Appended, DeadLetter, OutboxError, Shared, Stats};
+use crate::clock::now_ms;
 use crate::config::OutboxConfig;
 use crate::event::TaskEvent;
 use crate::publish::EventMeta;
-use crate::supervise::lock;
+use crate::sync::lock;
 
 /// Most commands taken as one group.
 const MAX_GROUP: usize = 4096;
@@ -229,7 +230,7 @@ impl Checkpointer {
                     .unwrap_or_else(|panic| {
                         Err(OutboxError::Log(std::io::Error::other(format!(
                             "checkpoint panicked: {}",
-                            crate::supervise::panic_message(&*panic)
+                            crate::sync::panic_message(&*panic)
                         ))))
                     });
                     if report.send(written.map(|()| through)).is_err() {
@@ -253,7 +254,7 @@ impl Checkpointer {
         self.jobs = None;
         if let Some(thread) = self.thread.take() {
             if let Err(panic) = thread.join() {
-                tracing::error!(cause = %crate::supervise::panic_message(&*panic), "outbox checkpoint thread panicked");
+                tracing::error!(cause = %crate::sync::panic_message(&*panic), "outbox checkpoint thread panicked");
             }
         }
     }
@@ -619,7 +620,7 @@ impl Writer {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(group, last)));
         if let Err(panic) = applied {
             tracing::error!(
-                cause = %crate::supervise::panic_message(&*panic),
+                cause = %crate::sync::panic_message(&*panic),
                 "outbox writer panicked; the group is refused and the database re-opened"
             );
             // Dropping the group's replies answers its callers "closed".

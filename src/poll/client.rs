@@ -26,10 +26,10 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::{backoff, PollStats};
+use crate::clock::now_ms;
 use crate::config::{ProviderConfig, Secret};
 use crate::event::{self, Source, TaskEvent};
-use crate::outbox::now_ms;
-use crate::supervise::lock;
+use crate::sync::lock;
 
 /// An HTTP/1 client for `http://` and `https://` URLs (rustls, ring, the
 /// system's root certificates). It follows no redirects: a 3xx is an answer.

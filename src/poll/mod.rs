@@ -68,10 +68,11 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::clock::now_ms;
 use crate::config::{Config, ReconcileConfig, Secret};
 use crate::event::{self, Source, State, TaskEvent};
-use crate::outbox::{now_ms, Outbox};
-use crate::supervise::lock;
+use crate::outbox::Outbox;
+use crate::sync::lock;
 
 pub mod client;
 mod reconciler;

@@ -10,8 +10,8 @@ use super::{
     retry_pause, synthetic_pending, Job, PollStats, PollWorker, ProviderError, Queue, Registration,
     RegistryError, UnreadableTask,
 };
+use crate::clock::now_ms;
 use crate::event::TaskEvent;
-use crate::outbox::now_ms;
 
 /// Most tasks looked at in one step.
 const BATCH: usize = 256;

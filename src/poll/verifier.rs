@@ -33,8 +33,8 @@ use futures::StreamExt;
 
 use super::registry::{Held, Unreadable};
 use super::{retry_pause, Job, PollStats, PollWorker, ProviderError, Queue, RegistryError};
+use crate::clock::now_ms;
 use crate::event::{self, Source, TaskEvent};
-use crate::outbox::now_ms;
 
 /// Most callbacks one step takes.
 const MAX_STEP: usize = 256;

@@ -12,7 +12,7 @@ use futures::FutureExt;
 
 use super::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
 use crate::config::FileConfig;
-use crate::supervise::lock;
+use crate::sync::lock;
 
 enum Sink {
     Stdout,

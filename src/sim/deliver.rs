@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{lock, render, Delivery, DeliveryResult, Outcome, Shared};
-use crate::outbox::now_ms;
+use crate::clock::now_ms;
 
 /// Longest wait for the receiver's answer.
 const TIMEOUT: Duration = Duration::from_secs(10);

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::poll::client::{http_client, HttpClient};
-use crate::supervise::lock;
+use crate::sync::lock;
 
 mod deliver;
 mod server;
@@ -310,7 +310,7 @@ impl Simulator {
     /// The record of a task in a given state and dialect, e.g. to forge a callback.
     pub fn record(&self, task_id: &str, state: &str, variant: Variant) -> Option<Value> {
         let task = self.shared.task(task_id)?;
-        Some(render(&task, state, variant, crate::outbox::now_ms()))
+        Some(render(&task, state, variant, crate::clock::now_ms()))
     }
 
     /// Stops serving and cancels callbacks not yet sent.

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{deliver, lock, Outcome, RequestLog, Shared, SimTask};
-use crate::outbox::now_ms;
+use crate::clock::now_ms;
 
 pub(super) fn router(shared: Arc<Shared>) -> Router {
     Router::new()

@@ -36,7 +36,7 @@ impl Publisher for Scripted {
 
     fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
         let keys = batch.iter().map(|m| m.key.clone()).collect();
-        crate::supervise::lock(&self.batches).push(keys);
+        crate::sync::lock(&self.batches).push(keys);
         let results = batch
             .iter()
             .map(|m| {
@@ -157,7 +157,7 @@ async fn a_refused_event_waits_alone_and_becomes_a_dead_letter_after_its_attempt
     .await
     .expect("the refused event is dead-lettered");
     assert_eq!(buried.dead_lettered, 1);
-    let tries = crate::supervise::lock(&publisher.batches)
+    let tries = crate::sync::lock(&publisher.batches)
         .iter()
         .flatten()
         .filter(|k| k.starts_with("bad"))
@@ -198,7 +198,7 @@ async fn a_held_event_keeps_its_tasks_later_events_back() {
     let mut relay = Relay::new(outbox.clone(), publisher.clone());
     relay.run_once().await.unwrap();
     relay.run_once().await.unwrap();
-    let sent: Vec<Vec<String>> = crate::supervise::lock(&publisher.batches).clone();
+    let sent: Vec<Vec<String>> = crate::sync::lock(&publisher.batches).clone();
     assert_eq!(sent, [vec!["bad-order".to_string(), "other".into()]]);
     assert_eq!(outbox.status().unwrap().pending, 2);
     outbox.close().await;

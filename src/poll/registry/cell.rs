@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use redb::Database;
 
 use super::RegistryError;
-use crate::supervise::lock;
+use crate::sync::lock;
 
 /// Least time between two attempts to re-open a failing database, so a
 /// disk that stays full costs little; requests meanwhile fail at once.

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{encode, write, Registry, RegistryError, HELD, HELD_KEYS};
 use crate::event::{State, TaskEvent};
-use crate::supervise::lock;
+use crate::sync::lock;
 
 /// Held bookkeeping: [`BYTES`] -> what the held entries cost.
 pub(super) const HELD_META: TableDefinition<&str, u64> = TableDefinition::new("held_meta");
