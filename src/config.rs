@@ -7,7 +7,6 @@
 //! `Debug` never prints them.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -17,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 mod ranges;
 mod show;
-pub use show::{is_secret_option, mask_url, split_userinfo, MASK};
+pub use crate::secret::{mask_url, split_userinfo, Secret, MASK};
+pub use show::is_secret_option;
 
 /// The whole configuration of one hookbridge process.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -681,60 +681,6 @@ impl Default for ReconcileConfig {
     }
 }
 
-/// A string that never appears in logs, `Debug` or serialized output (it
-/// serializes as [`MASK`], and [`MASK`] is refused when read back, naming
-/// the key). Numbers and booleans are read as their text, so
-/// `HOOKBRIDGE_PUBLISHER__OPTIONS__LINGER_MS=20` works although the
-/// environment layer reads `20` as a number.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(MASK)
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Scalar {
-            Text(String),
-            Unsigned(u64),
-            Signed(i64),
-            Float(f64),
-            Bool(bool),
-        }
-        Ok(Self(match Scalar::deserialize(d)? {
-            Scalar::Text(s) if s == MASK => {
-                return Err(serde::de::Error::custom(show::MASKED_READ_BACK))
-            }
-            Scalar::Text(s) => s,
-            Scalar::Unsigned(n) => n.to_string(),
-            Scalar::Signed(n) => n.to_string(),
-            Scalar::Float(n) => n.to_string(),
-            Scalar::Bool(b) => b.to_string(),
-        }))
-    }
-}
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The value, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
-
 /// A configuration that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -743,7 +689,7 @@ pub enum ConfigError {
     #[error("invalid `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
     /// A value still holds what `check` prints in place of a secret.
-    #[error("invalid `{key}`: {}", show::MASKED_READ_BACK)]
+    #[error("invalid `{key}`: {}", crate::secret::MASKED_READ_BACK)]
     Masked { key: String },
 }
 

@@ -93,6 +93,7 @@ pub mod outbox;
 pub mod poll;
 pub mod publish;
 pub mod redb_file;
+pub mod secret;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod supervise;

@@ -26,7 +26,8 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
-use crate::config::{AdminConfig, Secret};
+use crate::config::AdminConfig;
+use crate::secret::Secret;
 
 /// `?limit=` and, where entries are numbered, `?after=`.
 #[derive(Deserialize)]

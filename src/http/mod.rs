@@ -22,9 +22,10 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::metrics::Reject;
 use crate::outbox::Outbox;
+use crate::secret::Secret;
 
 mod admin;
 mod clients;

@@ -285,7 +285,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
         config.outbox.data_dir = dir.path().to_path_buf();
-        config.provider.api_key = Some(crate::config::Secret::new("k"));
+        config.provider.api_key = Some(crate::secret::Secret::new("k"));
         let outbox = crate::outbox::Outbox::open(&config.outbox).unwrap();
         let state = super::super::admin::state(&config, outbox);
         let app = super::super::router(state);

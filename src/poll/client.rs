@@ -27,8 +27,9 @@ use tokio::time::Instant;
 
 use super::{backoff, PollStats};
 use crate::clock::now_ms;
-use crate::config::{ProviderConfig, Secret};
+use crate::config::ProviderConfig;
 use crate::event::{self, Source, TaskEvent};
+use crate::secret::Secret;
 use crate::sync::lock;
 
 /// An HTTP/1 client for `http://` and `https://` URLs (rustls, ring, the
@@ -313,7 +314,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     // It is logged: a URL in it must not carry `base_url`'s credentials.
-    crate::config::mask_url(&out)
+    crate::secret::mask_url(&out)
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.

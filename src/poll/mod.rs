@@ -69,9 +69,10 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::clock::now_ms;
-use crate::config::{Config, ReconcileConfig, Secret};
+use crate::config::{Config, ReconcileConfig};
 use crate::event::{self, Source, State, TaskEvent};
 use crate::outbox::Outbox;
+use crate::secret::Secret;
 use crate::sync::lock;
 
 pub mod client;

@@ -10,8 +10,9 @@
 use std::collections::BTreeMap;
 
 use super::{check_subject, check_topic, is_model_token, EncodeError, UNKNOWN_MODEL};
-use crate::config::{librdkafka_key, PublisherConfig, Secret};
+use crate::config::{librdkafka_key, PublisherConfig};
 use crate::event::State;
+use crate::secret::Secret;
 
 type Refusal = (&'static str, String);
 

@@ -58,7 +58,7 @@ impl NatsPublisher {
         // it out of its debug logs: take it out and pass it as options.
         let mut urls = Vec::new();
         for url in config.url.split(',').map(str::trim) {
-            let (url, userinfo) = crate::config::split_userinfo(url);
+            let (url, userinfo) = crate::secret::split_userinfo(url);
             match userinfo {
                 Some((user, Some(pass))) => options = options.user_and_password(user, pass),
                 Some((token, None)) if config.token.is_none() => options = options.token(token),
@@ -66,7 +66,7 @@ impl NatsPublisher {
             }
             urls.push(url);
         }
-        let servers = crate::config::mask_url(&config.url);
+        let servers = crate::secret::mask_url(&config.url);
         tracing::info!(%servers, jetstream = config.jetstream, "connecting to NATS");
         let client = options
             .connect(urls.as_slice())
