@@ -332,7 +332,9 @@ impl Owner {
             .set("auto.offset.reset", "earliest")
             // A replica that dies unannounced gives its tasks up this fast.
             .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "1500")
+            // Members learn of a rebalance at their next heartbeat: a short one
+            // lets the group settle (cooperative: two rounds) in about a second.
+            .set("heartbeat.interval.ms", "500")
             // A rebalance moves only the partitions that must move; the others
             // keep being processed, their guards kept.
             // (Static membership, `group.instance.id`, was tried with it: a

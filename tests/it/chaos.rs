@@ -357,9 +357,9 @@ async fn cluster_mode_keeps_exactly_once_and_order_through_faults() {
                 .unwrap_or(-1)
         };
         report.push(format!(
-            "chaos {bridge}: sent {} ({} refused, {refused_rolling} during the rolling restart), accepted {} distinct (task,state), published {} ({} tasks), suppressed {} (stale or behind a later state), e2e p50 {} ms p99 {} ms max {} ms",
+            "chaos {bridge}: sent {} ({} refused, {refused_rolling} during the rolling restart), accepted {} distinct (task,state), published {} ({} tasks), suppressed {} (stale or behind a later state), e2e p50 {} ms p90 {} ms p99 {} ms max {} ms",
             mine.len(), refused.len(), accepted.len(), published.len(), by_task.len(),
-            accepted.len().saturating_sub(published.len()), p(0.5), p(0.99), latencies.last().copied().unwrap_or(-1),
+            accepted.len().saturating_sub(published.len()), p(0.5), p(0.9), p(0.99), latencies.last().copied().unwrap_or(-1),
         ));
         let mut answers: BTreeMap<String, usize> = BTreeMap::new();
         for s in &refused {
