@@ -6,7 +6,6 @@
 //! only fail later, naming the key. Secrets are wrapped in [`Secret`], whose
 //! `Debug` never prints them.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -16,6 +15,10 @@ use serde::{Deserialize, Serialize};
 
 mod ranges;
 mod show;
+pub use crate::publish::config::{
+    librdkafka_key, FileConfig, KafkaConfig, NatsConfig, PublisherConfig, StreamConfig,
+    KAFKA_DEFAULT_MESSAGE_MAX_BYTES, KAFKA_MESSAGE_OVERHEAD, MAX_BODY_LIMIT,
+};
 pub use crate::secret::{mask_url, split_userinfo, Secret, MASK};
 pub use show::is_secret_option;
 
@@ -114,17 +117,6 @@ impl Default for HealthConfig {
         }
     }
 }
-
-/// librdkafka's default producer `message.max.bytes`.
-pub const KAFKA_DEFAULT_MESSAGE_MAX_BYTES: u64 = 1_000_000;
-/// Room for a record's key, headers and framing beside the event's JSON,
-/// which hookbridge adds to `server.body_limit_bytes` for the producer's
-/// `message.max.bytes` when the options do not set it.
-pub const KAFKA_MESSAGE_OVERHEAD: u64 = 64 * 1024;
-
-/// Largest `server.body_limit_bytes`: an event is one record of the outbox's
-/// log, which bounds a record (see `outbox/log.rs`).
-pub const MAX_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 /// The HTTP ingress: the provider's callbacks, the task endpoints, `/healthz`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -414,146 +406,6 @@ impl Default for OutboxConfig {
     }
 }
 
-/// The broker backend, chosen once at start-up by `type`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum PublisherConfig {
-    /// JSON lines to a file or stdout: the embedded default, needs no broker.
-    File(FileConfig),
-    /// Apache Kafka through librdkafka.
-    Kafka(KafkaConfig),
-    /// NATS JetStream (or core NATS).
-    Nats(NatsConfig),
-}
-
-impl Default for PublisherConfig {
-    fn default() -> Self {
-        Self::File(FileConfig::default())
-    }
-}
-
-/// The embedded file sink.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    /// File to append JSON lines to; `-` writes to stdout.
-    pub path: String,
-    /// fsync the file after each batch (published means on disk).
-    pub fsync: bool,
-}
-
-impl Default for FileConfig {
-    fn default() -> Self {
-        Self {
-            path: "-".into(),
-            fsync: false,
-        }
-    }
-}
-
-/// Kafka producer settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
-    pub brokers: String,
-    /// Topic template; `{model}` and `{state}` are replaced per event. Every
-    /// topic it can become is created at start (with the broker's default
-    /// partitions and replication) if missing; the producer never has a
-    /// topic auto-created (`allow.auto.create.topics = false`). Names starting
-    /// with `__` (Kafka's internal topics) are refused.
-    #[serde(default = "default_topic")]
-    pub topic: String,
-    /// Allowlist of model names `{model}` may become (each 1-64 characters of
-    /// `[A-Za-z0-9_-]`); any other model becomes `unknown`. Required (non-empty)
-    /// when the template uses `{model}`, so that no sender can name a destination:
-    /// every destination is known at start.
-    #[serde(default)]
-    pub models: Vec<String>,
-    /// How long librdkafka tries one message before reporting it failed; the
-    /// relay then retries it, so this bounds one attempt, not the event's life.
-    #[serde(default = "default_message_timeout_ms")]
-    pub message_timeout_ms: u64,
-    /// Extra librdkafka properties (TLS, SASL, compression, ...). Values
-    /// here override hookbridge's own, except the delivery guarantees
-    /// (`acks`, `enable.idempotence`, `allow.auto.create.topics`), which are
-    /// refused, as are `transactional.id`, `delivery.report.only.error`, an
-    /// unknown `security.protocol` and a `message.max.bytes` below
-    /// `server.body_limit_bytes`. `_` in a key reads
-    /// as `.` (librdkafka keys have none), so the environment can set them:
-    /// `HOOKBRIDGE_PUBLISHER__OPTIONS__SASL_PASSWORD` sets `sasl.password`.
-    #[serde(default)]
-    pub options: BTreeMap<String, Secret>,
-}
-
-fn default_topic() -> String {
-    "kinovi.task-events".into()
-}
-fn default_message_timeout_ms() -> u64 {
-    30_000
-}
-
-/// NATS settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsConfig {
-    /// Server URL(s), comma separated, e.g. `nats://127.0.0.1:4222`.
-    pub url: String,
-    /// Subject template; `{model}` and `{state}` are replaced per event, `{task}`
-    /// by a token of the task id (its UUIDv5, 32 hex digits). Cluster mode needs
-    /// `{task}` (e.g. `kinovi.tasks.{state}.{task}`). With `stream`, the stream's
-    /// subjects must capture every subject it can become.
-    #[serde(default = "default_subject")]
-    pub subject: String,
-    /// Allowlist of model names `{model}` may become (each 1-64 characters of
-    /// `[A-Za-z0-9_-]`); any other model becomes `unknown`. Required (non-empty)
-    /// when the template uses `{model}`, so that no sender can name a destination:
-    /// every destination is known at start.
-    #[serde(default)]
-    pub models: Vec<String>,
-    /// Publish through JetStream and wait for its PubAck (recommended). When
-    /// false, core NATS publishing is used: acknowledged by nobody, so an
-    /// event is "published" once the server has it after a flush.
-    #[serde(default = "yes")]
-    pub jetstream: bool,
-    /// How long to wait for one PubAck, in milliseconds.
-    #[serde(default = "default_ack_timeout_ms")]
-    pub ack_timeout_ms: u64,
-    /// Credentials: a token, if the server wants one.
-    #[serde(default)]
-    pub token: Option<Secret>,
-    /// Create (or update) this stream at start-up.
-    #[serde(default)]
-    pub stream: Option<StreamConfig>,
-}
-
-fn default_subject() -> String {
-    "kinovi.tasks.{state}".into()
-}
-fn default_ack_timeout_ms() -> u64 {
-    5_000
-}
-fn yes() -> bool {
-    true
-}
-
-/// A JetStream stream that hookbridge creates when missing.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StreamConfig {
-    /// Stream name.
-    pub name: String,
-    /// Subjects the stream captures, e.g. `["kinovi.tasks.>"]`.
-    pub subjects: Vec<String>,
-    /// JetStream's own deduplication window on `Nats-Msg-Id`, in seconds.
-    #[serde(default = "default_duplicate_window_secs")]
-    pub duplicate_window_secs: u64,
-}
-
-fn default_duplicate_window_secs() -> u64 {
-    120
-}
-
 /// Logging.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -693,6 +545,13 @@ pub enum ConfigError {
     Masked { key: String },
 }
 
+/// The publisher's refusals (`crate::publish::Refusal`) name their key too.
+impl From<(&'static str, String)> for ConfigError {
+    fn from((key, reason): (&'static str, String)) -> Self {
+        Self::Invalid { key, reason }
+    }
+}
+
 impl Config {
     /// Defaults, then `file` (when given), then `HOOKBRIDGE_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -815,60 +674,8 @@ impl Config {
         self.validate_edge()?;
         self.validate_provider()?;
         self.validate_cluster()?;
-        crate::publish::check_config(&self.publisher)
-            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
-        match &self.publisher {
-            PublisherConfig::File(f) if f.path.is_empty() => {
-                invalid("publisher.path", "must be a file path or `-`")
-            }
-            PublisherConfig::Kafka(k) => {
-                if k.brokers.trim().is_empty() {
-                    return invalid("publisher.brokers", "must list at least one broker");
-                }
-                check_template("publisher.topic", &k.topic)?;
-                if let Some(key) = k.options.keys().find_map(|k| reserved_kafka_option(k)) {
-                    return Err(ConfigError::Invalid {
-                        key: "publisher.options",
-                        reason: format!("`{key}` is set by hookbridge and may not be overridden"),
-                    });
-                }
-                // The producer refuses a larger message itself; the broker's
-                // own limit is checked when the publisher starts.
-                let producer_max = crate::publish::kafka_message_max_bytes(&k.options).unwrap_or(
-                    KAFKA_DEFAULT_MESSAGE_MAX_BYTES
-                        .max(self.server.body_limit_bytes as u64 + KAFKA_MESSAGE_OVERHEAD),
-                );
-                if self.server.body_limit_bytes as u64 > producer_max {
-                    return Err(ConfigError::Invalid {
-                        key: "server.body_limit_bytes",
-                        reason: format!(
-                            "is larger than the Kafka producer's message.max.bytes ({producer_max}): \
-                             such events could be accepted but never published"
-                        ),
-                    });
-                }
-                Ok(())
-            }
-            PublisherConfig::Nats(n) => {
-                if n.url.trim().is_empty() {
-                    return invalid("publisher.url", "must name at least one server");
-                }
-                check_template("publisher.subject", &n.subject)?;
-                if let Some(s) = &n.stream {
-                    if s.name.is_empty() || s.subjects.is_empty() {
-                        return invalid(
-                            "publisher.stream",
-                            "needs a name and at least one subject",
-                        );
-                    }
-                    if !n.jetstream {
-                        return invalid("publisher.stream", "needs `jetstream = true`");
-                    }
-                }
-                Ok(())
-            }
-            _ => Ok(()),
-        }
+        crate::publish::check_settings(&self.publisher, self.server.body_limit_bytes)?;
+        Ok(())
     }
 }
 
@@ -991,7 +798,8 @@ impl Config {
                     ("cluster.internal_topic", &c.internal_topic),
                     ("cluster.changelog_topic", &c.changelog_topic),
                 ] {
-                    crate::publish::check_topic(topic).or_else(|e| invalid(key, &e.to_string()))?;
+                    crate::publish::names::check_topic(topic)
+                        .or_else(|e| invalid(key, &e.to_string()))?;
                 }
                 if c.internal_topic == c.changelog_topic {
                     return invalid(
@@ -1022,10 +830,7 @@ impl Config {
                 }
                 // The stream's own write keeps each task's order: every
                 // state of a task must land on subjects one filter selects.
-                let whole_tokens = n.subject.split('.').all(|token| {
-                    !token.contains('{') || ["{model}", "{state}", "{task}"].contains(&token)
-                });
-                if !n.subject.split('.').any(|t| t == "{task}") || !whole_tokens {
+                if !crate::publish::names::has_whole_task_token(&n.subject) {
                     return invalid(
                         "publisher.subject",
                         "must have {task} as one of its tokens in JetStream cluster mode, \
@@ -1181,50 +986,6 @@ impl Cidr {
         };
         a & mask == b & mask
     }
-}
-
-/// A librdkafka property name from a config key: environment variables
-/// cannot hold dots, so `sasl_password` (from `..._OPTIONS__SASL_PASSWORD`)
-/// means `sasl.password`.
-pub fn librdkafka_key(key: &str) -> String {
-    key.replace('_', ".")
-}
-
-/// The librdkafka property hookbridge sets itself that `key` would
-/// override, under any of its names: an alias (`acks` is
-/// `request.required.acks`, `bootstrap.servers` is `metadata.broker.list`)
-/// or the `topic.` prefix that sets a topic property globally.
-fn reserved_kafka_option(key: &str) -> Option<&'static str> {
-    const RESERVED: [(&str, &str); 6] = [
-        ("allow.auto.create.topics", "allow.auto.create.topics"),
-        ("acks", "acks"),
-        ("request.required.acks", "acks"),
-        ("enable.idempotence", "enable.idempotence"),
-        ("bootstrap.servers", "bootstrap.servers"),
-        ("metadata.broker.list", "bootstrap.servers"),
-    ];
-    let key = librdkafka_key(key.trim()).to_ascii_lowercase();
-    let key = key.strip_prefix("topic.").unwrap_or(&key);
-    RESERVED
-        .iter()
-        .find(|(name, _)| *name == key)
-        .map(|&(_, reserved)| reserved)
-}
-
-fn check_template(key: &'static str, template: &str) -> Result<(), ConfigError> {
-    let stripped = template
-        .replace("{model}", "")
-        .replace("{state}", "")
-        .replace("{task}", "");
-    if template.is_empty() || stripped.contains(['{', '}']) {
-        return Err(ConfigError::Invalid {
-            key,
-            reason: "must be non-empty and may only use the placeholders {model}, {state} \
-                     and (subjects only) {task}"
-                .into(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

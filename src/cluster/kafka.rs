@@ -39,7 +39,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::{state_of, verdict, Coordination, Guard, Verdict};
 use crate::clock::now_ms;
-use crate::config::{ClusterConfig, KafkaConfig};
+use crate::config::ClusterConfig;
+use crate::publish::config::{librdkafka_key, KafkaConfig};
 use crate::publish::kafka::{client_config, KafkaPublisher};
 use crate::publish::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
 
@@ -265,7 +266,7 @@ impl Owner {
         cc.set("bootstrap.servers", &self.kafka.brokers)
             .set("reconnect.backoff.max.ms", "1000");
         for (key, value) in &self.kafka.options {
-            cc.set(crate::config::librdkafka_key(key), value.expose());
+            cc.set(librdkafka_key(key), value.expose());
         }
         cc
     }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
+use super::config::FileConfig;
 use super::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
-use crate::config::FileConfig;
 use crate::sync::lock;
 
 enum Sink {

@@ -21,11 +21,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::OnceCell;
 
+use super::config::{librdkafka_key, KafkaConfig, KAFKA_MESSAGE_OVERHEAD, MAX_BODY_LIMIT};
 use super::{
     check_topic, destinations, render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError,
     Publisher, CONTENT_TYPE,
 };
-use crate::config::{KafkaConfig, KAFKA_MESSAGE_OVERHEAD, MAX_BODY_LIMIT};
 use crate::event::SCHEMA_VERSION;
 
 /// Longest wait for one admin request (topic creation, configs) at start.
@@ -126,7 +126,7 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         )
         .set("client.id", "hookbridge");
     for (key, value) in &config.options {
-        cc.set(crate::config::librdkafka_key(key), value.expose());
+        cc.set(librdkafka_key(key), value.expose());
     }
     cc
 }

@@ -15,11 +15,11 @@ use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use tokio::sync::OnceCell;
 
+use super::config::NatsConfig;
 use super::{
     check_subject, render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError, Publisher,
     CONTENT_TYPE,
 };
-use crate::config::NatsConfig;
 use crate::event::SCHEMA_VERSION;
 
 /// JetStream's deduplication header.

@@ -1,5 +1,5 @@
+use super::config::{KafkaConfig, NatsConfig};
 use super::*;
-use crate::config::{KafkaConfig, NatsConfig};
 use crate::event::{parse, Source};
 
 fn event(model: &str) -> TaskEvent {
