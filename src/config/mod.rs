@@ -257,11 +257,11 @@ impl Config {
     }
 
     /// Refuses values that would only fail later: every number's range
-    /// first, then each section's own rules, the publisher's last.
+    /// first (`ranges.rs`, the one place a range is stated), then each
+    /// section's rules that a range cannot say, the publisher's last.
     pub fn validate(&self) -> Result<(), ConfigError> {
         ranges::check(self)?;
         self.validate_outbox()?;
-        self.validate_health()?;
         self.validate_server()?;
         self.validate_provider()?;
         self.validate_cluster()?;
@@ -282,32 +282,11 @@ impl Config {
                 "must be at most 67108864 (64 MiB): each event is one record of the outbox's log",
             );
         }
-        if o.max_pending == 0 {
-            return invalid("outbox.max_pending", "must be at least 1");
-        }
         if o.max_pending_bytes < self.server.body_limit_bytes as u64 {
             return invalid(
                 "outbox.max_pending_bytes",
                 "must be at least server.body_limit_bytes",
             );
-        }
-        if o.relay_batch == 0 || o.relay_batch > 100_000 {
-            return invalid("outbox.relay_batch", "must be between 1 and 100000");
-        }
-        if o.retry_initial_ms == 0 || o.retry_max_ms < o.retry_initial_ms {
-            return invalid(
-                "outbox.retry_max_ms",
-                "retry_initial_ms must be > 0 and retry_max_ms >= retry_initial_ms",
-            );
-        }
-        if o.cache_mib == 0 {
-            return invalid("outbox.cache_mib", "must be at least 1");
-        }
-        if o.dedup_window_secs == 0 {
-            return invalid("outbox.dedup_window_secs", "must be at least 1");
-        }
-        if o.max_tracked_tasks == 0 {
-            return invalid("outbox.max_tracked_tasks", "must be at least 1");
         }
         if o.max_tracked_bytes < 64 * 1024 {
             return invalid("outbox.max_tracked_bytes", "must be at least 65536");
@@ -336,21 +315,6 @@ impl Config {
                 "outbox.max_dead_letter_bytes",
                 "must be at least 4 x outbox.dead_letter_keep_bytes",
             );
-        }
-        Ok(())
-    }
-
-    /// Supervision of the workers.
-    fn validate_health(&self) -> Result<(), ConfigError> {
-        let h = &self.health;
-        if h.stall_secs == 0 {
-            return invalid("health.stall_secs", "must be at least 1");
-        }
-        if h.restart_backoff_ms == 0 || h.restart_backoff_ms > 30_000 {
-            return invalid("health.restart_backoff_ms", "must be between 1 and 30000");
-        }
-        if h.restart_window_secs == 0 {
-            return invalid("health.restart_window_secs", "must be at least 1");
         }
         Ok(())
     }

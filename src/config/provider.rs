@@ -123,38 +123,17 @@ impl Config {
                 return invalid("provider.public_url", "must not carry a query or fragment");
             }
         }
-        if p.request_timeout_ms == 0 {
-            return invalid("provider.request_timeout_ms", "must be at least 1");
-        }
-        if p.max_in_flight == 0 {
-            return invalid("provider.max_in_flight", "must be at least 1");
-        }
-        if p.requests_per_sec == 0 {
-            return invalid("provider.requests_per_sec", "must be at least 1");
-        }
-        if p.retry_initial_ms == 0 || p.retry_max_ms < p.retry_initial_ms {
-            return invalid(
-                "provider.retry_max_ms",
-                "retry_initial_ms must be > 0 and retry_max_ms >= retry_initial_ms",
-            );
-        }
         if p.api_key
             .as_ref()
             .is_some_and(|k| k.expose().trim().is_empty())
         {
             return invalid("provider.api_key", "must not be empty");
         }
-        if p.max_held == 0 {
-            return invalid("provider.max_held", "must be at least 1");
-        }
         if p.max_held_bytes < 64 * 1024 {
             return invalid("provider.max_held_bytes", "must be at least 65536");
         }
         if p.max_held_per_address == 0 {
             return invalid("provider.max_held_per_address", "must be at least 1");
-        }
-        if p.registry_cache_mib == 0 {
-            return invalid("provider.registry_cache_mib", "must be at least 1");
         }
         if p.verify && p.api_key.is_none() {
             return invalid("provider.verify", "needs provider.api_key");
@@ -174,12 +153,6 @@ impl Config {
             return invalid(
                 "reconcile.deadline_secs",
                 "must be greater than reconcile.first_poll_after_secs",
-            );
-        }
-        if r.poll_initial_ms == 0 || r.poll_max_ms < r.poll_initial_ms {
-            return invalid(
-                "reconcile.poll_max_ms",
-                "poll_initial_ms must be > 0 and poll_max_ms >= poll_initial_ms",
             );
         }
         Ok(())

@@ -203,26 +203,6 @@ impl Config {
     /// The listeners' own rules (their numbers are in `ranges`).
     pub(super) fn validate_server(&self) -> Result<(), ConfigError> {
         let s = &self.server;
-        for (key, value) in [
-            ("server.header_timeout_ms", s.header_timeout_ms),
-            ("server.body_timeout_ms", s.body_timeout_ms),
-            ("server.shutdown_timeout_ms", s.shutdown_timeout_ms),
-        ] {
-            if value == 0 {
-                return invalid(key, "must be at least 1");
-            }
-        }
-        if s.max_header_bytes < 1024 {
-            return invalid("server.max_header_bytes", "must be at least 1024");
-        }
-        if s.max_connections == 0 {
-            return invalid("server.max_connections", "must be at least 1");
-        }
-        if let Some(tls) = &s.tls {
-            if tls.reload_check_ms == 0 {
-                return invalid("server.tls.reload_check_ms", "must be at least 1");
-            }
-        }
         if s.max_connections_per_client == 0 {
             return invalid("server.max_connections_per_client", "must be at least 1");
         }
@@ -259,9 +239,6 @@ impl Config {
             if r.others_burst == 0 {
                 return invalid("server.rate_limit.others_burst", "must be at least 1");
             }
-        }
-        if r.max_clients == 0 {
-            return invalid("server.rate_limit.max_clients", "must be at least 1");
         }
         for proxy in &r.trusted_proxies {
             match Cidr::parse(proxy) {
