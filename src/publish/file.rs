@@ -85,14 +85,7 @@ impl Publisher for FilePublisher {
 
     /// The payload of the result is the whole line, newline included.
     fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
-        Ok(Encoded {
-            seq: o.seq,
-            destination: String::new(),
-            key: o.meta.task_id.clone(),
-            id: o.meta.event_id.clone(),
-            headers: Vec::new(),
-            payload: encode(o)?.into(),
-        })
+        Ok(Encoded::of(o, String::new(), Vec::new(), encode(o)?.into()))
     }
 
     fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {

@@ -84,6 +84,26 @@ pub struct Encoded {
     pub payload: bytes::Bytes,
 }
 
+impl Encoded {
+    /// `message` as one wire message to `destination`: keyed by its task,
+    /// identified by its event.
+    pub fn of(
+        message: &Outgoing,
+        destination: String,
+        headers: Vec<(&'static str, String)>,
+        payload: bytes::Bytes,
+    ) -> Self {
+        Self {
+            seq: message.seq,
+            destination,
+            key: message.meta.task_id.clone(),
+            id: message.meta.event_id.clone(),
+            headers,
+            payload,
+        }
+    }
+}
+
 /// Why a publish did not succeed, classified once so callers branch on the
 /// class, never on message text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -185,6 +205,22 @@ pub enum EncodeError {
     NotOneLine,
 }
 
+impl EncodeError {
+    fn topic(topic: &str, problem: &'static str) -> Self {
+        Self::Topic {
+            topic: topic.to_string(),
+            problem,
+        }
+    }
+
+    fn subject(subject: &str, problem: &'static str) -> Self {
+        Self::Subject {
+            subject: subject.to_string(),
+            problem,
+        }
+    }
+}
+
 impl From<EncodeError> for PublishError {
     fn from(e: EncodeError) -> Self {
         Self::Permanent(e.to_string())
@@ -216,6 +252,29 @@ impl CloudEvent {
             subject: event.task_id.clone(),
             time: rfc3339_millis(event.update_time.unwrap_or(event.received_at)),
         }
+    }
+}
+
+/// Header names of one backend for [`CloudEvent::headers`], in its order.
+pub type HeaderNames = [&'static str; 9];
+
+impl CloudEvent {
+    /// The headers every backend sends, under the backend's `names`: the
+    /// content type, the event id, the schema version, then the CloudEvents
+    /// attributes (spec version, id, source, type, subject, time).
+    pub fn headers(self, names: HeaderNames) -> Vec<(&'static str, String)> {
+        let values = [
+            CONTENT_TYPE.to_string(),
+            self.id.clone(),
+            crate::event::SCHEMA_VERSION.to_string(),
+            "1.0".to_string(),
+            self.id,
+            self.source.to_string(),
+            self.ty,
+            self.subject,
+            self.time,
+        ];
+        names.into_iter().zip(values).collect()
     }
 }
 

@@ -90,13 +90,7 @@ pub fn check_topic(topic: &str) -> Result<(), EncodeError> {
     } else {
         None
     };
-    match problem {
-        None => Ok(()),
-        Some(problem) => Err(EncodeError::Topic {
-            topic: topic.to_string(),
-            problem,
-        }),
-    }
+    problem.map_or(Ok(()), |problem| Err(EncodeError::topic(topic, problem)))
 }
 
 /// A subject a message may be published to: non-empty tokens separated by `.`, no
@@ -113,13 +107,23 @@ pub fn check_subject(subject: &str) -> Result<(), EncodeError> {
     } else {
         None
     };
-    match problem {
-        None => Ok(()),
-        Some(problem) => Err(EncodeError::Subject {
-            subject: subject.to_string(),
-            problem,
-        }),
-    }
+    problem.map_or(Ok(()), |problem| {
+        Err(EncodeError::subject(subject, problem))
+    })
+}
+
+/// Where one event goes: `template` rendered for it (see [`render`]), then
+/// held to the backend's name rule `check` ([`check_topic`],
+/// [`check_subject`]).
+pub fn destination(
+    template: &str,
+    event: &EventMeta,
+    models: &[String],
+    check: fn(&str) -> Result<(), EncodeError>,
+) -> Result<String, EncodeError> {
+    let name = render(template, event, models);
+    check(&name)?;
+    Ok(name)
 }
 
 /// A topic or subject template: non-empty, with no placeholder but
