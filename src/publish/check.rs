@@ -230,28 +230,3 @@ pub fn kafka_message_max_bytes(options: &BTreeMap<String, Secret>) -> Option<u64
             .flatten()
     })
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subject_filters_match_as_nats_does() {
-        assert!(subject_matches("a.>", "a.b.c"));
-        assert!(!subject_matches("a.>", "a"));
-        assert!(subject_matches("a.*.c", "a.b.c"));
-        assert!(!subject_matches("a.*", "a.b.c"));
-        assert!(subject_matches("a.b", "a.b"));
-        assert!(!subject_matches("a.b", "a.bc"));
-        assert!(!subject_matches("a.b.c", "a.b"));
-    }
-
-    #[test]
-    fn destinations_are_every_listed_model_and_unknown_in_every_state() {
-        let all = destinations("t.{model}.{state}", &["m1".into()]);
-        assert_eq!(all.len(), 10);
-        assert!(all.contains(&"t.m1.success".to_string()));
-        assert!(all.contains(&"t.unknown.fail".to_string()));
-        assert_eq!(destinations("fixed", &[]), ["fixed"]);
-    }
-}
