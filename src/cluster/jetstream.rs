@@ -36,7 +36,8 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use super::{state_of, verdict, Coordination, Guard, Verdict};
-use crate::config::{ClusterConfig, NatsConfig};
+use crate::config::ClusterConfig;
+use crate::publish::config::NatsConfig;
 use crate::publish::nats::{Checked, Expect, NatsPublisher, Version};
 use crate::publish::{task_token, EncodeError, Encoded, Outgoing, PublishError, Publisher};
 

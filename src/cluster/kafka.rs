@@ -39,7 +39,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::{state_of, verdict, Coordination, Guard, Verdict};
 use crate::clock::now_ms;
-use crate::config::{ClusterConfig, KafkaConfig};
+use crate::config::ClusterConfig;
+use crate::publish::config::{librdkafka_key, KafkaConfig};
 use crate::publish::kafka::{client_config, KafkaPublisher};
 use crate::publish::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
 
@@ -265,7 +266,7 @@ impl Owner {
         cc.set("bootstrap.servers", &self.kafka.brokers)
             .set("reconnect.backoff.max.ms", "1000");
         for (key, value) in &self.kafka.options {
-            cc.set(crate::config::librdkafka_key(key), value.expose());
+            cc.set(librdkafka_key(key), value.expose());
         }
         cc
     }
@@ -284,7 +285,7 @@ impl Owner {
         let restorer = match self.restorer().await {
             Ok(restorer) => restorer,
             Err(e) => {
-                let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+                drop_off_runtime("the owner consumer", consumer).await;
                 return Err(e);
             }
         };
@@ -293,7 +294,7 @@ impl Owner {
             .process_until_error(&producer, &consumer, &restorer, backoff)
             .await;
         // Leaving the group blocks; not on the runtime.
-        let _ = tokio::task::spawn_blocking(move || drop((consumer, restorer))).await;
+        drop_off_runtime("the owner consumer", (consumer, restorer)).await;
         result
     }
 
@@ -476,12 +477,20 @@ impl Owner {
         firsts: BTreeMap<i32, i64>,
     ) {
         let (consumer, topic) = (consumer.clone(), self.cluster.internal_topic.clone());
-        let _ = tokio::task::spawn_blocking(move || {
+        let rewound = tokio::task::spawn_blocking(move || {
             for (partition, offset) in firsts {
-                let _ = consumer.seek(&topic, partition, Offset::Offset(offset), CALL_TIMEOUT);
+                if let Err(e) =
+                    consumer.seek(&topic, partition, Offset::Offset(offset), CALL_TIMEOUT)
+                {
+                    // Expected when the partition moved to another owner.
+                    tracing::debug!(partition, error = %e, "cluster: cannot rewind a partition");
+                }
             }
         })
         .await;
+        if let Err(e) = rewound {
+            tracing::warn!(error = %e, "cluster: the rewind of the owner consumer failed");
+        }
     }
 
     async fn probe(&self, consumer: &Arc<StreamConsumer<OwnerContext>>) {
@@ -699,7 +708,7 @@ impl Owner {
                 Err((topic, code)) => bail!("cannot create topic {topic}: {code}"),
             }
         }
-        let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
+        drop_off_runtime("the admin client", admin).await;
         Ok(())
     }
 }
@@ -741,6 +750,14 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .context("a blocking Kafka call panicked")?
+}
+
+/// Drops librdkafka clients off the runtime (closing one, leaving a group
+/// block); a panic while doing so is logged, never dropped.
+async fn drop_off_runtime<T: Send + 'static>(what: &'static str, clients: T) {
+    if let Err(e) = tokio::task::spawn_blocking(move || drop(clients)).await {
+        tracing::warn!(error = %e, what, "cluster: closing a Kafka client failed");
+    }
 }
 
 #[cfg(test)]

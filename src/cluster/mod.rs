@@ -31,9 +31,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ClusterConfig, Config, PublisherConfig};
+use crate::config::{ClusterConfig, Config};
 use crate::event::{event_id, State};
 use crate::publish::Publisher;
+use crate::publish::PublisherConfig;
 use crate::supervise::{Health, Supervisor};
 
 #[cfg(feature = "nats")]

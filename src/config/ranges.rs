@@ -31,6 +31,15 @@ fn r(key: &'static str, value: impl TryInto<u64>, min: u64, max: u64) -> Range {
     }
 }
 
+/// A retry backoff in milliseconds: its first delay (1 ms to a minute),
+/// then its longest (from the first to an hour).
+fn backoff(first: (&'static str, u64), longest: (&'static str, u64)) -> [Range; 2] {
+    [
+        r(first.0, first.1, 1, 60_000),
+        r(longest.0, longest.1, first.1, MS_PER_HOUR),
+    ]
+}
+
 /// Every range of `config`, the section's own ones only when it is in use.
 fn ranges(c: &Config) -> Vec<Range> {
     let (s, o, h, p, rc) = (&c.server, &c.outbox, &c.health, &c.provider, &c.reconcile);
@@ -76,13 +85,12 @@ fn ranges(c: &Config) -> Vec<Range> {
             64 * 1024,
             1024 * MIB,
         ),
-        r("outbox.retry_initial_ms", o.retry_initial_ms, 1, 60_000),
-        r(
-            "outbox.retry_max_ms",
-            o.retry_max_ms,
-            o.retry_initial_ms,
-            MS_PER_HOUR,
-        ),
+    ];
+    out.extend(backoff(
+        ("outbox.retry_initial_ms", o.retry_initial_ms),
+        ("outbox.retry_max_ms", o.retry_max_ms),
+    ));
+    out.extend([
         r("outbox.refusal_attempts", o.refusal_attempts, 1, 1_000),
         r("outbox.shutdown_grace_ms", o.shutdown_grace_ms, 1, 600_000),
         r("outbox.keep_rejected", o.keep_rejected, 0, 100_000),
@@ -111,13 +119,12 @@ fn ranges(c: &Config) -> Vec<Range> {
         r("provider.max_in_flight", p.max_in_flight, 1, 1024),
         r("provider.requests_per_sec", p.requests_per_sec, 1, 100_000),
         r("provider.max_retries", p.max_retries, 0, 100),
-        r("provider.retry_initial_ms", p.retry_initial_ms, 1, 60_000),
-        r(
-            "provider.retry_max_ms",
-            p.retry_max_ms,
-            p.retry_initial_ms,
-            MS_PER_HOUR,
-        ),
+    ]);
+    out.extend(backoff(
+        ("provider.retry_initial_ms", p.retry_initial_ms),
+        ("provider.retry_max_ms", p.retry_max_ms),
+    ));
+    out.extend([
         r("provider.max_held", p.max_held, 1, 100_000_000),
         r(
             "provider.registry_cache_mib",
@@ -155,7 +162,7 @@ fn ranges(c: &Config) -> Vec<Range> {
             0,
             SEC_PER_DAY,
         ),
-    ];
+    ]);
     if let Some(tls) = &s.tls {
         out.push(r(
             "server.tls.reload_check_ms",

@@ -1,3 +1,5 @@
+use std::net::IpAddr;
+
 use super::*;
 
 /// Asserts that `toml` is refused with a message naming `key`.

@@ -9,12 +9,17 @@
 
 use std::collections::BTreeMap;
 
-use super::{check_subject, check_topic, is_model_token, EncodeError, UNKNOWN_MODEL};
-use crate::config::{librdkafka_key, PublisherConfig};
+use super::config::{
+    librdkafka_key, reserved_kafka_option, PublisherConfig, KAFKA_DEFAULT_MESSAGE_MAX_BYTES,
+    KAFKA_MESSAGE_OVERHEAD,
+};
+use super::names::{check_subject, check_template, check_topic, is_model_token, UNKNOWN_MODEL};
+use super::EncodeError;
 use crate::event::State;
 use crate::secret::Secret;
 
-type Refusal = (&'static str, String);
+/// A setting refused: its key, and why.
+pub type Refusal = (&'static str, String);
 
 const STATES: [State; 5] = [
     State::Pending,
@@ -37,7 +42,7 @@ pub fn destinations(template: &str, models: &[String]) -> Vec<String> {
                 template
                     .replace("{model}", model)
                     .replace("{state}", state.as_str())
-                    .replace("{task}", &super::task_token(""))
+                    .replace("{task}", &super::names::task_token(""))
             })
         })
         .collect();
@@ -85,6 +90,62 @@ pub fn check_config(config: &PublisherConfig) -> Result<(), Refusal> {
             Some(stream) => check_stream_covers(&stream.subjects, &destinations(template, models)),
             None => Ok(()),
         },
+        PublisherConfig::File(_) => Ok(()),
+    }
+}
+
+/// Every check of the `[publisher]` section, in order: [`check_config`],
+/// then the backend's own settings, `body_limit` (`server.body_limit_bytes`)
+/// against the Kafka producer's message limit included.
+pub fn check_settings(config: &PublisherConfig, body_limit: usize) -> Result<(), Refusal> {
+    check_config(config)?;
+    let invalid = |key, reason: &str| Err((key, reason.to_string()));
+    match config {
+        PublisherConfig::File(f) if f.path.is_empty() => {
+            invalid("publisher.path", "must be a file path or `-`")
+        }
+        PublisherConfig::Kafka(k) => {
+            if k.brokers.trim().is_empty() {
+                return invalid("publisher.brokers", "must list at least one broker");
+            }
+            check_template("publisher.topic", &k.topic)?;
+            if let Some(key) = k.options.keys().find_map(|k| reserved_kafka_option(k)) {
+                return Err((
+                    "publisher.options",
+                    format!("`{key}` is set by hookbridge and may not be overridden"),
+                ));
+            }
+            // The producer refuses a larger message itself; the broker's
+            // own limit is checked when the publisher starts.
+            let producer_max = kafka_message_max_bytes(&k.options).unwrap_or(
+                KAFKA_DEFAULT_MESSAGE_MAX_BYTES.max(body_limit as u64 + KAFKA_MESSAGE_OVERHEAD),
+            );
+            if body_limit as u64 > producer_max {
+                return Err((
+                    "server.body_limit_bytes",
+                    format!(
+                        "is larger than the Kafka producer's message.max.bytes ({producer_max}): \
+                         such events could be accepted but never published"
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        PublisherConfig::Nats(n) => {
+            if n.url.trim().is_empty() {
+                return invalid("publisher.url", "must name at least one server");
+            }
+            check_template("publisher.subject", &n.subject)?;
+            if let Some(s) = &n.stream {
+                if s.name.is_empty() || s.subjects.is_empty() {
+                    return invalid("publisher.stream", "needs a name and at least one subject");
+                }
+                if !n.jetstream {
+                    return invalid("publisher.stream", "needs `jetstream = true`");
+                }
+            }
+            Ok(())
+        }
         PublisherConfig::File(_) => Ok(()),
     }
 }
@@ -168,29 +229,4 @@ pub fn kafka_message_max_bytes(options: &BTreeMap<String, Secret>) -> Option<u64
             .then(|| value.expose().trim().parse().ok())
             .flatten()
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subject_filters_match_as_nats_does() {
-        assert!(subject_matches("a.>", "a.b.c"));
-        assert!(!subject_matches("a.>", "a"));
-        assert!(subject_matches("a.*.c", "a.b.c"));
-        assert!(!subject_matches("a.*", "a.b.c"));
-        assert!(subject_matches("a.b", "a.b"));
-        assert!(!subject_matches("a.b", "a.bc"));
-        assert!(!subject_matches("a.b.c", "a.b"));
-    }
-
-    #[test]
-    fn destinations_are_every_listed_model_and_unknown_in_every_state() {
-        let all = destinations("t.{model}.{state}", &["m1".into()]);
-        assert_eq!(all.len(), 10);
-        assert!(all.contains(&"t.m1.success".to_string()));
-        assert!(all.contains(&"t.unknown.fail".to_string()));
-        assert_eq!(destinations("fixed", &[]), ["fixed"]);
-    }
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
+use super::config::FileConfig;
 use super::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
-use crate::config::FileConfig;
 use crate::sync::lock;
 
 enum Sink {
@@ -85,14 +85,7 @@ impl Publisher for FilePublisher {
 
     /// The payload of the result is the whole line, newline included.
     fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
-        Ok(Encoded {
-            seq: o.seq,
-            destination: String::new(),
-            key: o.meta.task_id.clone(),
-            id: o.meta.event_id.clone(),
-            headers: Vec::new(),
-            payload: encode(o)?.into(),
-        })
+        Ok(Encoded::of(o, String::new(), Vec::new(), encode(o)?.into()))
     }
 
     fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {

@@ -21,12 +21,25 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::OnceCell;
 
+use super::config::{librdkafka_key, KafkaConfig, KAFKA_MESSAGE_OVERHEAD, MAX_BODY_LIMIT};
+use super::names::{check_topic, destination};
 use super::{
-    check_topic, destinations, render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError,
-    Publisher, CONTENT_TYPE,
+    destinations, CloudEvent, EncodeError, Encoded, HeaderNames, Outgoing, PublishError, Publisher,
 };
-use crate::config::{KafkaConfig, KAFKA_MESSAGE_OVERHEAD, MAX_BODY_LIMIT};
-use crate::event::SCHEMA_VERSION;
+
+/// The record headers, in [`CloudEvent::headers`]' order: CloudEvents
+/// binary mode (`ce_` prefix) plus `event-id` and `schema-version`.
+const HEADERS: HeaderNames = [
+    "content-type",
+    "event-id",
+    "schema-version",
+    "ce_specversion",
+    "ce_id",
+    "ce_source",
+    "ce_type",
+    "ce_subject",
+    "ce_time",
+];
 
 /// Longest wait for one admin request (topic creation, configs) at start.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,7 +139,7 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         )
         .set("client.id", "hookbridge");
     for (key, value) in &config.options {
-        cc.set(crate::config::librdkafka_key(key), value.expose());
+        cc.set(librdkafka_key(key), value.expose());
     }
     cc
 }
@@ -252,21 +265,9 @@ pub struct EncodedRecord {
 /// Encodes one event for `config`'s topic template. Total: an event whose record would be
 /// refused (an illegal rendered topic) is an [`EncodeError`], never a panic.
 pub fn encode(o: &Outgoing, config: &KafkaConfig) -> Result<EncodedRecord, EncodeError> {
-    let topic = render(&config.topic, &o.meta, &config.models);
-    check_topic(&topic)?;
-    let ce = CloudEvent::of(&o.meta);
+    let topic = destination(&config.topic, &o.meta, &config.models, check_topic)?;
     // Kafka header values and keys are plain bytes: any string is a valid one.
-    let headers = vec![
-        ("content-type", CONTENT_TYPE.to_string()),
-        ("event-id", ce.id.clone()),
-        ("schema-version", SCHEMA_VERSION.to_string()),
-        ("ce_specversion", "1.0".to_string()),
-        ("ce_id", ce.id),
-        ("ce_source", ce.source.to_string()),
-        ("ce_type", ce.ty),
-        ("ce_subject", ce.subject),
-        ("ce_time", ce.time),
-    ];
+    let headers = CloudEvent::of(&o.meta).headers(HEADERS);
     Ok(EncodedRecord {
         topic,
         key: o.meta.task_id.clone(),
@@ -316,15 +317,7 @@ impl Publisher for KafkaPublisher {
     }
 
     fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
-        let record = encode(o, &self.config)?;
-        Ok(Encoded {
-            seq: o.seq,
-            destination: record.topic,
-            key: record.key,
-            id: o.meta.event_id.clone(),
-            headers: record.headers,
-            payload: record.payload,
-        })
+        encode(o, &self.config).map(|r| Encoded::of(o, r.topic, r.headers, r.payload))
     }
 
     fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
@@ -351,7 +344,14 @@ impl Publisher for KafkaPublisher {
     fn flush(&self, timeout: Duration) -> BoxFuture<'_, ()> {
         let producer = self.producer();
         async move {
-            let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+            // What is not acknowledged stays in the outbox: say so, and go on.
+            match tokio::task::spawn_blocking(move || producer.flush(timeout)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka: the producer's queue was not flushed at shutdown")
+                }
+                Err(e) => tracing::error!(error = %e, "kafka: the flush at shutdown failed"),
+            }
         }
         .boxed()
     }

@@ -15,15 +15,26 @@ use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use tokio::sync::OnceCell;
 
-use super::{
-    check_subject, render, CloudEvent, EncodeError, Encoded, Outgoing, PublishError, Publisher,
-    CONTENT_TYPE,
-};
-use crate::config::NatsConfig;
-use crate::event::SCHEMA_VERSION;
+use super::config::NatsConfig;
+use super::names::{check_subject, destination};
+use super::{CloudEvent, EncodeError, Encoded, HeaderNames, Outgoing, PublishError, Publisher};
 
 /// JetStream's deduplication header.
 const NATS_MSG_ID: &str = "Nats-Msg-Id";
+
+/// The message headers, in [`CloudEvent::headers`]' order: CloudEvents
+/// binary mode (`ce-` prefix) plus `Event-Id` and `Schema-Version`.
+const HEADERS: HeaderNames = [
+    "Content-Type",
+    "Event-Id",
+    "Schema-Version",
+    "ce-specversion",
+    "ce-id",
+    "ce-source",
+    "ce-type",
+    "ce-subject",
+    "ce-time",
+];
 
 /// Conditions JetStream checks before it stores a message.
 const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
@@ -289,31 +300,17 @@ pub struct EncodedMessage {
 /// or an illegal rendered subject is an [`EncodeError`], never a panic (async-nats panics
 /// on a header value with a line break, so values go through its fallible parser).
 pub fn encode(o: &Outgoing, config: &NatsConfig) -> Result<EncodedMessage, EncodeError> {
-    let subject = render(&config.subject, &o.meta, &config.models);
-    check_subject(&subject)?;
-    let ce = CloudEvent::of(&o.meta);
-    let version = SCHEMA_VERSION.to_string();
-    let pairs: [(&'static str, &str); 10] = [
-        ("Content-Type", CONTENT_TYPE),
-        ("Event-Id", &ce.id),
-        ("Schema-Version", &version),
-        ("ce-specversion", "1.0"),
-        ("ce-id", &ce.id),
-        ("ce-source", ce.source),
-        ("ce-type", &ce.ty),
-        ("ce-subject", &ce.subject),
-        ("ce-time", &ce.time),
-        (NATS_MSG_ID, &o.meta.event_id),
-    ];
-    let mut headers = Vec::with_capacity(pairs.len());
-    for (name, value) in pairs {
-        if value.parse::<HeaderValue>().is_err() {
-            return Err(EncodeError::Header {
-                name,
-                problem: "a header value cannot contain a line break",
-            });
-        }
-        headers.push((name, value.to_string()));
+    let subject = destination(&config.subject, &o.meta, &config.models, check_subject)?;
+    let mut headers = CloudEvent::of(&o.meta).headers(HEADERS);
+    headers.push((NATS_MSG_ID, o.meta.event_id.clone()));
+    if let Some(&(name, _)) = headers
+        .iter()
+        .find(|(_, value)| value.parse::<HeaderValue>().is_err())
+    {
+        return Err(EncodeError::Header {
+            name,
+            problem: "a header value cannot contain a line break",
+        });
     }
     Ok(EncodedMessage {
         subject,
@@ -353,15 +350,7 @@ impl Publisher for NatsPublisher {
     }
 
     fn encode(&self, o: &Outgoing) -> Result<Encoded, EncodeError> {
-        let message = encode(o, &self.config)?;
-        Ok(Encoded {
-            seq: o.seq,
-            destination: message.subject,
-            key: o.meta.task_id.clone(),
-            id: o.meta.event_id.clone(),
-            headers: message.headers,
-            payload: message.payload,
-        })
+        encode(o, &self.config).map(|m| Encoded::of(o, m.subject, m.headers, m.payload))
     }
 
     fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
@@ -401,7 +390,12 @@ impl Publisher for NatsPublisher {
             if self.client.connection_state() != async_nats::connection::State::Connected {
                 return;
             }
-            let _ = tokio::time::timeout(timeout, self.client.flush()).await;
+            // What is not acknowledged stays in the outbox: say so, and go on.
+            match tokio::time::timeout(timeout, self.client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "NATS: the flush at shutdown failed"),
+                Err(_) => tracing::warn!(?timeout, "NATS: the flush at shutdown timed out"),
+            }
         }
         .boxed()
     }

@@ -1,5 +1,5 @@
+use super::config::{KafkaConfig, NatsConfig};
 use super::*;
-use crate::config::{KafkaConfig, NatsConfig};
 use crate::event::{parse, Source};
 
 fn event(model: &str) -> TaskEvent {
@@ -304,4 +304,24 @@ fn nats_server_versions_compare_part_by_part() {
     assert!(Version(2, 9, 10) < Version(2, 11, 0));
     assert!(Version(2, 15, 3) > Version(2, 11, 0));
     assert_eq!(Version(2, 11, 0).to_string(), "2.11.0");
+}
+
+#[test]
+fn subject_filters_match_as_nats_does() {
+    assert!(subject_matches("a.>", "a.b.c"));
+    assert!(!subject_matches("a.>", "a"));
+    assert!(subject_matches("a.*.c", "a.b.c"));
+    assert!(!subject_matches("a.*", "a.b.c"));
+    assert!(subject_matches("a.b", "a.b"));
+    assert!(!subject_matches("a.b", "a.bc"));
+    assert!(!subject_matches("a.b.c", "a.b"));
+}
+
+#[test]
+fn destinations_are_every_listed_model_and_unknown_in_every_state() {
+    let all = destinations("t.{model}.{state}", &["m1".into()]);
+    assert_eq!(all.len(), 10);
+    assert!(all.contains(&"t.m1.success".to_string()));
+    assert!(all.contains(&"t.unknown.fail".to_string()));
+    assert_eq!(destinations("fixed", &[]), ["fixed"]);
 }
