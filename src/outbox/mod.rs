@@ -122,7 +122,17 @@ pub enum OutboxError {
     Reopening,
 }
 
-crate::redb_errors!(
+impl From<crate::db::CellError> for OutboxError {
+    fn from(e: crate::db::CellError) -> Self {
+        match e {
+            crate::db::CellError::Closed => Self::Closed,
+            crate::db::CellError::Reopening => Self::Reopening,
+            crate::db::CellError::Db(e) => Self::Db(e),
+        }
+    }
+}
+
+crate::db::redb_errors!(
     OutboxError:
     redb::DatabaseError,
     redb::TransactionError,
@@ -398,6 +408,8 @@ impl Outbox {
         let (db, set_aside) = store::DbCell::open(
             dir.join("outbox.redb"),
             config.cache_mib.saturating_mul(1024 * 1024),
+            "outbox",
+            store::probe,
         )?;
         let db = Arc::new(db);
         let stats = Arc::new(Stats::default());

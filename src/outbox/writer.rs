@@ -42,8 +42,6 @@ use crate::sync::lock;
 
 /// Most commands taken as one group.
 const MAX_GROUP: usize = 4096;
-/// Least time between two attempts to re-open a failing database.
-const REOPEN_EVERY: Duration = Duration::from_millis(250);
 /// Most task records looked at by one prune transaction, so pruning never
 /// stalls appends for long.
 /// (A few in the unit tests, so that they cross step boundaries.)
@@ -96,9 +94,6 @@ pub(super) struct Writer {
     db: Arc<DbCell>,
     log: Log,
     shared: Arc<Shared>,
-    /// A commit failed: re-open before the next one.
-    broken: bool,
-    last_reopen: Option<Instant>,
     config: OutboxConfig,
     stats: Arc<Stats>,
     notify: Arc<Notify>,
@@ -559,8 +554,6 @@ impl Writer {
             db,
             log,
             shared,
-            broken: false,
-            last_reopen: None,
             config,
             stats,
             notify,
@@ -627,8 +620,7 @@ impl Writer {
             group.clear();
             self.log.discard();
             self.next_seq = seq_before;
-            self.broken = true;
-            self.last_reopen = Some(Instant::now());
+            self.db.set_broken(true, true);
             self.stats.storage_failing.store(true, Ordering::Relaxed);
             Stats::add(&self.stats.storage_errors, 1);
         }
@@ -696,7 +688,10 @@ impl Writer {
         // store needs re-opening after an error (and a full disk then
         // refuses only while it stays full, not for `REOPEN_EVERY`).
         let log_only = matches!(log_error, Some(OutboxError::Log(_)));
-        self.broken = (log_error.is_some() && !log_only) || store_error.is_some();
+        self.db.set_broken(
+            (log_error.is_some() && !log_only) || store_error.is_some(),
+            false,
+        );
         self.stats.storage_failing.store(
             log_error.is_some() || store_error.is_some(),
             Ordering::Relaxed,
@@ -715,17 +710,7 @@ impl Writer {
     /// Re-opens a database that failed, at most every `REOPEN_EVERY`, so a
     /// disk that stays full costs little; requests meanwhile fail at once.
     fn repair(&mut self) -> Result<(), OutboxError> {
-        if !self.broken {
-            return Ok(());
-        }
-        if self
-            .last_reopen
-            .is_some_and(|at| at.elapsed() < REOPEN_EVERY)
-        {
-            return Err(OutboxError::Reopening);
-        }
-        self.last_reopen = Some(Instant::now());
-        self.db.reopen()
+        Ok(self.db.repair()?)
     }
 
     fn apply_delta(&self, d: &Delta) {
@@ -1791,7 +1776,16 @@ mod tests {
             data_dir: dir.to_path_buf(),
             ..OutboxConfig::default()
         };
-        let db = Arc::new(DbCell::open(dir.join("outbox.redb"), 1 << 20).unwrap().0);
+        let db = Arc::new(
+            DbCell::open(
+                dir.join("outbox.redb"),
+                1 << 20,
+                "outbox",
+                super::super::store::probe,
+            )
+            .unwrap()
+            .0,
+        );
         let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared::new(dir));
         let writer = Writer::start(

@@ -144,7 +144,7 @@ impl RegistryError {
     }
 }
 
-crate::redb_errors!(
+crate::db::redb_errors!(
     RegistryError:
     redb::DatabaseError,
     redb::TransactionError,
@@ -212,7 +212,7 @@ fn write(db: &Database, durable: bool) -> Result<redb::WriteTransaction, Registr
 /// instance's file (`hookbridge outbox inspect`).
 pub fn sizes(db: &redb::ReadOnlyDatabase) -> Result<(u64, u64), redb::Error> {
     let txn = db.begin_read()?;
-    use crate::outbox::inspect::table_len;
+    use crate::db::table_len;
     Ok((table_len(&txn, TASKS)?, table_len(&txn, HELD)?))
 }
 
