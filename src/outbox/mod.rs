@@ -382,7 +382,7 @@ impl Shared {
 struct Inner {
     db: Arc<store::DbCell>,
     shared: Arc<Shared>,
-    /// Joined by [`Outbox::close`].
+    /// Joined by [`Outbox::close`], or when the last handle is dropped.
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     tx: mpsc::Sender<writer::Command>,
     stats: Arc<Stats>,
@@ -392,6 +392,29 @@ struct Inner {
     /// apart from the writer, so a flood of junk never queues in front of a
     /// good callback's commit.
     rejected: Mutex<rejected::Ring>,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone without [`Outbox::close`] (an error in the
+    /// start after the outbox opened, say): the writer still commits what
+    /// is queued, ends, and is joined here, so that no thread outlives the
+    /// outbox and the data dir can be opened again at once.
+    fn drop(&mut self) {
+        let Some(writer) = lock(&self.writer).take() else {
+            return;
+        };
+        // The writer ends once its channel is closed: this is its only sender.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        join_writer(writer);
+    }
+}
+
+/// Waits for the writer thread to end; a panic in it is logged as one.
+fn join_writer(writer: std::thread::JoinHandle<()>) {
+    if let Err(panic) = writer.join() {
+        tracing::error!(cause = %crate::sync::panic_message(&*panic), "outbox writer thread panicked");
+    }
 }
 
 impl Outbox {
@@ -664,12 +687,14 @@ impl Outbox {
     /// closes the database, so that the data dir can be opened again at
     /// once. Every later call on any handle fails with `Closed`.
     pub async fn close(&self) {
-        let _ = self.inner.tx.send(writer::Command::Stop).await;
+        if self.inner.tx.send(writer::Command::Stop).await.is_err() {
+            tracing::debug!("the outbox writer had stopped already");
+        }
         let writer = lock(&self.inner.writer).take();
         let db = self.inner.db.clone();
         let closed = tokio::task::spawn_blocking(move || {
-            if let Some(Err(panic)) = writer.map(|w| w.join()) {
-                tracing::error!(cause = %crate::sync::panic_message(&*panic), "outbox writer thread panicked");
+            if let Some(writer) = writer {
+                join_writer(writer);
             }
             db.close();
         })

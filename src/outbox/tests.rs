@@ -323,3 +323,23 @@ async fn the_segment_being_written_is_emptied_once_nothing_is_pending() {
     }
     outbox.close().await;
 }
+
+/// A dropped outbox (its start failed further on, say) is not left
+/// running: the writer commits what was queued and is joined, so the data
+/// dir opens again at once, with what was accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_the_last_handle_joins_the_writer_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&config(dir.path())).unwrap();
+    fill(&outbox, 3).await;
+    let stats = outbox.inner.stats.clone();
+    drop(outbox);
+    assert_eq!(
+        Arc::strong_count(&stats),
+        1,
+        "the writer thread has ended and let go of its share"
+    );
+    let again = Outbox::open(&config(dir.path())).expect("the data dir opens again at once");
+    assert_eq!(pending_tasks(&again), ["task-0", "task-1", "task-2"]);
+    again.close().await;
+}
