@@ -120,6 +120,21 @@ pub enum OutboxError {
     Closed,
     #[error("the outbox database is being re-opened after a storage error")]
     Reopening,
+    /// A task of the outbox's panicked (a bug): reported as such, never as
+    /// "shutting down".
+    #[error("an outbox task panicked: {0}")]
+    Panicked(String),
+}
+
+impl OutboxError {
+    /// The error of a blocking task that did not finish: a panic says so;
+    /// otherwise the runtime is shutting down.
+    pub fn from_join(e: tokio::task::JoinError) -> Self {
+        match e.try_into_panic() {
+            Ok(panic) => Self::Panicked(crate::sync::panic_message(&*panic)),
+            Err(_) => Self::Closed,
+        }
+    }
 }
 
 impl From<crate::db::CellError> for OutboxError {

@@ -343,3 +343,16 @@ async fn dropping_the_last_handle_joins_the_writer_thread() {
     assert_eq!(pending_tasks(&again), ["task-0", "task-1", "task-2"]);
     again.close().await;
 }
+
+/// A panic in a blocking task of the outbox (the relay's read) is reported
+/// as a panic, with its message, never as "shutting down".
+#[tokio::test]
+async fn a_panicked_blocking_task_is_reported_as_a_panic() {
+    let failed = tokio::task::spawn_blocking(|| -> u64 { panic!("a bug in the read") })
+        .await
+        .map_err(OutboxError::from_join);
+    match failed {
+        Err(OutboxError::Panicked(message)) => assert_eq!(message, "a bug in the read"),
+        other => panic!("{other:?}"),
+    }
+}

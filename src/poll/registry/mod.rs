@@ -127,6 +127,10 @@ pub enum RegistryError {
     Reopening,
     #[error("unreadable {0}")]
     Unreadable(String),
+    /// A blocking task panicked (a bug): reported as such, never as
+    /// "shutting down".
+    #[error("a task registry task panicked: {0}")]
+    Panicked(String),
     /// A shared transaction failed (the group commit of held callbacks):
     /// every caller in it gets this copy of the error.
     #[error("task registry database: {0}")]
@@ -303,7 +307,10 @@ impl Registry {
         let this = self.clone();
         tokio::task::spawn_blocking(move || f(&this))
             .await
-            .map_err(|_| RegistryError::Closed)?
+            .map_err(|e| match e.try_into_panic() {
+                Ok(panic) => RegistryError::Panicked(crate::sync::panic_message(&*panic)),
+                Err(_) => RegistryError::Closed,
+            })?
     }
 
     /// Registers a task unless it already is; returns the registration in

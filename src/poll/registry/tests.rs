@@ -447,3 +447,22 @@ fn concurrent_holds_are_committed_together_and_each_answered() {
     assert_eq!(duplicates, 16);
     assert_eq!(registry.counts().unwrap(), (0, 16));
 }
+
+/// A panic in a blocking call is reported as a panic, with its message,
+/// never as "shutting down".
+#[tokio::test]
+async fn a_panicking_blocking_call_is_reported_as_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    let failed = registry
+        .blocking(|_| -> Result<(), RegistryError> { panic!("a bug in the call") })
+        .await;
+    match failed {
+        Err(RegistryError::Panicked(message)) => assert_eq!(message, "a bug in the call"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        registry.blocking(|r| r.counts()).await.is_ok(),
+        "usable after"
+    );
+}
