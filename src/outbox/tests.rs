@@ -19,6 +19,13 @@ fn config(dir: &Path) -> OutboxConfig {
     }
 }
 
+/// The outbox in `dir`, with `change` made to the default configuration.
+fn open_with(dir: &Path, change: impl FnOnce(&mut OutboxConfig)) -> Outbox {
+    let mut config = config(dir);
+    change(&mut config);
+    Outbox::open(&config).unwrap()
+}
+
 /// Appends `generating` of `task-0`..`task-{n-1}`; returns their numbers.
 async fn fill(outbox: &Outbox, n: usize) -> Vec<u64> {
     let mut seqs = Vec::new();
@@ -180,11 +187,9 @@ async fn a_damaged_task_store_is_set_aside_and_the_log_still_delivered() {
 #[tokio::test]
 async fn dead_letters_are_capped_by_count_and_bytes_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(&OutboxConfig {
-        max_dead_letters: 3,
-        ..config(dir.path())
-    })
-    .unwrap();
+    let outbox = open_with(dir.path(), |c| {
+        c.max_dead_letters = 3;
+    });
     let mut seqs = Vec::new();
     for i in 0..5 {
         let event = callback(&format!("d{i}"), "fail");
@@ -241,11 +246,9 @@ async fn dead_letters_are_capped_by_count_and_bytes_oldest_first() {
 #[tokio::test]
 async fn an_oversize_event_keeps_a_bounded_copy_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(&OutboxConfig {
-        dead_letter_keep_bytes: 1024,
-        ..config(dir.path())
-    })
-    .unwrap();
+    let outbox = open_with(dir.path(), |c| {
+        c.dead_letter_keep_bytes = 1024;
+    });
     let body = format!(
         r#"{{"taskId":"big","state":"success","output":[{{"url":"https://x/{}"}}]}}"#,
         "v".repeat(5000)

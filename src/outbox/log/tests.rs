@@ -181,6 +181,22 @@ fn frames(dir: &Path, seqs: std::ops::RangeInclusive<u64>) -> Vec<(u64, usize, u
     out
 }
 
+/// Writes the events `seqs` (see [`frames`]), then changes the segment's
+/// bytes with `damage`; returns the frames as written and the bytes as
+/// damaged.
+fn damaged(
+    dir: &Path,
+    seqs: std::ops::RangeInclusive<u64>,
+    damage: impl FnOnce(&mut Vec<u8>, &[(u64, usize, usize)]),
+) -> (Vec<(u64, usize, usize)>, Vec<u8>) {
+    let frames = frames(dir, seqs);
+    let file = segment_file(dir);
+    let mut bytes = std::fs::read(&file).unwrap();
+    damage(&mut bytes, &frames);
+    std::fs::write(&file, &bytes).unwrap();
+    (frames, bytes)
+}
+
 fn seqs(read: &Read) -> Vec<u64> {
     read.iter().map(|r| r.0).collect()
 }
@@ -188,12 +204,10 @@ fn seqs(read: &Read) -> Vec<u64> {
 #[test]
 fn a_damaged_record_costs_only_itself_and_is_never_read_as_an_event() {
     let dir = tempfile::tempdir().unwrap();
-    let frames = frames(dir.path(), 1..=3);
-    let file = segment_file(dir.path());
     // A flipped bit in the second event's bytes.
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes[frames[1].2 - 5] ^= 0x10;
-    std::fs::write(&file, &bytes).unwrap();
+    let (frames, bytes) = damaged(dir.path(), 1..=3, |bytes, frames| {
+        bytes[frames[1].2 - 5] ^= 0x10;
+    });
     let (_, opened, _, read) = open(dir.path());
     assert_eq!(seqs(&read), [1, 3]);
     assert_eq!(opened.torn_bytes, 0);
@@ -296,13 +310,12 @@ fn any_flipped_byte_costs_only_its_record() {
 #[test]
 fn writing_goes_on_after_damage_at_the_end() {
     let dir = tempfile::tempdir().unwrap();
-    let frames = frames(dir.path(), 1..=3);
-    let file = segment_file(dir.path());
-    let mut bytes = std::fs::read(&file).unwrap();
+    let (frames, _) = damaged(dir.path(), 1..=3, |bytes, frames| {
+        let (_, start, end) = frames[2];
+        bytes.truncate(end);
+        bytes[start + FRAME + 20] ^= 0x01;
+    });
     let (_, start, end) = frames[2];
-    bytes.truncate(end);
-    bytes[start + FRAME + 20] ^= 0x01;
-    std::fs::write(&file, &bytes).unwrap();
     let (mut log, opened, _, read) = open(dir.path());
     assert_eq!(seqs(&read), [1, 2]);
     assert_eq!(opened.torn_bytes, 0);

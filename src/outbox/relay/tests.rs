@@ -55,6 +55,20 @@ impl Publisher for Scripted {
     }
 }
 
+/// An outbox whose relay tries a refused event `attempts` times, waiting
+/// from `initial_ms` up to `max_ms` in between.
+fn retrying(dir: &std::path::Path, attempts: u32, initial_ms: u64, max_ms: u64) -> Outbox {
+    outbox(
+        dir,
+        OutboxConfig {
+            refusal_attempts: attempts,
+            retry_initial_ms: initial_ms,
+            retry_max_ms: max_ms,
+            ..OutboxConfig::default()
+        },
+    )
+}
+
 fn outbox(dir: &std::path::Path, config: OutboxConfig) -> Outbox {
     Outbox::open(&OutboxConfig {
         data_dir: dir.to_path_buf(),
@@ -118,15 +132,7 @@ async fn a_batch_is_bounded_in_bytes_and_one_larger_event_goes_alone() {
 #[tokio::test]
 async fn a_refused_event_waits_alone_and_becomes_a_dead_letter_after_its_attempts() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = outbox(
-        dir.path(),
-        OutboxConfig {
-            refusal_attempts: 3,
-            retry_initial_ms: 1,
-            retry_max_ms: 2,
-            ..OutboxConfig::default()
-        },
-    );
+    let outbox = retrying(dir.path(), 3, 1, 2);
     append(&outbox, "bad-1", 10).await;
     for n in 0..5 {
         append(&outbox, &format!("good-{n}"), 10).await;
@@ -180,15 +186,7 @@ async fn a_refused_event_waits_alone_and_becomes_a_dead_letter_after_its_attempt
 #[tokio::test]
 async fn a_held_event_keeps_its_tasks_later_events_back() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = outbox(
-        dir.path(),
-        OutboxConfig {
-            refusal_attempts: 1000,
-            retry_initial_ms: 60_000,
-            retry_max_ms: 60_000,
-            ..OutboxConfig::default()
-        },
-    );
+    let outbox = retrying(dir.path(), 1000, 60_000, 60_000);
     let generating = r#"{"taskId":"bad-order","state":"generating"}"#;
     let event = parse(generating.as_bytes(), Source::Webhook, 1).unwrap();
     outbox.append(event).await.unwrap();

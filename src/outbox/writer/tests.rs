@@ -146,14 +146,19 @@ fn outbox_in(dir: &std::path::Path, window_secs: u64) -> super::super::Outbox {
     .unwrap()
 }
 
+/// Stores `state` for the tasks `t0`.. (`n` of them).
+async fn stored_tasks(outbox: &super::super::Outbox, n: usize, state: &str) {
+    for i in 0..n {
+        let event = callback(&format!("t{i}"), state);
+        assert!(outbox.append(event).await.unwrap().is_stored());
+    }
+}
+
 #[tokio::test]
 async fn pruning_passes_over_every_task_record_in_steps() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = outbox_in(dir.path(), 0);
-    for i in 0..10 {
-        let event = callback(&format!("t{i}"), "generating");
-        assert!(outbox.append(event).await.unwrap().is_stored());
-    }
+    stored_tasks(&outbox, 10, "generating").await;
     // A zero window expires a record once the clock has moved past it.
     let seen = now_ms();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -171,10 +176,7 @@ async fn pruning_passes_over_every_task_record_in_steps() {
 async fn records_within_the_window_are_kept() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = outbox_in(dir.path(), 3600);
-    for i in 0..7 {
-        let event = callback(&format!("t{i}"), "waiting");
-        outbox.append(event).await.unwrap();
-    }
+    stored_tasks(&outbox, 7, "waiting").await;
     assert_eq!(outbox.prune().await.unwrap(), 0);
     assert_eq!(outbox.status().unwrap().tasks_tracked, 7);
     outbox.close().await;

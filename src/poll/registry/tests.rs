@@ -262,22 +262,27 @@ fn held_callbacks_are_taken_round_robin_across_addresses() {
     assert_eq!(ids, ["real", "forged_0", "forged_1", "forged_2"]);
 }
 
+/// Writes `entries` into the held table of a new `tasks.redb` in `dir`, as
+/// an earlier version or a damaged file would have them.
+fn write_held(dir: &Path, entries: &[(u64, &[u8])]) {
+    let db = Database::create(dir.join("tasks.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut held = txn.open_table(HELD).unwrap();
+        for (seq, bytes) in entries {
+            held.insert(*seq, *bytes).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
 /// Entries stored by earlier versions (the whole callback) still verify.
 #[test]
 fn held_entries_of_earlier_versions_are_read() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let db = Database::create(dir.path().join("tasks.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut held = txn.open_table(HELD).unwrap();
-            let old = serde_json::json!({"event": callback("task_old", "success"),
-                "attempts": 2, "nextAt": 7});
-            held.insert(4, serde_json::to_vec(&old).unwrap().as_slice())
-                .unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    let old = serde_json::json!({"event": callback("task_old", "success"),
+        "attempts": 2, "nextAt": 7});
+    write_held(dir.path(), &[(4, &serde_json::to_vec(&old).unwrap())]);
     let registry = open(dir.path());
     let due = registry.held_due(10, 10).unwrap();
     assert_eq!(due.held.len(), 1);
@@ -294,16 +299,7 @@ fn held_entries_of_earlier_versions_are_read() {
 #[test]
 fn unreadable_held_entries_are_reported_not_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let db = Database::create(dir.path().join("tasks.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut held = txn.open_table(HELD).unwrap();
-            held.insert(7, b"\xffnot json".as_slice()).unwrap();
-            held.insert(8, br#"{"event": 1}"#.as_slice()).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    write_held(dir.path(), &[(7, b"\xffnot json"), (8, br#"{"event": 1}"#)]);
     let registry = open(dir.path());
     assert_eq!(registry.next_held().unwrap(), Some(0), "due at once");
     let due = registry.held_due(1, 10).unwrap();
