@@ -96,6 +96,47 @@ pub(super) struct Opened {
     pub damaged: Vec<Damage>,
 }
 
+/// Opens the last segment (`len` bytes long, valid records up to `good`)
+/// for writing: where writing goes on is after the last valid record, or
+/// after damage that is kept (never over it). A torn final write is cut
+/// (and counted in `opened`), and a file without even its header starts
+/// again. Returns the file and its length.
+fn resume(
+    path: &Path,
+    len: u64,
+    good: u64,
+    tail: Tail,
+    opened: &mut Opened,
+) -> std::io::Result<(File, u64)> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let good = match tail {
+        Tail::Clean | Tail::Reserved => good,
+        Tail::Torn { bytes: torn } => {
+            opened.torn_bytes = torn;
+            good
+        }
+        Tail::Damaged(damage) => {
+            let end = damage.offset + damage.len;
+            opened.damaged.push(damage);
+            end
+        }
+    };
+    let good = if good < MAGIC.len() as u64 {
+        // Not even the header made it: start the file again.
+        file.set_len(0)?;
+        file.write_all_at(MAGIC, 0)?;
+        file.sync_all()?;
+        MAGIC.len() as u64
+    } else {
+        good
+    };
+    if good < len {
+        file.set_len(good)?;
+        file.sync_all()?;
+    }
+    Ok((file, good))
+}
+
 /// The writing side, owned by the writer thread.
 pub(super) struct Log {
     dir: PathBuf,
@@ -143,47 +184,9 @@ impl Log {
             let tail = classify_tail(id, &bytes, scan.good as usize, last);
             opened.damaged.append(&mut scan.damaged);
             if last {
-                let file = OpenOptions::new().read(true).write(true).open(&path)?;
-                // Where writing goes on: after the last valid record, or
-                // after damage that is kept (never over it).
-                let good = match tail {
-                    Tail::Clean | Tail::Reserved => scan.good,
-                    Tail::Torn { bytes: torn } => {
-                        opened.torn_bytes = torn;
-                        scan.good
-                    }
-                    Tail::Damaged(damage) => {
-                        let end = damage.offset + damage.len;
-                        opened.damaged.push(damage);
-                        end
-                    }
-                };
-                let good = if good < MAGIC.len() as u64 {
-                    // Not even the header made it: start the file again.
-                    file.set_len(0)?;
-                    file.write_all_at(MAGIC, 0)?;
-                    file.sync_all()?;
-                    MAGIC.len() as u64
-                } else {
-                    good
-                };
-                if good < bytes.len() as u64 {
-                    file.set_len(good)?;
-                    file.sync_all()?;
-                }
-                let log = Self {
-                    dir: dir.to_path_buf(),
-                    closed,
-                    active: file,
-                    active_id: id,
-                    active_len: good,
-                    reserved: good,
-                    reserving: true,
-                    active_last_seq: scan.last_seq,
-                    written_last_seq: scan.last_seq,
-                    segment_bytes,
-                    buf: Vec::new(),
-                };
+                let (file, good) = resume(&path, bytes.len() as u64, scan.good, tail, &mut opened)?;
+                let log =
+                    Self::writing(dir, closed, (file, id, good), scan.last_seq, segment_bytes);
                 return Ok((log, opened));
             }
             if let Tail::Damaged(damage) = tail {
@@ -195,20 +198,33 @@ impl Log {
             });
         }
         let (active, active_id) = create_segment(dir, 1)?;
-        let log = Self {
+        let active = (active, active_id, MAGIC.len() as u64);
+        let log = Self::writing(dir, closed, active, 0, segment_bytes);
+        Ok((log, opened))
+    }
+
+    /// The log, writing on in `active` (the file, its id, the length of
+    /// its records) after the segments `closed`.
+    fn writing(
+        dir: &Path,
+        closed: VecDeque<Closed>,
+        (active, active_id, len): (File, u64, u64),
+        last_seq: u64,
+        segment_bytes: u64,
+    ) -> Self {
+        Self {
             dir: dir.to_path_buf(),
             closed,
             active,
             active_id,
-            active_len: MAGIC.len() as u64,
-            reserved: MAGIC.len() as u64,
+            active_len: len,
+            reserved: len,
             reserving: true,
-            active_last_seq: 0,
-            written_last_seq: 0,
+            active_last_seq: last_seq,
+            written_last_seq: last_seq,
             segment_bytes,
             buf: Vec::new(),
-        };
-        Ok((log, opened))
+        }
     }
 
     /// Adds an append to the group being built; returns where its event
