@@ -84,7 +84,7 @@ struct Closed {
 
 /// What opening the log found, for the logs and the tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(super) struct Opened {
+pub(in crate::outbox) struct Opened {
     pub segments: usize,
     pub records: u64,
     /// Bytes cut from the end of the last segment (a torn final write); a

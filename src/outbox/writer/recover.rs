@@ -2,6 +2,7 @@
 //! tables of older versions), what the log holds, and the damage found.
 
 use super::*;
+use crate::outbox::log::Opened;
 
 /// What the task store holds at start-up.
 pub(super) struct StoreState {
@@ -105,6 +106,161 @@ pub(super) fn stored_bytes(
     })
 }
 
+/// What the log holds, read back at start-up.
+pub(super) struct Replayed {
+    pub(super) log: Log,
+    pub(super) opened: Opened,
+    /// Dedup records newer than the task store's (`stored_through`).
+    pub(super) records: HashMap<String, TaskRecord>,
+    pub(super) last_seq: u64,
+}
+
+/// Opens the log and reads it back: the pending events into the index,
+/// the dedup records the task store does not have yet, the last sequence
+/// number used.
+pub(super) fn replay(
+    log_dir: &std::path::Path,
+    segment_bytes: u64,
+    shared: &Shared,
+    stored_through: u64,
+) -> Result<Replayed, OutboxError> {
+    let mut replayed: HashMap<String, TaskRecord> = HashMap::new();
+    let mut last_seq = 0u64;
+    let (log, opened) = {
+        let mut index = lock(&shared.index);
+        Log::open(log_dir, segment_bytes, |record, slot| match record {
+            Record::Append {
+                seq,
+                task_id,
+                record,
+                ..
+            } => {
+                last_seq = last_seq.max(seq);
+                if let Some(record) = record.filter(|_| seq > stored_through) {
+                    replayed.insert(task_id.to_string(), record);
+                }
+                if !index.push(slot) {
+                    tracing::warn!(
+                        seq,
+                        "a repeated sequence number in the pending log is skipped"
+                    );
+                }
+            }
+            Record::Ack(seqs) => {
+                for seq in seqs {
+                    index.remove(seq);
+                }
+            }
+            // In log order: a later append of the task overrides them.
+            Record::Records { seq, records } => {
+                last_seq = last_seq.max(seq);
+                if seq > stored_through {
+                    for (task, record) in records {
+                        replayed.insert(task.to_string(), record);
+                    }
+                }
+            }
+        })
+        .map_err(|source| OutboxError::DataDir {
+            path: log_dir.display().to_string(),
+            source,
+        })?
+    };
+    Ok(Replayed {
+        log,
+        opened,
+        records: replayed,
+        last_seq,
+    })
+}
+
+/// Logs and counts what opening the log found cut or damaged.
+pub(super) fn note_log_damage(opened: &Opened, stats: &Stats) {
+    if opened.torn_bytes > 0 {
+        tracing::warn!(
+            bytes = opened.torn_bytes,
+            "the pending log ended in a torn write (a crash during a commit, never answered 2xx); cut back"
+        );
+        Stats::add(&stats.log_torn_bytes, opened.torn_bytes);
+    }
+    for damage in &opened.damaged {
+        tracing::error!(
+            damage = %damage.place(),
+            "the pending log is damaged: bytes that were written whole (maybe answered 2xx) hold no valid record; \
+             skipped to the next valid one, the bytes kept as a dead letter"
+        );
+        Stats::add(&stats.log_damaged_ranges, 1);
+        Stats::add(&stats.log_damaged_bytes, damage.len);
+        stats.note_damage(format!("pending log damaged: {}", damage.place()));
+    }
+}
+
+/// Older versions kept pending events in redb: moves them into the log,
+/// then drops the table (a crash in between moves them again, skipping
+/// those already moved).
+pub(super) fn move_old_pending(
+    db: &DbCell,
+    shared: &Shared,
+    log: &mut Log,
+    log_dir: &std::path::Path,
+    old_pending: &[(u64, Vec<u8>)],
+    last_seq: &mut u64,
+) -> Result<(), OutboxError> {
+    let moved: Vec<&(u64, Vec<u8>)> = old_pending
+        .iter()
+        .filter(|(seq, _)| *seq > *last_seq)
+        .collect();
+    if !moved.is_empty() {
+        let mut slots = Vec::new();
+        for (seq, bytes) in &moved {
+            let event = serde_json::from_slice::<TaskEvent>(bytes).ok();
+            let (task, at) = event
+                .as_ref()
+                .map_or(("", 0), |e| (e.task_id.as_str(), e.received_at));
+            slots.push(log.append(*seq, at, task, None, None, bytes));
+            *last_seq = (*last_seq).max(*seq);
+        }
+        log.commit(true).map_err(|source| OutboxError::DataDir {
+            path: log_dir.display().to_string(),
+            source,
+        })?;
+        let mut index = lock(&shared.index);
+        for slot in slots {
+            index.push(slot);
+        }
+        tracing::info!(
+            moved = moved.len(),
+            "pending events of an older version moved into the log"
+        );
+    }
+    if !old_pending.is_empty() {
+        let txn = db.get()?.begin_write()?;
+        txn.delete_table(PENDING)?;
+        txn.commit()?;
+    }
+    Ok(())
+}
+
+/// How many of the `replayed` records' tasks the task store does not hold,
+/// and what they cost.
+pub(super) fn unstored_size(
+    db: &DbCell,
+    replayed: &HashMap<String, TaskRecord>,
+) -> Result<(u64, u64), OutboxError> {
+    let (mut new_tasks, mut new_bytes) = (0, 0);
+    if !replayed.is_empty() {
+        let txn = db.get()?.begin_read()?;
+        let tasks = txn.open_table(TASKS)?;
+        for task in replayed.keys() {
+            if tasks.get(task.as_str())?.is_none() {
+                new_tasks += 1;
+                new_bytes += record_bytes(task);
+            }
+        }
+    }
+    Ok((new_tasks, new_bytes))
+}
+
 impl Writer {
     /// Opens the log and the task store, reads back what an earlier run
     /// left (pending events, dedup records not yet checkpointed), moves the
@@ -129,118 +285,25 @@ impl Writer {
         } = read_store(&*db.get()?)?;
 
         let log_dir = config.data_dir.join("pending");
-        let mut replayed: HashMap<String, TaskRecord> = HashMap::new();
-        let mut last_seq = 0u64;
-        let (mut log, opened) = {
-            let mut index = lock(&shared.index);
-            Log::open(
-                &log_dir,
-                config.segment_bytes,
-                |record, slot| match record {
-                    Record::Append {
-                        seq,
-                        task_id,
-                        record,
-                        ..
-                    } => {
-                        last_seq = last_seq.max(seq);
-                        if let Some(record) = record.filter(|_| seq > stored_through) {
-                            replayed.insert(task_id.to_string(), record);
-                        }
-                        if !index.push(slot) {
-                            tracing::warn!(
-                                seq,
-                                "a repeated sequence number in the pending log is skipped"
-                            );
-                        }
-                    }
-                    Record::Ack(seqs) => {
-                        for seq in seqs {
-                            index.remove(seq);
-                        }
-                    }
-                    // In log order: a later append of the task overrides them.
-                    Record::Records { seq, records } => {
-                        last_seq = last_seq.max(seq);
-                        if seq > stored_through {
-                            for (task, record) in records {
-                                replayed.insert(task.to_string(), record);
-                            }
-                        }
-                    }
-                },
-            )
-            .map_err(|source| OutboxError::DataDir {
-                path: log_dir.display().to_string(),
-                source,
-            })?
-        };
-        if opened.torn_bytes > 0 {
-            tracing::warn!(
-                bytes = opened.torn_bytes,
-                "the pending log ended in a torn write (a crash during a commit, never answered 2xx); cut back"
-            );
-            Stats::add(&stats.log_torn_bytes, opened.torn_bytes);
-        }
-        for damage in &opened.damaged {
-            tracing::error!(
-                damage = %damage.place(),
-                "the pending log is damaged: bytes that were written whole (maybe answered 2xx) hold no valid record; \
-                 skipped to the next valid one, the bytes kept as a dead letter"
-            );
-            Stats::add(&stats.log_damaged_ranges, 1);
-            Stats::add(&stats.log_damaged_bytes, damage.len);
-            stats.note_damage(format!("pending log damaged: {}", damage.place()));
-        }
+        let Replayed {
+            mut log,
+            opened,
+            records: replayed,
+            mut last_seq,
+        } = replay(&log_dir, config.segment_bytes, &shared, stored_through)?;
+        note_log_damage(&opened, &stats);
 
-        // Older versions kept pending events in redb: move them into the
-        // log, then drop the table (a crash in between moves them again,
-        // skipping those already moved).
-        let moved: Vec<&(u64, Vec<u8>)> = old_pending
-            .iter()
-            .filter(|(seq, _)| *seq > last_seq)
-            .collect();
-        if !moved.is_empty() {
-            let mut slots = Vec::new();
-            for (seq, bytes) in &moved {
-                let event = serde_json::from_slice::<TaskEvent>(bytes).ok();
-                let (task, at) = event
-                    .as_ref()
-                    .map_or(("", 0), |e| (e.task_id.as_str(), e.received_at));
-                slots.push(log.append(*seq, at, task, None, None, bytes));
-                last_seq = last_seq.max(*seq);
-            }
-            log.commit(true).map_err(|source| OutboxError::DataDir {
-                path: log_dir.display().to_string(),
-                source,
-            })?;
-            let mut index = lock(&shared.index);
-            for slot in slots {
-                index.push(slot);
-            }
-            tracing::info!(
-                moved = moved.len(),
-                "pending events of an older version moved into the log"
-            );
-        }
-        if !old_pending.is_empty() {
-            let txn = db.get()?.begin_write()?;
-            txn.delete_table(PENDING)?;
-            txn.commit()?;
-        }
+        move_old_pending(
+            &db,
+            &shared,
+            &mut log,
+            &log_dir,
+            &old_pending,
+            &mut last_seq,
+        )?;
 
         // Dedup records the task store does not have yet.
-        let (mut new_tasks, mut new_bytes) = (0, 0);
-        if !replayed.is_empty() {
-            let txn = db.get()?.begin_read()?;
-            let tasks = txn.open_table(TASKS)?;
-            for task in replayed.keys() {
-                if tasks.get(task.as_str())?.is_none() {
-                    new_tasks += 1;
-                    new_bytes += record_bytes(task);
-                }
-            }
-        }
+        let (new_tasks, new_bytes) = unstored_size(&db, &replayed)?;
         {
             let index = lock(&shared.index);
             stats.pending.store(index.len(), Ordering::Relaxed);
