@@ -3,6 +3,32 @@
 
 use super::*;
 
+/// One append, as the caller sent it.
+pub(super) struct Request {
+    pub(super) event: TaskEvent,
+    /// The event serialized on the caller's thread.
+    pub(super) payload: Vec<u8>,
+    /// See [`crate::outbox::Outbox::append_trusted`].
+    pub(super) trusted: bool,
+}
+
+/// Where the group's appends are decided: the task store as of the group,
+/// what the group staged so far, its counters, its time.
+pub(super) struct Place<'g> {
+    pub(super) db: &'g redb::Database,
+    pub(super) tasks: &'g mut Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
+    pub(super) staged: &'g mut Staged,
+    pub(super) delta: &'g mut Delta,
+    pub(super) now: i64,
+}
+
+/// Why an append was not stored: refused (the caller's answer, the group
+/// goes on), or a storage error (the whole group fails).
+pub(super) enum Failure {
+    Refused(AppendError),
+    Storage(OutboxError),
+}
+
 impl Writer {
     /// Decides every command of the group and builds its log records.
     pub(super) fn build(
@@ -34,24 +60,32 @@ impl Writer {
                     let injected = event.task_id == tests::FAIL_TASK;
                     #[cfg(test)]
                     assert!(event.task_id != tests::PANIC_TASK, "injected writer panic");
-                    let outcome = self.append(
-                        &db,
-                        &mut tasks,
-                        staged,
-                        (*event, trusted),
+                    let request = Request {
+                        event: *event,
                         payload,
+                        trusted,
+                    };
+                    let mut at = Place {
+                        db: &db,
+                        tasks: &mut tasks,
+                        staged: &mut *staged,
+                        delta: &mut *delta,
                         now,
-                        delta,
-                    );
+                    };
+                    let outcome = self.append(&mut at, request);
                     #[cfg(test)]
                     let outcome = if injected {
-                        Err(tests::injected())
+                        Err(Failure::Storage(tests::injected()))
                     } else {
                         outcome
                     };
-                    // Each reply is queued before `?`: the command in flight
-                    // when a step fails gets the error too.
-                    let stored = outcome.as_ref().ok().cloned();
+                    // Each reply is queued before the error is returned: the
+                    // command in flight when a step fails gets the error too.
+                    let (stored, failed) = match outcome {
+                        Ok(appended) => (Some(Ok(appended)), None),
+                        Err(Failure::Refused(e)) => (Some(Err(e)), None),
+                        Err(Failure::Storage(e)) => (None, Some(e)),
+                    };
                     replies.push((
                         Needs::Log,
                         Box::new(move |err, _| {
@@ -62,7 +96,9 @@ impl Writer {
                             });
                         }),
                     ));
-                    let _answered_above = outcome?;
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
                 }
                 Command::Complete {
                     delivered,
@@ -166,57 +202,38 @@ impl Writer {
     /// backlog is full), then the backlog cap, then the log record. A new
     /// task is never refused for want of a dedup record: past
     /// `max_tracked_tasks` the group evicts old ones (`evict_step`).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn append(
         &mut self,
-        db: &redb::Database,
-        tasks: &mut Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>,
-        staged: &mut Staged,
-        (mut event, trusted): (TaskEvent, bool),
-        payload: Vec<u8>,
-        now: i64,
-        delta: &mut Delta,
-    ) -> Result<Result<Appended, AppendError>, OutboxError> {
+        at: &mut Place<'_>,
+        Request {
+            mut event,
+            payload,
+            trusted,
+        }: Request,
+    ) -> Result<Appended, Failure> {
         let old = if self.config.dedup {
-            self.lookup(db, tasks, staged, &event.task_id)?
+            self.lookup(at.db, at.tasks, at.staged, &event.task_id)
+                .map_err(Failure::Storage)?
         } else {
             None
         };
         let mut record = old.unwrap_or_default();
-        let decision = record.decide(event.state, now, self.window_ms());
+        let decision = record.decide(event.state, at.now, self.window_ms());
         tracing::debug!(task_id = %event.task_id, state = event.state.as_str(), ?decision, "append");
         let previous = match decision {
             Appended::Duplicate => {
-                delta.duplicates += 1;
-                return Ok(Ok(decision));
+                at.delta.duplicates += 1;
+                return Ok(decision);
             }
             Appended::Stale { .. } => {
-                delta.stale += 1;
-                return Ok(Ok(decision));
+                at.delta.stale += 1;
+                return Ok(decision);
             }
             Appended::Conflict { previous, .. } => Some(previous),
             Appended::New { .. } => None,
         };
-        let count =
-            (self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending).max(0) as u64;
-        let bytes = (self.stats.pending_bytes.load(Ordering::Relaxed) as i64 + delta.pending_bytes)
-            .max(0) as u64;
-        let full = if count >= self.config.max_pending {
-            Some("max_pending")
-        } else if bytes >= self.config.max_pending_bytes {
-            Some("max_pending_bytes")
-        } else {
-            None
-        };
-        if let Some(which) = full {
-            delta.refused_full += 1;
-            return Ok(Err(AppendError::Full(which)));
-        }
-        if payload.len() > crate::outbox::log::MAX_EVENT {
-            return Ok(Err(AppendError::Storage(
-                "the event is larger than an outbox record may be".into(),
-            )));
-        }
+        self.room_for(&payload, at.delta)
+            .map_err(Failure::Refused)?;
         let seq = self.next_seq;
         self.next_seq += 1;
         // Serialized by the caller; only a conflict (rare) changes the body.
@@ -227,25 +244,25 @@ impl Writer {
             }
             None => payload,
         };
-        delta.pending += 1;
-        delta.pending_bytes += payload.len() as i64;
-        delta.accepted += 1;
+        at.delta.pending += 1;
+        at.delta.pending_bytes += payload.len() as i64;
+        at.delta.accepted += 1;
         if previous.is_some() {
-            delta.conflicts += 1;
+            at.delta.conflicts += 1;
         }
         let kept = if self.config.dedup {
-            record.accepted_at[slot(event.state)] = now;
+            record.accepted_at[slot(event.state)] = at.now;
             if record
                 .furthest
                 .is_none_or(|f| event.state.rank() > f.rank())
             {
                 record.furthest = Some(event.state);
             }
-            record.last_seen = now;
+            record.last_seen = at.now;
             record.trusted |= trusted;
             if old.is_none() {
-                staged.new_tasks += 1;
-                staged.new_bytes += record_bytes(&event.task_id);
+                at.staged.new_tasks += 1;
+                at.staged.new_bytes += record_bytes(&event.task_id);
             }
             Some(record)
         } else {
@@ -259,14 +276,40 @@ impl Writer {
             Some(&EventMeta::of(&event)),
             &payload,
         );
-        staged.slots.push(slot);
+        at.staged.slots.push(slot);
         if let Some(record) = kept {
-            staged.records.insert(event.task_id, record);
+            at.staged.records.insert(event.task_id, record);
         }
-        Ok(Ok(match previous {
+        Ok(match previous {
             Some(previous) => Appended::Conflict { seq, previous },
             None => Appended::New { seq },
-        }))
+        })
+    }
+
+    /// The backlog cap (`max_pending`, `max_pending_bytes`, with what this
+    /// group added) and the largest record: a refusal says which.
+    fn room_for(&self, payload: &[u8], delta: &mut Delta) -> Result<(), AppendError> {
+        let count =
+            (self.stats.pending.load(Ordering::Relaxed) as i64 + delta.pending).max(0) as u64;
+        let bytes = (self.stats.pending_bytes.load(Ordering::Relaxed) as i64 + delta.pending_bytes)
+            .max(0) as u64;
+        let full = if count >= self.config.max_pending {
+            Some("max_pending")
+        } else if bytes >= self.config.max_pending_bytes {
+            Some("max_pending_bytes")
+        } else {
+            None
+        };
+        if let Some(which) = full {
+            delta.refused_full += 1;
+            return Err(AppendError::Full(which));
+        }
+        if payload.len() > crate::outbox::log::MAX_EVENT {
+            return Err(AppendError::Storage(
+                "the event is larger than an outbox record may be".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Published events are acked in the log; refused ones are read back
