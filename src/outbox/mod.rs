@@ -3,7 +3,7 @@
 //! Invariants (each one is what a 2xx from the ingress promises):
 //!
 //! 1. **Durable before answered.** [`Outbox::append`] returns `New` only
-//!    after the event's record in the pending log (`log.rs`: append-only
+//!    after the event's record in the pending log (`log/`: append-only
 //!    segments, checksummed records) was written and `fdatasync`ed. One
 //!    writer thread writes whatever requests are queued at that moment as
 //!    one group with one sync (group commit), so concurrent callbacks share
@@ -39,7 +39,7 @@
 //!    is kept (bounded) as a dead letter and reported. Only a torn final
 //!    write (never answered) is ever cut. A damaged `outbox.redb` is set
 //!    aside for a fresh one at start, so the log is still delivered (see
-//!    `log.rs`, `crate::redb_file`).
+//!    `log/`, `crate::redb_file`).
 //!
 //! Delivery to the broker is at least once: a crash between the broker's
 //! ack and the delete republishes that batch. The deterministic `eventId`

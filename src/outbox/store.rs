@@ -1,6 +1,6 @@
 //! The redb tables, the per-task dedup record, and the read side.
 //!
-//! Every write goes through the single writer thread in `writer.rs`; the
+//! Every write goes through the single writer thread in `writer/`; the
 //! functions here only read, each in its own short read transaction, so
 //! they never wait for the writer.
 
@@ -12,7 +12,7 @@ use crate::event::State;
 use crate::publish::Outgoing;
 
 /// seq -> serialized TaskEvent: where older versions kept pending events
-/// (now in the log, `log.rs`); moved into the log at start-up.
+/// (now in the log, `log/`); moved into the log at start-up.
 pub(super) const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
 /// seq -> serialized DeadLetter.
 pub(super) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");

@@ -25,7 +25,7 @@
 //! is wrong) is skipped up to the next offset where a whole frame with a
 //! matching checksum starts, so damage costs only the records it touches;
 //! the range is reported ([`Damage`]) and kept, bounded, as a dead letter
-//! (see `writer.rs`). Nothing written whole is ever cut: only the end of
+//! (see `writer/`). Nothing written whole is ever cut: only the end of
 //! the last segment may be, when its first record there is not whole (a
 //! torn final write: the group being written when the process stopped,
 //! never answered 2xx). A whole record there that fails its checksum is
@@ -43,9 +43,13 @@
 //!
 //! A segment is deleted once it is not the one being written, none of its
 //! events is pending any more, and every dedup record in it is in the task
-//! store (see `writer.rs`). The segment being written is emptied in place
+//! store (see `writer/`). The segment being written is emptied in place
 //! ([`Log::empty_active`]) on the same terms once nothing is pending at all,
 //! so a drained queue gives its disk space back before the segment is full.
+//!
+//! Here: [`Log`], the writing side. By job: `record` (the codec), `index`
+//! (the queue in memory), `segments` (the files: reading, damage, creating
+//! and reserving).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};

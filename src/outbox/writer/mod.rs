@@ -6,7 +6,7 @@
 //! 1. It decides every append of the group (dedup record, state guard,
 //!    backlog cap), in order, and builds the group's log records.
 //! 2. It writes them to the pending log with one `write` and one
-//!    `fdatasync` (see `log.rs`). Appends are answered only after that, and
+//!    `fdatasync` (see `log/`). Appends are answered only after that, and
 //!    if it fails every append of the group gets the error (never a success
 //!    for something not on disk).
 //! 3. Only when the group needs it, one redb transaction (durable) holds
@@ -18,6 +18,13 @@
 //! memory ([`Shared::dirty`]) and, durably, in the log records that carry
 //! them, which a restart reads back. A log segment is deleted only once its
 //! records are in the task store and none of its events is pending.
+//!
+//! Here: the commands and the group-commit loop (`run`, `apply`, the log
+//! write). By job: `recover` (start-up: the task store, migration of older
+//! versions, the log read back, damage), `decide` (each command's
+//! decision: dedup, state guard, backlog cap), `checkpoint` (the thread
+//! that writes dedup records, deleting segments), `store` (the task
+//! store's transaction: dead letters, requeue, prune, evict).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

@@ -25,7 +25,7 @@
 //!   to the verifier as [`Unreadable`] to be buried, never skipped.
 //! - A registration that cannot be read is handed to the reconciler as
 //!   [`UnreadableTask`] to be buried, and the webhook fails closed on it.
-//! - After an I/O error the database is re-opened (`cell.rs`).
+//! - After an I/O error the database is re-opened (`cell.rs`, on `crate::db::Cell`).
 //!
 //! Every method blocks on disk I/O: async callers go through
 //! [`Registry::blocking`].
