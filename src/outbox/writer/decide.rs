@@ -22,6 +22,17 @@ pub(super) struct Place<'g> {
     pub(super) now: i64,
 }
 
+/// Answers `reply` with `value` once the task store's transaction
+/// committed, or with its error.
+fn after_store<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, OutboxError>>,
+    value: T,
+) -> Reply {
+    Box::new(move |err, _| {
+        let _ = reply.send(err.map_or(Ok(value), |e| Err(OutboxError::Db(redb_copy(e)))));
+    })
+}
+
 /// Why an append was not stored: refused (the caller's answer, the group
 /// goes on), or a storage error (the whole group fails).
 pub(super) enum Failure {
@@ -106,25 +117,13 @@ impl Writer {
                     reply,
                 } => {
                     let read = self.complete(delivered, dead, now, staged, work);
-                    replies.push((
-                        Needs::Store,
-                        Box::new(move |err, _| {
-                            let _ = reply
-                                .send(err.map_or(Ok(()), |e| Err(OutboxError::Db(redb_copy(e)))));
-                        }),
-                    ));
+                    replies.push((Needs::Store, after_store(reply, ())));
                     read?;
                 }
                 Command::Requeue { only, reply } => {
                     let moved = self.requeue(&db, staged, work, only.as_deref(), delta);
                     let seqs = moved.as_ref().ok().cloned().unwrap_or_default();
-                    replies.push((
-                        Needs::Store,
-                        Box::new(move |err, _| {
-                            let _ = reply
-                                .send(err.map_or(Ok(seqs), |e| Err(OutboxError::Db(redb_copy(e)))));
-                        }),
-                    ));
+                    replies.push((Needs::Store, after_store(reply, seqs)));
                     moved?;
                 }
                 Command::Bury { letter, reply } => {
@@ -136,13 +135,7 @@ impl Writer {
                         ..*letter
                     };
                     work.letters.push((letter, None));
-                    replies.push((
-                        Needs::Store,
-                        Box::new(move |err, _| {
-                            let _ = reply
-                                .send(err.map_or(Ok(seq), |e| Err(OutboxError::Db(redb_copy(e)))));
-                        }),
-                    ));
+                    replies.push((Needs::Store, after_store(reply, seq)));
                 }
                 Command::Stop => {}
                 Command::Prune { reply } => {
