@@ -66,11 +66,6 @@ impl Writer {
                     trusted,
                     reply,
                 } => {
-                    // Faults for the tests below.
-                    #[cfg(test)]
-                    let injected = event.task_id == tests::FAIL_TASK;
-                    #[cfg(test)]
-                    assert!(event.task_id != tests::PANIC_TASK, "injected writer panic");
                     let request = Request {
                         event: *event,
                         payload,
@@ -83,33 +78,7 @@ impl Writer {
                         delta: &mut *delta,
                         now,
                     };
-                    let outcome = self.append(&mut at, request);
-                    #[cfg(test)]
-                    let outcome = if injected {
-                        Err(Failure::Storage(tests::injected()))
-                    } else {
-                        outcome
-                    };
-                    // Each reply is queued before the error is returned: the
-                    // command in flight when a step fails gets the error too.
-                    let (stored, failed) = match outcome {
-                        Ok(appended) => (Some(Ok(appended)), None),
-                        Err(Failure::Refused(e)) => (Some(Err(e)), None),
-                        Err(Failure::Storage(e)) => (None, Some(e)),
-                    };
-                    replies.push((
-                        Needs::Log,
-                        Box::new(move |err, _| {
-                            let _ = reply.send(match (err, stored) {
-                                (None, Some(stored)) => stored,
-                                (Some(e), _) => Err(AppendError::Storage(e.to_string())),
-                                (None, None) => Err(AppendError::Storage("not stored".into())),
-                            });
-                        }),
-                    ));
-                    if let Some(e) = failed {
-                        return Err(e);
-                    }
+                    self.decide_append(&mut at, request, reply, replies)?;
                 }
                 Command::Complete {
                     delivered,
@@ -156,6 +125,54 @@ impl Writer {
             }
         }
         work.evict |= self.over_cap(staged);
+        Ok(())
+    }
+
+    /// Decides one append and queues its answer: the decision once the
+    /// group's log write succeeded, or the group's error. A storage error
+    /// fails the group (after the answer is queued).
+    fn decide_append(
+        &mut self,
+        at: &mut Place<'_>,
+        request: Request,
+        reply: oneshot::Sender<Result<Appended, AppendError>>,
+        replies: &mut Vec<(Needs, Reply)>,
+    ) -> Result<(), OutboxError> {
+        // Faults for the tests below.
+        #[cfg(test)]
+        let injected = request.event.task_id == tests::FAIL_TASK;
+        #[cfg(test)]
+        assert!(
+            request.event.task_id != tests::PANIC_TASK,
+            "injected writer panic"
+        );
+        let outcome = self.append(at, request);
+        #[cfg(test)]
+        let outcome = if injected {
+            Err(Failure::Storage(tests::injected()))
+        } else {
+            outcome
+        };
+        // Each reply is queued before the error is returned: the
+        // command in flight when a step fails gets the error too.
+        let (stored, failed) = match outcome {
+            Ok(appended) => (Some(Ok(appended)), None),
+            Err(Failure::Refused(e)) => (Some(Err(e)), None),
+            Err(Failure::Storage(e)) => (None, Some(e)),
+        };
+        replies.push((
+            Needs::Log,
+            Box::new(move |err, _| {
+                let _ = reply.send(match (err, stored) {
+                    (None, Some(stored)) => stored,
+                    (Some(e), _) => Err(AppendError::Storage(e.to_string())),
+                    (None, None) => Err(AppendError::Storage("not stored".into())),
+                });
+            }),
+        ));
+        if let Some(e) = failed {
+            return Err(e);
+        }
         Ok(())
     }
 
