@@ -31,10 +31,13 @@ async fn stored(outbox: &Outbox, task: &str, state: &str) {
     );
 }
 
-/// Stores `state` for the tasks `{prefix}_00`.. (`n` of them).
-async fn stored_many(outbox: &Outbox, prefix: &str, n: usize, state: &str) {
-    for i in 0..n {
-        stored(outbox, &format!("{prefix}_{i:02}"), state).await;
+/// Stores each group `(prefix, n, state)` in turn: `state` for the tasks
+/// `{prefix}_00`.. (`n` of them).
+async fn stored_groups(outbox: &Outbox, groups: &[(&str, usize, &str)]) {
+    for (prefix, n, state) in groups {
+        for i in 0..*n {
+            stored(outbox, &format!("{prefix}_{i:02}"), state).await;
+        }
     }
 }
 
@@ -44,9 +47,15 @@ async fn stored_many(outbox: &Outbox, prefix: &str, n: usize, state: &str) {
 async fn at_the_cap_new_tasks_are_stored_and_finished_records_go_first() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = open(dir.path(), |c| c.max_tracked_tasks = 20);
-    stored_many(&outbox, "done", 10, "success").await;
-    stored_many(&outbox, "live", 10, "generating").await;
-    stored_many(&outbox, "new", 30, "generating").await;
+    stored_groups(
+        &outbox,
+        &[
+            ("done", 10, "success"),
+            ("live", 10, "generating"),
+            ("new", 30, "generating"),
+        ],
+    )
+    .await;
     let stats = outbox.stats();
     let status = outbox.status().unwrap();
     assert!(status.tasks_tracked <= 20, "{}", status.tasks_tracked);
@@ -66,9 +75,15 @@ async fn at_the_cap_new_tasks_are_stored_and_finished_records_go_first() {
 async fn unfinished_records_stay_while_finished_ones_can_go() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = open(dir.path(), |c| c.max_tracked_tasks = 100);
-    stored_many(&outbox, "a_done", 60, "fail").await;
-    stored_many(&outbox, "b_live", 40, "waiting").await;
-    stored_many(&outbox, "c_new", 20, "success").await;
+    stored_groups(
+        &outbox,
+        &[
+            ("a_done", 60, "fail"),
+            ("b_live", 40, "waiting"),
+            ("c_new", 20, "success"),
+        ],
+    )
+    .await;
     let stats = outbox.stats();
     assert_eq!(stats.evicted_unfinished.load(Ordering::Relaxed), 0);
     assert!(stats.evicted_finished.load(Ordering::Relaxed) >= 20);

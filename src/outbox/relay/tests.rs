@@ -69,6 +69,12 @@ fn retrying(dir: &std::path::Path, attempts: u32, initial_ms: u64, max_ms: u64) 
     )
 }
 
+/// A relay of `outbox` to a [`Scripted`] publisher, and the publisher.
+fn scripted_relay(outbox: &Outbox) -> (Arc<Scripted>, Relay) {
+    let publisher = Arc::new(Scripted::default());
+    (publisher.clone(), Relay::new(outbox.clone(), publisher))
+}
+
 fn outbox(dir: &std::path::Path, config: OutboxConfig) -> Outbox {
     Outbox::open(&OutboxConfig {
         data_dir: dir.to_path_buf(),
@@ -120,8 +126,7 @@ async fn a_batch_is_bounded_in_bytes_and_one_larger_event_goes_alone() {
             ..OutboxConfig::default()
         },
     );
-    let publisher = Arc::new(Scripted::default());
-    let mut relay = Relay::new(outbox.clone(), publisher.clone());
+    let (_, mut relay) = scripted_relay(&outbox);
     for _ in 0..3 {
         assert_eq!(relay.run_once().await.unwrap().published, 2);
     }
@@ -137,8 +142,7 @@ async fn a_refused_event_waits_alone_and_becomes_a_dead_letter_after_its_attempt
     for n in 0..5 {
         append(&outbox, &format!("good-{n}"), 10).await;
     }
-    let publisher = Arc::new(Scripted::default());
-    let mut relay = Relay::new(outbox.clone(), publisher.clone());
+    let (publisher, mut relay) = scripted_relay(&outbox);
 
     let first = relay.run_once().await.unwrap();
     assert_eq!((first.published, first.refused), (5, 1), "{first:?}");
@@ -192,8 +196,7 @@ async fn a_held_event_keeps_its_tasks_later_events_back() {
     outbox.append(event).await.unwrap();
     append(&outbox, "bad-order", 10).await;
     append(&outbox, "other", 10).await;
-    let publisher = Arc::new(Scripted::default());
-    let mut relay = Relay::new(outbox.clone(), publisher.clone());
+    let (publisher, mut relay) = scripted_relay(&outbox);
     relay.run_once().await.unwrap();
     relay.run_once().await.unwrap();
     let sent: Vec<Vec<String>> = crate::sync::lock(&publisher.batches).clone();
