@@ -50,4 +50,11 @@ impl DbCell {
         }
         result
     }
+
+    /// As after a storage error: re-opened no sooner than `REOPEN_EVERY`
+    /// from now.
+    #[cfg(test)]
+    pub(super) fn break_now(&self) {
+        self.0.set_broken(true, true);
+    }
 }

@@ -462,3 +462,29 @@ async fn a_panicking_blocking_call_is_reported_as_a_panic() {
         "usable after"
     );
 }
+
+/// A registry that cannot be read answers its counts with the error, never
+/// with 0 (what /readyz and /admin/status show), and counts again once the
+/// database is re-opened.
+#[test]
+fn counts_of_a_broken_database_are_an_error_not_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    registry.register("t1", registration(1, 2)).unwrap();
+    registry.db.break_now();
+    assert!(
+        matches!(registry.counts(), Err(RegistryError::Reopening)),
+        "{:?}",
+        registry.counts()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let counts = loop {
+        match registry.counts() {
+            Err(RegistryError::Reopening) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(counts.unwrap(), (1, 0));
+}
