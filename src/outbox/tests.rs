@@ -19,11 +19,14 @@ fn config(dir: &Path) -> OutboxConfig {
     }
 }
 
-/// The outbox in `dir`, with `change` made to the default configuration.
-fn open_with(dir: &Path, change: impl FnOnce(&mut OutboxConfig)) -> Outbox {
-    let mut config = config(dir);
+/// An outbox in a new temporary dir (kept while the first value lives),
+/// with `change` made to the default configuration.
+fn fresh(change: impl FnOnce(&mut OutboxConfig)) -> (tempfile::TempDir, Outbox) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
     change(&mut config);
-    Outbox::open(&config).unwrap()
+    let outbox = Outbox::open(&config).unwrap();
+    (dir, outbox)
 }
 
 /// Appends `generating` of `task-0`..`task-{n-1}`; returns their numbers.
@@ -186,8 +189,7 @@ async fn a_damaged_task_store_is_set_aside_and_the_log_still_delivered() {
 
 #[tokio::test]
 async fn dead_letters_are_capped_by_count_and_bytes_oldest_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = open_with(dir.path(), |c| {
+    let (_dir, outbox) = fresh(|c| {
         c.max_dead_letters = 3;
     });
     let mut seqs = Vec::new();
@@ -245,8 +247,7 @@ async fn dead_letters_are_capped_by_count_and_bytes_oldest_first() {
 /// and is never requeued cut.
 #[tokio::test]
 async fn an_oversize_event_keeps_a_bounded_copy_and_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = open_with(dir.path(), |c| {
+    let (_dir, outbox) = fresh(|c| {
         c.dead_letter_keep_bytes = 1024;
     });
     let body = format!(
