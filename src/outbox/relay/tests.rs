@@ -55,18 +55,21 @@ impl Publisher for Scripted {
     }
 }
 
-/// An outbox whose relay tries a refused event `attempts` times, waiting
-/// from `initial_ms` up to `max_ms` in between.
-fn retrying(dir: &std::path::Path, attempts: u32, initial_ms: u64, max_ms: u64) -> Outbox {
-    outbox(
-        dir,
+/// An outbox in a new temporary dir (kept while the first value lives)
+/// whose relay tries a refused event `attempts` times, waiting from
+/// `initial_ms` up to `max_ms` in between.
+fn retrying(attempts: u32, initial_ms: u64, max_ms: u64) -> (tempfile::TempDir, Outbox) {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = outbox(
+        dir.path(),
         OutboxConfig {
             refusal_attempts: attempts,
             retry_initial_ms: initial_ms,
             retry_max_ms: max_ms,
             ..OutboxConfig::default()
         },
-    )
+    );
+    (dir, outbox)
 }
 
 /// A relay of `outbox` to a [`Scripted`] publisher, and the publisher.
@@ -136,8 +139,7 @@ async fn a_batch_is_bounded_in_bytes_and_one_larger_event_goes_alone() {
 
 #[tokio::test]
 async fn a_refused_event_waits_alone_and_becomes_a_dead_letter_after_its_attempts() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = retrying(dir.path(), 3, 1, 2);
+    let (_dir, outbox) = retrying(3, 1, 2);
     append(&outbox, "bad-1", 10).await;
     for n in 0..5 {
         append(&outbox, &format!("good-{n}"), 10).await;
@@ -189,8 +191,7 @@ async fn a_refused_event_waits_alone_and_becomes_a_dead_letter_after_its_attempt
 /// A held event keeps its task's later events back: per-task order holds.
 #[tokio::test]
 async fn a_held_event_keeps_its_tasks_later_events_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = retrying(dir.path(), 1000, 60_000, 60_000);
+    let (_dir, outbox) = retrying(1000, 60_000, 60_000);
     let generating = r#"{"taskId":"bad-order","state":"generating"}"#;
     let event = parse(generating.as_bytes(), Source::Webhook, 1).unwrap();
     outbox.append(event).await.unwrap();
