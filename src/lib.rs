@@ -86,6 +86,7 @@ pub mod app;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod db;
 pub mod event;
 pub mod http;
 pub mod metrics;
@@ -102,18 +103,6 @@ pub mod telemetry;
 
 pub use app::App;
 pub use config::Config;
-
-/// `crate::redb_errors!(MyError: redb::TableError, ...)` converts each of
-/// redb's error types into `MyError::Db(redb::Error)`, so that `?` works on
-/// every redb call.
-macro_rules! redb_errors {
-    ($error:ident: $($t:ty),* $(,)?) => {$(
-        impl From<$t> for $error {
-            fn from(e: $t) -> Self { Self::Db(e.into()) }
-        }
-    )*};
-}
-pub(crate) use redb_errors;
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

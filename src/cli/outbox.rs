@@ -1,10 +1,11 @@
 //! `hookbridge outbox inspect`: what a stopped instance left in its data
 //! dir, read offline and read-only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use hookbridge::outbox::inspect::{self, Inspection};
+use hookbridge::outbox::inspect::{self, InspectError, Inspection, RegistrySizes};
+use hookbridge::poll::registry;
 use hookbridge::Config;
 
 use super::table::{age, pairs};
@@ -28,7 +29,7 @@ impl OutboxCommand {
     pub async fn run(self, config: &Config) -> Result<(), CliError> {
         let Self::Inspect { data_dir, json } = self;
         let dir = data_dir.unwrap_or_else(|| config.outbox.data_dir.clone());
-        let found = tokio::task::spawn_blocking(move || inspect::inspect(&dir))
+        let found = tokio::task::spawn_blocking(move || look(&dir))
             .await
             .map_err(|e| CliError::Local(e.to_string()))??;
         if json {
@@ -37,6 +38,33 @@ impl OutboxCommand {
         println!("{}", render(&found));
         Ok(())
     }
+}
+
+/// The outbox's files, then the task registry's `tasks.redb` if there is
+/// one; a file that cannot be read is listed as damage.
+fn look(dir: &Path) -> Result<Inspection, InspectError> {
+    let mut found = inspect::inspect(dir)?;
+    let path = dir.join("tasks.redb");
+    if !path.is_file() {
+        return Ok(found);
+    }
+    match hookbridge::db::readable(&path)? {
+        Ok(db) => {
+            let (registered_tasks, held_callbacks) =
+                registry::sizes(&db).map_err(|source| InspectError::Db {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            found.registry = Some(RegistrySizes {
+                registered_tasks,
+                held_callbacks,
+            });
+        }
+        Err(cause) => found.outbox.damage.push(format!(
+            "tasks.redb cannot be read ({cause}): set aside at the next start (its registrations and held callbacks out of use)"
+        )),
+    }
+    Ok(found)
 }
 
 fn render(i: &Inspection) -> String {

@@ -9,16 +9,14 @@
 
 use std::path::Path;
 
-use redb::{
-    ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, TableError,
-};
+use redb::{ReadableDatabase, ReadableTable, TableError};
 use serde::Serialize;
 
 use super::log::{read_only, Index, Record};
 use super::store::{DEAD, META, PENDING, STORED_THROUGH, TASKS};
 use super::Status;
 use crate::clock::now_ms;
+use crate::db::table_len;
 use crate::event::TaskEvent;
 
 /// What a data dir holds.
@@ -27,7 +25,7 @@ pub struct Inspection {
     /// As under `outbox` in `/admin/status`, without the counters (those
     /// live in memory only).
     pub outbox: Status,
-    /// `tasks.redb`, when there is one.
+    /// `tasks.redb`, when there is one (see `poll::registry::inspect`).
     pub registry: Option<RegistrySizes>,
 }
 
@@ -40,55 +38,13 @@ pub struct RegistrySizes {
     pub held_callbacks: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum InspectError {
-    #[error("no hookbridge outbox at {0}")]
-    Missing(String),
-    #[error(
-        "{0} is in use: a running hookbridge holds its lock. Stop it first, \
-         or ask the running instance with `hookbridge status`"
-    )]
-    Locked(String),
-    #[error(
-        "{0} was not shut down cleanly and needs a recovery that a read-only \
-         look cannot do: start hookbridge on it once, then stop it"
-    )]
-    NeedsRecovery(String),
-    #[error("cannot read {path}: {source}")]
-    Db { path: String, source: redb::Error },
-}
+pub use crate::db::{open_read_only, InspectError};
 
-/// Opens `path` read-only, with the refusals above.
-pub fn open_read_only(path: &Path) -> Result<ReadOnlyDatabase, InspectError> {
-    let name = path.display().to_string();
-    if !path.is_file() {
-        return Err(InspectError::Missing(name));
-    }
-    ReadOnlyDatabase::open(path).map_err(|e| match e {
-        redb::DatabaseError::DatabaseAlreadyOpen => InspectError::Locked(name),
-        redb::DatabaseError::RepairAborted => InspectError::NeedsRecovery(name),
-        other => InspectError::Db {
-            path: name,
-            source: other.into(),
-        },
-    })
-}
-
-/// How many entries `table` holds; 0 when it was never created.
-pub fn table_len<K: redb::Key + 'static, V: redb::Value + 'static>(
-    txn: &ReadTransaction,
-    table: TableDefinition<K, V>,
-) -> Result<u64, redb::Error> {
-    match txn.open_table(table) {
-        Ok(t) => Ok(t.len()?),
-        Err(TableError::TableDoesNotExist(_)) => Ok(0),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Counts what `<dir>/outbox.redb` holds (and `<dir>/tasks.redb`, if there).
-/// A database file that cannot be read is listed as damaged (the pending
-/// log is still counted): hookbridge sets it aside at its next start.
+/// Counts what `<dir>/outbox.redb` and the pending log hold; the
+/// registry's file is counted by `poll::registry::inspect` (the command
+/// puts the two together). A database file that cannot be read is listed
+/// as damaged (the pending log is still counted): hookbridge sets it aside
+/// at its next start.
 pub fn inspect(dir: &Path) -> Result<Inspection, InspectError> {
     let path = dir.join("outbox.redb");
     let mut damage = Vec::new();
@@ -96,7 +52,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection, InspectError> {
         path: path.display().to_string(),
         source,
     };
-    let mut outbox = match readable(&path)? {
+    let mut outbox = match crate::db::readable(&path)? {
         Ok(db) => outbox_status(&db, &dir.join("pending")).map_err(fail)?,
         Err(cause) => {
             damage.push(format!(
@@ -108,53 +64,11 @@ pub fn inspect(dir: &Path) -> Result<Inspection, InspectError> {
             outbox_status(&empty, &dir.join("pending")).map_err(fail)?
         }
     };
-    let registry = dir.join("tasks.redb");
-    let registry = if !registry.is_file() {
-        None
-    } else {
-        match readable(&registry)? {
-            Ok(db) => {
-                let sizes = crate::poll::registry::sizes(&db);
-                let (registered_tasks, held_callbacks) =
-                    sizes.map_err(|source| InspectError::Db {
-                        path: registry.display().to_string(),
-                        source,
-                    })?;
-                Some(RegistrySizes {
-                    registered_tasks,
-                    held_callbacks,
-                })
-            }
-            Err(cause) => {
-                damage.push(format!(
-                    "tasks.redb cannot be read ({cause}): set aside at the next start (its registrations and held callbacks out of use)"
-                ));
-                None
-            }
-        }
-    };
     outbox.damage.append(&mut damage);
-    Ok(Inspection { outbox, registry })
-}
-
-/// Opens `path` read-only; the inner error says it is damaged (what
-/// hookbridge would set aside), the outer one that it cannot be looked at
-/// now (missing, locked, needs the recovery of a start).
-fn readable(path: &Path) -> Result<Result<ReadOnlyDatabase, String>, InspectError> {
-    let opened = std::panic::catch_unwind(|| {
-        let db = open_read_only(path)?;
-        let probe = db.begin_read().map_err(redb::Error::from).and_then(|txn| {
-            txn.list_tables()?.count();
-            Ok(())
-        });
-        Ok((db, probe))
-    });
-    match opened {
-        Ok(Ok((db, Ok(())))) => Ok(Ok(db)),
-        Ok(Ok((_, Err(e)))) | Ok(Err(InspectError::Db { source: e, .. })) => Ok(Err(e.to_string())),
-        Ok(Err(e)) => Err(e),
-        Err(panic) => Ok(Err(crate::sync::panic_message(&*panic))),
-    }
+    Ok(Inspection {
+        outbox,
+        registry: None,
+    })
 }
 
 /// The log's pending events (and any that an older version left in redb),

@@ -3,7 +3,7 @@
 //! Invariants (each one is what a 2xx from the ingress promises):
 //!
 //! 1. **Durable before answered.** [`Outbox::append`] returns `New` only
-//!    after the event's record in the pending log (`log.rs`: append-only
+//!    after the event's record in the pending log (`log/`: append-only
 //!    segments, checksummed records) was written and `fdatasync`ed. One
 //!    writer thread writes whatever requests are queued at that moment as
 //!    one group with one sync (group commit), so concurrent callbacks share
@@ -39,7 +39,7 @@
 //!    is kept (bounded) as a dead letter and reported. Only a torn final
 //!    write (never answered) is ever cut. A damaged `outbox.redb` is set
 //!    aside for a fresh one at start, so the log is still delivered (see
-//!    `log.rs`, `crate::redb_file`).
+//!    `log/`, `crate::redb_file`).
 //!
 //! Delivery to the broker is at least once: a crash between the broker's
 //! ack and the delete republishes that batch. The deterministic `eventId`
@@ -120,9 +120,34 @@ pub enum OutboxError {
     Closed,
     #[error("the outbox database is being re-opened after a storage error")]
     Reopening,
+    /// A task of the outbox's panicked (a bug): reported as such, never as
+    /// "shutting down".
+    #[error("an outbox task panicked: {0}")]
+    Panicked(String),
 }
 
-crate::redb_errors!(
+impl OutboxError {
+    /// The error of a blocking task that did not finish: a panic says so;
+    /// otherwise the runtime is shutting down.
+    pub fn from_join(e: tokio::task::JoinError) -> Self {
+        match e.try_into_panic() {
+            Ok(panic) => Self::Panicked(crate::sync::panic_message(&*panic)),
+            Err(_) => Self::Closed,
+        }
+    }
+}
+
+impl From<crate::db::CellError> for OutboxError {
+    fn from(e: crate::db::CellError) -> Self {
+        match e {
+            crate::db::CellError::Closed => Self::Closed,
+            crate::db::CellError::Reopening => Self::Reopening,
+            crate::db::CellError::Db(e) => Self::Db(e),
+        }
+    }
+}
+
+crate::db::redb_errors!(
     OutboxError:
     redb::DatabaseError,
     redb::TransactionError,
@@ -372,7 +397,7 @@ impl Shared {
 struct Inner {
     db: Arc<store::DbCell>,
     shared: Arc<Shared>,
-    /// Joined by [`Outbox::close`].
+    /// Joined by [`Outbox::close`], or when the last handle is dropped.
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     tx: mpsc::Sender<writer::Command>,
     stats: Arc<Stats>,
@@ -382,6 +407,29 @@ struct Inner {
     /// apart from the writer, so a flood of junk never queues in front of a
     /// good callback's commit.
     rejected: Mutex<rejected::Ring>,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone without [`Outbox::close`] (an error in the
+    /// start after the outbox opened, say): the writer still commits what
+    /// is queued, ends, and is joined here, so that no thread outlives the
+    /// outbox and the data dir can be opened again at once.
+    fn drop(&mut self) {
+        let Some(writer) = lock(&self.writer).take() else {
+            return;
+        };
+        // The writer ends once its channel is closed: this is its only sender.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        join_writer(writer);
+    }
+}
+
+/// Waits for the writer thread to end; a panic in it is logged as one.
+fn join_writer(writer: std::thread::JoinHandle<()>) {
+    if let Err(panic) = writer.join() {
+        tracing::error!(cause = %crate::sync::panic_message(&*panic), "outbox writer thread panicked");
+    }
 }
 
 impl Outbox {
@@ -398,6 +446,8 @@ impl Outbox {
         let (db, set_aside) = store::DbCell::open(
             dir.join("outbox.redb"),
             config.cache_mib.saturating_mul(1024 * 1024),
+            "outbox",
+            store::probe,
         )?;
         let db = Arc::new(db);
         let stats = Arc::new(Stats::default());
@@ -652,12 +702,14 @@ impl Outbox {
     /// closes the database, so that the data dir can be opened again at
     /// once. Every later call on any handle fails with `Closed`.
     pub async fn close(&self) {
-        let _ = self.inner.tx.send(writer::Command::Stop).await;
+        if self.inner.tx.send(writer::Command::Stop).await.is_err() {
+            tracing::debug!("the outbox writer had stopped already");
+        }
         let writer = lock(&self.inner.writer).take();
         let db = self.inner.db.clone();
         let closed = tokio::task::spawn_blocking(move || {
-            if let Some(Err(panic)) = writer.map(|w| w.join()) {
-                tracing::error!(cause = %crate::sync::panic_message(&*panic), "outbox writer thread panicked");
+            if let Some(writer) = writer {
+                join_writer(writer);
             }
             db.close();
         })

@@ -139,7 +139,7 @@ impl Relay {
             outbox.read_batch_within(size, max_bytes, scan, &skip)
         })
         .await
-        .map_err(|_| OutboxError::Closed)??;
+        .map_err(OutboxError::from_join)??;
         let stats = self.outbox.stats().clone();
         if batch.ready.is_empty() && batch.unreadable.is_empty() {
             // Held events are pending but not moving: that is no progress.

@@ -1,22 +1,18 @@
 //! The redb tables, the per-task dedup record, and the read side.
 //!
-//! Every write goes through the single writer thread in `writer.rs`; the
+//! Every write goes through the single writer thread in `writer/`; the
 //! functions here only read, each in its own short read transaction, so
 //! they never wait for the writer.
-
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 
 use super::{Appended, DeadLetter, OutboxError};
+pub(super) use crate::db::Cell as DbCell;
 use crate::event::State;
 use crate::publish::Outgoing;
 
 /// seq -> serialized TaskEvent: where older versions kept pending events
-/// (now in the log, `log.rs`); moved into the log at start-up.
+/// (now in the log, `log/`); moved into the log at start-up.
 pub(super) const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pending");
 /// seq -> serialized DeadLetter.
 pub(super) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
@@ -142,82 +138,8 @@ impl TaskRecord {
     }
 }
 
-/// The database, re-openable in place: after an I/O error (a full disk,
-/// say) redb refuses every later write until it is closed and opened again,
-/// which also recovers it to its last commit.
-pub(super) struct DbCell {
-    path: PathBuf,
-    cache_bytes: usize,
-    db: RwLock<Option<Arc<Database>>>,
-    closed: AtomicBool,
-}
-
-impl DbCell {
-    /// Opens (or creates) the file. A damaged one is repaired or set aside
-    /// for a fresh one (see `redb_file`): then the second value says so.
-    pub(super) fn open(
-        path: PathBuf,
-        cache_bytes: usize,
-    ) -> Result<(Self, Option<crate::redb_file::SetAside>), OutboxError> {
-        let (db, set_aside) = crate::redb_file::open(&path, cache_bytes, probe)?;
-        let cell = Self {
-            path,
-            cache_bytes,
-            db: RwLock::new(Some(Arc::new(db))),
-            closed: AtomicBool::new(false),
-        };
-        Ok((cell, set_aside))
-    }
-
-    fn create(path: &std::path::Path, cache_bytes: usize) -> Result<Database, OutboxError> {
-        Ok(Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(path)?)
-    }
-
-    pub(super) fn get(&self) -> Result<Arc<Database>, OutboxError> {
-        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
-        match guard.clone() {
-            Some(db) => Ok(db),
-            None if self.closed.load(Ordering::Relaxed) => Err(OutboxError::Closed),
-            None => Err(OutboxError::Reopening),
-        }
-    }
-
-    /// Closes the file for good (see [`super::Outbox::close`]).
-    pub(super) fn close(&self) {
-        self.closed.store(true, Ordering::Relaxed);
-        let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(old) = old {
-            Self::wait_for_readers(&old);
-        }
-    }
-
-    /// Readers hold the database only for one short transaction, so
-    /// waiting for them is bounded.
-    fn wait_for_readers(db: &Arc<Database>) {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Arc::strong_count(db) > 1 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Closes and re-opens the file. Readers hold the database only for one
-    /// short transaction, so waiting for them is bounded.
-    pub(super) fn reopen(&self) -> Result<(), OutboxError> {
-        let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(old) = old {
-            Self::wait_for_readers(&old);
-        }
-        let db = Self::create(&self.path, self.cache_bytes)?;
-        *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
-        tracing::info!(path = %self.path.display(), "outbox database re-opened");
-        Ok(())
-    }
-}
-
 /// Reads what the writer reads at start-up.
-fn probe(db: &Database) -> Result<(), redb::Error> {
+pub(super) fn probe(db: &Database) -> Result<(), redb::Error> {
     use crate::redb_file::probe_table;
     let txn = db.begin_read()?;
     probe_table(&txn, PENDING)?;

@@ -19,6 +19,16 @@ fn config(dir: &Path) -> OutboxConfig {
     }
 }
 
+/// An outbox in a new temporary dir (kept while the first value lives),
+/// with `change` made to the default configuration.
+fn fresh(change: impl FnOnce(&mut OutboxConfig)) -> (tempfile::TempDir, Outbox) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    change(&mut config);
+    let outbox = Outbox::open(&config).unwrap();
+    (dir, outbox)
+}
+
 /// Appends `generating` of `task-0`..`task-{n-1}`; returns their numbers.
 async fn fill(outbox: &Outbox, n: usize) -> Vec<u64> {
     let mut seqs = Vec::new();
@@ -179,12 +189,9 @@ async fn a_damaged_task_store_is_set_aside_and_the_log_still_delivered() {
 
 #[tokio::test]
 async fn dead_letters_are_capped_by_count_and_bytes_oldest_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(&OutboxConfig {
-        max_dead_letters: 3,
-        ..config(dir.path())
-    })
-    .unwrap();
+    let (_dir, outbox) = fresh(|c| {
+        c.max_dead_letters = 3;
+    });
     let mut seqs = Vec::new();
     for i in 0..5 {
         let event = callback(&format!("d{i}"), "fail");
@@ -240,12 +247,9 @@ async fn dead_letters_are_capped_by_count_and_bytes_oldest_first() {
 /// and is never requeued cut.
 #[tokio::test]
 async fn an_oversize_event_keeps_a_bounded_copy_and_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(&OutboxConfig {
-        dead_letter_keep_bytes: 1024,
-        ..config(dir.path())
-    })
-    .unwrap();
+    let (_dir, outbox) = fresh(|c| {
+        c.dead_letter_keep_bytes = 1024;
+    });
     let body = format!(
         r#"{{"taskId":"big","state":"success","output":[{{"url":"https://x/{}"}}]}}"#,
         "v".repeat(5000)
@@ -322,4 +326,37 @@ async fn the_segment_being_written_is_emptied_once_nothing_is_pending() {
         other => panic!("{other:?}"),
     }
     outbox.close().await;
+}
+
+/// A dropped outbox (its start failed further on, say) is not left
+/// running: the writer commits what was queued and is joined, so the data
+/// dir opens again at once, with what was accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_the_last_handle_joins_the_writer_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&config(dir.path())).unwrap();
+    fill(&outbox, 3).await;
+    let stats = outbox.inner.stats.clone();
+    drop(outbox);
+    assert_eq!(
+        Arc::strong_count(&stats),
+        1,
+        "the writer thread has ended and let go of its share"
+    );
+    let again = Outbox::open(&config(dir.path())).expect("the data dir opens again at once");
+    assert_eq!(pending_tasks(&again), ["task-0", "task-1", "task-2"]);
+    again.close().await;
+}
+
+/// A panic in a blocking task of the outbox (the relay's read) is reported
+/// as a panic, with its message, never as "shutting down".
+#[tokio::test]
+async fn a_panicked_blocking_task_is_reported_as_a_panic() {
+    let failed = tokio::task::spawn_blocking(|| -> u64 { panic!("a bug in the read") })
+        .await
+        .map_err(OutboxError::from_join);
+    match failed {
+        Err(OutboxError::Panicked(message)) => assert_eq!(message, "a bug in the read"),
+        other => panic!("{other:?}"),
+    }
 }

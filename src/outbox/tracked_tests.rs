@@ -31,21 +31,31 @@ async fn stored(outbox: &Outbox, task: &str, state: &str) {
     );
 }
 
+/// Stores each group `(prefix, n, state)` in turn: `state` for the tasks
+/// `{prefix}_00`.. (`n` of them).
+async fn stored_groups(outbox: &Outbox, groups: &[(&str, usize, &str)]) {
+    for (prefix, n, state) in groups {
+        for i in 0..*n {
+            stored(outbox, &format!("{prefix}_{i:02}"), state).await;
+        }
+    }
+}
+
 /// At the cap a new task is stored, never refused; the records that go
 /// are those of finished tasks, oldest first, counted.
 #[tokio::test]
 async fn at_the_cap_new_tasks_are_stored_and_finished_records_go_first() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = open(dir.path(), |c| c.max_tracked_tasks = 20);
-    for i in 0..10 {
-        stored(&outbox, &format!("done_{i:02}"), "success").await;
-    }
-    for i in 0..10 {
-        stored(&outbox, &format!("live_{i:02}"), "generating").await;
-    }
-    for i in 0..30 {
-        stored(&outbox, &format!("new_{i:02}"), "generating").await;
-    }
+    stored_groups(
+        &outbox,
+        &[
+            ("done", 10, "success"),
+            ("live", 10, "generating"),
+            ("new", 30, "generating"),
+        ],
+    )
+    .await;
     let stats = outbox.stats();
     let status = outbox.status().unwrap();
     assert!(status.tasks_tracked <= 20, "{}", status.tasks_tracked);
@@ -65,15 +75,15 @@ async fn at_the_cap_new_tasks_are_stored_and_finished_records_go_first() {
 async fn unfinished_records_stay_while_finished_ones_can_go() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = open(dir.path(), |c| c.max_tracked_tasks = 100);
-    for i in 0..60 {
-        stored(&outbox, &format!("a_done_{i:02}"), "fail").await;
-    }
-    for i in 0..40 {
-        stored(&outbox, &format!("b_live_{i:02}"), "waiting").await;
-    }
-    for i in 0..20 {
-        stored(&outbox, &format!("c_new_{i:02}"), "success").await;
-    }
+    stored_groups(
+        &outbox,
+        &[
+            ("a_done", 60, "fail"),
+            ("b_live", 40, "waiting"),
+            ("c_new", 20, "success"),
+        ],
+    )
+    .await;
     let stats = outbox.stats();
     assert_eq!(stats.evicted_unfinished.load(Ordering::Relaxed), 0);
     assert!(stats.evicted_finished.load(Ordering::Relaxed) >= 20);

@@ -55,6 +55,29 @@ impl Publisher for Scripted {
     }
 }
 
+/// An outbox in a new temporary dir (kept while the first value lives)
+/// whose relay tries a refused event `attempts` times, waiting from
+/// `initial_ms` up to `max_ms` in between.
+fn retrying(attempts: u32, initial_ms: u64, max_ms: u64) -> (tempfile::TempDir, Outbox) {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = outbox(
+        dir.path(),
+        OutboxConfig {
+            refusal_attempts: attempts,
+            retry_initial_ms: initial_ms,
+            retry_max_ms: max_ms,
+            ..OutboxConfig::default()
+        },
+    );
+    (dir, outbox)
+}
+
+/// A relay of `outbox` to a [`Scripted`] publisher, and the publisher.
+fn scripted_relay(outbox: &Outbox) -> (Arc<Scripted>, Relay) {
+    let publisher = Arc::new(Scripted::default());
+    (publisher.clone(), Relay::new(outbox.clone(), publisher))
+}
+
 fn outbox(dir: &std::path::Path, config: OutboxConfig) -> Outbox {
     Outbox::open(&OutboxConfig {
         data_dir: dir.to_path_buf(),
@@ -106,8 +129,7 @@ async fn a_batch_is_bounded_in_bytes_and_one_larger_event_goes_alone() {
             ..OutboxConfig::default()
         },
     );
-    let publisher = Arc::new(Scripted::default());
-    let mut relay = Relay::new(outbox.clone(), publisher.clone());
+    let (_, mut relay) = scripted_relay(&outbox);
     for _ in 0..3 {
         assert_eq!(relay.run_once().await.unwrap().published, 2);
     }
@@ -117,22 +139,12 @@ async fn a_batch_is_bounded_in_bytes_and_one_larger_event_goes_alone() {
 
 #[tokio::test]
 async fn a_refused_event_waits_alone_and_becomes_a_dead_letter_after_its_attempts() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = outbox(
-        dir.path(),
-        OutboxConfig {
-            refusal_attempts: 3,
-            retry_initial_ms: 1,
-            retry_max_ms: 2,
-            ..OutboxConfig::default()
-        },
-    );
+    let (_dir, outbox) = retrying(3, 1, 2);
     append(&outbox, "bad-1", 10).await;
     for n in 0..5 {
         append(&outbox, &format!("good-{n}"), 10).await;
     }
-    let publisher = Arc::new(Scripted::default());
-    let mut relay = Relay::new(outbox.clone(), publisher.clone());
+    let (publisher, mut relay) = scripted_relay(&outbox);
 
     let first = relay.run_once().await.unwrap();
     assert_eq!((first.published, first.refused), (5, 1), "{first:?}");
@@ -179,23 +191,13 @@ async fn a_refused_event_waits_alone_and_becomes_a_dead_letter_after_its_attempt
 /// A held event keeps its task's later events back: per-task order holds.
 #[tokio::test]
 async fn a_held_event_keeps_its_tasks_later_events_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = outbox(
-        dir.path(),
-        OutboxConfig {
-            refusal_attempts: 1000,
-            retry_initial_ms: 60_000,
-            retry_max_ms: 60_000,
-            ..OutboxConfig::default()
-        },
-    );
+    let (_dir, outbox) = retrying(1000, 60_000, 60_000);
     let generating = r#"{"taskId":"bad-order","state":"generating"}"#;
     let event = parse(generating.as_bytes(), Source::Webhook, 1).unwrap();
     outbox.append(event).await.unwrap();
     append(&outbox, "bad-order", 10).await;
     append(&outbox, "other", 10).await;
-    let publisher = Arc::new(Scripted::default());
-    let mut relay = Relay::new(outbox.clone(), publisher.clone());
+    let (publisher, mut relay) = scripted_relay(&outbox);
     relay.run_once().await.unwrap();
     relay.run_once().await.unwrap();
     let sent: Vec<Vec<String>> = crate::sync::lock(&publisher.batches).clone();

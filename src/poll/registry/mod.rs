@@ -25,7 +25,7 @@
 //!   to the verifier as [`Unreadable`] to be buried, never skipped.
 //! - A registration that cannot be read is handed to the reconciler as
 //!   [`UnreadableTask`] to be buried, and the webhook fails closed on it.
-//! - After an I/O error the database is re-opened (`cell.rs`).
+//! - After an I/O error the database is re-opened (`cell.rs`, on `crate::db::Cell`).
 //!
 //! Every method blocks on disk I/O: async callers go through
 //! [`Registry::blocking`].
@@ -127,6 +127,10 @@ pub enum RegistryError {
     Reopening,
     #[error("unreadable {0}")]
     Unreadable(String),
+    /// A blocking task panicked (a bug): reported as such, never as
+    /// "shutting down".
+    #[error("a task registry task panicked: {0}")]
+    Panicked(String),
     /// A shared transaction failed (the group commit of held callbacks):
     /// every caller in it gets this copy of the error.
     #[error("task registry database: {0}")]
@@ -144,7 +148,7 @@ impl RegistryError {
     }
 }
 
-crate::redb_errors!(
+crate::db::redb_errors!(
     RegistryError:
     redb::DatabaseError,
     redb::TransactionError,
@@ -212,7 +216,7 @@ fn write(db: &Database, durable: bool) -> Result<redb::WriteTransaction, Registr
 /// instance's file (`hookbridge outbox inspect`).
 pub fn sizes(db: &redb::ReadOnlyDatabase) -> Result<(u64, u64), redb::Error> {
     let txn = db.begin_read()?;
-    use crate::outbox::inspect::table_len;
+    use crate::db::table_len;
     Ok((table_len(&txn, TASKS)?, table_len(&txn, HELD)?))
 }
 
@@ -303,7 +307,10 @@ impl Registry {
         let this = self.clone();
         tokio::task::spawn_blocking(move || f(&this))
             .await
-            .map_err(|_| RegistryError::Closed)?
+            .map_err(|e| match e.try_into_panic() {
+                Ok(panic) => RegistryError::Panicked(crate::sync::panic_message(&*panic)),
+                Err(_) => RegistryError::Closed,
+            })?
     }
 
     /// Registers a task unless it already is; returns the registration in

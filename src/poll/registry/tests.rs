@@ -262,22 +262,27 @@ fn held_callbacks_are_taken_round_robin_across_addresses() {
     assert_eq!(ids, ["real", "forged_0", "forged_1", "forged_2"]);
 }
 
+/// Writes `entries` into the held table of a new `tasks.redb` in `dir`, as
+/// an earlier version or a damaged file would have them.
+fn write_held(dir: &Path, entries: &[(u64, &[u8])]) {
+    let db = Database::create(dir.join("tasks.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut held = txn.open_table(HELD).unwrap();
+        for (seq, bytes) in entries {
+            held.insert(*seq, *bytes).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
 /// Entries stored by earlier versions (the whole callback) still verify.
 #[test]
 fn held_entries_of_earlier_versions_are_read() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let db = Database::create(dir.path().join("tasks.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut held = txn.open_table(HELD).unwrap();
-            let old = serde_json::json!({"event": callback("task_old", "success"),
-                "attempts": 2, "nextAt": 7});
-            held.insert(4, serde_json::to_vec(&old).unwrap().as_slice())
-                .unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    let old = serde_json::json!({"event": callback("task_old", "success"),
+        "attempts": 2, "nextAt": 7});
+    write_held(dir.path(), &[(4, &serde_json::to_vec(&old).unwrap())]);
     let registry = open(dir.path());
     let due = registry.held_due(10, 10).unwrap();
     assert_eq!(due.held.len(), 1);
@@ -294,16 +299,7 @@ fn held_entries_of_earlier_versions_are_read() {
 #[test]
 fn unreadable_held_entries_are_reported_not_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let db = Database::create(dir.path().join("tasks.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut held = txn.open_table(HELD).unwrap();
-            held.insert(7, b"\xffnot json".as_slice()).unwrap();
-            held.insert(8, br#"{"event": 1}"#.as_slice()).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    write_held(dir.path(), &[(7, b"\xffnot json"), (8, br#"{"event": 1}"#)]);
     let registry = open(dir.path());
     assert_eq!(registry.next_held().unwrap(), Some(0), "due at once");
     let due = registry.held_due(1, 10).unwrap();
@@ -446,4 +442,49 @@ fn concurrent_holds_are_committed_together_and_each_answered() {
         .count();
     assert_eq!(duplicates, 16);
     assert_eq!(registry.counts().unwrap(), (0, 16));
+}
+
+/// A panic in a blocking call is reported as a panic, with its message,
+/// never as "shutting down".
+#[tokio::test]
+async fn a_panicking_blocking_call_is_reported_as_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    let failed = registry
+        .blocking(|_| -> Result<(), RegistryError> { panic!("a bug in the call") })
+        .await;
+    match failed {
+        Err(RegistryError::Panicked(message)) => assert_eq!(message, "a bug in the call"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        registry.blocking(|r| r.counts()).await.is_ok(),
+        "usable after"
+    );
+}
+
+/// A registry that cannot be read answers its counts with the error, never
+/// with 0 (what /readyz and /admin/status show), and counts again once the
+/// database is re-opened.
+#[test]
+fn counts_of_a_broken_database_are_an_error_not_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = open(dir.path());
+    registry.register("t1", registration(1, 2)).unwrap();
+    registry.db.break_now();
+    assert!(
+        matches!(registry.counts(), Err(RegistryError::Reopening)),
+        "{:?}",
+        registry.counts()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let counts = loop {
+        match registry.counts() {
+            Err(RegistryError::Reopening) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(counts.unwrap(), (1, 0));
 }
