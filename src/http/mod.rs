@@ -30,6 +30,7 @@ use crate::secret::Secret;
 mod admin;
 mod clients;
 mod error;
+pub mod metrics;
 pub mod ready;
 mod serve;
 mod tasks;
@@ -190,7 +191,7 @@ pub fn admin_router(state: AppState, config: &Config) -> Router {
         .route("/admin/dead-letters/{seq}", get(admin::dead_letter))
         .route("/admin/dead-letters/requeue", post(admin::requeue))
         .route("/admin/rejected", get(admin::rejected))
-        .route("/metrics", get(crate::metrics::serve))
+        .route("/metrics", get(metrics::serve))
         .route_layer(middleware::from_fn_with_state(guard, admin::guard))
         // Outside the guard: a kubelet probe can send neither a token nor a
         // Host the guard knows, and readiness reveals nothing an operator
