@@ -1,6 +1,6 @@
 use super::*;
 use crate::config::{KafkaConfig, NatsConfig};
-use crate::event::{parse, Source};
+use crate::event::{parse, Source, TaskEvent};
 
 fn event(model: &str) -> TaskEvent {
     let body = serde_json::json!({
