@@ -96,6 +96,10 @@ impl App {
                 &config.server,
                 outbox.stats().clone(),
             )),
+            rejected: Arc::new(crate::http::RejectedBodies::new(
+                config.outbox.keep_rejected,
+                outbox.stats().clone(),
+            )),
         });
         let settings = (config.reconcile.clone(), config.provider.max_in_flight);
         let has_client = tasks.client.is_some();

@@ -233,14 +233,13 @@ pub async fn rejected(
     State(state): State<AppState>,
     Query(q): Query<Limit>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "rejected": state.outbox.rejected(q.get()?) })))
+    Ok(Json(json!({ "rejected": state.rejected.newest(q.get()?) })))
 }
 
 /// The state of the routers under test (file publisher, no tokens).
 #[cfg(test)]
 pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbox) -> AppState {
     AppState::from(super::Shared {
-        outbox,
         publisher_name: "file",
         body_limit: 1024,
         admin_token: None,
@@ -248,6 +247,11 @@ pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbo
         tasks: crate::poll::Tasks::open(config).unwrap(),
         health: Default::default(),
         clients: Arc::new(super::Clients::new(&config.server, Default::default())),
+        rejected: Arc::new(super::RejectedBodies::new(
+            config.outbox.keep_rejected,
+            outbox.stats().clone(),
+        )),
+        outbox,
     })
 }
 

@@ -32,6 +32,7 @@ mod clients;
 mod error;
 pub mod metrics;
 pub mod ready;
+mod rejected;
 mod serve;
 mod tasks;
 mod tls;
@@ -40,6 +41,7 @@ mod webhook;
 pub use admin::{constant_time_eq, AdminGuard};
 pub use clients::{ClientInfo, Clients, TopClients};
 pub use error::ApiError;
+pub use rejected::{Rejected, RejectedBodies};
 pub use serve::{serve, Limits};
 pub use tls::{Tls, TlsError};
 
@@ -77,6 +79,8 @@ pub struct Shared {
     pub health: std::sync::Arc<crate::supervise::Health>,
     /// The public listener's client bookkeeping (penalties, top addresses).
     pub clients: Arc<Clients>,
+    /// The rejected bodies kept for `/admin/rejected`.
+    pub rejected: Arc<RejectedBodies>,
 }
 
 /// What the HTTP side needs besides the public listener: the bound admin
@@ -168,7 +172,7 @@ pub fn public(state: AppState, config: &Config) -> Router {
         timeout: Duration::from_millis(config.server.body_timeout_ms),
         min_rate: config.server.min_body_bytes_per_sec,
         limit: config.server.body_limit_bytes,
-        rejects: Some(state.outbox.clone()),
+        rejects: Some(state.rejected.clone()),
     };
     let clients = state.clients.clone();
     router(state)
@@ -209,7 +213,7 @@ struct BodyDeadline {
     min_rate: u64,
     limit: usize,
     /// Where an oversized body is counted as rejected (public listener).
-    rejects: Option<Outbox>,
+    rejects: Option<Arc<RejectedBodies>>,
 }
 
 /// How long a body may take before `min_body_bytes_per_sec` applies.
@@ -259,9 +263,13 @@ impl BodyDeadline {
     }
 
     fn too_large(&self) -> Response {
-        if let Some(outbox) = &self.rejects {
-            outbox.reject(b"", "body over the size limit (not kept)");
-            outbox.stats().metrics.rejected(Reject::TooLarge);
+        if let Some(rejects) = &self.rejects {
+            rejects.keep(
+                Reject::TooLarge,
+                "other",
+                b"",
+                "body over the size limit (not kept)",
+            );
         }
         close(ApiError::TooLarge(self.limit).into_response())
     }
