@@ -159,8 +159,7 @@ impl App {
             .cluster
             .as_ref()
             .map(|c| (c.drain, self.state.health.clone()));
-        let served = self
-            .edge
+        self.edge
             .serve(self.listener, self.state, async move {
                 tokio::select! {
                     _ = shutdown => {
@@ -178,7 +177,6 @@ impl App {
         let supervised = supervisor.shutdown().await;
         // Only now is the data dir free for the next start.
         self.outbox.close().await;
-        served.context("http server failed")?;
         supervised.context("hookbridge stopped")
     }
 

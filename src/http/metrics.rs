@@ -66,75 +66,80 @@ fn counters(r: &mut Registry, stats: &Stats, poll: &PollStats) {
         (
             "hookbridge_events_accepted",
             "Callbacks stored durably for publishing (conflicts included)",
-            &stats.accepted,
+            load(&stats.accepted),
         ),
         (
             "hookbridge_events_duplicate",
             "Callbacks answered 200 as a repeat of an accepted (taskId, state)",
-            &stats.duplicates,
+            load(&stats.duplicates),
         ),
         (
             "hookbridge_events_stale",
             "Callbacks answered 200 but not published: the task had reached a later state",
-            &stats.stale,
+            load(&stats.stale),
         ),
         (
             "hookbridge_events_conflict",
             "Terminal states after another terminal state, published with conflictsWith",
-            &stats.conflicts,
+            load(&stats.conflicts),
         ),
         (
             "hookbridge_client_penalties",
             "Client addresses put in penalty for spending their refusal budget",
-            &stats.penalties,
+            load(&stats.penalties),
         ),
         (
             "hookbridge_storage_errors",
             "Outbox commits that failed (their requests were refused)",
-            &stats.storage_errors,
+            load(&stats.storage_errors),
         ),
         (
             "hookbridge_dead_letters_dropped",
             "Oldest dead letters deleted at outbox.max_dead_letters or max_dead_letter_bytes",
-            &stats.dead_dropped,
+            load(&stats.dead_dropped),
         ),
         (
             "hookbridge_log_damaged_ranges",
             "Damaged ranges of the pending log found at start (skipped, kept as dead letters)",
-            &stats.log_damaged_ranges,
+            load(&stats.log_damaged_ranges),
         ),
         (
             "hookbridge_log_damaged_bytes",
             "Bytes in those damaged ranges",
-            &stats.log_damaged_bytes,
+            load(&stats.log_damaged_bytes),
         ),
         (
             "hookbridge_log_torn_bytes",
             "Bytes of a torn final write (never answered) cut from the pending log at start",
-            &stats.log_torn_bytes,
+            load(&stats.log_torn_bytes),
         ),
         (
             "hookbridge_storage_files_set_aside",
             "Damaged database files (outbox.redb, tasks.redb) set aside at start for fresh ones",
-            &stats.stores_set_aside,
+            load(&stats.stores_set_aside),
         ),
         (
             "hookbridge_provider_polls",
             "Status requests sent to the provider (each attempt)",
-            &poll.polls,
+            load(&poll.polls),
         ),
         (
             "hookbridge_provider_poll_errors",
             "Status requests that failed: 429, 5xx, network, timeout, unreadable",
-            &poll.poll_errors,
+            load(&poll.poll_errors),
         ),
         (
             "hookbridge_provider_auth_failures",
             "401/403 answers of the provider that halted polling and verification",
-            &poll.auth_failures,
+            load(&poll.auth_failures),
+        ),
+        (
+            "hookbridge_tls_reload_failures",
+            "TLS certificate reloads that failed (the current certificate was kept)",
+            stats.metrics.tls_reload_failures(),
         ),
     ] {
-        r.register(name, help, ConstCounter::new(load(value)));
+        r.register(name, help, ConstCounter::new(value));
     }
 }
 
@@ -374,7 +379,7 @@ mod tests {
         let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
         let names: std::collections::BTreeSet<&str> =
             scrape.samples.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(names.len(), 48, "{names:#?}");
+        assert_eq!(names.len(), 49, "{names:#?}");
         for name in &names {
             assert!(name.starts_with("hookbridge_"), "{name}");
             let family = ["_count", "_sum"]

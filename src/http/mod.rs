@@ -119,20 +119,25 @@ impl Edge {
 
     /// Serves the public routes on `public` and the admin routes on the
     /// admin listener until `shutdown`, then stops both (see [`serve()`]).
+    /// Nothing here fails: a failed accept is logged and retried, a failed
+    /// certificate reload logged and counted.
     pub async fn serve(
         self,
         public: TcpListener,
         state: AppState,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    ) {
         let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
         let server = &self.config.server;
+        let tls = self
+            .tls
+            .map(|tls| tls.counting_in(state.outbox.stats().clone()));
         tokio::join!(
             serve(
                 public,
                 self::public(state.clone(), &self.config),
                 Limits::public(server),
-                self.tls,
+                tls,
                 Some(state.clients.clone()),
                 shutdown.clone(),
             ),
@@ -145,7 +150,6 @@ impl Edge {
                 shutdown,
             ),
         );
-        Ok(())
     }
 }
 

@@ -415,6 +415,18 @@ async fn tls_serves_rejects_plaintext_and_reloads_the_certificate() {
         https_get(port, &new_ca).await.is_err(),
         "not yet the new certificate"
     );
+    // A certificate that cannot be used is logged and counted; the current
+    // one is still served.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    eventually(WAIT, "the failed reload to be counted", || async {
+        let scrape = app.admin.get("/metrics").await.1;
+        let text = scrape.as_str().unwrap_or_default().to_string();
+        (!text.contains("hookbridge_tls_reload_failures_total 0\n")
+            && text.contains("hookbridge_tls_reload_failures_total "))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(https_get(port, &ca).await, Ok(StatusCode::OK));
     std::fs::write(&key, &key_pem).unwrap();
     std::fs::write(&cert, &cert_pem).unwrap();
     eventually(WAIT, "the new certificate to be served", || {
