@@ -159,10 +159,17 @@ where
 pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     blocking(move || {
         let status = state.outbox.status()?;
+        let mut poll = state.tasks.status();
+        if let Err(e) = state.tasks.registry.counts() {
+            // Not 0: the registry cannot say (a broken `tasks.redb`).
+            poll["activeTasks"] = Value::Null;
+            poll["awaitingVerification"] = Value::Null;
+            poll["registryError"] = json!(e.to_string());
+        }
         Ok::<_, crate::outbox::OutboxError>(Json(json!({
             "publisher": state.publisher_name,
             "outbox": status,
-            "poll": state.tasks.status(),
+            "poll": poll,
             "clients": state.clients.top(TOP_CLIENTS),
         })))
     })

@@ -694,7 +694,9 @@ struct Connection {
 
 impl Connection {
     async fn run(mut self, stream: TcpStream) {
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY; serving without it");
+        }
         let state = self.service.state.clone();
         let peer = self.service.peer;
         let stream = Linger::new(stream, state.clone(), self.linger_bytes);
