@@ -883,4 +883,6 @@ fn wrong_type(field: String, expected: &'static str, found: &Member) -> ParseErr
 #[cfg(test)]
 mod props;
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;
