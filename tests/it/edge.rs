@@ -4,12 +4,11 @@
 //! in count and time; the tests assert answers, the bench measures times.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hookbridge::config::{Config, FileConfig, PublisherConfig, Secret, TlsConfig};
+use hookbridge::config::{Config, Secret, TlsConfig};
 use http_body_util::Full;
 use hyper::StatusCode;
 use hyper_util::client::legacy::Client;
@@ -18,21 +17,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::nats::jetstream_publisher;
-use crate::support::app::{config, free_port, temp_dir, ChildApp, Http, TestApp};
+use crate::support::app::{config, file_config, free_port, temp_dir, ChildApp, Http, TestApp};
 use crate::support::{brokers, callbacks, eventually, nats, unique};
 
 /// Upper bound of every wait here: generous, only there so nothing hangs.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn file_config(dir: &Path) -> Config {
-    config(
-        dir,
-        PublisherConfig::File(FileConfig {
-            path: dir.join("events.jsonl").display().to_string(),
-            fsync: false,
-        }),
-    )
-}
 
 /// Whether the server closes `stream` (EOF or reset) within `WAIT`,
 /// returning what it sent first.

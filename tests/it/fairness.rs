@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hookbridge::config::{Config, FileConfig, ForwardedHeader, PublisherConfig, StreamConfig};
+use hookbridge::config::{Config, ForwardedHeader, StreamConfig};
 use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -38,13 +38,7 @@ fn edge_defaults(mut config: Config) -> Config {
 }
 
 fn file_config(dir: &Path) -> Config {
-    edge_defaults(config(
-        dir,
-        PublisherConfig::File(FileConfig {
-            path: dir.join("events.jsonl").display().to_string(),
-            fsync: false,
-        }),
-    ))
+    edge_defaults(crate::support::app::file_config(dir))
 }
 
 /// A JetStream stream of its own and a config publishing to it.

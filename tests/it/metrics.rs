@@ -6,14 +6,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use hookbridge::config::{Config, FileConfig, PublisherConfig};
 use hyper::StatusCode;
 use prometheus_parse::{Sample, Scrape, Value as Metric};
 use serde_json::{json, Value};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::kafka::kafka_publisher;
-use crate::support::app::{config, temp_dir, Http, TestApp};
+use crate::support::app::{config, file_config, temp_dir, Http, TestApp};
 use crate::support::{brokers, callbacks, eventually, kafka, unique};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
@@ -245,14 +244,6 @@ async fn with_an_admin_token_a_scrape_needs_it() {
     );
     Scraped::from(&app.admin).await;
     app.stop().await;
-}
-
-fn file_config(dir: &std::path::Path) -> Config {
-    let path = dir.join("events.jsonl").display().to_string();
-    config(
-        dir,
-        PublisherConfig::File(FileConfig { path, fsync: false }),
-    )
 }
 
 /// Every `hookbridge_*` name in a PromQL expression, histogram suffixes

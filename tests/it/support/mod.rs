@@ -2,8 +2,10 @@
 //! what actually arrived on them.
 
 pub mod app;
+pub mod bin;
 pub mod brokers;
 pub mod callbacks;
+pub mod faults;
 pub mod kafka;
 pub mod nats;
 pub mod sim;
