@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::nats::jetstream_publisher;
 use crate::support::app::{config, free_port, temp_dir, ChildApp, TestApp};
 use crate::support::faults::{Faults, Faulty};
-use crate::support::{brokers, callbacks, eventually, nats, unique};
+use crate::support::{brokers, callbacks, eventually, ms, nats, secs, unique};
 
 const TOKEN: &str = "an-operator-token-for-the-cli";
 
@@ -191,7 +191,7 @@ async fn dead_letters_are_listed_shown_exported_and_requeued_to_the_broker() {
     refusing.faults.accept_all();
     let out = ok(&["dead-letters", "requeue", &seqs[0], "--admin", admin]).await;
     assert_eq!(out.trim(), "requeued 1");
-    let stored = nats::read_stream(&url, &stream, 1, Duration::from_secs(30), Duration::ZERO).await;
+    let stored = nats::read_stream(&url, &stream, 1, secs(30), Duration::ZERO).await;
     assert_eq!(stored[0].value["taskId"], tasks[0].as_str());
     let out = hookbridge(
         &["dead-letters", "requeue", "987654", "--admin", admin],
@@ -211,14 +211,7 @@ async fn dead_letters_are_listed_shown_exported_and_requeued_to_the_broker() {
         .await,
     );
     assert_eq!(answer["requeued"], 2);
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        3,
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, 3, secs(30), ms(500)).await;
     let mut arrived: Vec<String> = stored
         .iter()
         .map(|s| s.value["taskId"].as_str().unwrap().to_string())

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 
 use crate::nats::jetstream_publisher;
 use crate::support::app::{config, file_config, free_port, temp_dir, ChildApp, Http, TestApp};
-use crate::support::{brokers, callbacks, eventually, nats, unique};
+use crate::support::{brokers, callbacks, eventually, nats, secs, unique};
 
 /// Upper bound of every wait here: generous, only there so nothing hangs.
 const WAIT: Duration = Duration::from_secs(30);
@@ -213,7 +213,7 @@ async fn junk_flood_does_not_cost_a_good_callback() {
     }
     assert_eq!(refused, JUNK);
 
-    let stored = nats::read_stream(&url, &stream, GOOD as u64, WAIT, Duration::from_secs(1)).await;
+    let stored = nats::read_stream(&url, &stream, GOOD as u64, WAIT, secs(1)).await;
     assert_eq!(stored.len(), GOOD, "each good callback once");
     let counters = app.outbox.status().unwrap().counters;
     assert_eq!(counters["rejected"], JUNK as u64);

@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::support::app::{config, temp_dir, TestApp};
 use crate::support::brokers::PrivateBroker;
 use crate::support::faults::Faults;
-use crate::support::{nats, unique};
+use crate::support::{nats, secs, unique};
 
 /// A small tmpfs, unmounted on drop. Mounting needs root (or
 /// CAP_SYS_ADMIN), which the project's test machines and CI have.
@@ -135,8 +135,8 @@ async fn full_disk_answers_503_never_200_and_recovers_when_space_returns() {
         &broker.nats_url(),
         &stream,
         accepted.len() as u64,
-        Duration::from_secs(60),
-        Duration::from_secs(1),
+        secs(60),
+        secs(1),
     )
     .await;
     let seen: Vec<String> = stored

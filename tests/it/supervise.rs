@@ -24,7 +24,7 @@ use crate::kafka::kafka_publisher;
 use crate::nats::jetstream_publisher;
 use crate::support::app::{config, file_config, temp_dir, Http, TestApp};
 use crate::support::faults::Faults;
-use crate::support::{brokers, callbacks, eventually, kafka, nats, unique};
+use crate::support::{brokers, callbacks, eventually, kafka, nats, secs, unique};
 
 /// What [`Faulty`] does to the chosen task's events.
 #[derive(Clone, Copy, Debug)]
@@ -179,9 +179,7 @@ fn poison(run: &str) -> [(String, Fault); 2] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encoding_fault_dead_letters_one_event_and_the_next_100_reach_kafka_in_order() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("poison");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("poison", 1).await;
     let run = unique("task");
     let faults = poison(&run);
     let faults: Vec<(&str, Fault)> = faults.iter().map(|(t, f)| (t.as_str(), *f)).collect();
@@ -194,14 +192,7 @@ async fn an_encoding_fault_dead_letters_one_event_and_the_next_100_reach_kafka_i
     .await;
 
     let good = poison_then_hundred(&app, &run).await;
-    let records = kafka::consume(
-        &bootstrap,
-        &topic,
-        100,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let records = kafka::consume(&bootstrap, &topic, 100, secs(60), secs(2)).await;
     let got: Vec<(String, String)> = records
         .iter()
         .map(|r| (r.key.clone(), r.state().to_string()))
@@ -227,14 +218,7 @@ async fn an_encoding_fault_dead_letters_one_event_and_the_next_100_reach_jetstre
     .await;
 
     let good = poison_then_hundred(&app, &run).await;
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        100,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, 100, secs(60), secs(2)).await;
     let got: Vec<(String, String)> = stored
         .iter()
         .map(|m| {
@@ -319,14 +303,7 @@ async fn a_panicking_relay_is_restarted_readyz_goes_503_and_back_and_nothing_is_
     .await;
 
     app.drained(Duration::from_secs(60)).await;
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        tasks.len() as u64,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, tasks.len() as u64, secs(60), secs(2)).await;
     let mut got: Vec<&str> = stored
         .iter()
         .map(|m| m.value["taskId"].as_str().unwrap())

@@ -13,6 +13,16 @@ pub mod sim;
 use std::future::Future;
 use std::time::Duration;
 
+/// `n` seconds: short enough to keep a broker read on one line.
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// `n` milliseconds (see [`secs`]).
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
 /// A random lowercase suffix so each test owns its topics, subjects and streams.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
