@@ -37,7 +37,7 @@ impl Reject {
 }
 
 /// Why the relay dead-lettered an entry (`hookbridge_events_dead_lettered_total`;
-/// the provider side's classes come from [`PollStats`]).
+/// the provider side's classes come from the poller's `PollStats`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dead {
     /// The stored bytes do not decode.
