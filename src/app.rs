@@ -96,6 +96,10 @@ impl App {
                 &config.server,
                 outbox.stats().clone(),
             )),
+            rejected: Arc::new(crate::http::RejectedBodies::new(
+                config.outbox.keep_rejected,
+                outbox.stats().clone(),
+            )),
         });
         let settings = (config.reconcile.clone(), config.provider.max_in_flight);
         let has_client = tasks.client.is_some();
@@ -155,8 +159,7 @@ impl App {
             .cluster
             .as_ref()
             .map(|c| (c.drain, self.state.health.clone()));
-        let served = self
-            .edge
+        self.edge
             .serve(self.listener, self.state, async move {
                 tokio::select! {
                     _ = shutdown => {
@@ -174,7 +177,6 @@ impl App {
         let supervised = supervisor.shutdown().await;
         // Only now is the data dir free for the next start.
         self.outbox.close().await;
-        served.context("http server failed")?;
         supervised.context("hookbridge stopped")
     }
 

@@ -6,11 +6,13 @@
 //! ```text
 //! provider --POST /webhooks/kinovi--> http::serve (slots, TLS) -> http::Clients
 //!                                     (refusal budget) -> http::webhook
-//!     event::parse        any documented payload shape -> TaskEvent (pure)
-//!     outbox::append      dedup + state guard, then one record in the pending
-//!                         log: one write + fdatasync shared by concurrent
-//!                         requests (group commit); dedup records reach the
-//!                         task store (redb) in bulk, off the request path
+//!     event::parse        any documented payload shape -> TaskEvent (pure);
+//!                         a refused body -> http's rejected ring (in memory)
+//!     outbox::append      dedup + state guard, then one record (the event and
+//!                         its event::EventMeta) in the pending log: one write
+//!                         + fdatasync shared by concurrent requests (group
+//!                         commit); dedup records reach the task store (redb)
+//!                         in bulk, off the request path
 //!   <-- 200 {"message":"ok"}   only after that sync
 //! outbox::Relay            oldest first, one entry per task per batch
 //!     publish::Publisher   Kafka (key = taskId, acks=all, idempotent) |
@@ -21,6 +23,27 @@
 //!                          recordInfo, outbox::append (source=poll) or bury
 //! poll::Verifier           verify mode: held callbacks confirmed, then
 //!                          outbox::append, else outbox::bury
+//! ```
+//!
+//! # Where each part lives (imports point down, never in a loop)
+//!
+//! ```text
+//! app, main, cli     wiring: App::build/run; operator commands
+//! http               routers, serve (accept loop, slots, TLS), webhook, tasks,
+//!                    admin, ready (/readyz); http::metrics renders /metrics;
+//!                    http::rejected keeps rejected bodies for /admin/rejected
+//! supervise          restarts the background workers, feeds /readyz
+//! poll, cluster      provider client, task registry, reconciler, verifier;
+//!                    replicas as one bridge
+//! outbox             pending log, writer (dedup, group commit), store, relay
+//! config             layering, validation; maps publish's (key, reason) errors
+//! publish            Publisher + kafka, nats, file; publish::config (its
+//!                    settings) and publish::names (topic/subject checks)
+//! event              parser, TaskEvent (pure); event::meta: EventMeta, what a
+//!                    log record stores beside the event's JSON
+//! bottom floor       clock (now_ms), sync (lock, panic_message), secret
+//! (no crate import)  (Secret, mask_url), db (redb errors, table_len, the
+//!                    re-openable redb cell), metrics (the instruments)
 //! ```
 //!
 //! # The guarantees, and where each lives
@@ -53,7 +76,7 @@
 //!   time-limited and parsed strictly within stated bounds (times, nesting
 //!   depth, repeated keys, task id characters); a bad one gets a 4xx JSON
 //!   error naming the field and is kept, cut and capped, in memory for
-//!   `/admin/rejected`, never in the outbox. The public listener
+//!   `/admin/rejected` (http's ring), never in the outbox. The public listener
 //!   ([`http::Clients`]) never rate limits valid callbacks: it charges what
 //!   it refuses to the client's address (a penalty at accept once its
 //!   budget is spent), caps connections per address, evicts fairly, keeps

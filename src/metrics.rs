@@ -1,19 +1,16 @@
-//! `GET /metrics` (admin listener): the Prometheus text format (0.0.4).
+//! The instruments the data path updates for `/metrics`: labelled
+//! counters and histograms. Rendering and serving them is
+//! `crate::http::metrics`; this module imports nothing of the crate.
 //!
 //! Design, and why:
 //!
-//! - **No process-global recorder.** Each [`Outbox`] owns its [`Metrics`]
-//!   (inside its [`Stats`]), so every app in a process, like every test,
+//! - **No process-global recorder.** Each outbox owns its [`Metrics`]
+//!   (inside its `Stats`), so every app in a process, like every test,
 //!   counts only its own traffic and a scrape's values are exact.
-//! - **Counters are plain atomics** owned by the code that counts: the
-//!   existing [`Stats`] and [`PollStats`] (also shown by `/admin/status`,
-//!   so both agree), and the labelled ones here. Histograms are
-//!   `prometheus-client` histograms (fixed buckets of atomics, nothing to
-//!   drain). A scrape builds a fresh registry from them, adds the gauges
-//!   read at that moment (backlog, oldest age, tasks, readiness), and
-//!   encodes it: nothing is registered twice and nothing grows.
-//! - Reading the gauges touches redb, so [`serve`] renders on the blocking
-//!   pool, never on an async worker.
+//! - **Counters are plain atomics** owned by the code that counts (the
+//!   outbox's `Stats`, the poller's `PollStats`, and the labelled ones
+//!   here). Histograms are `prometheus-client` histograms (fixed buckets of
+//!   atomics, nothing to drain).
 //!
 //! Every series exists from the start (zero until something happens), so
 //! alert rules and dashboards never see a missing series.
@@ -21,19 +18,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use axum::extract::State;
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
-use prometheus_client::encoding::prometheus_text;
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
-
-use crate::http::{ApiError, AppState};
-use crate::outbox::Stats;
-use crate::poll::PollStats;
 
 /// Why a request body was rejected (`hookbridge_events_rejected_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +33,11 @@ pub enum Reject {
 
 impl Reject {
     /// The label values, in the variants' order.
-    const LABELS: [&'static str; 3] = ["too_large", "invalid", "bad_token"];
+    pub const LABELS: [&'static str; 3] = ["too_large", "invalid", "bad_token"];
 }
 
 /// Why the relay dead-lettered an entry (`hookbridge_events_dead_lettered_total`;
-/// the provider side's classes come from [`PollStats`]).
+/// the provider side's classes come from the poller's `PollStats`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dead {
     /// The stored bytes do not decode.
@@ -65,7 +50,7 @@ pub enum Dead {
 
 impl Dead {
     /// The label values, in the variants' order.
-    const LABELS: [&'static str; 3] = ["undecodable", "unencodable", "refused"];
+    pub const LABELS: [&'static str; 3] = ["undecodable", "unencodable", "refused"];
 }
 
 /// Latencies, from half a millisecond to ten seconds.
@@ -90,6 +75,8 @@ pub struct Metrics {
     /// Messages of a permanently refused batch sent again one by one.
     retried_alone: AtomicU64,
     dead: [AtomicU64; 3],
+    /// TLS certificate reloads that failed (the current one was kept).
+    tls_reload_failures: AtomicU64,
     answer: Histogram,
     group_commit: Histogram,
     fsync: Histogram,
@@ -103,6 +90,7 @@ impl Default for Metrics {
             rejected: Default::default(),
             retried_alone: AtomicU64::new(0),
             dead: Default::default(),
+            tls_reload_failures: AtomicU64::new(0),
             answer: Histogram::new(LATENCY),
             group_commit: Histogram::new(GROUP),
             fsync: Histogram::new(LATENCY),
@@ -178,353 +166,56 @@ impl Metrics {
                 .observe((now_ms - at).max(0) as f64 / 1000.0);
         }
     }
-}
 
-/// What a scrape reads besides the counters: the values that cost a redb
-/// read or a look at the workers.
-#[derive(Debug, Default, Clone)]
-pub struct Snapshot {
-    pub publisher: &'static str,
-    pub oldest_pending_age_ms: Option<i64>,
-    pub tracked_tasks: u64,
-    /// What their records cost (`outbox.max_tracked_bytes`).
-    pub tracked_bytes: u64,
-    pub registered_tasks: u64,
-    pub held_callbacks: u64,
-    /// What the held callbacks cost (`provider.max_held_bytes`).
-    pub held_bytes: u64,
-    pub ready: bool,
-}
-
-/// A counter family with one label.
-type Labelled = Family<[(&'static str, &'static str); 1], Counter>;
-
-/// The whole exposition: counters of `stats` and `poll`, the histograms,
-/// and the gauges of `now`.
-pub fn render(stats: &Stats, poll: &PollStats, now: &Snapshot) -> String {
-    let m = &stats.metrics;
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let mut registry = Registry::default();
-    let r = &mut registry;
-    for (name, help, value) in [
-        (
-            "hookbridge_events_accepted",
-            "Callbacks stored durably for publishing (conflicts included)",
-            &stats.accepted,
-        ),
-        (
-            "hookbridge_events_duplicate",
-            "Callbacks answered 200 as a repeat of an accepted (taskId, state)",
-            &stats.duplicates,
-        ),
-        (
-            "hookbridge_events_stale",
-            "Callbacks answered 200 but not published: the task had reached a later state",
-            &stats.stale,
-        ),
-        (
-            "hookbridge_events_conflict",
-            "Terminal states after another terminal state, published with conflictsWith",
-            &stats.conflicts,
-        ),
-        (
-            "hookbridge_client_penalties",
-            "Client addresses put in penalty for spending their refusal budget",
-            &stats.penalties,
-        ),
-        (
-            "hookbridge_storage_errors",
-            "Outbox commits that failed (their requests were refused)",
-            &stats.storage_errors,
-        ),
-        (
-            "hookbridge_dead_letters_dropped",
-            "Oldest dead letters deleted at outbox.max_dead_letters or max_dead_letter_bytes",
-            &stats.dead_dropped,
-        ),
-        (
-            "hookbridge_log_damaged_ranges",
-            "Damaged ranges of the pending log found at start (skipped, kept as dead letters)",
-            &stats.log_damaged_ranges,
-        ),
-        (
-            "hookbridge_log_damaged_bytes",
-            "Bytes in those damaged ranges",
-            &stats.log_damaged_bytes,
-        ),
-        (
-            "hookbridge_log_torn_bytes",
-            "Bytes of a torn final write (never answered) cut from the pending log at start",
-            &stats.log_torn_bytes,
-        ),
-        (
-            "hookbridge_storage_files_set_aside",
-            "Damaged database files (outbox.redb, tasks.redb) set aside at start for fresh ones",
-            &stats.stores_set_aside,
-        ),
-        (
-            "hookbridge_provider_polls",
-            "Status requests sent to the provider (each attempt)",
-            &poll.polls,
-        ),
-        (
-            "hookbridge_provider_poll_errors",
-            "Status requests that failed: 429, 5xx, network, timeout, unreadable",
-            &poll.poll_errors,
-        ),
-        (
-            "hookbridge_provider_auth_failures",
-            "401/403 answers of the provider that halted polling and verification",
-            &poll.auth_failures,
-        ),
-    ] {
-        r.register(name, help, ConstCounter::new(load(value)));
+    /// A TLS certificate reload failed; the current certificate stays.
+    pub fn tls_reload_failed(&self) {
+        self.tls_reload_failures.fetch_add(1, Ordering::Relaxed);
     }
-    let labelled = |labels: [&'static str; 3], counters: &[AtomicU64; 3]| {
-        std::array::from_fn::<_, 3, _>(|i| (labels[i], load(&counters[i])))
-    };
-    let dead = labelled(Dead::LABELS, &m.dead);
-    let provider_dead = [
-        ("stuck", load(&poll.stuck)),
-        ("unknown_task", load(&poll.unknown_tasks)),
-        ("unconfirmed", load(&poll.unconfirmed)),
-        (
-            "unreadable_registration",
-            load(&poll.unreadable_registrations),
-        ),
-    ];
-    for (name, help, label, values) in [
-        (
-            "hookbridge_events_rejected",
-            "Request bodies refused with a 4xx, by reason",
-            "reason",
-            labelled(Reject::LABELS, &m.rejected).to_vec(),
-        ),
-        (
-            "hookbridge_requests_refused",
-            "Requests refused unread or unstored: outbox full or reserved for known senders (503), client in penalty (closed at accept, or 429), no connection slot (closed at accept), over others_per_sec (429)",
-            "reason",
-            vec![
-                ("full", load(&stats.refused_full)),
-                ("reserved", load(&stats.refused_reserved)),
-                ("penalty", load(&stats.refused_penalty)),
-                ("no_slot", load(&stats.refused_connections)),
-                ("rate_limited", load(&stats.rate_limited)),
-            ],
-        ),
-        (
-            "hookbridge_task_records_evicted",
-            "Dedup records evicted at outbox.max_tracked_tasks/max_tracked_bytes, by task state",
-            "task",
-            vec![
-                ("finished", load(&stats.evicted_finished)),
-                ("unfinished", load(&stats.evicted_unfinished)),
-            ],
-        ),
-        (
-            "hookbridge_events_published",
-            "Events acknowledged by the broker",
-            "broker",
-            vec![(now.publisher, load(&stats.published))],
-        ),
-        (
-            "hookbridge_publish_retries",
-            "Messages sent again, by error class",
-            "class",
-            vec![
-                ("transient", load(&stats.publish_retries)),
-                ("refused", load(&stats.refusals)),
-                ("isolation", load(&m.retried_alone)),
-            ],
-        ),
-        (
-            "hookbridge_events_dead_lettered",
-            "Events moved to the dead letters, by reason class",
-            "class",
-            dead.into_iter().chain(provider_dead).collect(),
-        ),
-    ] {
-        let family = Labelled::default();
-        for (value, n) in values {
-            family.get_or_create(&[(label, value)]).inc_by(n);
+
+    /// Rejected bodies by reason: ([`Reject::LABELS`], count).
+    pub fn rejected_by_reason(&self) -> [(&'static str, u64); 3] {
+        by_label(Reject::LABELS, &self.rejected)
+    }
+
+    /// Dead letters of the relay by class: ([`Dead::LABELS`], count).
+    pub fn dead_by_class(&self) -> [(&'static str, u64); 3] {
+        by_label(Dead::LABELS, &self.dead)
+    }
+
+    pub fn retried_alone_total(&self) -> u64 {
+        self.retried_alone.load(Ordering::Relaxed)
+    }
+
+    pub fn tls_reload_failures(&self) -> u64 {
+        self.tls_reload_failures.load(Ordering::Relaxed)
+    }
+
+    /// The histograms, for a scrape to encode.
+    pub fn histograms(&self) -> Histograms<'_> {
+        Histograms {
+            answer: &self.answer,
+            group_commit: &self.group_commit,
+            fsync: &self.fsync,
+            publish: &self.publish,
+            age_at_publish: &self.age_at_publish,
         }
-        r.register(name, help, family);
     }
-    let seconds = |ms: i64| ms as f64 / 1000.0;
-    for (name, help, value) in [
-        (
-            "hookbridge_outbox_pending_events",
-            "Events stored and not yet acknowledged by the broker",
-            load(&stats.pending) as f64,
-        ),
-        (
-            "hookbridge_relay_refused_events",
-            "Pending events the broker refused where they go, each waiting out its own backoff",
-            load(&stats.refusing) as f64,
-        ),
-        (
-            "hookbridge_outbox_pending_bytes",
-            "Bytes of the pending events",
-            load(&stats.pending_bytes) as f64,
-        ),
-        (
-            "hookbridge_outbox_oldest_pending_age_seconds",
-            "Age of the oldest pending event (0 when none)",
-            seconds(now.oldest_pending_age_ms.unwrap_or(0)),
-        ),
-        (
-            "hookbridge_outbox_dead_letters",
-            "Dead letters kept now",
-            load(&stats.dead) as f64,
-        ),
-        (
-            "hookbridge_outbox_tracked_tasks",
-            "Tasks with a dedup record within the window",
-            now.tracked_tasks as f64,
-        ),
-        (
-            "hookbridge_outbox_tracked_bytes",
-            "Bytes of the dedup records (task id + 65 each), against outbox.max_tracked_bytes",
-            now.tracked_bytes as f64,
-        ),
-        (
-            "hookbridge_relay_last_progress_timestamp_seconds",
-            "When the relay last moved the queue forward or found it empty (Unix time)",
-            seconds(stats.relay_progress_at.load(Ordering::Relaxed)),
-        ),
-        (
-            "hookbridge_registered_tasks",
-            "Registered tasks not finished yet (polled when their callback is late)",
-            now.registered_tasks as f64,
-        ),
-        (
-            "hookbridge_held_callbacks",
-            "Callbacks held until the provider confirms them (verify mode)",
-            now.held_callbacks as f64,
-        ),
-        (
-            "hookbridge_held_callback_bytes",
-            "Bytes of the held callbacks, against provider.max_held_bytes",
-            now.held_bytes as f64,
-        ),
-        (
-            "hookbridge_poll_halted",
-            "1 when the provider refused the API key and polling stopped",
-            flag(poll.halted().is_some()),
-        ),
-        (
-            "hookbridge_ready",
-            "1 when /readyz answers 200",
-            flag(now.ready),
-        ),
-    ] {
-        r.register(name, help, ConstGauge::new(value));
-    }
-    for (name, help, histogram) in [
-        (
-            "hookbridge_webhook_answer_duration_seconds",
-            "Time to answer a callback once its body is read: parse, dedup, the shared fsync",
-            &m.answer,
-        ),
-        (
-            "hookbridge_outbox_group_commit_size",
-            "Requests written together in one synced group of the pending log",
-            &m.group_commit,
-        ),
-        (
-            "hookbridge_outbox_fsync_duration_seconds",
-            "Time of one write and fdatasync of the pending log (a group commit)",
-            &m.fsync,
-        ),
-        (
-            "hookbridge_publish_duration_seconds",
-            "Time of one publish call (a batch) until the broker answered",
-            &m.publish,
-        ),
-        (
-            "hookbridge_event_age_at_publish_seconds",
-            "From an event's receivedAt to the broker's acknowledgement",
-            &m.age_at_publish,
-        ),
-    ] {
-        r.register(name, help, histogram.clone());
-    }
-    let mut out = String::new();
-    // Writing into a String does not fail.
-    let _ = prometheus_text::encode(&mut out, &registry);
-    out
 }
 
-fn flag(on: bool) -> f64 {
-    f64::from(u8::from(on))
+/// The histograms of one [`Metrics`], read-only.
+pub struct Histograms<'a> {
+    /// Time to answer a callback once its body is read.
+    pub answer: &'a Histogram,
+    /// Requests committed together.
+    pub group_commit: &'a Histogram,
+    /// One write and fdatasync of the pending log.
+    pub fsync: &'a Histogram,
+    /// One publish call.
+    pub publish: &'a Histogram,
+    /// An event's age when the broker acknowledged it.
+    pub age_at_publish: &'a Histogram,
 }
 
-/// `GET /metrics`. The gauges read redb: on the blocking pool.
-pub async fn serve(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let body = tokio::task::spawn_blocking(move || {
-        let status = state
-            .outbox
-            .status()
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let registry = |e: crate::poll::RegistryError| {
-            tracing::warn!(error = %e, "cannot read the task registry's sizes; reporting 0");
-            (0, 0)
-        };
-        let (registered_tasks, held_callbacks) =
-            state.tasks.registry.counts().unwrap_or_else(registry);
-        let (_, held_bytes) = state.tasks.registry.held_size().unwrap_or_else(registry);
-        let now = Snapshot {
-            publisher: state.publisher_name,
-            oldest_pending_age_ms: status.oldest_pending_age_ms,
-            tracked_tasks: status.tasks_tracked,
-            tracked_bytes: state.outbox.tracked_bytes(),
-            registered_tasks,
-            held_callbacks,
-            held_bytes,
-            ready: crate::http::ready::problems(&state.health, &state.outbox).is_empty(),
-        };
-        Ok::<_, ApiError>(render(state.outbox.stats(), &state.tasks.stats, &now))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    Ok((
-        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
-        body,
-    )
-        .into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_series_exists_from_the_start_with_its_help() {
-        let stats = Stats::default();
-        stats.metrics.rejected(Reject::BadToken);
-        stats.metrics.relay_dead_lettered(0, 2, 1);
-        stats.metrics.time_commit(3, || ());
-        let text = render(&stats, &PollStats::default(), &Snapshot::default());
-        let lines = text.lines().map(|l| Ok(l.to_string()));
-        let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
-        let names: std::collections::BTreeSet<&str> =
-            scrape.samples.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(names.len(), 48, "{names:#?}");
-        for name in &names {
-            assert!(name.starts_with("hookbridge_"), "{name}");
-            let family = ["_count", "_sum"]
-                .iter()
-                .find_map(|s| name.strip_suffix(s))
-                .filter(|base| names.contains(base))
-                .unwrap_or(name);
-            assert!(scrape.docs.contains_key(family), "{family} has a HELP line");
-        }
-        assert!(text.contains("hookbridge_events_rejected_total{reason=\"bad_token\"} 1\n"));
-        assert!(text.contains("hookbridge_events_dead_lettered_total{class=\"unencodable\"} 2\n"));
-        assert!(
-            text.contains("hookbridge_outbox_group_commit_size_sum 3.0\n"),
-            "{text}"
-        );
-        assert!(text.contains("# TYPE hookbridge_ready gauge\nhookbridge_ready 0.0\n"));
-    }
+fn by_label(labels: [&'static str; 3], counters: &[AtomicU64; 3]) -> [(&'static str, u64); 3] {
+    std::array::from_fn(|i| (labels[i], counters[i].load(Ordering::Relaxed)))
 }

@@ -449,7 +449,7 @@ impl Oracle {
         }
         let outgoing = publish::Outgoing {
             seq: 1,
-            meta: publish::EventMeta::of(&event),
+            meta: event::EventMeta::of(&event),
             payload: payload.into(),
         };
         publish::file::encode(&outgoing).map_err(|e| format!("file: {e}"))?;

@@ -55,8 +55,10 @@ use serde_json::{Number, Value};
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 mod json;
+mod meta;
 
 pub use json::{Output, MAX_DEPTH};
+pub use meta::EventMeta;
 
 /// Version of the serialized [`TaskEvent`] (`schema/task-event.v1.json`).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -880,5 +882,7 @@ fn wrong_type(field: String, expected: &'static str, found: &Member) -> ParseErr
 
 #[cfg(test)]
 mod props;
+#[cfg(test)]
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;

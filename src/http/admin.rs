@@ -159,10 +159,17 @@ where
 pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     blocking(move || {
         let status = state.outbox.status()?;
+        let mut poll = state.tasks.status();
+        if let Err(e) = state.tasks.registry.counts() {
+            // Not 0: the registry cannot say (a broken `tasks.redb`).
+            poll["activeTasks"] = Value::Null;
+            poll["awaitingVerification"] = Value::Null;
+            poll["registryError"] = json!(e.to_string());
+        }
         Ok::<_, crate::outbox::OutboxError>(Json(json!({
             "publisher": state.publisher_name,
             "outbox": status,
-            "poll": state.tasks.status(),
+            "poll": poll,
             "clients": state.clients.top(TOP_CLIENTS),
         })))
     })
@@ -233,14 +240,13 @@ pub async fn rejected(
     State(state): State<AppState>,
     Query(q): Query<Limit>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "rejected": state.outbox.rejected(q.get()?) })))
+    Ok(Json(json!({ "rejected": state.rejected.newest(q.get()?) })))
 }
 
 /// The state of the routers under test (file publisher, no tokens).
 #[cfg(test)]
 pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbox) -> AppState {
     AppState::from(super::Shared {
-        outbox,
         publisher_name: "file",
         body_limit: 1024,
         admin_token: None,
@@ -248,6 +254,11 @@ pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbo
         tasks: crate::poll::Tasks::open(config).unwrap(),
         health: Default::default(),
         clients: Arc::new(super::Clients::new(&config.server, Default::default())),
+        rejected: Arc::new(super::RejectedBodies::new(
+            config.outbox.keep_rejected,
+            outbox.stats().clone(),
+        )),
+        outbox,
     })
 }
 

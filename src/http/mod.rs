@@ -30,7 +30,9 @@ use crate::secret::Secret;
 mod admin;
 mod clients;
 mod error;
+pub mod metrics;
 pub mod ready;
+mod rejected;
 mod serve;
 mod tasks;
 mod tls;
@@ -39,6 +41,7 @@ mod webhook;
 pub use admin::{constant_time_eq, AdminGuard};
 pub use clients::{ClientInfo, Clients, TopClients};
 pub use error::ApiError;
+pub use rejected::{Rejected, RejectedBodies};
 pub use serve::{serve, Limits};
 pub use tls::{Tls, TlsError};
 
@@ -76,6 +79,8 @@ pub struct Shared {
     pub health: std::sync::Arc<crate::supervise::Health>,
     /// The public listener's client bookkeeping (penalties, top addresses).
     pub clients: Arc<Clients>,
+    /// The rejected bodies kept for `/admin/rejected`.
+    pub rejected: Arc<RejectedBodies>,
 }
 
 /// What the HTTP side needs besides the public listener: the bound admin
@@ -114,20 +119,25 @@ impl Edge {
 
     /// Serves the public routes on `public` and the admin routes on the
     /// admin listener until `shutdown`, then stops both (see [`serve()`]).
+    /// Nothing here fails: a failed accept is logged and retried, a failed
+    /// certificate reload logged and counted.
     pub async fn serve(
         self,
         public: TcpListener,
         state: AppState,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    ) {
         let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
         let server = &self.config.server;
+        let tls = self
+            .tls
+            .map(|tls| tls.counting_in(state.outbox.stats().clone()));
         tokio::join!(
             serve(
                 public,
                 self::public(state.clone(), &self.config),
                 Limits::public(server),
-                self.tls,
+                tls,
                 Some(state.clients.clone()),
                 shutdown.clone(),
             ),
@@ -140,7 +150,6 @@ impl Edge {
                 shutdown,
             ),
         );
-        Ok(())
     }
 }
 
@@ -167,7 +176,7 @@ pub fn public(state: AppState, config: &Config) -> Router {
         timeout: Duration::from_millis(config.server.body_timeout_ms),
         min_rate: config.server.min_body_bytes_per_sec,
         limit: config.server.body_limit_bytes,
-        rejects: Some(state.outbox.clone()),
+        rejects: Some(state.rejected.clone()),
     };
     let clients = state.clients.clone();
     router(state)
@@ -190,7 +199,7 @@ pub fn admin_router(state: AppState, config: &Config) -> Router {
         .route("/admin/dead-letters/{seq}", get(admin::dead_letter))
         .route("/admin/dead-letters/requeue", post(admin::requeue))
         .route("/admin/rejected", get(admin::rejected))
-        .route("/metrics", get(crate::metrics::serve))
+        .route("/metrics", get(metrics::serve))
         .route_layer(middleware::from_fn_with_state(guard, admin::guard))
         // Outside the guard: a kubelet probe can send neither a token nor a
         // Host the guard knows, and readiness reveals nothing an operator
@@ -208,7 +217,7 @@ struct BodyDeadline {
     min_rate: u64,
     limit: usize,
     /// Where an oversized body is counted as rejected (public listener).
-    rejects: Option<Outbox>,
+    rejects: Option<Arc<RejectedBodies>>,
 }
 
 /// How long a body may take before `min_body_bytes_per_sec` applies.
@@ -258,9 +267,13 @@ impl BodyDeadline {
     }
 
     fn too_large(&self) -> Response {
-        if let Some(outbox) = &self.rejects {
-            outbox.reject(b"", "body over the size limit (not kept)");
-            outbox.stats().metrics.rejected(Reject::TooLarge);
+        if let Some(rejects) = &self.rejects {
+            rejects.keep(
+                Reject::TooLarge,
+                "other",
+                b"",
+                "body over the size limit (not kept)",
+            );
         }
         close(ApiError::TooLarge(self.limit).into_response())
     }

@@ -33,13 +33,18 @@ pub struct Problem {
     /// A worker's name, `outbox-writer`, `storage`.
     pub component: &'static str,
     /// `restarting`, `failed`, `stopped`, `failing`, `stalled`, `refusing`,
-    /// `unreachable` (cluster coordination) or `draining` (shutting down);
+    /// `unreachable` (cluster coordination), `draining` (shutting down) or
+    /// `unreadable` (the task registry);
     /// as a warning (ready all the same), `evicting` or `damaged`.
     pub problem: &'static str,
 }
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let problems = problems(&state.health, &state.outbox);
+    let read = state.clone();
+    let problems = match tokio::task::spawn_blocking(move || all_problems(&read)).await {
+        Ok(problems) => problems,
+        Err(e) => return super::ApiError::Internal(e.to_string()).into_response(),
+    };
     let warnings = warnings(&state.outbox, now_ms());
     let mut body = if problems.is_empty() {
         json!({ "status": "ready" })
@@ -90,7 +95,27 @@ pub fn warnings(outbox: &Outbox, now: i64) -> Vec<Problem> {
     out
 }
 
-/// Everything that is wrong now; empty when ready.
+/// Everything that is wrong now, the task registry included: empty when
+/// ready. It reads the registry (redb): on the blocking pool.
+pub fn all_problems(state: &AppState) -> Vec<Problem> {
+    let mut out = problems(&state.health, &state.outbox);
+    if let Err(e) = state.tasks.registry.counts() {
+        out.push(registry_unreadable(&e));
+    }
+    out
+}
+
+/// A task registry that cannot be read (a broken `tasks.redb`): logged,
+/// and named in `/readyz` rather than counted as empty.
+pub fn registry_unreadable(e: &crate::poll::RegistryError) -> Problem {
+    tracing::error!(error = %e, "cannot read the task registry");
+    Problem {
+        component: "registry",
+        problem: "unreadable",
+    }
+}
+
+/// Everything that is wrong now but the task registry; empty when ready.
 pub fn problems(health: &Health, outbox: &Outbox) -> Vec<Problem> {
     let mut out = Vec::new();
     for (component, state) in health.workers() {

@@ -197,12 +197,14 @@ pub async fn serve(
             None => Kind::Proxy,
         };
         let start = Start {
-            builder: builder.clone(),
+            serving: Serving {
+                builder: builder.clone(),
+                handshake: tls.as_ref().map(|t| (t.acceptor(), limits.header_timeout)),
+                closing: closing.clone(),
+                clients: clients.clone().filter(|_| kind == Kind::Other),
+                linger_bytes: limits.linger_bytes,
+            },
             router: router.clone(),
-            handshake: tls.as_ref().map(|t| (t.acceptor(), limits.header_timeout)),
-            closing: closing.clone(),
-            clients: clients.clone().filter(|_| kind == Kind::Other),
-            linger_bytes: limits.linger_bytes,
             live: live.clone(),
         };
         // The per-address cap only binds once the listener is filling up:
@@ -300,13 +302,19 @@ pub async fn serve(
 
 /// What a connection needs to be served, taken at accept.
 struct Start {
-    builder: Arc<http1::Builder>,
+    serving: Serving,
     router: Router,
+    live: Arc<Live>,
+}
+
+/// How a listener serves each of its connections.
+struct Serving {
+    builder: Arc<http1::Builder>,
     handshake: Option<(tokio_rustls::TlsAcceptor, Duration)>,
     closing: watch::Receiver<bool>,
+    /// Where a malformed or unfinished head is charged (non-senders only).
     clients: Option<Arc<Clients>>,
     linger_bytes: usize,
-    live: Arc<Live>,
 }
 
 impl Start {
@@ -322,16 +330,12 @@ impl Start {
         let probe = probe_of(&stream);
         let state = self.live.add(ip, kind == Kind::Sender, probe);
         let connection = Connection {
-            builder: self.builder,
+            serving: self.serving,
             service: WithPeer {
                 router: self.router,
                 peer,
                 state: state.clone(),
             },
-            handshake: self.handshake,
-            closing: self.closing,
-            clients: self.clients,
-            linger_bytes: self.linger_bytes,
         };
         connection.run(stream).await;
         self.live.remove(&state);
@@ -683,27 +687,24 @@ impl hyper::service::Service<Request<Incoming>> for WithPeer {
 }
 
 struct Connection {
-    builder: Arc<http1::Builder>,
+    serving: Serving,
     service: WithPeer,
-    handshake: Option<(tokio_rustls::TlsAcceptor, Duration)>,
-    closing: watch::Receiver<bool>,
-    /// Where a malformed or unfinished head is charged (non-senders only).
-    clients: Option<Arc<Clients>>,
-    linger_bytes: usize,
 }
 
 impl Connection {
     async fn run(mut self, stream: TcpStream) {
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY; serving without it");
+        }
         let state = self.service.state.clone();
         let peer = self.service.peer;
-        let stream = Linger::new(stream, state.clone(), self.linger_bytes);
-        let io: Box<dyn Io> = match self.handshake.take() {
+        let stream = Linger::new(stream, state.clone(), self.serving.linger_bytes);
+        let io: Box<dyn Io> = match self.serving.handshake.take() {
             None => Box::new(stream),
             Some((acceptor, limit)) => {
                 let accepted = tokio::select! {
                     accepted = tokio::time::timeout(limit, acceptor.accept(stream)) => accepted,
-                    _ = closed(&mut self.closing) => return,
+                    _ = closed(&mut self.serving.closing) => return,
                     _ = state.evict.notified() => return,
                 };
                 match accepted {
@@ -722,12 +723,13 @@ impl Connection {
             }
         };
         let connection = self
+            .serving
             .builder
             .serve_connection(TokioIo::new(io), self.service.clone());
         tokio::pin!(connection);
         let result = tokio::select! {
             result = connection.as_mut() => result,
-            _ = closed(&mut self.closing) => {
+            _ = closed(&mut self.serving.closing) => {
                 connection.as_mut().graceful_shutdown();
                 connection.await
             }
@@ -751,7 +753,7 @@ impl Connection {
     }
 
     fn charge(&self) {
-        if let Some(clients) = &self.clients {
+        if let Some(clients) = &self.serving.clients {
             clients.charge(canonical(self.service.peer.ip()));
         }
     }

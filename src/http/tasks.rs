@@ -222,8 +222,9 @@ pub(super) async fn check_callback_token(
         format!("callback for task {task_id} carries a wrong token (answered 200, not stored)")
     };
     tracing::warn!(%task_id, %reason, "callback refused");
-    state.outbox.reject_in("bad_token", body, &reason);
-    state.outbox.stats().metrics.rejected(Reject::BadToken);
+    state
+        .rejected
+        .keep(Reject::BadToken, "bad_token", body, &reason);
     Ok(CallbackTask::Refused)
 }
 

@@ -2,7 +2,7 @@
 //! behind a resolver that can be swapped while serving: a reload changes
 //! what new handshakes get, open connections are left alone. A reload that
 //! fails (a half-written file, a key that does not match) keeps the current
-//! certificate and logs why.
+//! certificate, logs why and counts it (`hookbridge_tls_reload_failures_total`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -16,6 +16,7 @@ use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
+use crate::outbox::Stats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -34,6 +35,8 @@ pub struct Tls {
     config: TlsConfig,
     /// Modification times of (cert, key) at the last load.
     loaded: (Option<SystemTime>, Option<SystemTime>),
+    /// Where a failed reload is counted ([`Tls::counting_in`]).
+    stats: Option<Arc<Stats>>,
 }
 
 #[derive(Debug)]
@@ -62,7 +65,14 @@ impl Tls {
             resolver,
             config: config.clone(),
             loaded,
+            stats: None,
         })
+    }
+
+    /// Counts failed reloads in `stats` (their metrics).
+    pub fn counting_in(mut self, stats: Arc<Stats>) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
@@ -76,9 +86,13 @@ impl Tls {
     /// Reloads when a file's modification time changed since the last load.
     pub async fn reload_if_changed(&mut self) {
         let config = self.config.clone();
-        let now = tokio::task::spawn_blocking(move || modified(&config))
-            .await
-            .unwrap_or((None, None));
+        let now = match tokio::task::spawn_blocking(move || modified(&config)).await {
+            Ok(now) => now,
+            Err(e) => {
+                self.failed(&format!("looking at the files failed: {e}"));
+                return;
+            }
+        };
         if now != self.loaded {
             self.reload().await;
         }
@@ -91,18 +105,28 @@ impl Tls {
             (modified(&config), certified_key(&config.cert, &config.key))
         })
         .await;
-        let Ok((times, key)) = loaded else { return };
+        let (times, key) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => return self.failed(&format!("reading the files failed: {e}")),
+        };
         self.loaded = times;
         match key {
-            Ok(key) => {
-                if let Ok(mut current) = self.resolver.0.write() {
+            Ok(key) => match self.resolver.0.write() {
+                Ok(mut current) => {
                     *current = key;
                     tracing::info!(cert = %self.config.cert.display(), "TLS certificate reloaded");
                 }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "TLS reload failed; keeping the current certificate")
-            }
+                Err(_) => self.failed("the certificate's lock is poisoned"),
+            },
+            Err(e) => self.failed(&e.to_string()),
+        }
+    }
+
+    /// A reload failed: the current certificate stays; logged and counted.
+    fn failed(&self, why: &str) {
+        tracing::error!(error = %why, cert = %self.config.cert.display(), "TLS reload failed; keeping the current certificate");
+        if let Some(stats) = &self.stats {
+            stats.metrics.tls_reload_failed();
         }
     }
 }

@@ -51,10 +51,12 @@ pub async fn kinovi(
     let _timer = state.outbox.stats().metrics.time_answer();
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            state.outbox.stats().metrics.rejected(Reject::TooLarge);
-            state
-                .outbox
-                .reject_in("too_large", b"", "body over the size limit (not kept)");
+            state.rejected.keep(
+                Reject::TooLarge,
+                "too_large",
+                b"",
+                "body over the size limit (not kept)",
+            );
             ApiError::TooLarge(state.body_limit)
         } else {
             ApiError::InvalidPayload(rejection.body_text())
@@ -63,8 +65,9 @@ pub async fn kinovi(
     let event = event::parse(&body, Source::Webhook, now_ms()).map_err(|e| {
         let reason = e.to_string();
         tracing::info!(%reason, "rejected callback");
-        state.outbox.reject_in("invalid", &body, &reason);
-        state.outbox.stats().metrics.rejected(Reject::Invalid);
+        state
+            .rejected
+            .keep(Reject::Invalid, "invalid", &body, &reason);
         ApiError::InvalidPayload(reason)
     })?;
     let token = query.ok().and_then(|Query(q)| q.token);

@@ -60,7 +60,6 @@ use crate::sync::lock;
 
 pub mod inspect;
 mod log;
-mod rejected;
 mod relay;
 mod store;
 #[cfg(test)]
@@ -337,16 +336,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A request body that failed validation, kept for inspection.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Rejected {
-    pub received_at: i64,
-    pub reason: String,
-    pub body: String,
-    pub body_truncated: bool,
-}
-
 /// Handle to the outbox; cheap to clone. The writer thread stops when the
 /// last handle is dropped.
 #[derive(Clone)]
@@ -403,10 +392,6 @@ struct Inner {
     stats: Arc<Stats>,
     notify: Arc<Notify>,
     config: OutboxConfig,
-    /// At most `keep_rejected` rejected bodies, fair across kinds. In memory and
-    /// apart from the writer, so a flood of junk never queues in front of a
-    /// good callback's commit.
-    rejected: Mutex<rejected::Ring>,
 }
 
 impl Drop for Inner {
@@ -488,7 +473,6 @@ impl Outbox {
                 stats,
                 notify,
                 config: config.clone(),
-                rejected: Mutex::default(),
             }),
         })
     }
@@ -520,22 +504,6 @@ impl Outbox {
         })
         .await?;
         rx.await.map_err(|_| AppendError::Closed)?
-    }
-
-    /// Keeps a rejected request body for inspection: cut to 4 KiB, in a
-    /// capped in-memory ring, in the share `other` (see [`Outbox::reject_in`]).
-    pub fn reject(&self, body: &[u8], reason: &str) {
-        self.reject_in("other", body, reason)
-    }
-
-    /// Keeps a rejected request body for inspection: cut to 4 KiB, in a
-    /// capped in-memory ring where the oldest of the largest share (a kind
-    /// of rejection, e.g. `bad_token`) is dropped first, and counted.
-    pub fn reject_in(&self, share: &'static str, body: &[u8], reason: &str) {
-        Stats::add(&self.inner.stats.rejected, 1);
-        let cap = self.inner.config.keep_rejected as usize;
-        let dropped = lock(&self.inner.rejected).push(share, body, reason, now_ms(), cap);
-        Stats::add(&self.inner.stats.rejected_dropped, dropped);
     }
 
     /// The next batch for the relay: the oldest pending entries in sequence
@@ -752,11 +720,6 @@ impl Outbox {
     /// The dead letter numbered `seq`, if there is one.
     pub fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>, OutboxError> {
         store::dead_letter(&*self.inner.db.get()?, seq)
-    }
-
-    /// The newest `limit` rejected bodies, newest first.
-    pub fn rejected(&self, limit: usize) -> Vec<Rejected> {
-        lock(&self.inner.rejected).newest(limit)
     }
 
     /// The task's dedup/guard record, if still within the window.

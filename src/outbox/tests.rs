@@ -7,10 +7,7 @@ use std::sync::atomic::Ordering;
 use super::*;
 use crate::event::{parse, Source};
 
-fn callback(task: &str, state: &str) -> TaskEvent {
-    let body = format!(r#"{{"taskId":"{task}","state":"{state}"}}"#);
-    parse(body.as_bytes(), Source::Webhook, 1).unwrap()
-}
+use crate::event::testing::callback;
 
 fn config(dir: &Path) -> OutboxConfig {
     OutboxConfig {

@@ -7,12 +7,8 @@ use std::time::{Duration, Instant};
 use super::{Appended, Outbox};
 use crate::clock::now_ms;
 use crate::config::OutboxConfig;
-use crate::event::{parse, Source, TaskEvent};
 
-fn callback(task: &str, state: &str) -> TaskEvent {
-    let body = format!(r#"{{"taskId":"{task}","state":"{state}"}}"#);
-    parse(body.as_bytes(), Source::Webhook, 1).unwrap()
-}
+use crate::event::testing::callback;
 
 fn open(dir: &std::path::Path, change: impl FnOnce(&mut OutboxConfig)) -> Outbox {
     let mut config = OutboxConfig {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::event::{State, TaskEvent, MAX_TIME_MS};
+use crate::event::MAX_TIME_MS;
 
 pub use check::{
     check_config, check_settings, destinations, kafka_message_max_bytes, subject_matches, Refusal,
@@ -39,31 +39,8 @@ pub struct Outgoing {
     pub payload: bytes::Bytes,
 }
 
-/// The fields of a [`TaskEvent`] that a message's destination, key and
-/// headers are made of. The outbox stores them beside the event's JSON, so
-/// the relay never parses the JSON again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventMeta {
-    pub event_id: String,
-    pub task_id: String,
-    pub model: Option<String>,
-    pub state: State,
-    pub update_time: Option<i64>,
-    pub received_at: i64,
-}
-
-impl EventMeta {
-    pub fn of(event: &TaskEvent) -> Self {
-        Self {
-            event_id: event.event_id.clone(),
-            task_id: event.task_id.clone(),
-            model: event.model.clone(),
-            state: event.state,
-            update_time: event.update_time,
-            received_at: event.received_at,
-        }
-    }
-}
+/// Stored by the outbox beside each event; defined by the event module.
+pub use crate::event::EventMeta;
 
 /// A message ready for the wire: everything derived from the event's
 /// content (destination, key, headers) computed once, by

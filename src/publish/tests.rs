@@ -1,6 +1,6 @@
 use super::config::{KafkaConfig, NatsConfig};
 use super::*;
-use crate::event::{parse, Source};
+use crate::event::{parse, Source, TaskEvent};
 
 fn event(model: &str) -> TaskEvent {
     let body = serde_json::json!({

@@ -250,7 +250,10 @@ impl Simulator {
         let app = server::router(shared.clone());
         let server = tokio::spawn(async move {
             let shutdown = async move {
-                let _ = stopped.await;
+                // A dropped sender (the simulator dropped) stops it as well.
+                if stopped.await.is_err() {
+                    tracing::debug!("simulator dropped; stopping its server");
+                }
             };
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
@@ -317,13 +320,23 @@ impl Simulator {
     pub async fn stop(mut self) {
         self.shutdown();
         if let Some(server) = self.server.take() {
-            let _ = server.await;
+            if let Err(e) = server.await {
+                match e.try_into_panic() {
+                    Ok(panic) => tracing::error!(
+                        panic = %crate::sync::panic_message(&*panic),
+                        "the simulator's server panicked"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "the simulator's server did not finish"),
+                }
+            }
         }
     }
 
     fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            if stop.send(()).is_err() {
+                tracing::debug!("the simulator's server had already stopped");
+            }
         }
         for handle in lock(&self.shared.deliverers).drain(..) {
             handle.abort();

@@ -8,36 +8,31 @@ use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use hookbridge::config::{PublisherConfig, Secret};
-use hookbridge::publish::{self, EncodeError, Encoded, Outgoing, PublishError, Publisher};
+use hookbridge::publish::{EncodeError, Encoded, Outgoing};
 use hyper::StatusCode;
 use serde_json::Value;
 
 use crate::nats::jetstream_publisher;
 use crate::support::app::{config, free_port, temp_dir, ChildApp, TestApp};
-use crate::support::{brokers, callbacks, eventually, nats, unique};
+use crate::support::faults::{Faults, Faulty};
+use crate::support::{brokers, callbacks, eventually, ms, nats, secs, unique};
 
 const TOKEN: &str = "an-operator-token-for-the-cli";
 
-/// The real publisher, except that it cannot encode the events of the
-/// tasks in `refused`: the relay dead-letters those, as it would an event
+/// In front of the real publisher: it cannot encode the events of the
+/// tasks in `refused`, so the relay dead-letters those, as it would an event
 /// the broker can never take.
 struct Refusing {
-    inner: Arc<dyn Publisher>,
     refused: Mutex<Vec<String>>,
 }
 
 impl Refusing {
-    async fn wrap(config: &PublisherConfig, refused: &[String]) -> Arc<Self> {
-        Arc::new(Self {
-            inner: Arc::from(
-                publish::build(config, 1024 * 1024)
-                    .await
-                    .expect("publisher builds"),
-            ),
+    async fn wrap(config: &PublisherConfig, refused: &[String]) -> Arc<Faulty<Self>> {
+        let refusing = Self {
             refused: Mutex::new(refused.to_vec()),
-        })
+        };
+        crate::support::faults::wrap(config, refusing).await
     }
 
     fn accept_all(&self) {
@@ -45,39 +40,22 @@ impl Refusing {
     }
 }
 
-impl Publisher for Refusing {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn encode(&self, message: &Outgoing) -> Result<Encoded, EncodeError> {
-        if self.refused.lock().unwrap().contains(&message.meta.task_id) {
-            return Err(EncodeError::Header {
+impl Faults for Refusing {
+    fn encode(&self, message: &Outgoing) -> Option<Result<Encoded, EncodeError>> {
+        self.refused
+            .lock()
+            .unwrap()
+            .contains(&message.meta.task_id)
+            .then_some(Err(EncodeError::Header {
                 name: "test",
                 problem: "refused by the test",
-            });
-        }
-        self.inner.encode(message)
-    }
-
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
-        self.inner.publish(batch)
-    }
-
-    fn flush(&self, timeout: Duration) -> BoxFuture<'_, ()> {
-        self.inner.flush(timeout)
+            }))
     }
 }
 
 /// Runs `hookbridge ARGS` with `env`, without the harness's own variables.
 async fn hookbridge(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"));
-    cmd.args(args).kill_on_drop(true);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("HOOKBRIDGE_") {
-            cmd.env_remove(key);
-        }
-    }
+    let mut cmd = crate::support::bin::hookbridge_async(args);
     cmd.envs(env.iter().copied());
     tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
@@ -210,10 +188,10 @@ async fn dead_letters_are_listed_shown_exported_and_requeued_to_the_broker() {
     assert_eq!(to_stdout.lines().map(json).collect::<Vec<_>>(), listed);
 
     // Requeued, the events reach the broker: one chosen, then the rest.
-    refusing.accept_all();
+    refusing.faults.accept_all();
     let out = ok(&["dead-letters", "requeue", &seqs[0], "--admin", admin]).await;
     assert_eq!(out.trim(), "requeued 1");
-    let stored = nats::read_stream(&url, &stream, 1, Duration::from_secs(30), Duration::ZERO).await;
+    let stored = nats::read_stream(&url, &stream, 1, secs(30), Duration::ZERO).await;
     assert_eq!(stored[0].value["taskId"], tasks[0].as_str());
     let out = hookbridge(
         &["dead-letters", "requeue", "987654", "--admin", admin],
@@ -233,14 +211,7 @@ async fn dead_letters_are_listed_shown_exported_and_requeued_to_the_broker() {
         .await,
     );
     assert_eq!(answer["requeued"], 2);
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        3,
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, 3, secs(30), ms(500)).await;
     let mut arrived: Vec<String> = stored
         .iter()
         .map(|s| s.value["taskId"].as_str().unwrap().to_string())

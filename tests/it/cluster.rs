@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::nats::jetstream_publisher;
 use crate::support::app::{config, free_port, temp_dir, TestApp};
 use crate::support::kafka::{self, create_topic, Record};
-use crate::support::{brokers, callbacks, eventually, nats, unique};
+use crate::support::{brokers, callbacks, eventually, nats, secs, unique};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -66,7 +66,7 @@ async fn jetstream_a_duplicate_on_another_replica_is_published_once() {
     assert_eq!(b.callback(&callbacks::success(&task)).await, StatusCode::OK);
     b.drained(LIMIT).await;
 
-    let stored = nats::read_stream(&url, &stream, 1, LIMIT, Duration::from_secs(1)).await;
+    let stored = nats::read_stream(&url, &stream, 1, LIMIT, secs(1)).await;
     assert_eq!(
         stored.len(),
         1,
@@ -110,7 +110,7 @@ async fn jetstream_replicas_racing_the_states_of_the_same_tasks_publish_each_in_
     }
     a.drained(LIMIT).await;
     b.drained(LIMIT).await;
-    let stored = nats::read_stream(&url, &stream, 1, LIMIT, Duration::from_secs(1)).await;
+    let stored = nats::read_stream(&url, &stream, 1, LIMIT, secs(1)).await;
     let mut by_task: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for m in &stored {
         by_task
@@ -155,7 +155,7 @@ async fn jetstream_a_stale_state_on_another_replica_is_suppressed() {
     // Suppressed means done: it leaves A's outbox without a publish.
     a.drained(LIMIT).await;
 
-    let stored = nats::read_stream(&url, &stream, 1, LIMIT, Duration::from_secs(1)).await;
+    let stored = nats::read_stream(&url, &stream, 1, LIMIT, secs(1)).await;
     let states: Vec<&Value> = stored.iter().map(|m| &m.value["state"]).collect();
     assert_eq!(states, ["success"], "generating after success is stale");
     a.stop().await;

@@ -30,15 +30,8 @@ fn config_files() -> Vec<PathBuf> {
 
 /// `hookbridge ARGS` with `env` and no other `HOOKBRIDGE_*` variable.
 fn hookbridge(args: &[&str], env: &[(String, String)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hookbridge"));
-    cmd.args(args)
-        .current_dir(root())
-        .env("RUST_BACKTRACE", "0");
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("HOOKBRIDGE_") {
-            cmd.env_remove(key);
-        }
-    }
+    let mut cmd = crate::support::bin::hookbridge(args);
+    cmd.current_dir(root()).env("RUST_BACKTRACE", "0");
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.output().unwrap()
 }

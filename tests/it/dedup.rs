@@ -164,9 +164,7 @@ async fn duplicate_storm_publishes_each_state_once() {
 /// (taskId, state) it accepted before and publishes none of them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_inside_the_window_publishes_nothing_new() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("restart");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("restart", 1).await;
     let dir = temp_dir();
     let cfg = config(dir.path(), kafka_publisher(&bootstrap, &topic));
     let run = unique("t");
@@ -209,9 +207,7 @@ async fn restart_inside_the_window_publishes_nothing_new() {
 /// then the conflict, all on one partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_task_order_with_stale_and_conflicting_callbacks() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("order");
-    kafka::create_topic(&bootstrap, &topic, 3, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("order", 3).await;
     let dir = temp_dir();
     let app = TestApp::start(config(dir.path(), kafka_publisher(&bootstrap, &topic))).await;
 
@@ -365,9 +361,7 @@ async fn two_instances_share_jetstream_dedup() {
 /// same callbacks are then new events, published a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeat_after_the_window_is_published_again_and_pruning_keeps_the_store_small() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("window");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("window", 1).await;
     let dir = temp_dir();
     let mut cfg = config(dir.path(), kafka_publisher(&bootstrap, &topic));
     cfg.outbox.dedup_window_secs = 1;

@@ -4,12 +4,11 @@
 //! in count and time; the tests assert answers, the bench measures times.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hookbridge::config::{Config, FileConfig, PublisherConfig, Secret, TlsConfig};
+use hookbridge::config::{Config, Secret, TlsConfig};
 use http_body_util::Full;
 use hyper::StatusCode;
 use hyper_util::client::legacy::Client;
@@ -18,21 +17,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::nats::jetstream_publisher;
-use crate::support::app::{config, free_port, temp_dir, ChildApp, Http, TestApp};
-use crate::support::{brokers, callbacks, eventually, nats, unique};
+use crate::support::app::{config, file_config, free_port, temp_dir, ChildApp, Http, TestApp};
+use crate::support::{brokers, callbacks, eventually, nats, secs, unique};
 
 /// Upper bound of every wait here: generous, only there so nothing hangs.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn file_config(dir: &Path) -> Config {
-    config(
-        dir,
-        PublisherConfig::File(FileConfig {
-            path: dir.join("events.jsonl").display().to_string(),
-            fsync: false,
-        }),
-    )
-}
 
 /// Whether the server closes `stream` (EOF or reset) within `WAIT`,
 /// returning what it sent first.
@@ -224,7 +213,7 @@ async fn junk_flood_does_not_cost_a_good_callback() {
     }
     assert_eq!(refused, JUNK);
 
-    let stored = nats::read_stream(&url, &stream, GOOD as u64, WAIT, Duration::from_secs(1)).await;
+    let stored = nats::read_stream(&url, &stream, GOOD as u64, WAIT, secs(1)).await;
     assert_eq!(stored.len(), GOOD, "each good callback once");
     let counters = app.outbox.status().unwrap().counters;
     assert_eq!(counters["rejected"], JUNK as u64);
@@ -415,6 +404,18 @@ async fn tls_serves_rejects_plaintext_and_reloads_the_certificate() {
         https_get(port, &new_ca).await.is_err(),
         "not yet the new certificate"
     );
+    // A certificate that cannot be used is logged and counted; the current
+    // one is still served.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    eventually(WAIT, "the failed reload to be counted", || async {
+        let scrape = app.admin.get("/metrics").await.1;
+        let text = scrape.as_str().unwrap_or_default().to_string();
+        (!text.contains("hookbridge_tls_reload_failures_total 0\n")
+            && text.contains("hookbridge_tls_reload_failures_total "))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(https_get(port, &ca).await, Ok(StatusCode::OK));
     std::fs::write(&key, &key_pem).unwrap();
     std::fs::write(&cert, &cert_pem).unwrap();
     eventually(WAIT, "the new certificate to be served", || {

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::kafka::kafka_publisher;
 use crate::nats::jetstream_publisher;
 use crate::support::app::{config, temp_dir, TestApp};
-use crate::support::{brokers, callbacks, kafka, nats, unique};
+use crate::support::{brokers, callbacks, kafka, nats, secs, unique};
 
 const TASKS: usize = 4;
 const STATES: [&str; 3] = ["waiting", "generating", "success"];
@@ -128,21 +128,12 @@ fn assert_once_in_order(lines: &[Value], stderr: &str, tasks: &[String], duplica
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_consumer_processes_each_task_state_once_in_order() {
     let binary = build_example("kafka_consumer").await;
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("events");
-    kafka::create_topic(&bootstrap, &topic, 3, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("events", 3).await;
     let dir = temp_dir();
     let app = TestApp::start(config(dir.path(), kafka_publisher(&bootstrap, &topic))).await;
     let tasks = post_progress(&app).await;
     let published = TASKS * STATES.len();
-    let records = kafka::consume(
-        &bootstrap,
-        &topic,
-        published,
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-    )
-    .await;
+    let records = kafka::consume(&bootstrap, &topic, published, secs(60), secs(1)).await;
     app.stop().await;
 
     // Redeliveries, as after a crash between ack and delete: every record
@@ -192,14 +183,7 @@ async fn jetstream_consumer_processes_each_task_state_once_in_order() {
     .await;
     let tasks = post_progress(&app).await;
     let published = TASKS * STATES.len();
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        published as u64,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, published as u64, secs(30), secs(1)).await;
     app.stop().await;
 
     // Repeats the server cannot drop: published without `Nats-Msg-Id`, as

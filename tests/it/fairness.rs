@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hookbridge::config::{Config, FileConfig, ForwardedHeader, PublisherConfig, StreamConfig};
+use hookbridge::config::{Config, ForwardedHeader, StreamConfig};
 use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -20,7 +20,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::nats::jetstream_publisher;
 use crate::support::app::{config, temp_dir, Http, TestApp};
 use crate::support::brokers::{self, PrivateBroker};
-use crate::support::{callbacks, eventually, nats, unique};
+use crate::support::{callbacks, eventually, nats, secs, unique};
 
 /// Upper bound of every wait here: generous, only there so nothing hangs.
 const WAIT: Duration = Duration::from_secs(60);
@@ -38,13 +38,7 @@ fn edge_defaults(mut config: Config) -> Config {
 }
 
 fn file_config(dir: &Path) -> Config {
-    edge_defaults(config(
-        dir,
-        PublisherConfig::File(FileConfig {
-            path: dir.join("events.jsonl").display().to_string(),
-            fsync: false,
-        }),
-    ))
+    edge_defaults(crate::support::app::file_config(dir))
 }
 
 /// A JetStream stream of its own and a config publishing to it.
@@ -213,14 +207,7 @@ async fn a_burst_from_one_address_is_answered_200_in_full() {
         refused.len(),
         &refused[..refused.len().min(5)]
     );
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        TOTAL as u64,
-        WAIT * 2,
-        Duration::from_secs(1),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, TOTAL as u64, WAIT * 2, secs(1)).await;
     assert_eq!(stored.len(), TOTAL, "each callback once");
     app.stop().await;
 }
@@ -244,14 +231,8 @@ async fn callbacks_during_a_broker_outage_are_all_accepted() {
     );
     assert_eq!(app.outbox.status().unwrap().pending, TOTAL as u64);
     broker.start().await;
-    let stored = nats::read_stream(
-        &broker.nats_url(),
-        &stream,
-        TOTAL as u64,
-        WAIT * 2,
-        Duration::from_secs(1),
-    )
-    .await;
+    let stored =
+        nats::read_stream(&broker.nats_url(), &stream, TOTAL as u64, WAIT * 2, secs(1)).await;
     assert_eq!(stored.len(), TOTAL);
     app.stop().await;
 }
@@ -295,7 +276,7 @@ async fn duplicates_from_many_connections_are_all_answered() {
         bad.extend(client.await.unwrap());
     }
     assert!(bad.is_empty(), "{bad:?}");
-    let stored = nats::read_stream(&url, &stream, TASKS as u64, WAIT, Duration::from_secs(2)).await;
+    let stored = nats::read_stream(&url, &stream, TASKS as u64, WAIT, secs(2)).await;
     assert_eq!(stored.len(), TASKS, "one event per (task, state)");
     app.stop().await;
 }
@@ -675,14 +656,7 @@ async fn known_senders_keep_their_slots_and_backlog_share() {
     assert!(lost.is_empty(), "{lost:?}");
 
     broker.start().await;
-    let stored = nats::read_stream(
-        &broker.nats_url(),
-        &stream,
-        50,
-        WAIT * 2,
-        Duration::from_secs(1),
-    )
-    .await;
+    let stored = nats::read_stream(&broker.nats_url(), &stream, 50, WAIT * 2, secs(1)).await;
     let senders_events = stored
         .iter()
         .filter(|m| m.value["taskId"].as_str().unwrap().starts_with(&run))

@@ -8,7 +8,7 @@ use hyper::StatusCode;
 use serde_json::{json, Value};
 
 use crate::support::app::{config, temp_dir, TestApp};
-use crate::support::{assert_valid_event, brokers, kafka, nats, unique};
+use crate::support::{assert_valid_event, brokers, kafka, nats, secs, unique};
 
 /// A body posted as raw bytes, and the field its 400 must name (`None`: must be accepted).
 struct Case {
@@ -175,14 +175,7 @@ async fn hostile_callbacks_are_refused_and_jetstream_keeps_flowing() {
     let app = TestApp::start(config(dir.path(), publisher)).await;
     let good = post_all(&app, &unique("task")).await;
 
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        2,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, 2, secs(60), secs(2)).await;
     assert_eq!(stored.len(), 2, "{stored:?}");
     let odd = &stored[0];
     assert_eq!(odd.subject, format!("{prefix}.unknown.success"));

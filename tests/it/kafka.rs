@@ -1,13 +1,12 @@
 //! Callbacks in, task events out on a real Kafka broker.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use hookbridge::config::{KafkaConfig, PublisherConfig};
 use hyper::StatusCode;
 
 use crate::support::app::{config, temp_dir, TestApp};
-use crate::support::{assert_valid_event, brokers, callbacks, kafka, unique};
+use crate::support::{assert_valid_event, brokers, callbacks, kafka, secs, unique};
 
 pub fn kafka_publisher(bootstrap: &str, topic: &str) -> PublisherConfig {
     PublisherConfig::Kafka(KafkaConfig {
@@ -23,9 +22,7 @@ pub fn kafka_publisher(bootstrap: &str, topic: &str) -> PublisherConfig {
 /// CloudEvents headers, and validates against the published JSON Schema.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_payload_shape_arrives_keyed_by_task_with_cloudevents_headers() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("events");
-    kafka::create_topic(&bootstrap, &topic, 3, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("events", 3).await;
     let dir = temp_dir();
     let app = TestApp::start(config(dir.path(), kafka_publisher(&bootstrap, &topic))).await;
 
@@ -33,14 +30,7 @@ async fn every_payload_shape_arrives_keyed_by_task_with_cloudevents_headers() {
     for (_, body, _) in &variants {
         assert_eq!(app.callback(body).await, StatusCode::OK);
     }
-    let records = kafka::consume(
-        &bootstrap,
-        &topic,
-        variants.len(),
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let records = kafka::consume(&bootstrap, &topic, variants.len(), secs(60), secs(2)).await;
     assert_eq!(records.len(), variants.len(), "each callback exactly once");
 
     let by_key: HashMap<_, _> = records.iter().map(|r| (r.key.clone(), r)).collect();
@@ -111,18 +101,11 @@ async fn topic_template_routes_by_state() {
         &bootstrap,
         &format!("{prefix}.success"),
         1,
-        Duration::from_secs(60),
-        Duration::from_secs(1),
+        secs(60),
+        secs(1),
     )
     .await;
-    let failed = kafka::consume(
-        &bootstrap,
-        &format!("{prefix}.fail"),
-        1,
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-    )
-    .await;
+    let failed = kafka::consume(&bootstrap, &format!("{prefix}.fail"), 1, secs(60), secs(1)).await;
     assert_eq!((ok.len(), failed.len()), (1, 1));
     assert_eq!(ok[0].key, format!("{task}_a"));
     assert_eq!(failed[0].key, format!("{task}_b"));

@@ -6,15 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use hookbridge::config::{Config, FileConfig, PublisherConfig};
 use hyper::StatusCode;
 use prometheus_parse::{Sample, Scrape, Value as Metric};
 use serde_json::{json, Value};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::kafka::kafka_publisher;
-use crate::support::app::{config, temp_dir, Http, TestApp};
-use crate::support::{brokers, callbacks, eventually, kafka, unique};
+use crate::support::app::{config, file_config, temp_dir, Http, TestApp};
+use crate::support::{callbacks, eventually, kafka, unique};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
 
@@ -89,9 +88,7 @@ impl Scraped {
 /// histograms, and the gauges once the backlog drained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scrape_follows_the_traffic() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("metrics");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("metrics", 1).await;
     let dir = temp_dir();
     let mut config = config(dir.path(), kafka_publisher(&bootstrap, &topic));
     config.server.body_limit_bytes = 32 * 1024;
@@ -245,14 +242,6 @@ async fn with_an_admin_token_a_scrape_needs_it() {
     );
     Scraped::from(&app.admin).await;
     app.stop().await;
-}
-
-fn file_config(dir: &std::path::Path) -> Config {
-    let path = dir.join("events.jsonl").display().to_string();
-    config(
-        dir,
-        PublisherConfig::File(FileConfig { path, fsync: false }),
-    )
 }
 
 /// Every `hookbridge_*` name in a PromQL expression, histogram suffixes

@@ -6,7 +6,7 @@ use hookbridge::config::{NatsConfig, PublisherConfig, StreamConfig};
 use hyper::StatusCode;
 
 use crate::support::app::{config, temp_dir, TestApp};
-use crate::support::{assert_valid_event, brokers, callbacks, nats, unique};
+use crate::support::{assert_valid_event, brokers, callbacks, ms, nats, secs, unique};
 
 pub fn jetstream_publisher(
     url: &str,
@@ -42,14 +42,7 @@ async fn every_payload_shape_lands_in_jetstream_with_msg_id() {
     for (_, body, _) in &variants {
         assert_eq!(app.callback(body).await, StatusCode::OK);
     }
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        variants.len() as u64,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, variants.len() as u64, secs(30), secs(1)).await;
     assert_eq!(stored.len(), variants.len(), "each callback exactly once");
     for (task_id, _, state) in &variants {
         let m = stored
@@ -85,14 +78,7 @@ async fn creates_the_configured_stream() {
         app.callback(&callbacks::success(&unique("task"))).await,
         StatusCode::OK
     );
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        1,
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, 1, secs(30), ms(500)).await;
     assert_eq!(stored.len(), 1);
     let client = async_nats::connect(&url).await.unwrap();
     let mut info = async_nats::jetstream::new(client)

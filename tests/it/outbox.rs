@@ -20,7 +20,7 @@ use crate::kafka::kafka_publisher;
 use crate::nats::jetstream_publisher;
 use crate::support::app::{config, free_port, temp_dir, ChildApp, Http, TestApp};
 use crate::support::brokers::{self, PrivateBroker};
-use crate::support::{callbacks, eventually, kafka, nats, unique};
+use crate::support::{callbacks, eventually, kafka, nats, secs, unique};
 
 /// `updateTime` of a task's first callback; later ones count up from here,
 /// so the update time doubles as the task's sequence number.
@@ -123,14 +123,7 @@ async fn kafka_outage_loses_nothing_and_keeps_task_order() {
         restarted.elapsed()
     );
 
-    let records = kafka::consume(
-        &bootstrap,
-        &topic,
-        total,
-        Duration::from_secs(120),
-        Duration::from_secs(3),
-    )
-    .await;
+    let records = kafka::consume(&bootstrap, &topic, total, secs(120), secs(3)).await;
     assert_eq!(records.len(), total, "every accepted callback exactly once");
     let mut by_key: BTreeMap<&str, Vec<&kafka::Record>> = BTreeMap::new();
     for r in &records {
@@ -203,14 +196,7 @@ async fn nats_outage_loses_nothing_and_keeps_task_order() {
         restarted.elapsed()
     );
 
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        total as u64,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, total as u64, secs(60), secs(2)).await;
     assert_eq!(stored.len(), total, "every accepted callback exactly once");
     let ids: HashSet<&str> = stored.iter().map(|m| m.event_id()).collect();
     assert_eq!(ids.len(), total, "no event stored twice");
@@ -256,9 +242,7 @@ async fn nats_outage_loses_nothing_and_keeps_task_order() {
 async fn crash_after_200_loses_nothing() {
     const KILL_AFTER: usize = 300;
     const LOOPS: usize = 3;
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("crash");
-    kafka::create_topic(&bootstrap, &topic, 3, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("crash", 3).await;
     let env = [
         ("HOOKBRIDGE_PUBLISHER__TYPE", "kafka".to_string()),
         ("HOOKBRIDGE_PUBLISHER__BROKERS", bootstrap.clone()),
@@ -333,14 +317,7 @@ async fn crash_after_200_loses_nothing() {
     .await;
     eprintln!("crash: drained {:?} after the restart", started.elapsed());
 
-    let records = kafka::consume(
-        &bootstrap,
-        &topic,
-        accepted.len(),
-        Duration::from_secs(60),
-        Duration::from_secs(3),
-    )
-    .await;
+    let records = kafka::consume(&bootstrap, &topic, accepted.len(), secs(60), secs(3)).await;
     let mut copies: HashMap<&str, usize> = HashMap::new();
     for r in &records {
         assert_eq!(r.value["taskId"], r.key.as_str(), "keyed by taskId");
@@ -377,9 +354,7 @@ async fn crash_after_200_loses_nothing() {
 /// ends up a dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_error_goes_to_dead_letters_and_the_rest_flows() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("limited");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("limited", 1).await;
     let dir = temp_dir();
     let app = TestApp::start(config(dir.path(), kafka_publisher(&bootstrap, &topic))).await;
     // Lowered after the start, which refuses a topic smaller than the body limit.
@@ -424,14 +399,7 @@ async fn permanent_error_goes_to_dead_letters_and_the_rest_flows() {
     let reason = letter["reason"].as_str().unwrap().to_lowercase();
     assert!(reason.contains("size"), "reason names the size: {reason}");
 
-    let records = kafka::consume(
-        &bootstrap,
-        &topic,
-        6,
-        Duration::from_secs(30),
-        Duration::from_secs(2),
-    )
-    .await;
+    let records = kafka::consume(&bootstrap, &topic, 6, secs(30), secs(2)).await;
     let keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
     let expected: Vec<String> = (0..=5).map(small).collect();
     assert_eq!(keys, expected, "the small events, once each, in order");
@@ -534,14 +502,8 @@ async fn backlog_cap_answers_503_then_recovers() {
         assert_eq!(app.callback(&callbacks::success(t)).await, StatusCode::OK);
     }
 
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        (CAP + later.len()) as u64,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let stored =
+        nats::read_stream(&url, &stream, (CAP + later.len()) as u64, secs(60), secs(2)).await;
     let got: Vec<&str> = stored
         .iter()
         .map(|m| m.value["taskId"].as_str().unwrap())
@@ -584,14 +546,7 @@ async fn graceful_shutdown_keeps_pending_and_restart_resumes() {
     assert_eq!(pending(&app), COUNT as u64, "the restart found the backlog");
     broker.start().await;
     app.drained(Duration::from_secs(60)).await;
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        COUNT as u64,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, COUNT as u64, secs(60), secs(2)).await;
     // Different tasks may be published in any order; only counts matter here.
     let mut got: Vec<&str> = stored
         .iter()
@@ -672,14 +627,7 @@ async fn unreadable_entries_become_dead_letters_and_requeue_keeps_them() {
         assert_eq!(app.callback(&callbacks::success(t)).await, StatusCode::OK);
     }
     app.drained(Duration::from_secs(60)).await;
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        tasks.len() as u64,
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, tasks.len() as u64, secs(60), secs(1)).await;
     let got: Vec<&str> = stored
         .iter()
         .map(|m| m.value["taskId"].as_str().unwrap())

@@ -15,14 +15,12 @@ use crate::support::sim::{
     create_task, drop_all, dropped, file_publisher, lines, poll_config, poll_status, record_infos,
     send, sim_create, start_sim, TASKS_TOKEN, WAIT,
 };
-use crate::support::{assert_valid_event, brokers, eventually, kafka, nats, unique};
+use crate::support::{assert_valid_event, brokers, eventually, kafka, nats, secs, unique};
 
 /// Test 1: the callback is lost; polling publishes the terminal event, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_callback_is_published_by_polling_exactly_once() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("polled");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("polled", 1).await;
     let sim = start_sim(drop_all()).await;
     let dir = temp_dir();
     let publisher = crate::kafka::kafka_publisher(&bootstrap, &topic);
@@ -30,7 +28,7 @@ async fn lost_callback_is_published_by_polling_exactly_once() {
 
     let task_id = create_task(&app, "a lighthouse at dusk").await;
     dropped(&sim, &task_id).await;
-    let records = kafka::consume(&bootstrap, &topic, 1, WAIT, Duration::from_secs(2)).await;
+    let records = kafka::consume(&bootstrap, &topic, 1, WAIT, secs(2)).await;
     assert_eq!(records.len(), 1, "exactly one event: {records:?}");
     let r = &records[0];
     assert_valid_event(&r.value);
@@ -85,7 +83,7 @@ async fn late_callback_after_a_poll_publishes_nothing_more() {
     assert_eq!(app.http.post_json(path, &late).await.0, StatusCode::OK);
     app.drained(WAIT).await;
 
-    let stored = nats::read_stream(&url, &stream, 1, WAIT, Duration::from_secs(2)).await;
+    let stored = nats::read_stream(&url, &stream, 1, WAIT, secs(2)).await;
     assert_eq!(stored.len(), 1, "one event for the task: {stored:?}");
     assert_eq!(stored[0].value["source"], "poll", "the poll came first");
     assert_eq!(stored[0].value["taskId"], task_id.as_str());
@@ -588,9 +586,7 @@ async fn finished_task(sim: &hookbridge::sim::Simulator) -> String {
 /// sender's output URLs, error, model or orderId reach Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verified_callbacks_are_published_with_the_providers_fields() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("verified");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("verified", 1).await;
     let sim = start_sim(Faults::default()).await;
     let dir = temp_dir();
     let publisher = crate::kafka::kafka_publisher(&bootstrap, &topic);
@@ -616,7 +612,7 @@ async fn verified_callbacks_are_published_with_the_providers_fields() {
         );
     }
 
-    let records = kafka::consume(&bootstrap, &topic, 2, WAIT, Duration::from_secs(2)).await;
+    let records = kafka::consume(&bootstrap, &topic, 2, WAIT, secs(2)).await;
     let states: Vec<&str> = records.iter().map(|r| r.state()).collect();
     assert_eq!(states, ["generating", "success"], "{records:?}");
     for r in &records {
@@ -721,7 +717,7 @@ async fn junk_held_callbacks_never_fill_the_queue() {
     let task_id = finished_task(&sim).await;
     let genuine = sim.record(&task_id, "success", Variant::Envelope).unwrap();
     assert_eq!(app.callback(&genuine).await, StatusCode::OK);
-    let stored = nats::read_stream(&url, &stream, 1, WAIT, Duration::from_secs(2)).await;
+    let stored = nats::read_stream(&url, &stream, 1, WAIT, secs(2)).await;
     assert_eq!(stored.len(), 1, "only the genuine callback: {stored:?}");
     assert_eq!(stored[0].value["taskId"], task_id.as_str());
     assert_eq!(stored[0].value["state"], "success");
@@ -742,9 +738,7 @@ async fn junk_held_callbacks_never_fill_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_recovers_from_a_full_disk() {
     use std::io::Write;
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("regdisk");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("regdisk", 1).await;
     let sim = start_sim(Faults::default()).await;
     let dir = temp_dir();
     let disk = crate::storage::SmallDisk::mount(&dir.path().join("disk"), "4m");
@@ -795,7 +789,7 @@ async fn registry_recovers_from_a_full_disk() {
     // watched task is published.
     let genuine = sim.record(&task_id, "success", Variant::Envelope).unwrap();
     assert_eq!(app.callback(&genuine).await, StatusCode::OK);
-    let records = kafka::consume(&bootstrap, &topic, 1, WAIT, Duration::from_secs(1)).await;
+    let records = kafka::consume(&bootstrap, &topic, 1, WAIT, secs(1)).await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].key, task_id);
     app.stop().await;
@@ -805,9 +799,7 @@ async fn registry_recovers_from_a_full_disk() {
 /// letter holding what was stored, and polling goes on for the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_registration_becomes_a_dead_letter() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("unreadable");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("unreadable", 1).await;
     let sim = start_sim(drop_all()).await;
     let dir = temp_dir();
     let data = dir.path().join("data");
@@ -831,7 +823,7 @@ async fn an_unreadable_registration_becomes_a_dead_letter() {
     let app = TestApp::start(poll_config(&data, &sim, publisher)).await;
     let task_id = create_task(&app, "after the damaged one").await;
 
-    let records = kafka::consume(&bootstrap, &topic, 1, WAIT, Duration::from_secs(1)).await;
+    let records = kafka::consume(&bootstrap, &topic, 1, WAIT, secs(1)).await;
     assert_eq!(
         records[0].key, task_id,
         "the good task is polled and published"

@@ -14,7 +14,7 @@ use hyper::StatusCode;
 use serde_json::{json, Value};
 
 use crate::support::app::{config, temp_dir, TestApp};
-use crate::support::{brokers, eventually, kafka, nats, unique};
+use crate::support::{brokers, eventually, kafka, nats, secs, unique};
 
 fn callback(task_id: &str, model: &str) -> Value {
     json!({
@@ -78,8 +78,7 @@ async fn an_event_without_a_stream_is_dead_lettered_after_its_attempts_and_other
         let body = callback(&format!("{run}_good_{n}"), "good");
         assert_eq!(app.callback(&body).await, StatusCode::OK);
     }
-    let stored =
-        nats::read_stream(&url, &name, GOOD, Duration::from_secs(30), Duration::ZERO).await;
+    let stored = nats::read_stream(&url, &name, GOOD, secs(30), Duration::ZERO).await;
     assert_eq!(stored.len() as u64, GOOD);
     let status = app.outbox.status().unwrap();
     assert_eq!(

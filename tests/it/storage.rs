@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hookbridge::publish::{self, EncodeError, Encoded, Outgoing, PublishError, Publisher};
+use hookbridge::publish::{Encoded, PublishError, Publisher};
 use serde_json::Value;
 
 use hookbridge::config::{FileConfig, NatsConfig, PublisherConfig};
@@ -19,7 +19,8 @@ use serde_json::json;
 
 use crate::support::app::{config, temp_dir, TestApp};
 use crate::support::brokers::PrivateBroker;
-use crate::support::{nats, unique};
+use crate::support::faults::Faults;
+use crate::support::{nats, secs, unique};
 
 /// A small tmpfs, unmounted on drop. Mounting needs root (or
 /// CAP_SYS_ADMIN), which the project's test machines and CI have.
@@ -134,8 +135,8 @@ async fn full_disk_answers_503_never_200_and_recovers_when_space_returns() {
         &broker.nats_url(),
         &stream,
         accepted.len() as u64,
-        Duration::from_secs(60),
-        Duration::from_secs(1),
+        secs(60),
+        secs(1),
     )
     .await;
     let seen: Vec<String> = stored
@@ -351,45 +352,27 @@ async fn damage_costs_only_the_damaged_records() {
 /// The file publisher behind a gate: while closed, every publish fails as a
 /// broker outage would.
 struct Gated {
-    inner: Arc<dyn Publisher>,
     open: Arc<AtomicBool>,
 }
 
-impl Publisher for Gated {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn encode(&self, message: &Outgoing) -> Result<Encoded, EncodeError> {
-        self.inner.encode(message)
-    }
-
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+impl Faults for Gated {
+    fn publish<'a>(
+        &'a self,
+        batch: &'a [Encoded],
+    ) -> Option<BoxFuture<'a, Vec<Result<(), PublishError>>>> {
         if self.open.load(Ordering::SeqCst) {
-            return self.inner.publish(batch);
+            return None;
         }
         let failed = batch
             .iter()
             .map(|_| Err(PublishError::Transient("the gate is closed".into())))
             .collect();
-        Box::pin(async move { failed })
-    }
-
-    fn flush(&self, timeout: Duration) -> BoxFuture<'_, ()> {
-        self.inner.flush(timeout)
+        Some(Box::pin(async move { failed }))
     }
 }
 
 async fn gated(config: &PublisherConfig, open: &Arc<AtomicBool>) -> Arc<dyn Publisher> {
-    let inner = Arc::from(
-        publish::build(config, 1024 * 1024)
-            .await
-            .expect("publisher builds"),
-    );
-    Arc::new(Gated {
-        inner,
-        open: open.clone(),
-    })
+    crate::support::faults::wrap(config, Gated { open: open.clone() }).await
 }
 
 /// Free bytes of the file system holding `path`.

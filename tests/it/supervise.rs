@@ -13,17 +13,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hookbridge::config::{Config, FileConfig, PublisherConfig};
+use hookbridge::config::PublisherConfig;
 use hookbridge::outbox::Outbox;
-use hookbridge::publish::{self, EncodeError, Encoded, Outgoing, PublishError, Publisher};
+use hookbridge::publish::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
 use hookbridge::App;
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
 use crate::kafka::kafka_publisher;
 use crate::nats::jetstream_publisher;
-use crate::support::app::{config, temp_dir, Http, TestApp};
-use crate::support::{brokers, callbacks, eventually, kafka, nats, unique};
+use crate::support::app::{config, file_config, temp_dir, Http, TestApp};
+use crate::support::faults::Faults;
+use crate::support::{brokers, callbacks, eventually, kafka, nats, secs, unique};
 
 /// What [`Faulty`] does to the chosen task's events.
 #[derive(Clone, Copy, Debug)]
@@ -41,25 +42,19 @@ enum Fault {
     PublishHangs,
 }
 
-/// The real publisher, with `fault` for the events of `task`.
+/// `fault` for the events of `task`, in front of the real publisher.
 struct Faulty {
-    inner: Arc<dyn Publisher>,
     faults: Vec<(String, Fault)>,
     fired: AtomicBool,
 }
 
 impl Faulty {
     async fn wrap(config: &PublisherConfig, faults: &[(&str, Fault)]) -> Arc<dyn Publisher> {
-        let inner = Arc::from(
-            publish::build(config, 1024 * 1024)
-                .await
-                .expect("publisher builds"),
-        );
-        Arc::new(Self {
-            inner,
+        let faults = Self {
             faults: faults.iter().map(|(t, f)| (t.to_string(), *f)).collect(),
             fired: AtomicBool::new(false),
-        })
+        };
+        crate::support::faults::wrap(config, faults).await
     }
 
     fn fault(&self, task_id: &str) -> Option<Fault> {
@@ -70,38 +65,33 @@ impl Faulty {
     }
 }
 
-impl Publisher for Faulty {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn encode(&self, message: &Outgoing) -> Result<Encoded, EncodeError> {
+impl Faults for Faulty {
+    fn encode(&self, message: &Outgoing) -> Option<Result<Encoded, EncodeError>> {
         match self.fault(&message.meta.task_id) {
             Some(Fault::EncodePanic) => panic!("injected encoding panic"),
-            Some(Fault::EncodeError) => Err(EncodeError::Header {
+            Some(Fault::EncodeError) => Some(Err(EncodeError::Header {
                 name: "fault",
                 problem: "injected encoding error",
-            }),
-            _ => self.inner.encode(message),
+            })),
+            _ => None,
         }
     }
 
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn publish<'a>(
+        &'a self,
+        batch: &'a [Encoded],
+    ) -> Option<BoxFuture<'a, Vec<Result<(), PublishError>>>> {
         for m in batch {
             match self.fault(&m.key) {
                 Some(Fault::PublishPanic) => panic!("injected relay panic"),
-                Some(Fault::PublishHangs) => return Box::pin(std::future::pending()),
+                Some(Fault::PublishHangs) => return Some(Box::pin(std::future::pending())),
                 Some(Fault::PublishPanicOnce) if !self.fired.swap(true, Ordering::SeqCst) => {
                     panic!("injected relay panic")
                 }
                 _ => {}
             }
         }
-        self.inner.publish(batch)
-    }
-
-    fn flush(&self, timeout: Duration) -> BoxFuture<'_, ()> {
-        self.inner.flush(timeout)
+        None
     }
 }
 
@@ -189,9 +179,7 @@ fn poison(run: &str) -> [(String, Fault); 2] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encoding_fault_dead_letters_one_event_and_the_next_100_reach_kafka_in_order() {
-    let bootstrap = brokers::kafka().await;
-    let topic = unique("poison");
-    kafka::create_topic(&bootstrap, &topic, 1, &[]).await;
+    let (bootstrap, topic) = kafka::new_topic("poison", 1).await;
     let run = unique("task");
     let faults = poison(&run);
     let faults: Vec<(&str, Fault)> = faults.iter().map(|(t, f)| (t.as_str(), *f)).collect();
@@ -204,14 +192,7 @@ async fn an_encoding_fault_dead_letters_one_event_and_the_next_100_reach_kafka_i
     .await;
 
     let good = poison_then_hundred(&app, &run).await;
-    let records = kafka::consume(
-        &bootstrap,
-        &topic,
-        100,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let records = kafka::consume(&bootstrap, &topic, 100, secs(60), secs(2)).await;
     let got: Vec<(String, String)> = records
         .iter()
         .map(|r| (r.key.clone(), r.state().to_string()))
@@ -237,14 +218,7 @@ async fn an_encoding_fault_dead_letters_one_event_and_the_next_100_reach_jetstre
     .await;
 
     let good = poison_then_hundred(&app, &run).await;
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        100,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, 100, secs(60), secs(2)).await;
     let got: Vec<(String, String)> = stored
         .iter()
         .map(|m| {
@@ -329,14 +303,7 @@ async fn a_panicking_relay_is_restarted_readyz_goes_503_and_back_and_nothing_is_
     .await;
 
     app.drained(Duration::from_secs(60)).await;
-    let stored = nats::read_stream(
-        &url,
-        &stream,
-        tasks.len() as u64,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .await;
+    let stored = nats::read_stream(&url, &stream, tasks.len() as u64, secs(60), secs(2)).await;
     let mut got: Vec<&str> = stored
         .iter()
         .map(|m| m.value["taskId"].as_str().unwrap())
@@ -346,17 +313,6 @@ async fn a_panicking_relay_is_restarted_readyz_goes_503_and_back_and_nothing_is_
     assert_eq!(got, tasks, "every event once, the one in the crash too");
     assert_eq!(app.outbox.status().unwrap().dead_letters, 0);
     app.stop().await;
-}
-
-fn file_config(dir: &std::path::Path) -> Config {
-    let out = dir.join("events.jsonl");
-    config(
-        &dir.join("data"),
-        PublisherConfig::File(FileConfig {
-            path: out.display().to_string(),
-            fsync: false,
-        }),
-    )
 }
 
 /// A relay that panics on every batch cannot be kept alive: after

@@ -8,7 +8,7 @@ use hyper::StatusCode;
 use serde_json::Value;
 
 use crate::support::app::{config, temp_dir, TestApp};
-use crate::support::{callbacks, nats, unique};
+use crate::support::{callbacks, nats, secs, unique};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -62,7 +62,7 @@ async fn junk_tasks_at_the_cap_never_lock_out_a_new_task() {
         .unwrap();
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     let answered = started.elapsed();
-    let stored = nats::read_stream(&url, &stream, CAP + 1, WAIT, Duration::from_secs(1)).await;
+    let stored = nats::read_stream(&url, &stream, CAP + 1, WAIT, secs(1)).await;
     assert_eq!(stored.len() as u64, CAP + 1);
     assert!(stored.iter().any(|m| m.value["taskId"] == real.as_str()));
 
@@ -104,8 +104,7 @@ async fn junk_tasks_at_the_cap_never_lock_out_a_new_task() {
         metrics.contains(r#"hookbridge_task_records_evicted_total{task="unfinished"}"#),
         "{metrics}"
     );
-    let stored =
-        nats::read_stream(&url, &stream, 2 * CAP + 102, WAIT, Duration::from_secs(1)).await;
+    let stored = nats::read_stream(&url, &stream, 2 * CAP + 102, WAIT, secs(1)).await;
     assert!(stored.iter().any(|m| m.value["taskId"] == another.as_str()));
     app.stop().await;
 }

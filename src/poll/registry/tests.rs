@@ -1,5 +1,5 @@
 use super::*;
-use crate::event::{Source, State};
+use crate::event::State;
 
 fn registration(at: i64, next: i64) -> Registration {
     Registration {
@@ -19,8 +19,7 @@ fn open(dir: &Path) -> Registry {
 }
 
 fn callback(task_id: &str, state: &str) -> TaskEvent {
-    let body = serde_json::json!({"taskId": task_id, "state": state});
-    crate::event::from_value(body, Source::Webhook, 5).unwrap()
+    crate::event::testing::callback_at(task_id, state, 5)
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hookbridge::config::{Config, PublisherConfig};
+use hookbridge::config::{Config, FileConfig, PublisherConfig};
 use hookbridge::outbox::Outbox;
 use hookbridge::publish::Publisher;
 use hookbridge::App;
@@ -36,6 +36,18 @@ pub fn config(data_dir: &Path, publisher: PublisherConfig) -> Config {
     config.outbox.shutdown_grace_ms = 5000;
     config.publisher = publisher;
     config
+}
+
+/// [`config`] with the file publisher writing `dir/events.jsonl` (no
+/// fsync), the outbox in `dir`.
+pub fn file_config(dir: &Path) -> Config {
+    config(
+        dir,
+        PublisherConfig::File(FileConfig {
+            path: dir.join("events.jsonl").display().to_string(),
+            fsync: false,
+        }),
+    )
 }
 
 /// A tiny keep-alive HTTP/1 client.
@@ -329,7 +341,8 @@ impl ChildApp {
     pub async fn start(data_dir: &Path, port: u16, env: &[(&str, String)]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"));
+        // Only its own variables: not the harness's HOOKBRIDGE_TEST_*.
+        let mut cmd = super::bin::hookbridge_async(&[]);
         cmd.env("HOOKBRIDGE_SERVER__LISTEN", addr.to_string())
             .env("HOOKBRIDGE_ADMIN__LISTEN", admin_addr.to_string())
             .env("HOOKBRIDGE_SERVER__RATE_LIMIT__REFUSALS_PER_SEC", "0")
@@ -338,15 +351,7 @@ impl ChildApp {
             .env("HOOKBRIDGE_OUTBOX__RETRY_MAX_MS", "1000")
             .env("HOOKBRIDGE_LOG__LEVEL", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        // The harness's own HOOKBRIDGE_TEST_* variables share the binary's
-        // configuration prefix, and it refuses unknown keys.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("HOOKBRIDGE_TEST_") {
-                cmd.env_remove(key);
-            }
-        }
+            .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -31,6 +31,15 @@ impl Record {
     }
 }
 
+/// The test broker and a topic of its own (`prefix_<random>`) with
+/// `partitions` partitions: (bootstrap servers, topic).
+pub async fn new_topic(prefix: &str, partitions: i32) -> (String, String) {
+    let bootstrap = super::brokers::kafka().await;
+    let topic = super::unique(prefix);
+    create_topic(&bootstrap, &topic, partitions, &[]).await;
+    (bootstrap, topic)
+}
+
 /// Creates `topic` with `partitions` partitions and extra topic configs.
 pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32, configs: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()

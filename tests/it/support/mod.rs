@@ -2,14 +2,26 @@
 //! what actually arrived on them.
 
 pub mod app;
+pub mod bin;
 pub mod brokers;
 pub mod callbacks;
+pub mod faults;
 pub mod kafka;
 pub mod nats;
 pub mod sim;
 
 use std::future::Future;
 use std::time::Duration;
+
+/// `n` seconds: short enough to keep a broker read on one line.
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// `n` milliseconds (see [`secs`]).
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
 
 /// A random lowercase suffix so each test owns its topics, subjects and streams.
 pub fn unique(prefix: &str) -> String {

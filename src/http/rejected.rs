@@ -1,6 +1,9 @@
 //! The in-memory keep of rejected request bodies (`/admin/rejected`):
 //! bounded in entries (`outbox.keep_rejected`) and so in bytes (each body
-//! cut to [`KEEP`], each reason to [`KEEP_REASON`]).
+//! cut to [`KEEP`], each reason to [`KEEP_REASON`]). It belongs to the
+//! HTTP side ([`super::Shared::rejected`]): in memory and apart from the
+//! outbox's writer, so a flood of junk never queues in front of a good
+//! callback's commit.
 //!
 //! Each entry belongs to a share (why it was rejected: `invalid`,
 //! `bad_token`, ...). When the keep is full, the oldest entry of the
@@ -8,8 +11,60 @@
 //! the few of every other kind an operator is looking for.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
-use super::Rejected;
+use serde::Serialize;
+
+use crate::clock::now_ms;
+use crate::metrics::Reject;
+use crate::outbox::Stats;
+use crate::sync::lock;
+
+/// A request body that failed validation, kept for inspection.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rejected {
+    pub received_at: i64,
+    pub reason: String,
+    pub body: String,
+    pub body_truncated: bool,
+}
+
+/// The rejected bodies of one app, fair across kinds, and their counters.
+pub struct RejectedBodies {
+    ring: Mutex<Ring>,
+    /// `outbox.keep_rejected`.
+    cap: usize,
+    /// Where rejections are counted (`rejected`, `rejectedDropped`, and
+    /// `hookbridge_events_rejected_total`).
+    stats: Arc<Stats>,
+}
+
+impl RejectedBodies {
+    pub fn new(keep: u64, stats: Arc<Stats>) -> Self {
+        Self {
+            ring: Mutex::default(),
+            cap: usize::try_from(keep).unwrap_or(usize::MAX),
+            stats,
+        }
+    }
+
+    /// Counts a body rejected for `why`, and keeps it cut to 4 KiB in the
+    /// share `share` (a kind of rejection, e.g. `bad_token`): when the keep
+    /// is full, the oldest of the largest share is dropped first, and
+    /// counted.
+    pub fn keep(&self, why: Reject, share: &'static str, body: &[u8], reason: &str) {
+        self.stats.metrics.rejected(why);
+        Stats::add(&self.stats.rejected, 1);
+        let dropped = lock(&self.ring).push(share, body, reason, now_ms(), self.cap);
+        Stats::add(&self.stats.rejected_dropped, dropped);
+    }
+
+    /// The newest `limit` rejected bodies, newest first.
+    pub fn newest(&self, limit: usize) -> Vec<Rejected> {
+        lock(&self.ring).newest(limit)
+    }
+}
 
 /// Most bytes of a body kept.
 pub(super) const KEEP: usize = 4 * 1024;
@@ -17,7 +72,7 @@ pub(super) const KEEP: usize = 4 * 1024;
 const KEEP_REASON: usize = 512;
 
 #[derive(Default)]
-pub(super) struct Ring {
+struct Ring {
     entries: VecDeque<(&'static str, Rejected)>,
     shares: HashMap<&'static str, usize>,
 }
@@ -31,14 +86,7 @@ fn cut(text: &str, max: usize) -> String {
 
 impl Ring {
     /// Keeps a cut copy of `body`; returns how many entries were pushed out.
-    pub(super) fn push(
-        &mut self,
-        share: &'static str,
-        body: &[u8],
-        reason: &str,
-        at: i64,
-        cap: usize,
-    ) -> u64 {
+    fn push(&mut self, share: &'static str, body: &[u8], reason: &str, at: i64, cap: usize) -> u64 {
         let rejected = Rejected {
             received_at: at,
             reason: cut(reason, KEEP_REASON),
@@ -77,7 +125,7 @@ impl Ring {
     }
 
     /// The newest `limit`, newest first.
-    pub(super) fn newest(&self, limit: usize) -> Vec<Rejected> {
+    fn newest(&self, limit: usize) -> Vec<Rejected> {
         self.entries
             .iter()
             .rev()
