@@ -191,7 +191,12 @@ async fn export(client: &AdminClient, file: &Path) -> Result<(), CliError> {
         Ok(count) => count,
         Err(e) => {
             if !to_stdout {
-                let _ = std::fs::remove_file(&partial);
+                if let Err(left) = std::fs::remove_file(&partial) {
+                    eprintln!(
+                        "cannot remove the partial file {}: {left}",
+                        partial.display()
+                    );
+                }
             }
             return Err(e);
         }

@@ -559,7 +559,7 @@ impl Outbox {
                 Some((_, Some(meta), _)) => Ok(meta),
                 // Moved from an older version's store: the JSON says it all.
                 _ => serde_json::from_slice::<TaskEvent>(&bytes[head..])
-                    .map(|event| crate::publish::EventMeta::of(&event))
+                    .map(|event| crate::event::EventMeta::of(&event))
                     .map_err(|e| format!("unreadable outbox entry: {e}")),
             };
             match meta {

@@ -59,7 +59,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::store::{slot as state_slot, TaskRecord, STATES};
-use crate::publish::EventMeta;
+use crate::event::EventMeta;
 use crate::sync::lock;
 
 /// The active segment is reserved ahead of its writes by this much at a

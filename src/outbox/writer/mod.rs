@@ -43,8 +43,8 @@ use super::store::{
 use super::{AppendError, Appended, DeadLetter, OutboxError, Shared, Stats};
 use crate::clock::now_ms;
 use crate::config::OutboxConfig;
+use crate::event::EventMeta;
 use crate::event::TaskEvent;
-use crate::publish::EventMeta;
 use crate::sync::lock;
 
 /// Most commands taken as one group.

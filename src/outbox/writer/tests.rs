@@ -1,4 +1,5 @@
 use super::*;
+use crate::event::testing::callback;
 use crate::event::{parse, Source};
 
 /// An append of this task fails as a write error would, after its
@@ -14,12 +15,6 @@ pub(super) fn injected() -> OutboxError {
 }
 
 type Answer = oneshot::Receiver<Result<Appended, AppendError>>;
-
-/// A webhook callback of `task` in `state`, parsed.
-fn callback(task: &str, state: &str) -> TaskEvent {
-    let body = format!(r#"{{"taskId":"{task}","state":"{state}"}}"#);
-    parse(body.as_bytes(), Source::Webhook, 1).unwrap()
-}
 
 /// An append of `task`'s `generating`, and where its answer comes.
 fn append_command(task: &str) -> (Command, Answer) {
