@@ -135,6 +135,9 @@ fi
 step "cargo clippy --all-targets --locked -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
+step "the module graph: no import cycle, no file in src/ over 700 lines of code (scripts/imports.py)"
+python3 scripts/imports.py
+
 # Benches are load generators run by scripts/bench.sh (clippy above still checks them).
 step "cargo test --locked --lib --bins --tests${*:+ $*} (brokers: $SOURCE, nats-server $NATS_VERSION)"
 status=0
