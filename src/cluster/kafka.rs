@@ -516,8 +516,6 @@ impl Owner {
         guards: &mut Guards,
         batch: Vec<Incoming>,
     ) -> anyhow::Result<Outcome> {
-        let mut offsets = BTreeMap::new();
-        let mut outputs = Vec::new();
         let mut missing: Vec<i32> = batch
             .iter()
             .map(|r| r.partition)
@@ -530,48 +528,19 @@ impl Owner {
             guards.extend(self.restore(restorer, missing.clone()).await?);
             tracing::debug!(partitions = ?missing, took_ms = started.elapsed().as_millis() as u64, "guards restored");
         }
-        for record in batch {
-            offsets.insert(record.partition, record.offset + 1);
-            let task = guards.entry(record.partition).or_default();
-            let (Some(id), Some(topic)) = (record.header("event-id"), record.header(DESTINATION))
-            else {
-                tracing::error!(
-                    partition = record.partition,
-                    offset = record.offset,
-                    "internal record without event-id or destination; skipped"
-                );
-                continue;
-            };
-            let Some(state) = state_of(&record.key, &id) else {
-                tracing::error!(task_id = %record.key, event_id = %id, "internal record with a foreign event id; skipped");
-                continue;
-            };
-            if verdict(task.get(&record.key), state, &id) != Verdict::Advance {
-                tracing::debug!(task_id = %record.key, state = state.as_str(), "suppressed by the cluster guard");
-                continue;
-            }
-            let guard = Guard {
-                state,
-                id,
-                done: true,
-                at: now_ms(),
-            };
-            let value = serde_json::to_vec(&guard).context("encoding a guard")?;
-            task.insert(record.key.clone(), guard);
-            let headers = record
-                .headers
-                .into_iter()
-                .filter(|(k, _)| k != DESTINATION)
-                .collect();
-            outputs.push(Output {
-                partition: record.partition,
-                topic,
-                key: record.key,
-                payload: record.payload,
-                headers,
-                guard: value,
-            });
-        }
+        let (outputs, offsets) = apply_guards(guards, batch)?;
+        self.commit(producer, consumer, outputs, offsets).await
+    }
+
+    /// One transaction: the outputs and their guards, then the consumed
+    /// offsets; aborted as a whole on any error.
+    async fn commit(
+        &self,
+        producer: &FutureProducer,
+        consumer: &StreamConsumer<OwnerContext>,
+        outputs: Vec<Output>,
+        offsets: BTreeMap<i32, i64>,
+    ) -> anyhow::Result<Outcome> {
         let mut tpl = TopicPartitionList::new();
         for (partition, offset) in offsets {
             tpl.add_partition_offset(
@@ -713,6 +682,60 @@ impl Owner {
     }
 }
 
+/// Checks each record of `batch` against its task's guard, in order: the
+/// records that advance their task, with the task's new guard (also kept in
+/// `guards`), and the next offset to consume of each partition.
+fn apply_guards(
+    guards: &mut Guards,
+    batch: Vec<Incoming>,
+) -> anyhow::Result<(Vec<Output>, BTreeMap<i32, i64>)> {
+    let mut offsets = BTreeMap::new();
+    let mut outputs = Vec::new();
+    for record in batch {
+        offsets.insert(record.partition, record.offset + 1);
+        let task = guards.entry(record.partition).or_default();
+        let (Some(id), Some(topic)) = (record.header("event-id"), record.header(DESTINATION))
+        else {
+            tracing::error!(
+                partition = record.partition,
+                offset = record.offset,
+                "internal record without event-id or destination; skipped"
+            );
+            continue;
+        };
+        let Some(state) = state_of(&record.key, &id) else {
+            tracing::error!(task_id = %record.key, event_id = %id, "internal record with a foreign event id; skipped");
+            continue;
+        };
+        if verdict(task.get(&record.key), state, &id) != Verdict::Advance {
+            tracing::debug!(task_id = %record.key, state = state.as_str(), "suppressed by the cluster guard");
+            continue;
+        }
+        let guard = Guard {
+            state,
+            id,
+            done: true,
+            at: now_ms(),
+        };
+        let value = serde_json::to_vec(&guard).context("encoding a guard")?;
+        task.insert(record.key.clone(), guard);
+        let headers = record
+            .headers
+            .into_iter()
+            .filter(|(k, _)| k != DESTINATION)
+            .collect();
+        outputs.push(Output {
+            partition: record.partition,
+            topic,
+            key: record.key,
+            payload: record.payload,
+            headers,
+            guard: value,
+        });
+    }
+    Ok((outputs, offsets))
+}
+
 /// Enqueues one record of the open transaction, waiting while librdkafka's
 /// queue is full; `commit_transaction` waits for its delivery.
 fn enqueue(
@@ -773,6 +796,62 @@ mod tests {
         assert!(!is_end_of_partition(&KafkaError::Global(
             RDKafkaErrorCode::BrokerTransportFailure
         )));
+    }
+
+    fn record(offset: i64, task: &str, state: crate::event::State) -> Incoming {
+        Incoming {
+            partition: 0,
+            offset,
+            key: task.into(),
+            payload: b"{}".to_vec(),
+            headers: vec![
+                (
+                    "event-id".into(),
+                    crate::event::event_id(task, state).into_bytes(),
+                ),
+                (DESTINATION.into(), b"out".to_vec()),
+            ],
+            produced_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_batch_advances_each_task_in_order_and_consumes_every_record() {
+        use crate::event::State;
+        let mut guards = Guards::new();
+        let batch = vec![
+            record(5, "t1", State::Waiting),
+            record(6, "t1", State::Generating),
+            record(7, "t1", State::Waiting),
+            record(8, "t2", State::Success),
+            record(9, "t2", State::Fail),
+        ];
+        let (outputs, offsets) = apply_guards(&mut guards, batch).unwrap();
+        let written: Vec<(&str, String)> = outputs
+            .iter()
+            .map(|o| {
+                (
+                    o.key.as_str(),
+                    String::from_utf8_lossy(&o.guard).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            written.len(),
+            3,
+            "the stale waiting and the second terminal are not written"
+        );
+        assert!(written[1].1.contains("\"generating\""), "{written:?}");
+        assert!(outputs
+            .iter()
+            .all(|o| o.topic == "out" && o.headers.iter().all(|(k, _)| k != DESTINATION)));
+        assert_eq!(
+            offsets,
+            BTreeMap::from([(0, 10)]),
+            "every record is consumed, written or not"
+        );
+        assert_eq!(guards[&0]["t1"].state, State::Generating);
+        assert_eq!(guards[&0]["t2"].state, State::Success);
     }
 
     #[test]
