@@ -36,7 +36,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Outbox, OutboxError, Stats};
+use super::{Batch, Outbox, OutboxError, Stats};
 use crate::clock::now_ms;
 use crate::publish::{Encoded, Outgoing, PublishError, Publisher};
 use crate::sync::panic_message;
@@ -113,20 +113,18 @@ impl Relay {
         self.held.values().map(|h| h.due).min()
     }
 
-    /// One batch: read, encode, publish, record. Tests drive the relay with
-    /// this.
-    pub async fn run_once(&mut self) -> Result<RelayStep, OutboxError> {
+    /// The next batch to publish: pending events oldest first, without the
+    /// held ones not yet due. Held events take no room in the batch; past
+    /// the cap on them, no new event is looked at until some are due.
+    async fn next_batch(&self, now: Instant) -> Result<Batch, OutboxError> {
         let config = self.outbox.config();
         let (size, max_bytes) = (config.relay_batch, config.relay_batch_bytes);
-        let now = Instant::now();
         let skip: HashMap<u64, String> = self
             .held
             .iter()
             .filter(|(_, h)| h.due > now)
             .map(|(seq, h)| (*seq, h.task_id.clone()))
             .collect();
-        // Held events take no room in the batch; past the cap on them, no
-        // new event is looked at until some are due.
         let cap = size.saturating_mul(MAX_HELD_PER_BATCH);
         let scan = if self.held.len() >= cap {
             // The held events are the oldest pending ones: look at them only.
@@ -135,51 +133,22 @@ impl Relay {
             size * 2 + skip.len()
         };
         let outbox = self.outbox.clone();
-        let batch = tokio::task::spawn_blocking(move || {
-            outbox.read_batch_within(size, max_bytes, scan, &skip)
-        })
-        .await
-        .map_err(OutboxError::from_join)??;
+        tokio::task::spawn_blocking(move || outbox.read_batch_within(size, max_bytes, scan, &skip))
+            .await
+            .map_err(OutboxError::from_join)?
+    }
+
+    /// Sorts the publish results: delivered, dead-lettered (into `dead`),
+    /// refused (held alone, dead-lettered after `refusal_attempts`) or to
+    /// retry (held alone when others went through: the broker is there).
+    fn settle(
+        &mut self,
+        encoded: &[Encoded],
+        results: Vec<Result<(), PublishError>>,
+        now: Instant,
+        dead: &mut Vec<(u64, String)>,
+    ) -> (Vec<u64>, RelayStep) {
         let stats = self.outbox.stats().clone();
-        if batch.ready.is_empty() && batch.unreadable.is_empty() {
-            // Held events are pending but not moving: that is no progress.
-            if self.held.is_empty() {
-                stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
-            }
-            return Ok(RelayStep::default());
-        }
-        let mut dead = Vec::new();
-        for (seq, reason) in batch.unreadable {
-            tracing::error!(seq, %reason, "dead-lettered");
-            dead.push((seq, reason));
-        }
-        let undecodable = dead.len();
-        let mut encoded = Vec::with_capacity(batch.ready.len());
-        for o in &batch.ready {
-            match encode(&*self.publisher, o) {
-                Ok(m) => encoded.push(m),
-                Err(reason) => {
-                    tracing::error!(task_id = %o.meta.task_id, event_id = %o.meta.event_id, %reason, "dead-lettered");
-                    dead.push((o.seq, reason));
-                }
-            }
-        }
-        let unencodable = dead.len() - undecodable;
-        let started = std::time::Instant::now();
-        let mut results = if encoded.is_empty() {
-            Vec::new()
-        } else {
-            self.publisher.publish(&encoded).await
-        };
-        let took = started.elapsed();
-        // A backend that answers for fewer messages than it was given leaves
-        // the rest pending, never lost.
-        results.resize(
-            encoded.len(),
-            Err(PublishError::Transient("no result".into())),
-        );
-        self.isolate_permanent_failures(&encoded, &mut results)
-            .await;
         let (mut delivered, mut step) = (Vec::new(), RelayStep::default());
         let went_through = results.iter().any(Result::is_ok);
         let mut transient = Vec::new();
@@ -224,6 +193,56 @@ impl Relay {
                 self.hold(m, now);
             }
         }
+        (delivered, step)
+    }
+
+    /// One batch: read, encode, publish, record. Tests drive the relay with
+    /// this.
+    pub async fn run_once(&mut self) -> Result<RelayStep, OutboxError> {
+        let now = Instant::now();
+        let batch = self.next_batch(now).await?;
+        let stats = self.outbox.stats().clone();
+        if batch.ready.is_empty() && batch.unreadable.is_empty() {
+            // Held events are pending but not moving: that is no progress.
+            if self.held.is_empty() {
+                stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
+            }
+            return Ok(RelayStep::default());
+        }
+        let mut dead = Vec::new();
+        for (seq, reason) in batch.unreadable {
+            tracing::error!(seq, %reason, "dead-lettered");
+            dead.push((seq, reason));
+        }
+        let undecodable = dead.len();
+        let mut encoded = Vec::with_capacity(batch.ready.len());
+        for o in &batch.ready {
+            match encode(&*self.publisher, o) {
+                Ok(m) => encoded.push(m),
+                Err(reason) => {
+                    tracing::error!(task_id = %o.meta.task_id, event_id = %o.meta.event_id, %reason, "dead-lettered");
+                    dead.push((o.seq, reason));
+                }
+            }
+        }
+        let unencodable = dead.len() - undecodable;
+        let started = std::time::Instant::now();
+        let mut results = if encoded.is_empty() {
+            Vec::new()
+        } else {
+            self.publisher.publish(&encoded).await
+        };
+        let took = started.elapsed();
+        // A backend that answers for fewer messages than it was given leaves
+        // the rest pending, never lost.
+        results.resize(
+            encoded.len(),
+            Err(PublishError::Transient("no result".into())),
+        );
+        self.isolate_permanent_failures(&encoded, &mut results)
+            .await;
+        let went_through = results.iter().any(Result::is_ok);
+        let (delivered, mut step) = self.settle(&encoded, results, now, &mut dead);
         stats.refusing.store(
             self.held.values().filter(|h| h.refusals > 0).count() as u64,
             Ordering::Relaxed,
