@@ -183,18 +183,8 @@ pub async fn serve(
             }
         };
         let ip = canonical(peer.ip());
-        let kind = match &clients {
-            Some(c) if c.is_sender(ip) => Kind::Sender,
-            Some(c) if c.is_proxy(ip) => Kind::Proxy,
-            Some(c) => {
-                if c.penalized(ip) {
-                    // Dropped unread: the cheapest refusal there is.
-                    c.refused_at_accept(ip);
-                    continue;
-                }
-                Kind::Other
-            }
-            None => Kind::Proxy,
+        let Some(kind) = classify(clients.as_deref(), ip) else {
+            continue;
         };
         let start = Start {
             serving: Serving {
@@ -283,8 +273,29 @@ pub async fn serve(
     if closing_tx.send(true).is_err() {
         tracing::debug!("no connection was open at shutdown");
     }
+    finish(connections, limits.shutdown_timeout).await;
+}
+
+/// What kind of client `ip` is on this listener; `None`: in penalty, and
+/// its connection is dropped unread (the cheapest refusal there is).
+fn classify(clients: Option<&Clients>, ip: IpAddr) -> Option<Kind> {
+    Some(match clients {
+        Some(c) if c.is_sender(ip) => Kind::Sender,
+        Some(c) if c.is_proxy(ip) => Kind::Proxy,
+        Some(c) if c.penalized(ip) => {
+            c.refused_at_accept(ip);
+            return None;
+        }
+        Some(_) => Kind::Other,
+        None => Kind::Proxy,
+    })
+}
+
+/// Lets open requests finish for `timeout`, then drops the connections
+/// left; every ending is reported (a panic as a panic).
+async fn finish(mut connections: JoinSet<()>, timeout: Duration) {
     let open = connections.len();
-    let finished = tokio::time::timeout(limits.shutdown_timeout, async {
+    let finished = tokio::time::timeout(timeout, async {
         while let Some(ended) = connections.join_next().await {
             report(ended);
         }
