@@ -33,19 +33,21 @@ pub struct Problem {
     /// A worker's name, `outbox-writer`, `storage`.
     pub component: &'static str,
     /// `restarting`, `failed`, `stopped`, `failing`, `stalled`, `refusing`,
-    /// `unreachable` (cluster coordination), `draining` (shutting down) or
-    /// `unreadable` (the task registry);
-    /// as a warning (ready all the same), `evicting` or `damaged`.
+    /// `unreachable` (cluster coordination) or `draining` (shutting down);
+    /// as a warning (ready all the same), `evicting`, `damaged` or
+    /// `unreadable` (the task registry).
     pub problem: &'static str,
 }
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
+    let problems = problems(&state.health, &state.outbox);
     let read = state.clone();
-    let problems = match tokio::task::spawn_blocking(move || all_problems(&read)).await {
-        Ok(problems) => problems,
+    let registry = match tokio::task::spawn_blocking(move || registry_warning(&read)).await {
+        Ok(registry) => registry,
         Err(e) => return super::ApiError::Internal(e.to_string()).into_response(),
     };
-    let warnings = warnings(&state.outbox, now_ms());
+    let mut warnings = warnings(&state.outbox, now_ms());
+    warnings.extend(registry);
     let mut body = if problems.is_empty() {
         json!({ "status": "ready" })
     } else {
@@ -95,14 +97,17 @@ pub fn warnings(outbox: &Outbox, now: i64) -> Vec<Problem> {
     out
 }
 
-/// Everything that is wrong now, the task registry included: empty when
-/// ready. It reads the registry (redb): on the blocking pool.
-pub fn all_problems(state: &AppState) -> Vec<Problem> {
-    let mut out = problems(&state.health, &state.outbox);
-    if let Err(e) = state.tasks.registry.counts() {
-        out.push(registry_unreadable(&e));
-    }
-    out
+/// A task registry that cannot be read, as a warning: it reads the registry
+/// (redb), so on the blocking pool. A warning, not a problem: the registry
+/// only serves polling and verification, and a replica out of service would
+/// refuse the provider's callbacks, which its outbox still takes.
+pub fn registry_warning(state: &AppState) -> Option<Problem> {
+    state
+        .tasks
+        .registry
+        .counts()
+        .err()
+        .map(|e| registry_unreadable(&e))
 }
 
 /// A task registry that cannot be read (a broken `tasks.redb`): logged,
@@ -115,7 +120,7 @@ pub fn registry_unreadable(e: &crate::poll::RegistryError) -> Problem {
     }
 }
 
-/// Everything that is wrong now but the task registry; empty when ready.
+/// Everything that keeps the instance from being ready; empty when ready.
 pub fn problems(health: &Health, outbox: &Outbox) -> Vec<Problem> {
     let mut out = Vec::new();
     for (component, state) in health.workers() {
