@@ -70,7 +70,7 @@ impl GuardedJetStream {
             .replace("{model}", "*");
         let inner = NatsPublisher::connect(config).await?;
         inner
-            .check_version(OLDEST_SERVER, "JetStream cluster mode")
+            .check_server(None, OLDEST_SERVER, "JetStream cluster mode")
             .await?;
         Ok(Self {
             inner,

@@ -148,9 +148,8 @@ pub async fn build(
         #[cfg(feature = "nats")]
         PublisherConfig::Nats(c) => {
             let publisher = nats::NatsPublisher::connect(c.clone()).await?;
-            publisher.check_max_payload(body_limit).await?;
             publisher
-                .check_version(nats::OLDEST_SERVER, "hookbridge")
+                .check_server(Some(body_limit), nats::OLDEST_SERVER, "hookbridge")
                 .await?;
             Box::new(publisher)
         }

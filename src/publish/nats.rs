@@ -106,34 +106,33 @@ impl NatsPublisher {
         .is_ok()
     }
 
-    /// Refuses a `body_limit` above the server's `max_payload`, when the
-    /// server answers within the ack timeout (else nothing is known yet).
-    pub async fn check_max_payload(&self, body_limit: usize) -> anyhow::Result<()> {
+    /// What only the server can tell, checked once it answers within the ack timeout
+    /// (one wait, else nothing is known yet and a warning says so): a server older than
+    /// `oldest` is refused (`for_what` says what needs it), and so is a `body_limit`
+    /// above the server's `max_payload`.
+    pub async fn check_server(
+        &self,
+        body_limit: Option<usize>,
+        oldest: Version,
+        for_what: &str,
+    ) -> anyhow::Result<()> {
         if !self.connected().await {
-            tracing::warn!("NATS: not connected yet; the server's max_payload is not checked");
-            return Ok(());
-        }
-        let max_payload = self.client.server_info().max_payload;
-        if max_payload > 0 && body_limit > max_payload {
-            anyhow::bail!(
-                "invalid `server.body_limit_bytes`: {body_limit} is larger than the NATS \
-                 server's max_payload ({max_payload}); such events could be accepted but \
-                 never published"
+            tracing::warn!(
+                "NATS: not connected yet; the server's version and max_payload are not checked at start"
             );
-        }
-        Ok(())
-    }
-
-    /// Refuses a server older than `oldest` (`for_what` says why it is needed), when the
-    /// server answers within the ack timeout. Also checked again by [`Self::version_ok`]
-    /// once connected.
-    pub async fn check_version(&self, oldest: Version, for_what: &str) -> anyhow::Result<()> {
-        if !self.connected().await {
-            tracing::warn!("NATS: not connected yet; the server's version is checked later");
             return Ok(());
         }
         self.version_ok(oldest, for_what)
-            .map_err(|e| anyhow::anyhow!(e))
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let max_payload = self.client.server_info().max_payload;
+        match body_limit {
+            Some(limit) if max_payload > 0 && limit > max_payload => anyhow::bail!(
+                "invalid `server.body_limit_bytes`: {limit} is larger than the NATS \
+                 server's max_payload ({max_payload}); such events could be accepted but \
+                 never published"
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// `Err` with the reason when the connected server is older than `oldest`. A server
