@@ -292,12 +292,15 @@ async fn junk_from_another_address_costs_the_sender_nothing() {
     config.server.rate_limit.refusals_per_sec = 1;
     // Longer than the junk loop and the checks below take on a loaded
     // machine: a penalty that ended mid-loop would let more junk be read.
-    config.server.rate_limit.penalty_secs = 15;
+    config.server.rate_limit.penalty_secs = 30;
     let app = TestApp::start(config).await;
     let attacker = Http::from_address(app.addr, ip("127.0.0.2"), Duration::from_secs(30));
     let junk = Bytes::from(vec![b'{'; 64 * 1024]);
     let mut refused_400 = 0;
     let mut cut = 0;
+    // Junk read until the first refusal: on a loaded machine the loop may
+    // outlast the penalty, and junk is read again after it (as it should).
+    let mut read_before_penalty = None;
     for _ in 0..200 {
         match attacker
             .try_request("POST", "/webhooks/kinovi", junk.clone())
@@ -310,10 +313,14 @@ async fn junk_from_another_address_costs_the_sender_nothing() {
             Ok(a) => panic!("unexpected answer to junk: {} {}", a.status, a.json),
             Err(_) => cut += 1,
         }
+        if cut > 0 && read_before_penalty.is_none() {
+            read_before_penalty = Some(refused_400);
+        }
     }
+    let read_before_penalty = read_before_penalty.unwrap_or(refused_400);
     assert!(
-        (20..=25).contains(&refused_400),
-        "{refused_400} junk bodies read before the penalty"
+        (20..=25).contains(&read_before_penalty),
+        "{read_before_penalty} junk bodies read before the penalty"
     );
     assert_eq!(refused_400 + cut, 200);
     let lost = send_good(&app.http, &unique("good"), 50).await;
