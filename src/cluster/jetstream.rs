@@ -39,7 +39,9 @@ use super::{state_of, verdict, Coordination, Guard, Verdict};
 use crate::config::ClusterConfig;
 use crate::publish::config::NatsConfig;
 use crate::publish::nats::{Checked, Expect, NatsPublisher, Version};
-use crate::publish::{task_token, EncodeError, Encoded, Outgoing, PublishError, Publisher};
+use crate::publish::{
+    task_token, EncodeError, Encoded, Outgoing, PublishError, Published, Publisher, Receipt,
+};
 
 /// The oldest nats-server cluster mode runs on: the first that checks an
 /// expected last sequence against a subject filter, and refuses a second
@@ -159,7 +161,7 @@ impl GuardedJetStream {
     }
 
     /// Read, decide, write conditionally: see the module docs.
-    async fn guarded(&self, m: &Encoded) -> Result<(), PublishError> {
+    async fn guarded(&self, m: &Encoded) -> Published {
         let Some(state) = state_of(&m.key, &m.id) else {
             // Not an id hookbridge made: nothing to order it by.
             return self.publish_one(m).await;
@@ -171,14 +173,14 @@ impl GuardedJetStream {
             self.coordination.ok();
             if verdict(guard.as_ref(), state, &m.id) == Verdict::Suppress {
                 tracing::debug!(task_id = %m.key, state = state.as_str(), "suppressed by the stream's last state");
-                return Ok(());
+                return Ok(Receipt::default());
             }
             let expect = Expect {
                 filter: &filter,
                 last_sequence,
             };
             match self.inner.send_expecting(m, &expect).await {
-                Ok(()) => return Ok(()),
+                Ok(receipt) => return Ok(receipt),
                 // Another replica wrote the task meanwhile: decide again.
                 Err(Checked::Moved) => continue,
                 Err(Checked::Failed(e)) => return Err(e),
@@ -191,7 +193,7 @@ impl GuardedJetStream {
         )))
     }
 
-    async fn publish_one(&self, m: &Encoded) -> Result<(), PublishError> {
+    async fn publish_one(&self, m: &Encoded) -> Published {
         self.inner
             .publish(std::slice::from_ref(m))
             .await
@@ -210,7 +212,7 @@ impl Publisher for GuardedJetStream {
         self.inner.encode(o)
     }
 
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Published>> {
         async move { join_all(batch.iter().map(|m| self.guarded(m))).await }.boxed()
     }
 

@@ -42,7 +42,7 @@ use crate::clock::now_ms;
 use crate::config::ClusterConfig;
 use crate::publish::config::{librdkafka_key, KafkaConfig};
 use crate::publish::kafka::{client_config, KafkaPublisher};
-use crate::publish::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
+use crate::publish::{EncodeError, Encoded, Outgoing, Published, Publisher};
 
 /// The header that carries an internal record's output topic.
 pub const DESTINATION: &str = "hookbridge-destination";
@@ -84,7 +84,7 @@ impl Publisher for Intake {
         Ok(m)
     }
 
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Published>> {
         self.inner.publish(batch)
     }
 

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use super::{Batch, Outbox, OutboxError, Stats};
 use crate::clock::now_ms;
-use crate::publish::{Encoded, Outgoing, PublishError, Publisher};
+use crate::publish::{Encoded, Outgoing, PublishError, Published, Publisher};
 use crate::sync::panic_message;
 
 /// Most events held back at once, in batches (`outbox.relay_batch`).
@@ -144,7 +144,7 @@ impl Relay {
     fn settle(
         &mut self,
         encoded: &[Encoded],
-        results: Vec<Result<(), PublishError>>,
+        results: Vec<Published>,
         now: Instant,
         dead: &mut Vec<(u64, String)>,
     ) -> (Vec<u64>, RelayStep) {
@@ -154,7 +154,7 @@ impl Relay {
         let mut transient = Vec::new();
         for (m, result) in encoded.iter().zip(results) {
             match result {
-                Ok(()) => {
+                Ok(_receipt) => {
                     self.held.remove(&m.seq);
                     delivered.push(m.seq);
                 }
@@ -295,11 +295,7 @@ impl Relay {
     /// When several messages of a batch failed permanently, each is tried
     /// again alone, so only the ones that fail on their own become dead
     /// letters.
-    async fn isolate_permanent_failures(
-        &self,
-        batch: &[Encoded],
-        results: &mut [Result<(), PublishError>],
-    ) {
+    async fn isolate_permanent_failures(&self, batch: &[Encoded], results: &mut [Published]) {
         let permanent = results
             .iter()
             .filter(|r| matches!(r, Err(e) if e.is_permanent()))

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::config::FileConfig;
-use super::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
+use super::{EncodeError, Encoded, Outgoing, PublishError, Published, Publisher, Receipt};
 use crate::sync::lock;
 
 enum Sink {
@@ -88,7 +88,7 @@ impl Publisher for FilePublisher {
         Ok(Encoded::of(o, String::new(), Vec::new(), encode(o)?.into()))
     }
 
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Published>> {
         let sink = self.sink.clone();
         let lines: Vec<bytes::Bytes> = batch.iter().map(|m| m.payload.clone()).collect();
         async move {
@@ -99,7 +99,7 @@ impl Publisher for FilePublisher {
             .await;
             // A write error (disk full, closed pipe) may heal: retry later.
             let outcome = match result {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => Ok(Receipt::default()),
                 Ok(Err(e)) => Err(PublishError::Transient(format!("write failed: {e}"))),
                 Err(e) => Err(PublishError::Transient(format!("writer task failed: {e}"))),
             };

@@ -24,7 +24,8 @@ use tokio::sync::OnceCell;
 use super::config::{librdkafka_key, KafkaConfig, KAFKA_MESSAGE_OVERHEAD, MAX_BODY_LIMIT};
 use super::names::{check_topic, destination};
 use super::{
-    destinations, CloudEvent, EncodeError, Encoded, HeaderNames, Outgoing, PublishError, Publisher,
+    destinations, CloudEvent, EncodeError, Encoded, HeaderNames, Outgoing, PublishError, Published,
+    Publisher, Receipt,
 };
 
 /// The record headers, in [`CloudEvent::headers`]' order: CloudEvents
@@ -277,7 +278,7 @@ pub fn encode(o: &Outgoing, config: &KafkaConfig) -> Result<EncodedRecord, Encod
 }
 
 impl KafkaPublisher {
-    async fn send_one(&self, producer: &FutureProducer, m: &Encoded) -> Result<(), PublishError> {
+    async fn send_one(&self, producer: &FutureProducer, m: &Encoded) -> Published {
         let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
         for (key, value) in &m.headers {
             headers = headers.insert(Header {
@@ -302,7 +303,11 @@ impl KafkaPublisher {
             }
         };
         match delivery.await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(delivery)) => Ok(Receipt {
+                partition: Some(delivery.partition),
+                offset: Some(delivery.offset),
+                ..Receipt::default()
+            }),
             Ok(Err((e, _))) => Err(classify(&e)),
             Err(_canceled) => Err(PublishError::Transient(
                 "producer dropped the message".into(),
@@ -320,7 +325,7 @@ impl Publisher for KafkaPublisher {
         encode(o, &self.config).map(|r| Encoded::of(o, r.topic, r.headers, r.payload))
     }
 
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Published>> {
         async move {
             if let Err(e) = self.ensure_topics().await {
                 return vec![Err(e); batch.len()];

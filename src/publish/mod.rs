@@ -81,6 +81,21 @@ impl Encoded {
     }
 }
 
+/// Where the broker put an acknowledged message, as far as its
+/// acknowledgement says: Kafka's partition and offset, JetStream's stream
+/// and sequence. Empty for the file sink, for core NATS (nothing is
+/// acknowledged there) and for an event found already on the broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Receipt {
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    pub stream: Option<String>,
+    pub sequence: Option<u64>,
+}
+
+/// The outcome of publishing one message.
+pub type Published = Result<Receipt, PublishError>;
+
 /// Why a publish did not succeed, classified once so callers branch on the
 /// class, never on message text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,10 +132,11 @@ pub trait Publisher: Send + Sync {
     /// panics to that event.
     fn encode(&self, message: &Outgoing) -> Result<Encoded, EncodeError>;
 
-    /// Publishes a batch. Returns one result per message, in batch order.
+    /// Publishes a batch. Returns one result per message, in batch order:
+    /// where each acknowledged message landed, or why it did not.
     /// Messages of one task never share a batch, so the backend may keep
     /// many in flight at once.
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>>;
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Published>>;
 
     /// Waits (bounded) for anything the client still queues; called once at
     /// shutdown.

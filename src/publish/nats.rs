@@ -17,7 +17,10 @@ use tokio::sync::OnceCell;
 
 use super::config::NatsConfig;
 use super::names::{check_subject, destination};
-use super::{CloudEvent, EncodeError, Encoded, HeaderNames, Outgoing, PublishError, Publisher};
+use super::{
+    CloudEvent, EncodeError, Encoded, HeaderNames, Outgoing, PublishError, Published, Publisher,
+    Receipt,
+};
 
 /// JetStream's deduplication header.
 const NATS_MSG_ID: &str = "Nats-Msg-Id";
@@ -178,7 +181,7 @@ impl NatsPublisher {
             .map(|_| ())
     }
 
-    async fn send_one(&self, m: &Encoded) -> Result<(), PublishError> {
+    async fn send_one(&self, m: &Encoded) -> Published {
         self.send(m, None).await.map_err(|e| match e {
             Checked::Moved => PublishError::Transient("wrong last sequence".into()),
             Checked::Failed(e) => e,
@@ -188,11 +191,15 @@ impl NatsPublisher {
     /// Publishes `m` through JetStream only if the last message on `expect.filter` is
     /// still `expect.last_sequence` (0: none): the stream's leader decides, so two
     /// writers that read the same last message cannot both land.
-    pub async fn send_expecting(&self, m: &Encoded, expect: &Expect<'_>) -> Result<(), Checked> {
+    pub async fn send_expecting(
+        &self,
+        m: &Encoded,
+        expect: &Expect<'_>,
+    ) -> Result<Receipt, Checked> {
         self.send(m, Some(expect)).await
     }
 
-    async fn send(&self, m: &Encoded, expect: Option<&Expect<'_>>) -> Result<(), Checked> {
+    async fn send(&self, m: &Encoded, expect: Option<&Expect<'_>>) -> Result<Receipt, Checked> {
         let subject = m.destination.clone();
         let mut headers = HeaderMap::new();
         let invalid = |name: &str| {
@@ -220,7 +227,7 @@ impl NatsPublisher {
                 .publish_with_headers(subject, headers, m.payload.clone())
                 .await
                 .map_err(|e| Checked::Failed(PublishError::Transient(e.to_string())))?;
-            return Ok(());
+            return Ok(Receipt::default());
         }
         // The headers already hold `Nats-Msg-Id`.
         let message = PublishMessage::build()
@@ -238,7 +245,12 @@ impl NatsPublisher {
             .send_publish(subject, message)
             .await
             .map_err(checked)?;
-        ack.await.map(|_| ()).map_err(checked)
+        let ack = ack.await.map_err(checked)?;
+        Ok(Receipt {
+            stream: Some(ack.stream),
+            sequence: Some(ack.sequence),
+            ..Receipt::default()
+        })
     }
 }
 
@@ -352,7 +364,7 @@ impl Publisher for NatsPublisher {
         encode(o, &self.config).map(|m| Encoded::of(o, m.subject, m.headers, m.payload))
     }
 
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Published>> {
         async move {
             let limit = Duration::from_millis(self.config.ack_timeout_ms);
             let timed_out = || {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hookbridge::publish::{Encoded, PublishError, Publisher};
+use hookbridge::publish::{Encoded, PublishError, Published, Publisher};
 use serde_json::Value;
 
 use hookbridge::config::{FileConfig, NatsConfig, PublisherConfig};
@@ -356,10 +356,7 @@ struct Gated {
 }
 
 impl Faults for Gated {
-    fn publish<'a>(
-        &'a self,
-        batch: &'a [Encoded],
-    ) -> Option<BoxFuture<'a, Vec<Result<(), PublishError>>>> {
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> Option<BoxFuture<'a, Vec<Published>>> {
         if self.open.load(Ordering::SeqCst) {
             return None;
         }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use hookbridge::config::PublisherConfig;
 use hookbridge::outbox::Outbox;
-use hookbridge::publish::{EncodeError, Encoded, Outgoing, PublishError, Publisher};
+use hookbridge::publish::{EncodeError, Encoded, Outgoing, Published, Publisher};
 use hookbridge::App;
 use hyper::StatusCode;
 use serde_json::{json, Value};
@@ -77,10 +77,7 @@ impl Faults for Faulty {
         }
     }
 
-    fn publish<'a>(
-        &'a self,
-        batch: &'a [Encoded],
-    ) -> Option<BoxFuture<'a, Vec<Result<(), PublishError>>>> {
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> Option<BoxFuture<'a, Vec<Published>>> {
         for m in batch {
             match self.fault(&m.key) {
                 Some(Fault::PublishPanic) => panic!("injected relay panic"),

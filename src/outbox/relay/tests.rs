@@ -34,7 +34,7 @@ impl Publisher for Scripted {
         })
     }
 
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Published>> {
         let keys = batch.iter().map(|m| m.key.clone()).collect();
         crate::sync::lock(&self.batches).push(keys);
         let results = batch
@@ -43,7 +43,7 @@ impl Publisher for Scripted {
                 if m.key.starts_with("bad") {
                     Err(PublishError::Refused("no stream for the subject".into()))
                 } else {
-                    Ok(())
+                    Ok(crate::publish::Receipt::default())
                 }
             })
             .collect();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hookbridge::config::PublisherConfig;
-use hookbridge::publish::{self, EncodeError, Encoded, Outgoing, PublishError, Publisher};
+use hookbridge::publish::{self, EncodeError, Encoded, Outgoing, Published, Publisher};
 
 /// What a test injects. `None` lets the real publisher answer.
 pub trait Faults: Send + Sync + 'static {
@@ -15,10 +15,7 @@ pub trait Faults: Send + Sync + 'static {
         None
     }
 
-    fn publish<'a>(
-        &'a self,
-        _batch: &'a [Encoded],
-    ) -> Option<BoxFuture<'a, Vec<Result<(), PublishError>>>> {
+    fn publish<'a>(&'a self, _batch: &'a [Encoded]) -> Option<BoxFuture<'a, Vec<Published>>> {
         None
     }
 }
@@ -51,7 +48,7 @@ impl<F: Faults> Publisher for Faulty<F> {
         }
     }
 
-    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+    fn publish<'a>(&'a self, batch: &'a [Encoded]) -> BoxFuture<'a, Vec<Published>> {
         match self.faults.publish(batch) {
             Some(answer) => answer,
             None => self.inner.publish(batch),
