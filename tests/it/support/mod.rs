@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod bin;
+pub mod browser;
 pub mod brokers;
 pub mod callbacks;
 pub mod faults;

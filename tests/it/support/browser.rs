@@ -1,0 +1,121 @@
+//! A real browser for the console's tests: Debian's headless Chromium,
+//! driven through its chromedriver (WebDriver) by `fantoccini`.
+//!
+//! The fixture starts `chromedriver --port=<free loopback port>`, opens a
+//! session, and on [`Browser::close`] (or drop) ends the session and kills
+//! the driver by its PID. Without Chromium or chromedriver on `PATH`
+//! ([`Browser::start`] returns `None`), a test prints one line and returns.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder};
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+use super::app::free_port;
+
+pub struct Browser {
+    pub client: Client,
+    driver: Child,
+}
+
+/// The first `name` on `PATH`.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Where the tests' screenshots go: `target/console-screenshots/`.
+pub fn screenshot_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("console-screenshots")
+}
+
+impl Browser {
+    /// A headless Chromium session, or `None` (after one line saying why)
+    /// when Chromium or chromedriver is not installed.
+    pub async fn start(test: &str) -> Option<Self> {
+        let (Some(chromium), Some(chromedriver)) = (which("chromium"), which("chromedriver"))
+        else {
+            println!(
+                "{test}: skipped, chromium or chromedriver not found on PATH \
+                 (scripts/brokers.sh install installs Debian's chromium and chromium-driver)"
+            );
+            return None;
+        };
+        let port = free_port();
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver starts");
+        let capabilities = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"],
+            },
+        });
+        let capabilities = match capabilities {
+            serde_json::Value::Object(map) => map,
+            _ => unreachable!("an object"),
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        // The driver listens within moments; a session takes Chromium's start.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let client = loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match ClientBuilder::new(connector)
+                .capabilities(capabilities.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(client) => break client,
+                // Connection refused while the driver starts.
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("no WebDriver session from chromedriver on {url}: {e}"),
+            }
+        };
+        Some(Self { client, driver })
+    }
+
+    /// Saves a PNG of the page as `target/console-screenshots/NAME.png`.
+    pub async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.client.screenshot().await.expect("screenshot");
+        let dir = screenshot_dir();
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).expect("screenshot written");
+        path
+    }
+
+    /// The page's visible text.
+    pub async fn text(&self) -> String {
+        self.client
+            .find(fantoccini::Locator::Css("body"))
+            .await
+            .expect("a body")
+            .text()
+            .await
+            .expect("its text")
+    }
+
+    /// Ends the session, then stops chromedriver by its PID.
+    pub async fn close(mut self) {
+        if let Err(e) = self.client.clone().close().await {
+            eprintln!("closing the WebDriver session: {e}");
+        }
+        if let Err(e) = self.driver.kill().await {
+            eprintln!("stopping chromedriver: {e}");
+        }
+    }
+}
