@@ -67,7 +67,9 @@ impl App {
         config: Config,
         publisher: Arc<dyn Publisher>,
     ) -> anyhow::Result<Self> {
-        let outbox = Outbox::open(&config.outbox).context("cannot open the outbox")?;
+        let traces = crate::trace::Traces::new(&config.trace, config.outbox.dedup_window_secs);
+        let outbox =
+            Outbox::open_traced(&config.outbox, traces).context("cannot open the outbox")?;
         let tasks = Tasks::open(&config).context("cannot open the task registry")?;
         if let Some(aside) = tasks.registry.set_aside() {
             let stats = outbox.stats();
@@ -86,6 +88,7 @@ impl App {
         let edge = Edge::bind(&config).await?;
         let state = AppState::from(crate::http::Shared {
             outbox: outbox.clone(),
+            traces: outbox.traces().clone(),
             publisher_name: publisher.name(),
             body_limit: config.server.body_limit_bytes,
             admin_on_loopback: config.admin.listen.ip().is_loopback(),

@@ -123,6 +123,7 @@ pub mod sim;
 pub mod supervise;
 pub mod sync;
 pub mod telemetry;
+pub mod trace;
 
 pub use app::App;
 pub use config::Config;

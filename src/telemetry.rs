@@ -16,3 +16,9 @@ pub fn init(config: &LogConfig) {
         builder.try_init()
     };
 }
+
+/// The OpenTelemetry trace id (32 hex digits) of the current span, when
+/// traces are exported; `None` otherwise.
+pub fn current_trace_id() -> Option<String> {
+    None
+}

@@ -1,4 +1,4 @@
-//! The operator commands: `status` and `dead-letters` talk to a running
+//! The operator commands: `status`, `trace` and `dead-letters` talk to a running
 //! instance's admin API over HTTP; `outbox inspect` reads a stopped
 //! instance's data dir, offline and read-only.
 //!
@@ -17,6 +17,7 @@ mod dead_letters;
 mod outbox;
 mod status;
 mod table;
+mod trace;
 
 pub use dead_letters::DeadLetters;
 pub use outbox::OutboxCommand;
@@ -28,6 +29,13 @@ pub enum Command {
     Status(Remote),
     /// List, show, export or requeue a running instance's dead letters.
     DeadLetters(DeadLetters),
+    /// Show what became of one task's callbacks and where its events landed.
+    Trace {
+        /// The task id.
+        task_id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Look into a stopped instance's data dir.
     #[command(subcommand)]
     Outbox(OutboxCommand),
@@ -85,6 +93,7 @@ pub async fn run(command: Command, config: &Config) -> ExitCode {
         Command::Status(remote) => status::run(&remote, config).await,
         Command::DeadLetters(command) => command.run(config).await,
         Command::Outbox(command) => command.run(config).await,
+        Command::Trace { task_id, remote } => trace::run(&task_id, &remote, config).await,
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

@@ -58,6 +58,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// Cluster mode: several replicas as one bridge (off by default).
     pub cluster: ClusterConfig,
+    /// The per-task trace (`GET /admin/tasks/{taskId}`, `hookbridge trace`).
+    pub trace: crate::trace::TraceConfig,
 }
 /// Supervision of the background workers and the readiness check.
 #[derive(Debug, Clone, Serialize, Deserialize)]

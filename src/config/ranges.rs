@@ -102,6 +102,8 @@ fn ranges(c: &Config) -> Vec<Range> {
         ),
         r("outbox.cache_mib", o.cache_mib, 1, 65_536),
         r("health.stall_secs", h.stall_secs, 1, SEC_PER_DAY),
+        r("trace.max_bytes", c.trace.max_bytes, MIB, 16 * 1024 * MIB),
+        r("trace.max_per_task", c.trace.max_per_task, 1, 1_000),
         r("health.restart_backoff_ms", h.restart_backoff_ms, 1, 30_000),
         r("health.max_restarts", h.max_restarts, 0, 10_000),
         r(

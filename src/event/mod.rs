@@ -330,6 +330,32 @@ pub fn parse(body: &[u8], source: Source, received_at_ms: i64) -> Result<TaskEve
     Record::of(top)?.into_event(source, received_at_ms)
 }
 
+/// The task id of a body [`parse`] refused, when one can still be read
+/// where the documented shapes put it (`taskId` or `task_id`, at the top
+/// or under `data`) and is an acceptable id: for the task's trace.
+pub fn task_id_hint(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Hint<'a> {
+        #[serde(rename = "taskId", borrow, default)]
+        camel: Option<Cow<'a, str>>,
+        #[serde(rename = "task_id", borrow, default)]
+        snake: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        data: Option<Inner<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner<'a> {
+        #[serde(rename = "taskId", borrow, default)]
+        camel: Option<Cow<'a, str>>,
+        #[serde(rename = "task_id", borrow, default)]
+        snake: Option<Cow<'a, str>>,
+    }
+    let hint: Hint<'_> = serde_json::from_slice(body).ok()?;
+    let inner = hint.data.and_then(|d| d.camel.or(d.snake));
+    let id = hint.camel.or(hint.snake).or(inner)?;
+    task_id_problem(&id).is_none().then(|| id.into_owned())
+}
+
 /// Same as [`parse`], from an already-parsed JSON value. serde_json has then already kept
 /// the last of any repeated key and turned big integers into floats, so prefer [`parse`] on
 /// the bytes; the depth and every other bound still apply.

@@ -214,6 +214,20 @@ pub async fn dead_letter(
     }
 }
 
+/// `GET /admin/tasks/{taskId}`: what became of the task's callbacks and
+/// where its events landed (see `crate::trace`); 404 when nothing is kept
+/// about it (never seen, past the window, pushed out by `trace.max_bytes`,
+/// or from before a restart).
+pub async fn task(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match state.traces.get(&task_id) {
+        Some(trace) => Ok(Json(trace.to_json())),
+        None => Err(ApiError::NotFound),
+    }
+}
+
 /// What `POST /admin/dead-letters/requeue` may name: no body (or `{}`)
 /// requeues every dead letter.
 #[derive(Deserialize, Default)]
@@ -287,6 +301,7 @@ pub async fn rejected(
 pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbox) -> AppState {
     AppState::from(super::Shared {
         publisher_name: "file",
+        traces: outbox.traces().clone(),
         body_limit: 1024,
         admin_token: None,
         admin_on_loopback: true,

@@ -68,6 +68,8 @@ impl std::ops::Deref for AppState {
 /// The parts of [`AppState`].
 pub struct Shared {
     pub outbox: Outbox,
+    /// The per-task trace (the outbox's): `/admin/tasks/{taskId}`.
+    pub traces: crate::trace::Traces,
     pub publisher_name: &'static str,
     pub body_limit: usize,
     /// `admin.token`.
@@ -205,6 +207,7 @@ pub fn admin_router(state: AppState, config: &Config) -> Router {
         .route("/admin/dead-letters/requeue", post(admin::requeue))
         .route("/admin/dead-letters/bury", post(admin::bury))
         .route("/admin/rejected", get(admin::rejected))
+        .route("/admin/tasks/{task_id}", get(admin::task))
         .route("/metrics", get(metrics::serve))
         .route_layer(middleware::from_fn_with_state(guard, admin::guard))
         // Outside the guard: a kubelet probe can send neither a token nor a

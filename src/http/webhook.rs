@@ -21,6 +21,7 @@ use crate::clock::now_ms;
 use crate::event::{self, Source};
 use crate::metrics::Reject;
 use crate::outbox::{Appended, Stats};
+use crate::trace::{CallbackEntry, Caller, Decision, Origin};
 
 /// The callback URL's query: `?token=` for tasks created through `POST /tasks`.
 #[derive(serde::Deserialize)]
@@ -49,6 +50,12 @@ pub async fn kinovi(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let _timer = state.outbox.stats().metrics.time_answer();
+    let client = client.map(|Extension(c)| c);
+    let caller = Caller {
+        origin: Origin::Webhook,
+        client: client.as_ref().map(|c| c.ip),
+        trace_id: crate::telemetry::current_trace_id(),
+    };
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             state.rejected.keep(
@@ -68,12 +75,32 @@ pub async fn kinovi(
         state
             .rejected
             .keep(Reject::Invalid, "invalid", &body, &reason);
+        if let Some(task_id) = event::task_id_hint(&body) {
+            let entry = noted(&caller, now_ms(), None, Decision::Rejected);
+            state.traces.callback(
+                &task_id,
+                CallbackEntry {
+                    reason: Some(reason.clone()),
+                    status: Some(400),
+                    ..entry
+                },
+            );
+        }
         ApiError::InvalidPayload(reason)
     })?;
     let token = query.ok().and_then(|Query(q)| q.token);
     let task = tasks::check_callback_token(&state, &event.task_id, token.as_deref(), &body).await?;
-    let client = client.map(|Extension(c)| c);
     if task == tasks::CallbackTask::Refused {
+        let entry = noted(&caller, event.received_at, Some(&event), Decision::Rejected);
+        state.traces.callback(
+            &event.task_id,
+            CallbackEntry {
+                reason: Some(
+                    "no valid callback token for a task created through POST /tasks".into(),
+                ),
+                ..entry
+            },
+        );
         // Answered like any callback (no token oracle), charged all the same.
         if let Some(c) = &client {
             state.clients.charge(c.ip);
@@ -84,7 +111,17 @@ pub async fn kinovi(
     if let Some(c) = &client {
         if c.reserved_percent > 0 && state.outbox.over_share(c.reserved_percent) {
             Stats::add(&state.outbox.stats().refused_reserved, 1);
-            return Err(ApiError::Backlog("the rest is reserved for known senders"));
+            let why = "the rest is reserved for known senders";
+            let entry = noted(&caller, event.received_at, Some(&event), Decision::Refused);
+            state.traces.callback(
+                &event.task_id,
+                CallbackEntry {
+                    reason: Some(format!("the event backlog is full ({why})")),
+                    status: Some(503),
+                    ..entry
+                },
+            );
+            return Err(ApiError::Backlog(why));
         }
     }
     if state.tasks.verify {
@@ -93,17 +130,17 @@ pub async fn kinovi(
             Some(c) if !c.sender => crate::poll::sender_of(c.ip),
             _ => String::new(),
         };
+        let entry = noted(&caller, event.received_at, Some(&event), Decision::Held);
+        let task_id = event.task_id.clone();
         tasks::hold_for_verification(&state, event, from, &body).await?;
+        state.traces.callback(&task_id, entry);
         return Ok(ok());
     }
     // The ids are copied for the log line only when it is written.
     let ids = tracing::enabled!(tracing::Level::DEBUG)
         .then(|| (event.task_id.clone(), event.event_id.clone()));
-    let outcome = if task == tasks::CallbackTask::Registered {
-        state.outbox.append_trusted(event).await?
-    } else {
-        state.outbox.append(event).await?
-    };
+    let trusted = task == tasks::CallbackTask::Registered;
+    let outcome = state.outbox.append_from(event, trusted, caller).await?;
     if let Some((task_id, event_id)) = ids {
         match outcome {
             Appended::New { .. } | Appended::Conflict { .. } => {
@@ -116,4 +153,25 @@ pub async fn kinovi(
         }
     }
     Ok(ok())
+}
+
+/// The trace entry of a callback from `caller`, of `event` when it could
+/// be read, decided `decision`; reason and status to add.
+fn noted(
+    caller: &Caller,
+    received_at: i64,
+    event: Option<&event::TaskEvent>,
+    decision: Decision,
+) -> CallbackEntry {
+    CallbackEntry {
+        received_at,
+        origin: caller.origin,
+        client: caller.client,
+        state: event.map(|e| e.state),
+        decision,
+        reason: None,
+        status: None,
+        event_id: event.map(|e| e.event_id.clone()),
+        trace_id: caller.trace_id.clone(),
+    }
 }

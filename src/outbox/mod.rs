@@ -57,6 +57,7 @@ use crate::clock::now_ms;
 use crate::config::OutboxConfig;
 use crate::event::{State, TaskEvent};
 use crate::sync::lock;
+use crate::trace::{CallbackEntry, Caller, Decision, TraceConfig, Traces};
 
 pub mod inspect;
 mod log;
@@ -394,6 +395,7 @@ struct Inner {
     stats: Arc<Stats>,
     notify: Arc<Notify>,
     config: OutboxConfig,
+    traces: Traces,
 }
 
 impl Drop for Inner {
@@ -423,6 +425,12 @@ impl Outbox {
     /// Opens (or creates) the outbox in `config.data_dir` and starts its
     /// writer thread. Whatever an earlier run left pending is relayed again.
     pub fn open(config: &OutboxConfig) -> Result<Self, OutboxError> {
+        let traces = Traces::new(&TraceConfig::default(), config.dedup_window_secs);
+        Self::open_traced(config, traces)
+    }
+
+    /// Like [`Outbox::open`], noting each append's decision in `traces`.
+    pub fn open_traced(config: &OutboxConfig, traces: Traces) -> Result<Self, OutboxError> {
         let dir = &config.data_dir;
         let io_err = |source| OutboxError::DataDir {
             path: dir.display().to_string(),
@@ -475,6 +483,7 @@ impl Outbox {
                 stats,
                 notify,
                 config: config.clone(),
+                traces,
             }),
         })
     }
@@ -482,14 +491,73 @@ impl Outbox {
     /// Stores `event` durably unless it is a duplicate or stale. Returns only
     /// after the decision is on disk.
     pub async fn append(&self, event: TaskEvent) -> Result<Appended, AppendError> {
-        self.append_as(event, false).await
+        let caller = Caller::of(&event);
+        self.append_from(event, false, caller).await
     }
 
     /// Like [`Outbox::append`], for a task known not to be junk (registered
     /// with hookbridge, polled, or confirmed by the provider): its dedup
     /// record keeps the full `dedup_window_secs` even if it is seen once.
     pub async fn append_trusted(&self, event: TaskEvent) -> Result<Appended, AppendError> {
-        self.append_as(event, true).await
+        let caller = Caller::of(&event);
+        self.append_from(event, true, caller).await
+    }
+
+    /// [`Outbox::append`] (or, `trusted`, [`Outbox::append_trusted`]) of
+    /// an event from `caller`, whose decision the task's trace notes.
+    pub async fn append_from(
+        &self,
+        event: TaskEvent,
+        trusted: bool,
+        caller: Caller,
+    ) -> Result<Appended, AppendError> {
+        let traces = &self.inner.traces;
+        let noted = traces.enabled().then(|| {
+            (
+                event.task_id.clone(),
+                event.state,
+                event.event_id.clone(),
+                event.received_at,
+            )
+        });
+        let outcome = self.append_as(event, trusted).await;
+        if let Some((task_id, state, event_id, received_at)) = noted {
+            let (decision, reason, status) = match &outcome {
+                Ok(Appended::New { .. }) => (Decision::Accepted, None, None),
+                Ok(Appended::Conflict { previous, .. }) => (
+                    Decision::Conflict,
+                    Some(format!("conflicts with {}", previous.as_str())),
+                    None,
+                ),
+                Ok(Appended::Duplicate) => (Decision::Duplicate, None, None),
+                Ok(Appended::Stale { furthest }) => (
+                    Decision::Stale,
+                    Some(format!("the task reached {}", furthest.as_str())),
+                    None,
+                ),
+                Err(e) => (Decision::Refused, Some(e.to_string()), Some(503)),
+            };
+            traces.callback(
+                &task_id,
+                CallbackEntry {
+                    received_at,
+                    origin: caller.origin,
+                    client: caller.client,
+                    state: Some(state),
+                    decision,
+                    reason,
+                    status,
+                    event_id: Some(event_id),
+                    trace_id: caller.trace_id,
+                },
+            );
+        }
+        outcome
+    }
+
+    /// The per-task trace this outbox notes its decisions in.
+    pub fn traces(&self) -> &Traces {
+        &self.inner.traces
     }
 
     async fn append_as(&self, event: TaskEvent, trusted: bool) -> Result<Appended, AppendError> {

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use super::{Batch, Outbox, OutboxError, Stats};
 use crate::clock::now_ms;
-use crate::publish::{Encoded, Outgoing, PublishError, Published, Publisher};
+use crate::publish::{Encoded, Outgoing, PublishError, Published, Publisher, Receipt};
 use crate::sync::panic_message;
 
 /// Most events held back at once, in batches (`outbox.relay_batch`).
@@ -147,16 +147,16 @@ impl Relay {
         results: Vec<Published>,
         now: Instant,
         dead: &mut Vec<(u64, String)>,
-    ) -> (Vec<u64>, RelayStep) {
+    ) -> (Vec<(u64, Receipt)>, RelayStep) {
         let stats = self.outbox.stats().clone();
         let (mut delivered, mut step) = (Vec::new(), RelayStep::default());
         let went_through = results.iter().any(Result::is_ok);
         let mut transient = Vec::new();
         for (m, result) in encoded.iter().zip(results) {
             match result {
-                Ok(_receipt) => {
+                Ok(receipt) => {
                     self.held.remove(&m.seq);
-                    delivered.push(m.seq);
+                    delivered.push((m.seq, receipt));
                 }
                 Err(PublishError::Permanent(reason)) => {
                     self.held.remove(&m.seq);
@@ -242,7 +242,9 @@ impl Relay {
         self.isolate_permanent_failures(&encoded, &mut results)
             .await;
         let went_through = results.iter().any(Result::is_ok);
-        let (delivered, mut step) = self.settle(&encoded, results, now, &mut dead);
+        let (landed, mut step) = self.settle(&encoded, results, now, &mut dead);
+        self.trace(&batch.ready, &encoded, &landed);
+        let delivered: Vec<u64> = landed.into_iter().map(|(seq, _)| seq).collect();
         stats.refusing.store(
             self.held.values().filter(|h| h.refusals > 0).count() as u64,
             Ordering::Relaxed,
@@ -271,6 +273,37 @@ impl Relay {
             stats.relay_progress_at.store(now_ms(), Ordering::Relaxed);
         }
         Ok(step)
+    }
+
+    /// Notes in each task's trace where its acknowledged event landed.
+    fn trace(&self, ready: &[Outgoing], encoded: &[Encoded], landed: &[(u64, Receipt)]) {
+        let traces = self.outbox.traces();
+        if !traces.enabled() || landed.is_empty() {
+            return;
+        }
+        let at = now_ms();
+        let broker = crate::trace::broker_of(self.publisher.name());
+        // `ready`, `encoded` and `landed` are all in sequence order.
+        let find = |seq: u64| {
+            let o = ready.binary_search_by_key(&seq, |o| o.seq).ok()?;
+            let m = encoded.binary_search_by_key(&seq, |m| m.seq).ok()?;
+            Some((&ready[o], &encoded[m]))
+        };
+        for (seq, receipt) in landed {
+            let Some((o, m)) = find(*seq) else { continue };
+            traces.published(
+                &o.meta.task_id,
+                crate::trace::Publication {
+                    event_id: o.meta.event_id.clone(),
+                    state: o.meta.state,
+                    at,
+                    broker,
+                    topic: m.destination.clone(),
+                    receipt: receipt.clone(),
+                    trace_id: None,
+                },
+            );
+        }
     }
 
     /// Holds `m` back for its next wait (doubling from `retry_initial_ms`

@@ -197,7 +197,7 @@ impl PollWorker<Verify> {
         };
         let reason = match verdict {
             Verdict::Confirmed(event) => {
-                return match self.outbox.append_trusted(*event).await {
+                return match self.outbox.append_from(*event, true, verified()).await {
                     Ok(appended) => {
                         PollStats::add(&self.tasks.stats.verified, 1);
                         tracing::debug!(%task_id, ?appended, "callback confirmed");
@@ -263,6 +263,14 @@ impl Job for Verify {
 
     async fn step(w: &mut Verifier) -> Result<bool, RegistryError> {
         Ok(w.run_once().await?.halted)
+    }
+}
+
+/// A held callback the provider confirmed, as its trace names it.
+fn verified() -> crate::trace::Caller {
+    crate::trace::Caller {
+        origin: crate::trace::Origin::Verified,
+        ..Default::default()
     }
 }
 
