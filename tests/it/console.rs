@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::kafka::kafka_publisher;
 use crate::support::app::{config, temp_dir, TestApp};
 use crate::support::browser::Browser;
-use crate::support::{kafka, secs, unique};
+use crate::support::{callbacks, eventually, kafka, secs, unique};
 
 const TOKEN: &str = "console-test-admin-token";
 
@@ -49,8 +49,18 @@ async fn sign_in(browser: &Browser, base: &str) {
         .click()
         .await
         .unwrap();
-    let url = c.current_url().await.unwrap();
-    assert_eq!(url.path(), "/ui", "signed in, back on the overview");
+    // The click returns once the form is sent; the redirect may follow.
+    let deadline = tokio::time::Instant::now() + secs(10);
+    while c.current_url().await.unwrap().path() != "/ui" {
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "not signed in: at {}, the page says:\n{}",
+                c.current_url().await.unwrap(),
+                browser.text().await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Opens the overview, signs in, requeues a dead letter from its page, and
@@ -73,10 +83,21 @@ async fn a_dead_letter_requeued_in_the_browser_reaches_kafka() {
 
     sign_in(&browser, &base).await;
     let text = browser.text().await;
-    for shown in ["Readiness", "Ready", "Backlog", "accepted", "published", "Dead letters by reason"] {
+    for shown in [
+        "Readiness",
+        "Ready",
+        "Backlog",
+        "accepted",
+        "published",
+        "Dead letters by reason",
+    ] {
         assert!(text.contains(shown), "{shown} on the overview:\n{text}");
     }
-    let reasons = browser.client.find(Locator::Css("table.reasons")).await.unwrap();
+    let reasons = browser
+        .client
+        .find(Locator::Css("table.reasons"))
+        .await
+        .unwrap();
     assert!(reasons.text().await.unwrap().contains("refused"));
     browser.screenshot("overview").await;
 
@@ -85,7 +106,10 @@ async fn a_dead_letter_requeued_in_the_browser_reaches_kafka() {
         .await
         .unwrap();
     let text = browser.text().await;
-    assert!(text.contains("refused: <b>topic</b> unknown"), "escaped, shown as text:\n{text}");
+    assert!(
+        text.contains("refused: <b>topic</b> unknown"),
+        "escaped, shown as text:\n{text}"
+    );
     assert!(text.contains(&task));
     browser.screenshot("dead-letters").await;
     c.find(Locator::Id(&format!("requeue-{seq}")))
@@ -94,7 +118,13 @@ async fn a_dead_letter_requeued_in_the_browser_reaches_kafka() {
         .click()
         .await
         .unwrap();
-    let result = c.find(Locator::Id("result")).await.unwrap().text().await.unwrap();
+    let result = c
+        .find(Locator::Id("result"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(result, format!("Dead letter {seq} is pending again."));
     browser.screenshot("requeued").await;
 
@@ -103,6 +133,104 @@ async fn a_dead_letter_requeued_in_the_browser_reaches_kafka() {
     assert_eq!(records[0].value["taskId"], task.as_str());
     assert_eq!(records[0].state(), "fail");
     assert_eq!(app.outbox.status().unwrap().dead_letters, 0);
+
+    browser.close().await;
+    app.stop().await;
+}
+
+/// A task that went through accepted, duplicate and stale decisions,
+/// found with the search box: its timeline shows each decision, and each
+/// publication with the partition and offset the Kafka consumer saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_page_shows_each_decision_and_the_kafka_partition_and_offset() {
+    let Some(browser) = Browser::start("console: task timeline").await else {
+        return;
+    };
+    let (app, bootstrap, topic, _dir) = kafka_app().await;
+    let base = format!("http://{}", app.admin_addr);
+    let task = unique("console_task");
+    let now = 1_735_599_700_000i64;
+    for body in [
+        callbacks::progress(&task, "generating", now),
+        callbacks::success(&task),
+        callbacks::success(&task),
+        callbacks::progress(&task, "waiting", now - 1),
+    ] {
+        assert_eq!(app.callback(&body).await, hyper::StatusCode::OK);
+    }
+    let records = kafka::consume(&bootstrap, &topic, 2, secs(60), secs(1)).await;
+    assert_eq!(records.len(), 2);
+    let path = format!("/admin/tasks/{task}");
+    eventually(secs(10), "both publications in the trace", || async {
+        let (_, trace) = app.admin.get(&path).await;
+        (trace["published"].as_array().map(Vec::len) == Some(2)).then_some(())
+    })
+    .await;
+
+    sign_in(&browser, &base).await;
+    let c = &browser.client;
+    let search = c.find(Locator::Css("input[name=taskId]")).await.unwrap();
+    search.send_keys(&task).await.unwrap();
+    search.send_keys("\u{E007}").await.unwrap(); // Enter
+    eventually(secs(10), "the task page", || async {
+        let url = c.current_url().await.ok()?;
+        url.path().starts_with("/ui/tasks/").then_some(())
+    })
+    .await;
+    assert_eq!(
+        c.current_url().await.unwrap().path(),
+        format!("/ui/tasks/{task}")
+    );
+
+    let mut classes = Vec::new();
+    for li in c.find_all(Locator::Css("ol.timeline > li")).await.unwrap() {
+        classes.push(li.attr("class").await.unwrap().unwrap_or_default());
+    }
+    for decision in ["accepted", "duplicate", "stale", "published"] {
+        assert!(
+            classes.iter().any(|c| c == decision),
+            "{decision} in {classes:?}"
+        );
+    }
+    assert_eq!(
+        classes.iter().filter(|c| *c == "accepted").count(),
+        2,
+        "{classes:?}"
+    );
+    let mut landed = Vec::new();
+    for li in c
+        .find_all(Locator::Css("ol.timeline > li.published"))
+        .await
+        .unwrap()
+    {
+        let partition = li
+            .find(Locator::Css(".partition"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let offset = li
+            .find(Locator::Css(".offset"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        landed.push((
+            partition.parse::<i32>().unwrap(),
+            offset.parse::<i64>().unwrap(),
+        ));
+    }
+    let mut consumed: Vec<(i32, i64)> = records.iter().map(|r| (r.partition, r.offset)).collect();
+    landed.sort_unstable();
+    consumed.sort_unstable();
+    assert_eq!(landed, consumed, "where the consumer found the events");
+    browser.screenshot("task").await;
+    // The overview after this traffic: the README's picture.
+    c.goto(&format!("{base}/ui")).await.unwrap();
+    assert!(browser.text().await.contains("accepted"));
+    browser.screenshot("overview-traffic").await;
 
     browser.close().await;
     app.stop().await;
@@ -175,7 +303,9 @@ async fn cross_site_posts_and_posts_without_the_csrf_token_are_refused() {
     };
     let missing = post(format!("seq={seq}"), None).await.unwrap();
     assert_eq!(missing.status(), 403, "no CSRF token");
-    let cross = post(format!("seq={seq}&csrf={csrf}"), Some("cross-site")).await.unwrap();
+    let cross = post(format!("seq={seq}&csrf={csrf}"), Some("cross-site"))
+        .await
+        .unwrap();
     assert_eq!(cross.status(), 403, "cross-site");
     assert_eq!(cross.headers()["x-frame-options"], "DENY");
     assert_eq!(app.outbox.status().unwrap().dead_letters, 1);
@@ -201,8 +331,15 @@ async fn cross_site_posts_and_posts_without_the_csrf_token_are_refused() {
     let server = tokio::spawn(async move { axum::serve(evil, site).await });
     sign_in(&browser, &base).await;
     let c = &browser.client;
-    c.goto(&format!("http://localhost:{evil_port}/")).await.unwrap();
-    c.find(Locator::Id("go")).await.unwrap().click().await.unwrap();
+    c.goto(&format!("http://localhost:{evil_port}/"))
+        .await
+        .unwrap();
+    c.find(Locator::Id("go"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     let refused = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let text = browser.text().await;

@@ -205,7 +205,9 @@ async fn admit(
 }
 
 /// What every console answer carries: no framing, no caching, no script,
-/// nothing from elsewhere, no referrer (task ids stay here).
+/// nothing from elsewhere, no referrer to other sites (task ids stay
+/// here). Not `no-referrer`: a browser then sends `Origin: null` with a
+/// form, which the site check refuses as it must.
 fn secure(mut response: Response) -> Response {
     let headers = response.headers_mut();
     for (name, value) in [
@@ -217,7 +219,7 @@ fn secure(mut response: Response) -> Response {
         ),
         ("cache-control", "no-store"),
         ("x-content-type-options", "nosniff"),
-        ("referrer-policy", "no-referrer"),
+        ("referrer-policy", "same-origin"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }

@@ -284,3 +284,51 @@ async fn without_a_token_a_session_is_still_needed_to_act() {
     let foreign = send(&app, "GET", "/ui", &[("host", "evil.example")], "").await;
     assert_eq!(foreign.status, 403, "DNS rebinding");
 }
+
+#[test]
+fn the_timeline_shows_each_decision_and_where_the_event_landed() {
+    use crate::trace::{CallbackEntry, Decision, Origin, Publication, TaskTrace};
+    let entry = |at: i64, decision: Decision, reason: Option<&str>| CallbackEntry {
+        received_at: at,
+        origin: Origin::Webhook,
+        client: Some("192.0.2.7".parse().unwrap()),
+        state: Some(crate::event::State::Success),
+        decision,
+        reason: reason.map(String::from),
+        status: None,
+        event_id: Some("e1".into()),
+        trace_id: None,
+    };
+    let trace = TaskTrace {
+        task_id: "t<1>".into(),
+        callbacks: vec![
+            entry(1000, Decision::Accepted, None),
+            entry(3000, Decision::Duplicate, None),
+            entry(4000, Decision::Rejected, Some("<img src=x>")),
+        ],
+        published: vec![Publication {
+            event_id: "e1".into(),
+            state: crate::event::State::Success,
+            at: 2000,
+            broker: "kafka",
+            topic: "events".into(),
+            receipt: crate::publish::Receipt {
+                partition: Some(2),
+                offset: Some(41),
+                ..Default::default()
+            },
+            trace_id: None,
+        }],
+    };
+    let html = timeline::timeline(&trace);
+    let order: Vec<&str> = html
+        .split("<li class=\"")
+        .skip(1)
+        .map(|li| li.split('"').next().unwrap())
+        .collect();
+    assert_eq!(order, ["accepted", "published", "duplicate", "rejected"]);
+    assert!(html.contains("partition <b class=\"partition\">2</b>"));
+    assert!(html.contains("offset <b class=\"offset\">41</b>"));
+    assert!(html.contains("reason: &lt;img src=x&gt;") && !html.contains("<img"));
+    assert!(html.contains("1970-01-01T00:00:01.000Z"));
+}

@@ -3,8 +3,8 @@
 
 pub mod app;
 pub mod bin;
-pub mod browser;
 pub mod brokers;
+pub mod browser;
 pub mod callbacks;
 pub mod faults;
 pub mod kafka;
