@@ -13,12 +13,14 @@
 //!                         + fdatasync shared by concurrent requests (group
 //!                         commit); dedup records reach the task store (redb)
 //!                         in bulk, off the request path
-//!   <-- 200 {"message":"ok"}   only after that sync
+//!   <-- 200 {"message":"ok"}   only after that sync; then the decision
+//!                              goes to trace::Traces (memory, bounded)
 //! outbox::Relay            oldest first, one entry per task per batch
 //!     publish::Publisher   Kafka (key = taskId, acks=all, idempotent) |
 //!                          JetStream (Nats-Msg-Id = eventId, PubAck) | file
 //!     outbox::complete     ack in the log (segments deleted once all acked),
-//!                          dead-letter (redb) on permanent refusal
+//!                          dead-letter (redb) on permanent refusal;
+//!                          where each event landed -> trace::Traces
 //! poll::Reconciler         registered tasks without a terminal event: poll
 //!                          recordInfo, outbox::append (source=poll) or bury
 //! poll::Verifier           verify mode: held callbacks confirmed, then
@@ -36,6 +38,7 @@
 //! poll, cluster      provider client, task registry, reconciler, verifier;
 //!                    replicas as one bridge
 //! outbox             pending log, writer (dedup, group commit), store, relay
+//! trace              the per-task trace (GET /admin/tasks/{id}, `trace`)
 //! config             layering, validation; maps publish's (key, reason) errors
 //! publish            Publisher + kafka, nats, file; publish::config (its
 //!                    settings) and publish::names (topic/subject checks)

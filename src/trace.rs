@@ -15,7 +15,7 @@
 //!   stays in the outbox; the trace is for looking, never for deciding.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -441,9 +441,7 @@ impl Traces {
 
 impl Inner {
     fn shard(&self, task_id: &str) -> usize {
-        let mut h = self.hasher.build_hasher();
-        task_id.hash(&mut h);
-        (h.finish() % SHARDS as u64) as usize
+        (self.hasher.hash_one(task_id) % SHARDS as u64) as usize
     }
 
     /// Drops, oldest touch first, the tasks past the window and as many

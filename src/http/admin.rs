@@ -184,9 +184,21 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
             "outbox": status,
             "poll": poll,
             "clients": state.clients.top(TOP_CLIENTS),
+            "trace": trace_usage(&state.traces),
         })))
     })
     .await
+}
+
+/// What the per-task trace holds: `/admin/status`'s `trace`.
+fn trace_usage(traces: &crate::trace::Traces) -> Value {
+    let (tasks, bytes) = traces.usage();
+    json!({
+        "enabled": traces.enabled(),
+        "tasks": tasks,
+        "bytes": bytes,
+        "dropped": traces.dropped(),
+    })
 }
 
 /// How many addresses `/admin/status` lists under `clients.accepted` and

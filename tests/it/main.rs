@@ -27,5 +27,6 @@ mod readme;
 mod refusals;
 mod storage;
 mod supervise;
+mod trace;
 mod tracked;
 mod verify;

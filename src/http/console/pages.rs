@@ -400,11 +400,12 @@ fn task_link(task_id: &str) -> String {
 }
 
 /// The `seq` field of an action's form.
-fn seq_of(access: &Access) -> Result<u64, Response> {
-    access
-        .field("seq")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "Name a dead letter (seq)."))
+fn seq_of(access: &Access) -> Option<u64> {
+    access.field("seq").and_then(|s| s.parse().ok())
+}
+
+fn no_seq() -> Response {
+    error(StatusCode::BAD_REQUEST, "Name a dead letter (seq).")
 }
 
 /// The answer to an action: what happened, and the way back.
@@ -420,9 +421,8 @@ pub async fn requeue(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
 ) -> Response {
-    let seq = match seq_of(&access) {
-        Ok(seq) => seq,
-        Err(response) => return response,
+    let Some(seq) = seq_of(&access) else {
+        return no_seq();
     };
     match state.outbox.requeue_dead_letters(Some(vec![seq])).await {
         Ok(moved) if moved.contains(&seq) => {
@@ -442,9 +442,8 @@ pub async fn requeue(
 }
 
 pub async fn bury(State(state): State<AppState>, Extension(access): Extension<Access>) -> Response {
-    let seq = match seq_of(&access) {
-        Ok(seq) => seq,
-        Err(response) => return response,
+    let Some(seq) = seq_of(&access) else {
+        return no_seq();
     };
     match state.outbox.delete_dead_letters(vec![seq]).await {
         Ok(deleted) if deleted.contains(&seq) => {
