@@ -118,8 +118,11 @@ async fn a_dead_letter_requeued_in_the_browser_reaches_kafka() {
         .click()
         .await
         .unwrap();
+    // The click returns once the form is sent; the answer follows.
     let result = c
-        .find(Locator::Id("result"))
+        .wait()
+        .at_most(secs(10))
+        .for_element(Locator::Id("result"))
         .await
         .unwrap()
         .text()
@@ -181,6 +184,11 @@ async fn the_task_page_shows_each_decision_and_the_kafka_partition_and_offset() 
         c.current_url().await.unwrap().path(),
         format!("/ui/tasks/{task}")
     );
+    c.wait()
+        .at_most(secs(10))
+        .for_element(Locator::Id("timeline"))
+        .await
+        .unwrap();
 
     let mut classes = Vec::new();
     for li in c.find_all(Locator::Css("ol.timeline > li")).await.unwrap() {
