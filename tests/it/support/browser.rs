@@ -1,9 +1,11 @@
 //! A real browser for the console's tests: Debian's headless Chromium,
 //! driven through its chromedriver (WebDriver) by `fantoccini`.
 //!
-//! The fixture starts `chromedriver --port=<free loopback port>`, opens a
-//! session, and on [`Browser::close`] (or drop) ends the session and kills
-//! the driver by its PID. Without Chromium or chromedriver on `PATH`
+//! The fixture starts `chromedriver --port=<free loopback port>` in a
+//! process group of its own (Chromium joins it), opens a session, and on
+//! [`Browser::close`] ends the session and kills that group by the
+//! driver's PID. A test that panics first leaves no browser behind either:
+//! drop kills the group. Without Chromium or chromedriver on `PATH`
 //! ([`Browser::start`] returns `None`), a test prints one line and returns.
 
 use std::path::{Path, PathBuf};
@@ -53,7 +55,7 @@ impl Browser {
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .expect("chromedriver starts");
         let capabilities = json!({
@@ -109,13 +111,38 @@ impl Browser {
             .expect("its text")
     }
 
-    /// Ends the session, then stops chromedriver by its PID.
+    /// Ends the session, then stops chromedriver and what is left of the
+    /// browser.
     pub async fn close(mut self) {
         if let Err(e) = self.client.clone().close().await {
             eprintln!("closing the WebDriver session: {e}");
         }
-        if let Err(e) = self.driver.kill().await {
-            eprintln!("stopping chromedriver: {e}");
+        self.kill_group();
+        if let Err(e) = self.driver.wait().await {
+            eprintln!("waiting for chromedriver: {e}");
         }
+    }
+
+    /// SIGKILL to the driver's process group (its PID), while the driver
+    /// is not yet reaped, so the group cannot be another's.
+    fn kill_group(&mut self) {
+        let Some(pid) = self.driver.id() else {
+            return;
+        };
+        let group = format!("-{pid}");
+        match std::process::Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .status()
+        {
+            Ok(status) if status.success() => {}
+            Ok(status) => eprintln!("kill -KILL -- {group}: {status}"),
+            Err(e) => eprintln!("kill -KILL -- {group}: {e}"),
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        self.kill_group();
     }
 }
