@@ -143,7 +143,7 @@ pub fn svg(label: &str, points: &[(i64, f64)], now_ms: i64) -> String {
          role=\"img\" aria-label=\"{label} per second, last 15 minutes\">\
          <rect x=\"0\" y=\"0\" width=\"{WIDTH}\" height=\"{HEIGHT}\" fill=\"#f6f8fa\"/>\
          <polyline fill=\"none\" stroke=\"#0969da\" stroke-width=\"1.5\" points=\"{}\"/>\
-         </svg></figure>",
+         </svg><div class=\"axis\"><span>15 min ago</span><span>now</span></div></figure>",
         coords.join(" ")
     )
 }

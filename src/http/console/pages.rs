@@ -240,6 +240,9 @@ pub async fn login(
     let right = access.token_ok;
     if !right {
         tracing::warn!("console: a sign-in with a wrong admin token");
+        // Each wrong guess holds one of the console's few slots for a
+        // second: guessing is slow, and costs the public listener nothing.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         return error(StatusCode::UNAUTHORIZED, "Wrong token.");
     }
     if let Some((old, _)) = &access.session {
@@ -274,8 +277,10 @@ pub struct ListQuery {
     after: Option<u64>,
 }
 
-/// The requeue and bury buttons of one dead letter (signed in only).
-fn actions(access: &Access, seq: u64) -> String {
+/// The action buttons of one dead letter (signed in only): requeue, and
+/// with `bury` (the letter's own page, never the list, where a misplaced
+/// click would be too easy) the button that deletes it for good.
+fn actions(access: &Access, seq: u64, bury: bool) -> String {
     let Some((_, csrf)) = &access.session else {
         return String::new();
     };
@@ -287,7 +292,15 @@ fn actions(access: &Access, seq: u64) -> String {
             csrf_field(csrf)
         )
     };
-    format!("{} {}", form("requeue", "Requeue"), form("bury", "Bury"))
+    if bury {
+        format!(
+            "{} {}",
+            form("requeue", "Requeue"),
+            form("bury", "Bury (delete for good)")
+        )
+    } else {
+        form("requeue", "Requeue")
+    }
 }
 
 fn event_field<'a>(letter: &'a DeadLetter, name: &str) -> &'a str {
@@ -322,7 +335,7 @@ pub async fn dead_letters(
                 escape(event_field(l, "taskId")),
                 escape(event_field(l, "state")),
                 escape(cut(&l.reason, 300).0),
-                actions(&access, l.seq),
+                actions(&access, l.seq, false),
             ]
         })
         .collect();
@@ -352,6 +365,8 @@ pub async fn dead_letters(
     }
     if access.session.is_none() {
         body.push_str("<p><a href=\"/ui/login\">Sign in</a> to requeue or bury.</p>");
+    } else {
+        body.push_str("<p>To bury a dead letter (delete it for good), open it.</p>");
     }
     page("Dead letters", &access.viewer(), &body).into_response()
 }
@@ -380,7 +395,7 @@ pub async fn dead_letter(
         escape(&rfc3339_millis(letter.failed_at)),
         escape(&letter.reason),
         task_link(event_field(&letter, "taskId")),
-        actions(&access, seq),
+        actions(&access, seq, true),
         if letter.event.is_null() { "Stored bytes (hex)" } else { "Event" },
         escape(text),
         if cut_off { "<p><small>(cut for display)</small></p>" } else { "" },

@@ -170,6 +170,14 @@ async fn with_a_token_pages_need_a_session_and_actions_its_csrf_token() {
     );
     let (cookie, csrf) = sign_in(&app, TOKEN).await;
     let signed = [("cookie", cookie.as_str()), FORM];
+    let list = send(&app, "GET", "/ui/dead-letters", &signed, "").await;
+    assert!(list.text.contains(&format!("id=\"requeue-{seq}\"")));
+    assert!(
+        !list.text.contains("id=\"bury-"),
+        "bury only on the letter's page"
+    );
+    let one = send(&app, "GET", &format!("/ui/dead-letters/{seq}"), &signed, "").await;
+    assert!(one.text.contains(&format!("id=\"bury-{seq}\"")));
 
     let requeue = format!("seq={seq}");
     let missing = send(&app, "POST", "/ui/dead-letters/requeue", &signed, &requeue).await;
@@ -332,4 +340,15 @@ fn the_timeline_shows_each_decision_and_where_the_event_landed() {
     assert!(html.contains("offset <b class=\"offset\">41</b>"));
     assert!(html.contains("reason: &lt;img src=x&gt;") && !html.contains("<img"));
     assert!(html.contains("1970-01-01T00:00:01.000Z"));
+
+    let mut nats = trace.clone();
+    nats.published[0].broker = "nats";
+    nats.published[0].receipt = crate::publish::Receipt {
+        stream: Some("TASKS".into()),
+        sequence: Some(7),
+        ..Default::default()
+    };
+    let html = timeline::timeline(&nats);
+    assert!(html.contains("stream <code>TASKS</code> · sequence <b class=\"sequence\">7</b>"));
+    assert!(!html.contains("partition"));
 }

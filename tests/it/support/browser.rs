@@ -100,15 +100,25 @@ impl Browser {
         path
     }
 
-    /// The page's visible text.
+    /// The page's visible text. A page that is still being replaced (a
+    /// form just sent) has no body for a moment: that is waited out,
+    /// within 10 s.
     pub async fn text(&self) -> String {
-        self.client
-            .find(fantoccini::Locator::Css("body"))
-            .await
-            .expect("a body")
-            .text()
-            .await
-            .expect("its text")
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let body = self.client.find(fantoccini::Locator::Css("body")).await;
+            let text = match body {
+                Ok(body) => body.text().await.ok(),
+                Err(_) => None,
+            };
+            match text {
+                Some(text) => return text,
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => panic!("no page body within 10 s"),
+            }
+        }
     }
 
     /// Ends the session, then stops chromedriver and what is left of the
