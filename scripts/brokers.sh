@@ -5,6 +5,7 @@
 # Subcommands:
 #   install                               Install or fetch what the tests need (idempotent):
 #                                         nats-server, java, python3, the Kafka jars,
+#                                         Chromium and chromedriver (the console's browser tests),
 #                                         and the C toolchain and OpenSSL headers that the Rust build needs.
 #   libs                                  Print the directory of the Kafka jars (fetching them if needed).
 #   nats-bin                              Print the path of the nats-server to run (building it if needed):
@@ -118,6 +119,10 @@ ensure_system_packages() {
   if ! command -v cc >/dev/null || ! command -v make >/dev/null; then
     pkgs+=(build-essential)
   fi
+  # The console's browser tests (tests/it/console.rs): headless Chromium and its WebDriver,
+  # Debian's (no browser download from elsewhere). A font, so that screenshots show text.
+  command -v chromium >/dev/null || pkgs+=(chromium fonts-liberation)
+  command -v chromedriver >/dev/null || pkgs+=(chromium-driver)
   # Maven is only needed to fetch the Kafka jars the first time.
   if ! kafka_jars_ready && ! command -v mvn >/dev/null; then
     pkgs+=(maven)

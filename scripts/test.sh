@@ -15,6 +15,8 @@
 #    set up there fails the run.
 # 3. processes: scripts/brokers.sh starts one shared Kafka and one shared NATS, stopped
 #    when this script exits, and runs the private ones.
+# The console's browser tests (tests/it/console.rs) run in `cargo test` with the rest: headless
+# Chromium through chromedriver, both Debian's, installed by `scripts/brokers.sh install`.
 # If Docker cannot be set up, one line says why and the processes are used: a machine
 # without Docker still runs the whole suite (the compose stack is then skipped, and the last
 # line says why).
@@ -45,6 +47,11 @@ NATS_VERSION=$("$HOOKBRIDGE_NATS_SERVER" --version 2>&1 | sed 's/^nats-server: /
 
 step "install test prerequisites (scripts/brokers.sh install)"
 bash "$BROKERS" install
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+  step "browser for the console tests: $(chromium --version 2>/dev/null | head -n 1)"
+else
+  warn "chromium or chromedriver missing: the console's browser tests will say so and pass"
+fi
 
 STATE=
 SOURCE=

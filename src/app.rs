@@ -103,6 +103,7 @@ impl App {
                 config.outbox.keep_rejected,
                 outbox.stats().clone(),
             )),
+            console: Default::default(),
         });
         let settings = (config.reconcile.clone(), config.provider.max_in_flight);
         let has_client = tasks.client.is_some();
@@ -206,6 +207,18 @@ impl App {
         if let Some(cluster) = &self.cluster {
             cluster.supervise(supervisor, self.state.health.clone());
         }
+        let (rates, stats) = (
+            self.state.console.rates.clone(),
+            self.outbox.stats().clone(),
+        );
+        supervisor.spawn("console-sampler", move |stop| {
+            crate::http::console::sample_every(
+                rates.clone(),
+                stats.clone(),
+                std::time::Duration::from_secs(1),
+                stop.cancelled_owned(),
+            )
+        });
         // The writer thread restarts itself after a panic (see
         // `outbox::writer`); it is gone only if that failed.
         let outbox = self.outbox.clone();

@@ -33,7 +33,8 @@
 //! app, main, cli     wiring: App::build/run; operator commands
 //! http               routers, serve (accept loop, slots, TLS), webhook, tasks,
 //!                    admin, ready (/readyz); http::metrics renders /metrics;
-//!                    http::rejected keeps rejected bodies for /admin/rejected
+//!                    http::rejected keeps rejected bodies for /admin/rejected;
+//!                    http::console serves the operator console at /ui
 //! supervise          restarts the background workers, feeds /readyz
 //! poll, cluster      provider client, task registry, reconciler, verifier;
 //!                    replicas as one bridge

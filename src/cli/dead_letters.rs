@@ -1,4 +1,4 @@
-//! `hookbridge dead-letters list|show|export|requeue`, through the admin
+//! `hookbridge dead-letters list|show|export|requeue|bury`, through the admin
 //! API's `/admin/dead-letters` routes.
 
 use std::io::Write;
@@ -51,6 +51,12 @@ enum Action {
         #[arg(group = "which")]
         seqs: Vec<u64>,
     },
+    /// Delete dead letters for good (ones nobody will requeue).
+    Bury {
+        /// These dead letters, by `seq`.
+        #[arg(required = true)]
+        seqs: Vec<u64>,
+    },
 }
 
 impl DeadLetters {
@@ -82,6 +88,7 @@ impl DeadLetters {
             }
             Action::Export { file } => export(&client, &file).await?,
             Action::Requeue { all, seqs } => requeue(&client, all, seqs, json).await?,
+            Action::Bury { seqs } => bury(&client, seqs, json).await?,
         }
         Ok(())
     }
@@ -230,6 +237,27 @@ async fn requeue(
             let not: Vec<String> = not.iter().map(cell).collect();
             Err(CliError::NotFound(format!(
                 "not requeued (no such dead letter, or no readable event): {}",
+                not.join(", ")
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn bury(client: &AdminClient, seqs: Vec<u64>, json: bool) -> Result<(), CliError> {
+    let answer = client
+        .post("/admin/dead-letters/bury", &json!({ "seqs": seqs }))
+        .await?;
+    if json {
+        print_json(&answer)?;
+    } else {
+        println!("buried {}", cell(&answer["buried"]));
+    }
+    match answer["notBuried"].as_array() {
+        Some(not) if !not.is_empty() => {
+            let not: Vec<String> = not.iter().map(cell).collect();
+            Err(CliError::NotFound(format!(
+                "not buried (no such dead letter): {}",
                 not.join(", ")
             )))
         }

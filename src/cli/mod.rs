@@ -27,7 +27,7 @@ pub use outbox::OutboxCommand;
 pub enum Command {
     /// Show a running instance's status (outbox, polling) from its admin API.
     Status(Remote),
-    /// List, show, export or requeue a running instance's dead letters.
+    /// List, show, export, requeue or bury a running instance's dead letters.
     DeadLetters(DeadLetters),
     /// Show what became of one task's callbacks and where its events landed.
     Trace {

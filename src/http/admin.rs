@@ -69,7 +69,14 @@ impl AdminGuard {
         self.hosts.contains(&host)
     }
 
-    fn check(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// `admin.token`, if set.
+    pub fn token(&self) -> Option<&Secret> {
+        self.token.as_ref()
+    }
+
+    /// The checks that need no credentials: the `Host` names this
+    /// listener, and the request is not a cross-site browser request.
+    pub fn check_site(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         if !text(header::HOST.as_str()).is_some_and(|h| self.allows(h)) {
             return Err(ApiError::Forbidden(
@@ -84,6 +91,12 @@ impl AdminGuard {
         if cross_site {
             return Err(ApiError::Forbidden("cross-site requests are refused"));
         }
+        Ok(())
+    }
+
+    fn check(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+        self.check_site(headers)?;
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let given = text(header::AUTHORIZATION.as_str());
         match &self.token {
             Some(token) => check_bearer(headers, token),
@@ -262,6 +275,32 @@ pub async fn requeue(State(state): State<AppState>, body: Bytes) -> Result<Json<
     Ok(Json(answer))
 }
 
+/// What `POST /admin/dead-letters/bury` names: the same shape as
+/// requeue's, but `seqs` is required (deleting every dead letter at once
+/// is not an accident an API should make easy).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuryRequest {
+    seqs: Vec<u64>,
+}
+
+/// Deletes the named dead letters for good; answers `buried` (how many)
+/// and the `notBuried` ones (unknown).
+pub async fn bury(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: BuryRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidPayload(format!("expected {{\"seqs\": [..]}}: {e}")))?;
+    let mut asked = request.seqs.clone();
+    let deleted = state
+        .outbox
+        .delete_dead_letters(request.seqs)
+        .await
+        .map_err(internal)?;
+    asked.sort_unstable();
+    asked.dedup();
+    asked.retain(|seq| deleted.binary_search(seq).is_err());
+    Ok(Json(json!({ "buried": deleted.len(), "notBuried": asked })))
+}
+
 pub async fn rejected(
     State(state): State<AppState>,
     Query(q): Query<Limit>,
@@ -285,6 +324,7 @@ pub(super) fn state(config: &crate::config::Config, outbox: crate::outbox::Outbo
             config.outbox.keep_rejected,
             outbox.stats().clone(),
         )),
+        console: Default::default(),
         outbox,
     })
 }
@@ -381,11 +421,19 @@ mod tests {
         assert_eq!(body["deadLetters"][0]["seq"], seqs[0]);
         let (status, _) = call(&app, "POST", "/admin/dead-letters/requeue", "{\"ids\":[1]}").await;
         assert_eq!(status, 400, "unknown field");
+        let body = json!({ "seqs": [seqs[0], 999] }).to_string();
+        let (status, answer) = call(&app, "POST", "/admin/dead-letters/bury", &body).await;
+        assert_eq!(status, 200);
+        assert_eq!(answer, json!({ "buried": 1, "notBuried": [999] }));
+        let (status, _) = call(&app, "POST", "/admin/dead-letters/bury", "").await;
+        assert_eq!(status, 400, "bury names its dead letters");
         let (status, answer) = call(&app, "POST", "/admin/dead-letters/requeue", "").await;
-        assert_eq!((status, answer), (200, json!({ "requeued": 1 })));
+        assert_eq!((status, answer), (200, json!({ "requeued": 0 })));
+
         let (status, body) = call(&app, "GET", "/admin/status", "").await;
         assert_eq!((status, &body["outbox"]["deadLetters"]), (200, &json!(0)));
-        assert_eq!(body["outbox"]["pending"], 2);
+        assert_eq!(body["outbox"]["pending"], 1, "one requeued, one buried");
+        assert_eq!(body["outbox"]["counters"]["deadBuried"], 1);
     }
 
     #[test]

@@ -99,6 +99,11 @@ fn counters(r: &mut Registry, stats: &Stats, poll: &PollStats) {
             load(&stats.dead_dropped),
         ),
         (
+            "hookbridge_dead_letters_buried",
+            "Dead letters deleted for good by an operator (POST /admin/dead-letters/bury)",
+            load(&stats.dead_buried),
+        ),
+        (
             "hookbridge_log_damaged_ranges",
             "Damaged ranges of the pending log found at start (skipped, kept as dead letters)",
             load(&stats.log_damaged_ranges),
@@ -381,7 +386,7 @@ mod tests {
         let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
         let names: std::collections::BTreeSet<&str> =
             scrape.samples.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(names.len(), 49, "{names:#?}");
+        assert_eq!(names.len(), 50, "{names:#?}");
         for name in &names {
             assert!(name.starts_with("hookbridge_"), "{name}");
             let family = ["_count", "_sum"]

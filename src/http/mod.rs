@@ -29,6 +29,7 @@ use crate::secret::Secret;
 
 mod admin;
 mod clients;
+pub mod console;
 mod error;
 pub mod metrics;
 pub mod ready;
@@ -83,6 +84,8 @@ pub struct Shared {
     pub clients: Arc<Clients>,
     /// The rejected bodies kept for `/admin/rejected`.
     pub rejected: Arc<RejectedBodies>,
+    /// The operator console's sessions and rates.
+    pub console: Arc<console::Console>,
 }
 
 /// What the HTTP side needs besides the public listener: the bound admin
@@ -186,7 +189,8 @@ pub fn public(state: AppState, config: &Config) -> Router {
         .layer(middleware::from_fn_with_state(clients, clients::guard))
 }
 
-/// The operator routes, behind the admin guard (Host, cross-site, token).
+/// The operator routes, behind the admin guard (Host, cross-site, token),
+/// and the console at `/ui` behind its own ([`console`]).
 pub fn admin_router(state: AppState, config: &Config) -> Router {
     let guard = Arc::new(AdminGuard::new(&config.admin));
     let deadline = BodyDeadline {
@@ -195,11 +199,13 @@ pub fn admin_router(state: AppState, config: &Config) -> Router {
         limit: 64 * 1024,
         rejects: None,
     };
+    let console = console::router(state.clone(), guard.clone());
     Router::new()
         .route("/admin/status", get(admin::status))
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route("/admin/dead-letters/{seq}", get(admin::dead_letter))
         .route("/admin/dead-letters/requeue", post(admin::requeue))
+        .route("/admin/dead-letters/bury", post(admin::bury))
         .route("/admin/rejected", get(admin::rejected))
         .route("/admin/tasks/{task_id}", get(admin::task))
         .route("/metrics", get(metrics::serve))
@@ -208,6 +214,8 @@ pub fn admin_router(state: AppState, config: &Config) -> Router {
         // Host the guard knows, and readiness reveals nothing an operator
         // would hide.
         .route("/readyz", get(ready::readyz))
+        // Behind its own gate: the same site checks, sessions for browsers.
+        .merge(console)
         .layer(middleware::from_fn_with_state(deadline, read_body))
         .with_state(state)
 }

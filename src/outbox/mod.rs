@@ -206,6 +206,8 @@ pub struct Stats {
     /// Oldest dead letters deleted to stay under `outbox.max_dead_letters`
     /// and `outbox.max_dead_letter_bytes`.
     pub dead_dropped: AtomicU64,
+    /// Dead letters deleted for good by an operator (`bury`).
+    pub dead_buried: AtomicU64,
     /// Damaged ranges of the pending log found when it was opened (each
     /// kept as a dead letter the first time it is found).
     pub log_damaged_ranges: AtomicU64,
@@ -687,6 +689,19 @@ impl Outbox {
         });
         let (reply, rx) = oneshot::channel();
         self.send(writer::Command::Requeue { only, reply })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Deletes the dead letters numbered `seqs` for good (an operator's
+    /// "bury": a dead letter nobody will requeue); returns the numbers of
+    /// those deleted, in sequence order (a missing one is not).
+    pub async fn delete_dead_letters(&self, mut seqs: Vec<u64>) -> Result<Vec<u64>, OutboxError> {
+        seqs.sort_unstable();
+        seqs.dedup();
+        let (reply, rx) = oneshot::channel();
+        self.send(writer::Command::Delete { seqs, reply })
             .await
             .map_err(|_| OutboxError::Closed)?;
         rx.await.map_err(|_| OutboxError::Closed)?

@@ -96,6 +96,53 @@ async fn dead_letters_are(app: &TestApp, n: u64) {
     .await
 }
 
+/// `dead-letters bury` deletes the named dead letters for good, counted,
+/// and names the unknown ones with exit code 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_buried_for_good() {
+    let dir = temp_dir();
+    let mut cfg = crate::support::app::file_config(dir.path());
+    cfg.admin.token = Some(Secret::new(TOKEN));
+    let app = TestApp::start(cfg).await;
+    let mut seqs = Vec::new();
+    for task in ["bury_a", "bury_b"] {
+        let body = format!(r#"{{"taskId":"{task}","state":"fail"}}"#);
+        let event =
+            hookbridge::event::parse(body.as_bytes(), hookbridge::event::Source::Webhook, 1)
+                .unwrap();
+        seqs.push(
+            app.outbox
+                .bury(event, "refused".into())
+                .await
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let admin = format!("http://{}", app.admin_addr);
+    let out = ok(&["dead-letters", "bury", &seqs[0], "--admin", &admin]).await;
+    assert_eq!(out.trim(), "buried 1");
+    let out = hookbridge(
+        &[
+            "dead-letters",
+            "bury",
+            &seqs[0],
+            &seqs[1],
+            "--admin",
+            &admin,
+        ],
+        &[("HOOKBRIDGE_ADMIN__TOKEN", TOKEN)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("not buried (no such dead letter): {}", seqs[0])));
+    assert_eq!(stdout(&out).trim(), "buried 1");
+    let status = app.outbox.status().unwrap();
+    assert_eq!(status.dead_letters, 0);
+    assert_eq!(status.pending, 0, "buried, not requeued");
+    assert_eq!(status.counters["deadBuried"], 2);
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_shown_exported_and_requeued_to_the_broker() {
     let url = brokers::nats().await;

@@ -95,6 +95,13 @@ impl Writer {
                     replies.push((Needs::Store, after_store(reply, seqs)));
                     moved?;
                 }
+                Command::Delete { seqs, reply } => {
+                    let found = self.deletable(&db, work, &seqs);
+                    let deleted = found.as_ref().ok().cloned().unwrap_or_default();
+                    work.deleted.extend_from_slice(&deleted);
+                    replies.push((Needs::Store, after_store(reply, deleted)));
+                    found?;
+                }
                 Command::Bury { letter, reply } => {
                     let seq = self.next_seq;
                     self.next_seq += 1;

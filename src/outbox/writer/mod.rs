@@ -83,6 +83,13 @@ pub(super) enum Command {
         /// The sequence numbers moved.
         reply: oneshot::Sender<Result<Vec<u64>, OutboxError>>,
     },
+    /// Delete dead letters for good (an operator's "bury").
+    Delete {
+        /// The dead letters to delete (sorted, without repeats).
+        seqs: Vec<u64>,
+        /// The sequence numbers deleted.
+        reply: oneshot::Sender<Result<Vec<u64>, OutboxError>>,
+    },
     Bury {
         /// The dead letter; the writer gives it its number and time.
         letter: Box<DeadLetter>,
@@ -148,6 +155,7 @@ struct Delta {
     published: u64,
     dead_lettered: u64,
     dead_dropped: u64,
+    dead_deleted: u64,
 }
 
 /// A reply, called with the error of the step it depends on (if any).
@@ -170,6 +178,8 @@ struct StoreWork {
     letters: Vec<(DeadLetter, Option<Slot>)>,
     /// Dead letters requeued into the log by this group.
     requeued: Vec<u64>,
+    /// Dead letters deleted for good by this group.
+    deleted: Vec<u64>,
     prune: bool,
     pruned: Option<(u64, bool)>,
     /// What the pruned records cost.
@@ -195,7 +205,11 @@ struct Evicted {
 
 impl StoreWork {
     fn is_empty(&self) -> bool {
-        self.letters.is_empty() && self.requeued.is_empty() && !self.prune && !self.evict
+        self.letters.is_empty()
+            && self.requeued.is_empty()
+            && self.deleted.is_empty()
+            && !self.prune
+            && !self.evict
     }
 }
 
@@ -371,6 +385,7 @@ impl Writer {
         Stats::add(&s.published, d.published);
         Stats::add(&s.dead_lettered, d.dead_lettered);
         Stats::add(&s.dead_dropped, d.dead_dropped);
+        Stats::add(&s.dead_buried, d.dead_deleted);
         if d.accepted > 0 || d.pending > 0 {
             self.notify.notify_one();
         }
@@ -497,6 +512,7 @@ impl Command {
             Command::Complete { reply, .. } => fail(reply),
             Command::Requeue { reply, .. } => fail(reply),
             Command::Bury { reply, .. } => fail(reply),
+            Command::Delete { reply, .. } => fail(reply),
             Command::Prune { reply } => match reply {
                 Some(reply) => fail(reply),
                 None => Box::new(|_, _| {}),

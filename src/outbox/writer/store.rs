@@ -34,7 +34,8 @@ impl Writer {
             delta.dead += 1;
             delta.dead_lettered += 1;
         }
-        delta.dead -= work.requeued.len() as i64 + work.dropped as i64;
+        delta.dead -= (work.requeued.len() + work.deleted.len()) as i64 + work.dropped as i64;
+        delta.dead_deleted += work.deleted.len() as u64;
         delta.dead_dropped += work.dropped;
         if work.dropped > 0 {
             tracing::warn!(
@@ -102,7 +103,7 @@ impl Writer {
                     bytes = bytes.saturating_sub(old.value().len() as u64);
                 }
             }
-            for seq in &work.requeued {
+            for seq in work.requeued.iter().chain(&work.deleted) {
                 if let Some(old) = dead.remove(*seq)? {
                     bytes = bytes.saturating_sub(old.value().len() as u64);
                 }
@@ -335,5 +336,25 @@ impl Writer {
             moved.push(old);
         }
         Ok(moved)
+    }
+
+    /// Which of `seqs` (sorted, without repeats) are dead letters that no
+    /// earlier command of this group moves or deletes already.
+    pub(super) fn deletable(
+        &self,
+        db: &redb::Database,
+        work: &StoreWork,
+        seqs: &[u64],
+    ) -> Result<Vec<u64>, OutboxError> {
+        let txn = db.begin_read()?;
+        let dead = txn.open_table(DEAD)?;
+        let mut found = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            let taken = work.requeued.contains(&seq) || work.deleted.contains(&seq);
+            if !taken && dead.get(seq)?.is_some() {
+                found.push(seq);
+            }
+        }
+        Ok(found)
     }
 }

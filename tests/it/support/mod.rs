@@ -4,6 +4,7 @@
 pub mod app;
 pub mod bin;
 pub mod brokers;
+pub mod browser;
 pub mod callbacks;
 pub mod faults;
 pub mod kafka;
