@@ -125,7 +125,9 @@ pub struct CallbackEntry {
     pub reason: Option<String>,
     /// The HTTP status it was answered with, when not 200.
     pub status: Option<u16>,
-    /// Its event's id, when it had a state.
+    /// Its event's id, when it had a state. Not stored: [`Traces::get`]
+    /// derives it from the task id and the state (event ids are
+    /// deterministic), so a caller need not set it.
     pub event_id: Option<String>,
     /// The OpenTelemetry trace id it was received under (32 hex digits).
     pub trace_id: Option<String>,
@@ -134,6 +136,7 @@ pub struct CallbackEntry {
 /// One event of a task the broker acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Publication {
+    /// Not stored either: derived from the task id and the state on read.
     pub event_id: String,
     pub state: State,
     /// When the broker acknowledged it, in milliseconds since the epoch.
@@ -142,10 +145,15 @@ pub struct Publication {
     pub broker: &'static str,
     /// The Kafka topic or NATS subject it went to (in Kafka cluster mode,
     /// the internal topic that hands it to its owner).
-    pub topic: String,
+    #[serde(serialize_with = "text")]
+    pub topic: Arc<str>,
     #[serde(skip)]
     pub receipt: Receipt,
     pub trace_id: Option<String>,
+}
+
+fn text<S: serde::Serializer>(value: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(value)
 }
 
 /// Everything kept about one task, oldest first.
@@ -205,7 +213,7 @@ impl TaskTrace {
                     "topic"
                 };
                 if p.broker != "file" {
-                    m.insert(place.into(), p.topic.as_str().into());
+                    m.insert(place.into(), (*p.topic).into());
                 }
                 let r = &p.receipt;
                 if let Some(partition) = r.partition {
@@ -342,7 +350,8 @@ impl Traces {
     }
 
     /// Notes a callback of `task_id`.
-    pub fn callback(&self, task_id: &str, entry: CallbackEntry) {
+    pub fn callback(&self, task_id: &str, mut entry: CallbackEntry) {
+        entry.event_id = None;
         let bytes = callback_bytes(&entry);
         self.record(task_id, bytes, |kept, max| {
             kept.callbacks.push_back(entry);
@@ -355,7 +364,8 @@ impl Traces {
     }
 
     /// Notes an acknowledged publication of `task_id`.
-    pub fn published(&self, task_id: &str, entry: Publication) {
+    pub fn published(&self, task_id: &str, mut entry: Publication) {
+        entry.event_id = String::new();
         let bytes = publication_bytes(&entry);
         self.record(task_id, bytes, |kept, max| {
             kept.published.push_back(entry);
@@ -413,11 +423,19 @@ impl Traces {
         if now_ms() - kept.touched_at >= inner.window_ms {
             return None;
         }
-        Some(TaskTrace {
+        let mut trace = TaskTrace {
             task_id: task_id.to_owned(),
             callbacks: kept.callbacks.iter().cloned().collect(),
             published: kept.published.iter().cloned().collect(),
-        })
+        };
+        drop(shard);
+        for c in &mut trace.callbacks {
+            c.event_id = c.state.map(|state| crate::event::event_id(task_id, state));
+        }
+        for p in &mut trace.published {
+            p.event_id = crate::event::event_id(task_id, p.state);
+        }
+        Some(trace)
     }
 
     /// Tasks with a trace, and their estimated bytes.
@@ -516,7 +534,7 @@ mod tests {
             state,
             at: 1_700_000_000_100,
             broker: "kafka",
-            topic: "kinovi.tasks".into(),
+            topic: Arc::from("kinovi.tasks"),
             receipt: Receipt {
                 partition: Some(2),
                 offset: Some(offset),

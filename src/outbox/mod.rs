@@ -512,16 +512,11 @@ impl Outbox {
         caller: Caller,
     ) -> Result<Appended, AppendError> {
         let traces = &self.inner.traces;
-        let noted = traces.enabled().then(|| {
-            (
-                event.task_id.clone(),
-                event.state,
-                event.event_id.clone(),
-                event.received_at,
-            )
-        });
+        let noted = traces
+            .enabled()
+            .then(|| (event.task_id.clone(), event.state, event.received_at));
         let outcome = self.append_as(event, trusted).await;
-        if let Some((task_id, state, event_id, received_at)) = noted {
+        if let Some((task_id, state, received_at)) = noted {
             let (decision, reason, status) = match &outcome {
                 Ok(Appended::New { .. }) => (Decision::Accepted, None, None),
                 Ok(Appended::Conflict { previous, .. }) => (
@@ -547,7 +542,8 @@ impl Outbox {
                     decision,
                     reason,
                     status,
-                    event_id: Some(event_id),
+                    // Derived from the task and the state when read.
+                    event_id: None,
                     trace_id: caller.trace_id,
                 },
             );

@@ -289,16 +289,23 @@ impl Relay {
             let m = encoded.binary_search_by_key(&seq, |m| m.seq).ok()?;
             Some((&ready[o], &encoded[m]))
         };
+        // Most batches go to one topic: one shared copy of its name.
+        let mut topic: Option<Arc<str>> = None;
         for (seq, receipt) in landed {
             let Some((o, m)) = find(*seq) else { continue };
+            let name = match &topic {
+                Some(t) if **t == *m.destination => t.clone(),
+                _ => topic.insert(Arc::from(m.destination.as_str())).clone(),
+            };
             traces.published(
                 &o.meta.task_id,
                 crate::trace::Publication {
-                    event_id: o.meta.event_id.clone(),
+                    // Derived from the task and the state when read.
+                    event_id: String::new(),
                     state: o.meta.state,
                     at,
                     broker,
-                    topic: m.destination.clone(),
+                    topic: name,
                     receipt: receipt.clone(),
                     trace_id: None,
                 },
