@@ -81,6 +81,8 @@ pub struct Settings {
 /// One scrape at a window's end.
 #[derive(Default, Clone)]
 struct Sample {
+    /// Whether `/metrics` answered (RSS and load are read all the same).
+    scraped: bool,
     /// Histogram name (without the prefix and `_duration_seconds`) ->
     /// cumulative count by bucket bound, in seconds (`+Inf` as infinity).
     buckets: BTreeMap<String, Vec<(f64, f64)>>,
@@ -89,11 +91,7 @@ struct Sample {
     load1: Option<String>,
 }
 
-const HISTOGRAMS: [&str; 3] = [
-    "webhook_answer",
-    "outbox_fsync",
-    "outbox_checkpoint",
-];
+const HISTOGRAMS: [&str; 3] = ["webhook_answer", "outbox_fsync", "outbox_checkpoint"];
 
 pub async fn run(target: Target, admin: Target, s: Settings) -> anyhow::Result<()> {
     let windows = (s.duration.as_secs_f64() / s.window.as_secs_f64()).ceil() as usize;
@@ -105,8 +103,7 @@ pub async fn run(target: Target, admin: Target, s: Settings) -> anyhow::Result<(
         s.label
     );
     let metrics = admin.with_path("/metrics");
-    let mut probe = Conn::open(&metrics).await?;
-    let first = scrape(&mut probe, &metrics, s.server_pid).await?;
+    let first = scrape(&metrics, s.server_pid).await;
     // The open loop starts 20 ms from now (see `load::open_loop`).
     let from = tokio::time::Instant::now() + Duration::from_millis(20) + s.warmup;
     let (window, pid) = (s.window, s.server_pid);
@@ -114,17 +111,7 @@ pub async fn run(target: Target, admin: Target, s: Settings) -> anyhow::Result<(
         let mut samples = Vec::with_capacity(windows + 1);
         for k in 0..=windows {
             tokio::time::sleep_until(from + window * k as u32).await;
-            // A failed scrape leaves a gap, not an end to the run.
-            match scrape(&mut probe, &metrics, pid).await {
-                Ok(sample) => samples.push(Some(sample)),
-                Err(e) => {
-                    eprintln!("soak: scrape failed: {e:#}");
-                    samples.push(None);
-                    if let Ok(conn) = Conn::open(&metrics).await {
-                        probe = conn;
-                    }
-                }
-            }
+            samples.push(scrape(&metrics, pid).await);
         }
         samples
     });
@@ -166,8 +153,7 @@ pub async fn run(target: Target, admin: Target, s: Settings) -> anyhow::Result<(
     );
     let mut worst = (0.0f64, 0.0f64);
     let mut rss = Vec::new();
-    let before = Some(first);
-    let samples: Vec<Option<Sample>> = std::iter::once(before).chain(samples).collect();
+    let samples: Vec<Sample> = std::iter::once(first).chain(samples).collect();
     for (w, latencies) in by_window.iter_mut().enumerate() {
         let lat = Percentiles::of(latencies);
         let (p99, p999) = (lat.ms(0.99), lat.ms(0.999));
@@ -176,9 +162,8 @@ pub async fn run(target: Target, admin: Target, s: Settings) -> anyhow::Result<(
         }
         // Sample 0 is before the warm-up; 1 is the window's start.
         let (a, b) = (samples.get(w + 1), samples.get(w + 2));
-        let (a, b) = (a.cloned().flatten(), b.cloned().flatten());
-        let diff = |name: &str| match (&a, &b) {
-            (Some(a), Some(b)) => Some(diff(a, b, name)),
+        let diff = |name: &str| match (a, b) {
+            (Some(a), Some(b)) if a.scraped && b.scraped => Some(diff(a, b, name)),
             _ => None,
         };
         let own = diff("webhook_answer").map_or("-".into(), |d| {
@@ -196,7 +181,7 @@ pub async fn run(target: Target, admin: Target, s: Settings) -> anyhow::Result<(
         let checkpoint = diff("outbox_checkpoint").map_or("-".into(), |d| {
             format!("{:.0} {}/{}", total(&d), q(&d, 0.99), q(&d, 1.0))
         });
-        let rss_mib = b.as_ref().and_then(|b| b.rss_mib);
+        let rss_mib = b.and_then(|b| b.rss_mib);
         rss.extend(rss_mib);
         println!(
             "{:<8} {:>6} | {:>29} | {:>23} | {:>26} | {:>20} | {:>6} {:>9} {:>5}",
@@ -213,11 +198,9 @@ pub async fn run(target: Target, admin: Target, s: Settings) -> anyhow::Result<(
             fsync,
             checkpoint,
             rss_mib.map_or("-".into(), |r| format!("{r:.0}")),
-            b.as_ref()
-                .and_then(|b| b.tracked)
+            b.and_then(|b| b.tracked)
                 .map_or("-".into(), |t| format!("{t:.0}")),
-            b.as_ref()
-                .and_then(|b| b.load1.clone())
+            b.and_then(|b| b.load1.clone())
                 .unwrap_or_else(|| "-".into()),
         );
     }
@@ -252,12 +235,42 @@ pub async fn run(target: Target, admin: Target, s: Settings) -> anyhow::Result<(
     Ok(())
 }
 
-/// The histograms, tracked tasks, RSS and load average now.
-async fn scrape(conn: &mut Conn, metrics: &Target, pid: Option<u32>) -> anyhow::Result<Sample> {
-    let (status, body) = conn.send(metrics, "GET", Bytes::new()).await?;
-    anyhow::ensure!(status == 200, "GET {metrics}: {status}");
-    let text = String::from_utf8_lossy(&body);
+/// The histograms, tracked tasks, RSS and load average now. Each scrape
+/// on a connection of its own: the admin listener closes idle ones.
+async fn scrape(metrics: &Target, pid: Option<u32>) -> Sample {
     let mut sample = Sample::default();
+    let answer = async {
+        let mut conn = Conn::open(metrics).await?;
+        conn.send(metrics, "GET", Bytes::new()).await
+    };
+    match answer.await {
+        Ok((200, body)) => {
+            sample.scraped = true;
+            parse_metrics(&String::from_utf8_lossy(&body), &mut sample);
+        }
+        Ok((status, _)) => eprintln!("soak: GET {metrics}: {status}"),
+        Err(e) => eprintln!("soak: GET {metrics}: {e:#}"),
+    }
+    if let Some(pid) = pid {
+        sample.rss_mib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib / 1024.0)
+            });
+    }
+    sample.load1 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string));
+    sample
+}
+
+/// The histograms and the tracked tasks of a `/metrics` text.
+fn parse_metrics(text: &str, sample: &mut Sample) {
+    for name in HISTOGRAMS {
+        sample.buckets.entry(name.to_string()).or_default();
+    }
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("hookbridge_") else {
             continue;
@@ -285,22 +298,6 @@ async fn scrape(conn: &mut Conn, metrics: &Target, pid: Option<u32>) -> anyhow::
                 .push((le, count));
         }
     }
-    if let Some(pid) = pid {
-        sample.rss_mib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|status| {
-                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-                let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-                Some(kib / 1024.0)
-            });
-    }
-    sample.load1 = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string));
-    for name in HISTOGRAMS {
-        sample.buckets.entry(name.to_string()).or_default();
-    }
-    Ok(sample)
 }
 
 /// The histogram's counts between two scrapes, by bucket bound.

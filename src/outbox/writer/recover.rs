@@ -337,7 +337,6 @@ impl Writer {
             stored_through,
             last_checkpoint: Instant::now(),
             deferred_acks: Vec::new(),
-            prune_from: None,
             evict_from: None,
             checkpointer: Checkpointer::start(db_for_checkpoints, stats_for_checkpoints)?,
             dead_bytes,
