@@ -44,7 +44,7 @@ pub async fn prefill(dir: &Path, count: u64, concurrency: usize) -> anyhow::Resu
     let start = Instant::now();
     // In steps that stay under the backlog cap; each step's events are
     // acknowledged as the relay would after the broker's ack.
-    let step = config.max_pending.min(500_000).max(1);
+    let step = config.max_pending.clamp(1, 500_000);
     let mut done = 0;
     while done < count {
         let n = step.min(count - done);
