@@ -10,6 +10,10 @@
 //! ingest outbox-rate  --dir DIR --rate R [--duration S]     the outbox alone at a fixed rate: append latency
 //! ingest parse       [--duration S]                        event::parse alone: ns per body
 //! ingest recovery     --dir DIR [--count N] [--concurrency C]   the outbox alone: open time with N pending
+//! ingest prefill      --dir DIR [--count N]                 the outbox alone: N tracked (acknowledged) tasks
+//! ingest soak         --url URL --rate R [--duration S] [--window S] [--server-pid P]
+//!                                                       open loop of new tasks, figures per window
+//! ingest evict-cache --dir DIR                             drop DIR's files from the page cache
 //! ingest wait-http    --url URL                             wait until GET URL answers 200
 //! ingest wait-drained --url URL                             wait until the outbox is empty
 //! ingest edge         --url URL --attack quiet|burst|junk|slow|churn|forged|loris
@@ -55,6 +59,8 @@ mod recovery;
 mod report;
 #[path = "ingest/server.rs"]
 mod server;
+#[path = "ingest/soak.rs"]
+mod soak;
 
 use load::{Stop, Target};
 
@@ -152,6 +158,49 @@ enum Mode {
         /// Reopen DIR as it is instead of filling it first (e.g. after dropping the page cache).
         #[arg(long)]
         skip_fill: bool,
+    },
+    /// Fill DIR's outbox with COUNT tracked tasks, all acknowledged (their
+    /// dedup records in the task store, nothing pending), as a bridge that
+    /// ran for days leaves it.
+    Prefill {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 2_000_000)]
+        count: u64,
+        /// Concurrent appenders, so that group commit works as in the server.
+        #[arg(long, default_value_t = 2048)]
+        concurrency: usize,
+    },
+    /// Open-loop load of new tasks at a fixed rate, with the latency from
+    /// the due time, hookbridge's own histograms (answer, fsync,
+    /// checkpoint), its RSS and the load average per window.
+    Soak {
+        #[command(flatten)]
+        target: Url,
+        #[arg(long, default_value_t = 4000)]
+        rate: u64,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 600.0)]
+        duration: f64,
+        /// Seconds per printed window.
+        #[arg(long, default_value_t = 60.0)]
+        window: f64,
+        /// Seconds at the start that are sent but not counted.
+        #[arg(long, default_value_t = 0.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// hookbridge's process id: its VmRSS per window.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// What a window is called in the table's header.
+        #[arg(long, default_value = "minute")]
+        label: String,
+    },
+    /// Drop DIR's files from the page cache (as after a reboot).
+    EvictCache {
+        #[arg(long)]
+        dir: std::path::PathBuf,
     },
     /// Wait until GET URL answers 200.
     WaitHttp {
@@ -407,6 +456,34 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             concurrency,
             skip_fill,
         } => recovery::run(&dir, count, concurrency, skip_fill).await?,
+        Mode::Prefill {
+            dir,
+            count,
+            concurrency,
+        } => soak::prefill(&dir, count, concurrency).await?,
+        Mode::Soak {
+            target,
+            rate,
+            duration,
+            window,
+            warmup,
+            connections,
+            server_pid,
+            label,
+        } => {
+            let admin = target.admin()?;
+            let settings = soak::Settings {
+                rate,
+                warmup: secs(warmup),
+                duration: secs(duration),
+                window: secs(window.max(1.0)),
+                connections,
+                server_pid,
+                label,
+            };
+            soak::run(target.target()?, admin, settings).await?;
+        }
+        Mode::EvictCache { dir } => soak::evict_cache(&dir)?,
         Mode::WaitHttp { url, timeout } => {
             let target = Target::parse(&url, "")?;
             server::wait_http(&target, secs(timeout)).await?;

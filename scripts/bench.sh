@@ -40,6 +40,22 @@
 #               valid callbacks of BENCH_LARGE_SIZE bytes posted, then kept pending for
 #               BENCH_LARGE_HOLD s while the relay retries; its peak RSS (the relay's batches
 #               are bounded in bytes by outbox.relay_batch_bytes)
+# and, only when named in BENCH_PHASES (they take minutes), the long runs of issue 25:
+#   soak        a data dir pre-filled with BENCH_SOAK_TRACKED tracked tasks (`ingest prefill`:
+#               the outbox alone, distinct tasks appended by 2048 concurrent appenders and all
+#               acknowledged, so their dedup records sit in the task store as after days of
+#               traffic), then hookbridge (Kafka) on it under an open-loop load of NEW tasks
+#               at BENCH_SOAK_RATE/s for BENCH_SOAK_MINUTES. Per minute: p50/p99/p99.9/max
+#               from each request's due time (every request kept, no buckets);
+#               hookbridge's own answer histogram (p50/p99/p99.9, bucket bounds); the pending
+#               log's write+fdatasync and the checkpoint's transaction (count, p99/p99.9/max),
+#               both from /metrics diffed per minute; VmRSS, the tracked tasks, the load average.
+#   cold-start  hookbridge started again on the soak's data dir (prefilled when the soak did
+#               not run) after its files were dropped from the page cache (posix_fadvise,
+#               only these files; BENCH_COLD_WARM=1 keeps them), then the same load and
+#               figures for BENCH_COLD_SECONDS per BENCH_COLD_WINDOW s, and the time from the
+#               start to /healthz. Goal: within 2x the soak's steady minutes.
+#               e.g. BENCH_PHASES="soak cold-start" scripts/bench.sh (about 13 minutes)
 # then prints a summary table. Every full-speed phase also reports:
 #   end to end  the broker's acknowledgements per second against the 2xx answers per
 #               second, both from hookbridge's own counters over the same window
@@ -75,6 +91,12 @@
 #   BENCH_LARGE_COUNT      large pending callbacks (default 400)
 #   BENCH_LARGE_SIZE       bytes of each (default 1000000)
 #   BENCH_LARGE_HOLD       seconds they stay pending, publishes failing (default 20)
+#   BENCH_SOAK_RATE        new tasks/s of the soak and the cold start (default 4000)
+#   BENCH_SOAK_MINUTES     soak minutes (default 10)
+#   BENCH_SOAK_TRACKED     tracked tasks pre-filled (default 2000000)
+#   BENCH_COLD_SECONDS     measured seconds after the cold start (default 60)
+#   BENCH_COLD_WINDOW      seconds per printed window of the cold start (default 10)
+#   BENCH_COLD_WARM=1      keep the data dir in the page cache for the cold start
 #                          The edge phases pass HOOKBRIDGE_* on as well, e.g. to measure
 #                          with the sender known (issue 19's server.senders):
 #                          HOOKBRIDGE_SERVER__SENDERS='["127.0.0.1/32"]'
@@ -118,6 +140,11 @@ JUNK_RATE=${BENCH_JUNK_RATE:-0}
 LARGE_COUNT=${BENCH_LARGE_COUNT:-400}
 LARGE_SIZE=${BENCH_LARGE_SIZE:-1000000}
 LARGE_HOLD=${BENCH_LARGE_HOLD:-20}
+SOAK_RATE=${BENCH_SOAK_RATE:-4000}
+SOAK_MINUTES=${BENCH_SOAK_MINUTES:-10}
+SOAK_TRACKED=${BENCH_SOAK_TRACKED:-2000000}
+COLD_SECONDS=${BENCH_COLD_SECONDS:-60}
+COLD_WINDOW=${BENCH_COLD_WINDOW:-10}
 # The slow-loris phase holds thousands of sockets in the load generator.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export BENCH_CLIENT_THREADS=${BENCH_CLIENT_THREADS:-1}
@@ -520,6 +547,43 @@ if want large; then
   echo "peak RSS with $LARGE_COUNT pending events of $LARGE_SIZE bytes: $(result rss-large rss_peak_mib) MiB"
 fi
 
+# The long runs (issue 25): one data dir pre-filled with SOAK_TRACKED tracked tasks, the
+# soak on it, then the cold start on the same dir (SOAK_TRACKED plus the soak's tasks).
+SOAK_DIR=$STATE/data-soak
+if want soak || want cold-start; then
+  [[ -n $KAFKA_PID ]] || {
+    step "start Kafka on 127.0.0.1:$KPORT"
+    start_kafka
+  }
+  step "prefill: $SOAK_TRACKED tracked tasks in $SOAK_DIR (the outbox alone)"
+  phase prefill "$BENCH" prefill --dir "$SOAK_DIR" --count "$SOAK_TRACKED"
+fi
+
+if want soak; then
+  step "soak: ${SOAK_RATE}/s new tasks for ${SOAK_MINUTES} min on $SOAK_TRACKED tracked tasks"
+  start_hookbridge soak
+  measured soak "$BENCH" soak --url "$URL" --admin-url "$ADMIN" --rate "$SOAK_RATE" \
+    --duration "$((SOAK_MINUTES * 60))" --window 60 --server-pid "$HB_PID" --label minute
+  stop_hookbridge
+fi
+
+COLD_OPEN_MS=-
+if want cold-start; then
+  step "cold-start: ${SOAK_RATE}/s for ${COLD_SECONDS}s right after a start on $SOAK_DIR, page cache dropped"
+  [[ -n ${BENCH_NO_SYNC:-} ]] || sync
+  # Its files only, as after a reboot (BENCH_COLD_WARM=1 keeps them cached).
+  [[ -n ${BENCH_COLD_WARM:-} ]] || "$BENCH" evict-cache --dir "$SOAK_DIR"
+  t0=$(now_ms)
+  start_hookbridge cold-start HOOKBRIDGE_OUTBOX__DATA_DIR="$SOAK_DIR"
+  COLD_OPEN_MS=$(($(now_ms) - t0))
+  echo "start -> /healthz answers: $COLD_OPEN_MS ms"
+  measured cold-start "$BENCH" soak --url "$URL" --admin-url "$ADMIN" --rate "$SOAK_RATE" \
+    --duration "$COLD_SECONDS" --window "$COLD_WINDOW" --server-pid "$HB_PID" --label "${COLD_WINDOW}s"
+  stop_hookbridge
+fi
+stop "$KAFKA_PID" 30
+KAFKA_PID=
+
 # ---------------------------------------------------------------------------
 # Summary
 
@@ -571,4 +635,17 @@ step "summary ($(nproc) cores, load average at the start: $LOAD_AT_START, load g
   printf '%-44s %14s %s\n' "  peak RSS MiB; data dir MiB" "$(result recovery rss_peak_mib); $(result recovery data_mib)" ""
   printf '%-44s %14s %s\n' "  fill: appends/s" "$(result recovery fill_rps)" ""
   printf '%-44s %14s %s\n' "$LARGE_COUNT pending x $LARGE_SIZE B, failing: RSS MiB" "$(result rss-large rss_peak_mib)" "<= 256"
+  if want soak || want cold-start; then
+    printf '%-44s %14s %s\n' "prefill $SOAK_TRACKED tracked tasks: s" "$(result prefill prefill_s)" ""
+  fi
+  if want soak; then
+    printf '%-44s %14s %s\n' "soak ${SOAK_RATE}/s ${SOAK_MINUTES} min: p50/p99/p99.9 ms" "$(result soak p50_ms) / $(result soak p99_ms) / $(result soak p999_ms)" ""
+    printf '%-44s %14s %s\n' "  worst minute p99 / p99.9 ms" "$(result soak worst_p99_ms) / $(result soak worst_p999_ms)" "<= 2 / 10"
+    printf '%-44s %14s %s\n' "  RSS MiB first -> last minute (max)" "$(result soak rss_first_mib) -> $(result soak rss_last_mib) ($(result soak rss_max_mib))" "flat"
+  fi
+  if want cold-start; then
+    printf '%-44s %14s %s\n' "cold start: start -> /healthz ms" "$COLD_OPEN_MS" ""
+    printf '%-44s %14s %s\n' "  first ${COLD_SECONDS}s p50/p99/p99.9 ms" "$(result cold-start p50_ms) / $(result cold-start p99_ms) / $(result cold-start p999_ms)" "<= 2x soak"
+    printf '%-44s %14s %s\n' "  worst ${COLD_WINDOW}s p99 / p99.9 ms" "$(result cold-start worst_p99_ms) / $(result cold-start worst_p999_ms)" ""
+  fi
 } | tee "$STATE/summary.txt"

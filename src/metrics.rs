@@ -80,6 +80,7 @@ pub struct Metrics {
     answer: Histogram,
     group_commit: Histogram,
     fsync: Histogram,
+    checkpoint: Histogram,
     publish: Histogram,
     age_at_publish: Histogram,
 }
@@ -94,6 +95,7 @@ impl Default for Metrics {
             answer: Histogram::new(LATENCY),
             group_commit: Histogram::new(GROUP),
             fsync: Histogram::new(LATENCY),
+            checkpoint: Histogram::new(LATENCY),
             publish: Histogram::new(LATENCY),
             age_at_publish: Histogram::new(AGE),
         }
@@ -152,6 +154,16 @@ impl Metrics {
         commit()
     }
 
+    /// Times one checkpoint of the dedup records into the task store (the
+    /// B-tree inserts and the durable commit), returning what `write` did.
+    pub fn time_checkpoint<T>(&self, write: impl FnOnce() -> T) -> T {
+        let _timer = Timer {
+            histogram: &self.checkpoint,
+            started: Instant::now(),
+        };
+        write()
+    }
+
     /// One publish call that took `took`, and the `received_at` (ms) of
     /// each event the broker acknowledged in it, at `now_ms`.
     pub fn published(
@@ -196,6 +208,7 @@ impl Metrics {
             answer: &self.answer,
             group_commit: &self.group_commit,
             fsync: &self.fsync,
+            checkpoint: &self.checkpoint,
             publish: &self.publish,
             age_at_publish: &self.age_at_publish,
         }
@@ -210,6 +223,8 @@ pub struct Histograms<'a> {
     pub group_commit: &'a Histogram,
     /// One write and fdatasync of the pending log.
     pub fsync: &'a Histogram,
+    /// One checkpoint of the dedup records: inserts, commit and sync.
+    pub checkpoint: &'a Histogram,
     /// One publish call.
     pub publish: &'a Histogram,
     /// An event's age when the broker acknowledged it.

@@ -161,15 +161,23 @@ impl Report {
 }
 
 /// Sorted latencies in microseconds.
-struct Percentiles<'a>(&'a [u32]);
+pub struct Percentiles<'a>(&'a [u32]);
 
 impl<'a> Percentiles<'a> {
-    fn of(v: &'a mut [u32]) -> Self {
+    pub fn of(v: &'a mut [u32]) -> Self {
         v.sort_unstable();
         Self(v)
     }
 
-    fn ms(&self, q: f64) -> f64 {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn ms(&self, q: f64) -> f64 {
         if self.0.is_empty() {
             return f64::NAN;
         }

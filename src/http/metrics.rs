@@ -315,6 +315,11 @@ fn histograms(r: &mut Registry, m: &Metrics) {
             h.fsync,
         ),
         (
+            "hookbridge_outbox_checkpoint_duration_seconds",
+            "Time of one checkpoint of the dedup records into the task store: inserts, commit, sync",
+            h.checkpoint,
+        ),
+        (
             "hookbridge_publish_duration_seconds",
             "Time of one publish call (a batch) until the broker answered",
             h.publish,
@@ -386,7 +391,7 @@ mod tests {
         let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
         let names: std::collections::BTreeSet<&str> =
             scrape.samples.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(names.len(), 50, "{names:#?}");
+        assert_eq!(names.len(), 53, "{names:#?}");
         for name in &names {
             assert!(name.starts_with("hookbridge_"), "{name}");
             let family = ["_count", "_sum"]

@@ -727,22 +727,48 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
-    /// Deletes every task record older than the dedup window, in batches of
-    /// bounded size so appends are never held up for long (also runs
+    /// Deletes every task record older than the dedup window (also runs
     /// periodically). Returns how many were deleted.
+    ///
+    /// A pass starts with a checkpoint; then the records are read in steps
+    /// of bounded size on the blocking pool, off the writer, and only the
+    /// expired ones found go to the writer, to be deleted in the task
+    /// store's transaction if still expired. A pass over millions of
+    /// records that finds none expired so costs the appends one checkpoint,
+    /// not a write transaction per step.
     pub async fn prune(&self) -> Result<u64, OutboxError> {
-        let mut total = 0;
+        let mut total = self.prune_step(Vec::new()).await?;
+        let window = (self.inner.config.dedup_window_secs as i64).saturating_mul(1000);
+        let one_off = (self.inner.config.one_off_window_secs as i64).saturating_mul(1000);
+        let mut from: Option<String> = None;
         loop {
-            let (reply, rx) = oneshot::channel();
-            self.send(writer::Command::Prune { reply: Some(reply) })
-                .await
-                .map_err(|_| OutboxError::Closed)?;
-            let (pruned, more) = rx.await.map_err(|_| OutboxError::Closed)??;
-            total += pruned;
-            if !more {
-                return Ok(total);
+            let db = self.inner.db.clone();
+            let after = from.take();
+            let (expired, next) = tokio::task::spawn_blocking(move || {
+                writer::expired_after(&*db.get()?, after.as_deref(), now_ms(), window, one_off)
+            })
+            .await
+            .map_err(OutboxError::from_join)??;
+            if !expired.is_empty() {
+                total += self.prune_step(expired).await?;
+            }
+            match next {
+                Some(next) => from = Some(next),
+                None => return Ok(total),
             }
         }
+    }
+
+    /// One prune step on the writer (see [`writer::Command::Prune`]).
+    async fn prune_step(&self, expired: Vec<String>) -> Result<u64, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(writer::Command::Prune {
+            expired,
+            reply: Some(reply),
+        })
+        .await
+        .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
     }
 
     /// Commits what is queued, stops and joins the writer thread, and

@@ -17,7 +17,8 @@ pub(super) struct Checkpointer {
 pub(super) type Records = HashMap<String, TaskRecord>;
 
 impl Checkpointer {
-    pub(super) fn start(db: Arc<DbCell>) -> Result<Self, OutboxError> {
+    /// `stats` times each checkpoint (`hookbridge_outbox_checkpoint_duration_seconds`).
+    pub(super) fn start(db: Arc<DbCell>, stats: Arc<Stats>) -> Result<Self, OutboxError> {
         let (jobs, inbox) = std::sync::mpsc::channel::<(Arc<Records>, u64)>();
         let (report, done) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -25,7 +26,9 @@ impl Checkpointer {
             .spawn(move || {
                 for (records, through) in inbox {
                     let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        write_records(&db, &records, through)
+                        stats
+                            .metrics
+                            .time_checkpoint(|| write_records(&db, &records, through))
                     }))
                     .unwrap_or_else(|panic| {
                         Err(OutboxError::Log(std::io::Error::other(format!(

@@ -114,13 +114,13 @@ impl Writer {
                     replies.push((Needs::Store, after_store(reply, seq)));
                 }
                 Command::Stop => {}
-                Command::Prune { reply } => {
-                    work.prune = true;
+                Command::Prune { expired, reply } => {
+                    work.prune.get_or_insert_with(Vec::new).extend(expired);
                     // The step's figures are known once the store committed.
                     replies.push((
                         Needs::Store,
                         Box::new(move |err, work| {
-                            let step = work.pruned.unwrap_or((0, false));
+                            let step = work.pruned.unwrap_or(0);
                             if let Some(reply) = reply {
                                 let _ = reply.send(
                                     err.map_or(Ok(step), |e| Err(OutboxError::Db(redb_copy(e)))),

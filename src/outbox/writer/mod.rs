@@ -49,10 +49,10 @@ use crate::sync::lock;
 
 /// Most commands taken as one group.
 const MAX_GROUP: usize = 4096;
-/// Most task records looked at by one prune transaction, so pruning never
-/// stalls appends for long.
+/// Most task records looked at by one prune step's read (off the writer),
+/// so that a step's deletions stay small.
 /// (A few in the unit tests, so that they cross step boundaries.)
-const PRUNE_SCAN: usize = if cfg!(test) { 3 } else { 20_000 };
+pub(super) const PRUNE_SCAN: usize = if cfg!(test) { 3 } else { 20_000 };
 /// Most task records looked at by one eviction step: eviction takes the
 /// oldest among them (all of them when fewer are tracked).
 const EVICT_SCAN: usize = if cfg!(test) { 8 } else { 100_000 };
@@ -95,10 +95,14 @@ pub(super) enum Command {
         letter: Box<DeadLetter>,
         reply: oneshot::Sender<Result<u64, OutboxError>>,
     },
-    /// One step of a pass over the task records: how many were deleted,
-    /// and whether the pass goes on.
+    /// One step of a pass over the task records: deletes those of
+    /// `expired` that are still expired once the changed records are
+    /// checkpointed (in the same transaction); answers how many went. With
+    /// none, only the checkpoint (a pass starts with one, so that its
+    /// reads off the writer see every record).
     Prune {
-        reply: Option<oneshot::Sender<Result<(u64, bool), OutboxError>>>,
+        expired: Vec<String>,
+        reply: Option<oneshot::Sender<Result<u64, OutboxError>>>,
     },
     /// Commit what was queued before, then end the thread.
     Stop,
@@ -118,9 +122,6 @@ pub(super) struct Writer {
     last_checkpoint: Instant,
     /// Acks of events that became dead letters, for the next log write.
     deferred_acks: Vec<u64>,
-    /// Where the current prune pass resumes (the next task id to look at);
-    /// `None` starts a new pass from the first.
-    prune_from: Option<String>,
     /// Where the next eviction step starts looking (see `evict_step`).
     evict_from: Option<String>,
     /// Writes checkpoints of the dedup records off this thread.
@@ -140,6 +141,7 @@ mod store;
 mod tests;
 
 use checkpoint::{begin_durable, no_space, put_records, Checkpointer, Records};
+pub(super) use store::expired_after;
 
 /// Changes to the in-memory counters, applied only once a commit succeeded.
 #[derive(Default)]
@@ -180,8 +182,10 @@ struct StoreWork {
     requeued: Vec<u64>,
     /// Dead letters deleted for good by this group.
     deleted: Vec<u64>,
-    prune: bool,
-    pruned: Option<(u64, bool)>,
+    /// A prune step: the task records that were expired when read.
+    prune: Option<Vec<String>>,
+    /// How many of them the step deleted.
+    pruned: Option<u64>,
     /// What the pruned records cost.
     pruned_bytes: u64,
     /// The task records are over a cap: evict some.
@@ -208,7 +212,7 @@ impl StoreWork {
         self.letters.is_empty()
             && self.requeued.is_empty()
             && self.deleted.is_empty()
-            && !self.prune
+            && self.prune.is_none()
             && !self.evict
     }
 }
@@ -513,7 +517,7 @@ impl Command {
             Command::Requeue { reply, .. } => fail(reply),
             Command::Bury { reply, .. } => fail(reply),
             Command::Delete { reply, .. } => fail(reply),
-            Command::Prune { reply } => match reply {
+            Command::Prune { reply, .. } => match reply {
                 Some(reply) => fail(reply),
                 None => Box::new(|_, _| {}),
             },

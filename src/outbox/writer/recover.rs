@@ -325,6 +325,7 @@ impl Writer {
         );
 
         let db_for_checkpoints = db.clone();
+        let stats_for_checkpoints = stats.clone();
         let mut writer = Writer {
             db,
             log,
@@ -336,9 +337,8 @@ impl Writer {
             stored_through,
             last_checkpoint: Instant::now(),
             deferred_acks: Vec::new(),
-            prune_from: None,
             evict_from: None,
-            checkpointer: Checkpointer::start(db_for_checkpoints)?,
+            checkpointer: Checkpointer::start(db_for_checkpoints, stats_for_checkpoints)?,
             dead_bytes,
             short_of_space: false,
         };

@@ -46,7 +46,7 @@ impl Writer {
         let evicted = work.evicted;
         let mut gone = evicted.finished + evicted.unfinished;
         let mut gone_bytes = evicted.bytes + work.pruned_bytes;
-        if let Some((pruned, _)) = work.pruned {
+        if let Some(pruned) = work.pruned {
             if pruned > 0 {
                 tracing::debug!(pruned, "pruned expired task records");
             }
@@ -128,16 +128,16 @@ impl Writer {
             }
             drop(meta);
             put_records(&txn, records, through)?;
-            if work.prune || work.evict {
+            if work.prune.is_some() || work.evict {
                 let mut tasks = txn.open_table(TASKS)?;
                 let now = now_ms();
-                if work.prune {
-                    let (pruned, bytes, more) = self.prune_step(&mut tasks, now)?;
-                    work.pruned = Some((pruned, more));
+                if let Some(expired) = &work.prune {
+                    let (pruned, bytes) = self.prune_expired(&mut tasks, expired, now)?;
+                    work.pruned = Some(pruned);
                     work.pruned_bytes = bytes;
                 }
                 if work.evict {
-                    let pruned = work.pruned.map_or(0, |(n, _)| n);
+                    let pruned = work.pruned.unwrap_or(0);
                     work.evicted = self.evict_step(&mut tasks, pruned, work.pruned_bytes)?;
                 }
             }
@@ -148,42 +148,31 @@ impl Writer {
 }
 
 impl Writer {
-    /// Deletes the task records expired at `now` (`TaskRecord::expires_at`:
-    /// the dedup window, or the shorter one of one-off tasks) among the next
-    /// `PRUNE_SCAN` in key order, from where the last step stopped. The
-    /// records hold their own expiry: no second index is written per event,
-    /// at the price of a pass over every record per pruning round. Called
-    /// right after a checkpoint, so the task store has every record.
-    /// Returns (deleted, their bytes, whether the pass goes on).
-    pub(super) fn prune_step(
+    /// Deletes those of `expired` (read as expired by [`expired_after`],
+    /// off this thread) whose record is still expired at `now`
+    /// (`TaskRecord::expires_at`: the dedup window, or the shorter one of
+    /// one-off tasks), read again in this transaction, after the
+    /// checkpoint it writes: a task seen again since keeps its record.
+    /// Returns (deleted, their bytes).
+    pub(super) fn prune_expired(
         &mut self,
         tasks: &mut redb::Table<'_, &'static str, &'static [u8]>,
+        expired: &[String],
         now: i64,
-    ) -> Result<(u64, u64, bool), OutboxError> {
+    ) -> Result<(u64, u64), OutboxError> {
         let (window, one_off) = (self.window_ms(), self.one_off_ms());
-        let mut expired = Vec::new();
-        let mut next = None;
-        {
-            let from = self.prune_from.as_deref().unwrap_or("");
-            for (i, entry) in tasks.range::<&str>(from..)?.enumerate() {
-                let (k, v) = entry?;
-                if i == PRUNE_SCAN {
-                    next = Some(k.value().to_string());
-                    break;
-                }
-                if TaskRecord::decode(v.value()).expires_at(window, one_off) < now {
-                    expired.push(k.value().to_string());
-                }
+        let (mut deleted, mut bytes) = (0, 0);
+        for task in expired {
+            let still = tasks
+                .get(task.as_str())?
+                .is_some_and(|v| TaskRecord::decode(v.value()).expires_at(window, one_off) < now);
+            if still {
+                tasks.remove(task.as_str())?;
+                deleted += 1;
+                bytes += record_bytes(task);
             }
         }
-        let mut bytes = 0;
-        for task in &expired {
-            tasks.remove(task.as_str())?;
-            bytes += record_bytes(task);
-        }
-        let more = next.is_some();
-        self.prune_from = next;
-        Ok((expired.len() as u64, bytes, more))
+        Ok((deleted, bytes))
     }
 
     /// Brings the task records under their caps, with some room (so that
@@ -357,4 +346,39 @@ impl Writer {
         }
         Ok(found)
     }
+}
+
+/// One prune step's read, in a read transaction of its own (never on the
+/// writer, never holding it up): the task records expired at `now` among
+/// the next [`PRUNE_SCAN`] in key order after `from` (from the first when
+/// `None`), and where the next step starts (`None`: the pass is over).
+/// The records hold their own expiry: no second index is written per
+/// event, at the price of a read of every record per pruning pass.
+pub(in crate::outbox) fn expired_after(
+    db: &redb::Database,
+    from: Option<&str>,
+    now: i64,
+    window_ms: i64,
+    one_off_ms: i64,
+) -> Result<(Vec<String>, Option<String>), OutboxError> {
+    let tasks = db.begin_read()?.open_table(TASKS)?;
+    let mut expired = Vec::new();
+    let range = match from {
+        Some(from) => {
+            tasks.range::<&str>((std::ops::Bound::Excluded(from), std::ops::Bound::Unbounded))?
+        }
+        None => tasks.range::<&str>(..)?,
+    };
+    let mut last = None;
+    for (i, entry) in range.enumerate() {
+        let (k, v) = entry?;
+        if i == PRUNE_SCAN {
+            return Ok((expired, last));
+        }
+        if TaskRecord::decode(v.value()).expires_at(window_ms, one_off_ms) < now {
+            expired.push(k.value().to_string());
+        }
+        last = Some(k.value().to_string());
+    }
+    Ok((expired, None))
 }

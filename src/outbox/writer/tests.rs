@@ -167,6 +167,32 @@ async fn pruning_passes_over_every_task_record_in_steps() {
     outbox.close().await;
 }
 
+/// The records a prune step read as expired (off the writer) are looked at
+/// again in the writer's transaction: one seen again since, or never
+/// expired, keeps its record.
+#[tokio::test]
+async fn a_prune_step_deletes_only_records_still_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = outbox_in(dir.path(), 3600);
+    stored_tasks(&outbox, 2, "generating").await;
+    let named = vec!["t0".to_string(), "missing".to_string()];
+    assert_eq!(outbox.prune_step(named).await.unwrap(), 0);
+    assert!(outbox.task("t0").unwrap().is_some());
+    assert_eq!(outbox.status().unwrap().tasks_tracked, 2);
+    outbox.close().await;
+
+    let outbox = outbox_in(dir.path(), 0);
+    let seen = now_ms();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while now_ms() <= seen && Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(outbox.prune_step(vec!["t1".into()]).await.unwrap(), 1);
+    assert!(outbox.task("t1").unwrap().is_none());
+    assert!(outbox.task("t0").unwrap().is_some(), "not named: kept");
+    outbox.close().await;
+}
+
 #[tokio::test]
 async fn records_within_the_window_are_kept() {
     let dir = tempfile::tempdir().unwrap();
