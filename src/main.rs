@@ -60,7 +60,8 @@ async fn main() -> anyhow::Result<ExitCode> {
             );
         }
         Command::Run => {
-            let telemetry = hookbridge::telemetry::init_with_traces(&config.log, &config.telemetry)?;
+            let telemetry =
+                hookbridge::telemetry::init_with_traces(&config.log, &config.telemetry)?;
             let ran = match App::build(config).await {
                 Ok(app) => app.run(hookbridge::shutdown_signal()).await,
                 Err(e) => Err(e),

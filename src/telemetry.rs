@@ -125,7 +125,11 @@ pub fn init_with_traces(log: &LogConfig, telemetry: &TelemetryConfig) -> anyhow:
     } else {
         fmt.with_filter(filter()).boxed()
     };
-    if let Err(e) = tracing_subscriber::registry().with(fmt).with(otel).try_init() {
+    if let Err(e) = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+    {
         // A subscriber is already set (a test): its logs stay as they are.
         tracing::debug!(error = %e, "tracing subscriber already set");
     }

@@ -425,9 +425,21 @@ fn telemetry_is_off_by_default_and_its_settings_are_checked() {
     ] {
         refused(&format!("[telemetry]\n{bad}\n"), "telemetry.otlp_endpoint");
     }
-    refused("[telemetry]\nsample_ratio = 1.5\n", "telemetry.sample_ratio");
-    refused("[telemetry]\nsample_ratio = -0.1\n", "telemetry.sample_ratio");
-    refused("[telemetry]\nservice_name = \" \"\n", "telemetry.service_name");
-    refused("[telemetry]\nexport_timeout_ms = 10\n", "telemetry.export_timeout_ms");
+    refused(
+        "[telemetry]\nsample_ratio = 1.5\n",
+        "telemetry.sample_ratio",
+    );
+    refused(
+        "[telemetry]\nsample_ratio = -0.1\n",
+        "telemetry.sample_ratio",
+    );
+    refused(
+        "[telemetry]\nservice_name = \" \"\n",
+        "telemetry.service_name",
+    );
+    refused(
+        "[telemetry]\nexport_timeout_ms = 10\n",
+        "telemetry.export_timeout_ms",
+    );
     refused("[telemetry]\nendpoint = \"http://x:1\"\n", "endpoint");
 }

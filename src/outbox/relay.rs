@@ -101,8 +101,7 @@ fn publish_spans(ready: &mut [Outgoing]) -> Vec<(u64, tracing::Span)> {
         let Some(stored) = o.meta.traceparent.as_deref() else {
             continue;
         };
-        if let Some((span, traceparent)) = crate::telemetry::publish_span(stored, &o.meta.task_id)
-        {
+        if let Some((span, traceparent)) = crate::telemetry::publish_span(stored, &o.meta.task_id) {
             o.meta.traceparent = Some(traceparent);
             spans.push((o.seq, span));
         }

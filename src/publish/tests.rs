@@ -361,8 +361,14 @@ fn a_stored_traceparent_goes_out_under_both_header_names() {
     o.meta.traceparent = Some(tp.into());
     let record = kafka::encode(&o, &kafka).unwrap();
     assert_eq!(header(&record.headers, "traceparent").as_deref(), Some(tp));
-    assert_eq!(header(&record.headers, "ce_traceparent").as_deref(), Some(tp));
+    assert_eq!(
+        header(&record.headers, "ce_traceparent").as_deref(),
+        Some(tp)
+    );
     let message = nats::encode(&o, &nats).unwrap();
     assert_eq!(header(&message.headers, "traceparent").as_deref(), Some(tp));
-    assert_eq!(header(&message.headers, "ce-traceparent").as_deref(), Some(tp));
+    assert_eq!(
+        header(&message.headers, "ce-traceparent").as_deref(),
+        Some(tp)
+    );
 }

@@ -142,7 +142,10 @@ fn caller_context() -> (String, String, String) {
 fn telemetry_env(receiver: &Receiver) -> Vec<(&'static str, String)> {
     vec![
         ("HOOKBRIDGE_TELEMETRY__OTLP_ENDPOINT", receiver.endpoint()),
-        ("HOOKBRIDGE_TELEMETRY__SERVICE_NAME", "bridge-under-test".into()),
+        (
+            "HOOKBRIDGE_TELEMETRY__SERVICE_NAME",
+            "bridge-under-test".into(),
+        ),
         ("OTEL_BSP_SCHEDULE_DELAY", "200".into()),
     ]
 }
@@ -184,11 +187,19 @@ async fn spans_chain(receiver: &Receiver, trace_id: &str, caller_span: &str, hea
     let (receive, store) = (one("receive"), one("store"));
     let publish = spans.iter().find(|s| s.span_id == publish_id).unwrap();
     assert_eq!(publish.name, "publish");
-    assert_eq!(receive.parent_span_id, caller_span, "the caller's trace goes on");
+    assert_eq!(
+        receive.parent_span_id, caller_span,
+        "the caller's trace goes on"
+    );
     assert_eq!(store.parent_span_id, receive.span_id);
-    assert_eq!(publish.parent_span_id, store.span_id, "publish is a child of store");
+    assert_eq!(
+        publish.parent_span_id, store.span_id,
+        "publish is a child of store"
+    );
     assert!(
-        spans.iter().all(|s| s.service.contains("bridge-under-test")),
+        spans
+            .iter()
+            .all(|s| s.service.contains("bridge-under-test")),
         "service.name is telemetry.service_name: {spans:#?}"
     );
 }
@@ -213,8 +224,15 @@ async fn a_callbacks_trace_reaches_the_otlp_receiver_and_the_kafka_consumer() {
     post_traced(&child, &task, &traceparent).await;
 
     let records = kafka::consume(&bootstrap, &topic, 1, secs(60), ms(200)).await;
-    let header = records[0].headers.get("traceparent").expect("traceparent header");
-    assert_eq!(header.split('-').nth(1), Some(trace_id.as_str()), "{header}");
+    let header = records[0]
+        .headers
+        .get("traceparent")
+        .expect("traceparent header");
+    assert_eq!(
+        header.split('-').nth(1),
+        Some(trace_id.as_str()),
+        "{header}"
+    );
     assert_eq!(records[0].headers.get("ce_traceparent"), Some(header));
     assert_ne!(header, &traceparent, "it names hookbridge's publish span");
 
@@ -229,8 +247,16 @@ async fn a_callbacks_trace_reaches_the_otlp_receiver_and_the_kafka_consumer() {
     })
     .await;
     assert_eq!(status, StatusCode::OK, "{trace}");
-    assert_eq!(trace["callbacks"][0]["traceId"], Value::from(trace_id.clone()), "{trace}");
-    assert_eq!(trace["published"][0]["traceId"], Value::from(trace_id.clone()), "{trace}");
+    assert_eq!(
+        trace["callbacks"][0]["traceId"],
+        Value::from(trace_id.clone()),
+        "{trace}"
+    );
+    assert_eq!(
+        trace["published"][0]["traceId"],
+        Value::from(trace_id.clone()),
+        "{trace}"
+    );
 
     spans_chain(&receiver, &trace_id, &caller_span, header).await;
     assert!(child.terminate(secs(30)).await.success());
@@ -265,7 +291,11 @@ async fn a_stored_trace_context_survives_a_restart_to_the_jetstream_consumer() {
     let away = ChildApp::start(dir.path(), free_port(), &nats_env("nats://127.0.0.1:1")).await;
     post_traced(&away, &task, &traceparent).await;
     let (_, trace) = away.admin.get(&format!("/admin/tasks/{task}")).await;
-    assert_eq!(trace["callbacks"][0]["traceId"], Value::from(trace_id.clone()), "{trace}");
+    assert_eq!(
+        trace["callbacks"][0]["traceId"],
+        Value::from(trace_id.clone()),
+        "{trace}"
+    );
     assert!(away.terminate(secs(30)).await.success());
     let stored = receiver.spans_of(&trace_id);
     assert!(
@@ -275,8 +305,15 @@ async fn a_stored_trace_context_survives_a_restart_to_the_jetstream_consumer() {
 
     let back = ChildApp::start(dir.path(), free_port(), &nats_env(&url)).await;
     let messages = nats::read_stream(&url, &stream, 1, secs(60), ms(200)).await;
-    let header = messages[0].headers.get("traceparent").expect("traceparent header");
-    assert_eq!(header.split('-').nth(1), Some(trace_id.as_str()), "{header}");
+    let header = messages[0]
+        .headers
+        .get("traceparent")
+        .expect("traceparent header");
+    assert_eq!(
+        header.split('-').nth(1),
+        Some(trace_id.as_str()),
+        "{header}"
+    );
     assert_eq!(messages[0].headers.get("ce-traceparent"), Some(header));
     spans_chain(&receiver, &trace_id, &caller_span, header).await;
 
@@ -288,7 +325,11 @@ async fn a_stored_trace_context_survives_a_restart_to_the_jetstream_consumer() {
         }
     })
     .await;
-    assert_eq!(trace["published"][0]["traceId"], Value::from(trace_id), "{trace}");
+    assert_eq!(
+        trace["published"][0]["traceId"],
+        Value::from(trace_id),
+        "{trace}"
+    );
     assert!(back.terminate(secs(30)).await.success());
 }
 

@@ -90,7 +90,11 @@ pub(super) fn encode_head(buf: &mut Vec<u8>, task_id: &str, meta: Option<&EventM
         .traceparent
         .as_deref()
         .filter(|t| crate::telemetry::is_traceparent(t));
-    buf.push(if traceparent.is_some() { META_TRACED } else { META });
+    buf.push(if traceparent.is_some() {
+        META_TRACED
+    } else {
+        META
+    });
     text(buf, &meta.event_id);
     buf.push(state_slot(meta.state) as u8);
     match &meta.model {
