@@ -39,7 +39,10 @@ use crate::config::{LogConfig, TelemetryConfig};
 /// The `tracing` target of the spans that become OpenTelemetry spans.
 pub const TARGET: &str = "hookbridge::otel";
 
-/// Whether spans are exported (set once by [`init`]).
+/// The log filter's directive that leaves the spans of [`TARGET`] out.
+const TARGET_OFF: &str = "hookbridge::otel=off";
+
+/// Whether spans are exported (set once by [`init_with_traces`]).
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Whether OpenTelemetry spans are made and exported.
@@ -119,6 +122,11 @@ pub fn init_with_traces(log: &LogConfig, telemetry: &TelemetryConfig) -> anyhow:
         .with_filter(tracing_subscriber::filter::filter_fn(|m| {
             m.target() == TARGET
         }));
+    // The spans are not log lines: the log filter leaves them out.
+    let filter = || match TARGET_OFF.parse() {
+        Ok(off) => filter().add_directive(off),
+        Err(_) => filter(),
+    };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = if log.json {
         fmt.json().with_filter(filter()).boxed()
@@ -249,6 +257,7 @@ pub fn publish_span(stored: &str, task_id: &str) -> Option<(tracing::Span, Strin
         task.id = task_id,
         messaging.destination.name = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
     );
     set_parent(&span, parent);
     let traceparent = traceparent(&span)?;
@@ -327,6 +336,13 @@ mod tests {
             assert!(!is_traceparent(bad), "{bad:?}");
         }
         assert_eq!(trace_id_of("garbage"), None);
+    }
+
+    #[test]
+    fn the_log_filter_can_leave_the_spans_out() {
+        assert!(TARGET_OFF
+            .parse::<tracing_subscriber::filter::Directive>()
+            .is_ok());
     }
 
     #[test]

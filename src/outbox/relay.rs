@@ -280,8 +280,9 @@ impl Relay {
             .await;
         for (m, result) in encoded.iter().zip(&results) {
             if let (Some(span), Err(e)) = (span_of(&spans, m.seq), result) {
+                // On the span only: the relay logs failures once per step.
                 span.record("otel.status_code", "ERROR");
-                span.in_scope(|| tracing::info!(target: crate::telemetry::TARGET, error = %e, "not published"));
+                span.record("otel.status_description", e.to_string().as_str());
             }
         }
         // The publish spans end here, with the broker's answer.
