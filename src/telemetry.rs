@@ -119,6 +119,9 @@ pub fn init_with_traces(log: &LogConfig, telemetry: &TelemetryConfig) -> anyhow:
         .with_threads(false)
         .with_location(false)
         .with_tracked_inactivity(false)
+        // Nothing here reads OpenTelemetry's current context: entering a
+        // span need not set it (a thread-local write per poll).
+        .with_context_activation(false)
         .with_filter(tracing_subscriber::filter::filter_fn(|m| {
             m.target() == TARGET
         }));

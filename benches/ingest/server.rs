@@ -186,7 +186,23 @@ pub async fn otlp_sink(listen: std::net::SocketAddr, duration: Duration) -> anyh
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("otlp-sink: listening on {listen}");
-    let served = axum::serve(listener, app).with_graceful_shutdown(tokio::time::sleep(duration));
+    // Ends after `duration`, or on SIGTERM or Ctrl-C, and reports.
+    let stop = async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    term.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+    };
+    let served = axum::serve(listener, app).with_graceful_shutdown(stop);
     served.await.context("otlp-sink failed")?;
     println!(
         "otlp-sink: {} export requests, {} bytes",
