@@ -19,6 +19,7 @@
 //! ingest edge         --url URL --attack quiet|burst|junk|slow|churn|forged|loris
 //!                                                       good callbacks from 127.0.0.1, attack from 127.0.0.2+
 //! ingest large-pending --url URL [--count N] [--size B]     large callbacks held pending (publishes failing)
+//! ingest otlp-sink    --listen ADDR [--duration S]          an OTLP/HTTP receiver that drops what it gets
 //! ```
 //!
 //! `URL` is the server's base, e.g. `http://127.0.0.1:8080`; callbacks go to
@@ -201,6 +202,16 @@ enum Mode {
     EvictCache {
         #[arg(long)]
         dir: std::path::PathBuf,
+    },
+    /// An OTLP/HTTP receiver on ADDR (loopback) that answers every
+    /// `POST /v1/traces` 200 and drops it: what hookbridge exports to when
+    /// its traces' cost is measured (HOOKBRIDGE_TELEMETRY__OTLP_ENDPOINT).
+    OtlpSink {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Seconds it runs at most.
+        #[arg(long, default_value_t = 3600.0)]
+        duration: f64,
     },
     /// Wait until GET URL answers 200.
     WaitHttp {
@@ -484,6 +495,9 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             soak::run(target.target()?, admin, settings).await?;
         }
         Mode::EvictCache { dir } => soak::evict_cache(&dir)?,
+        Mode::OtlpSink { listen, duration } => {
+            server::otlp_sink(listen, secs(duration)).await?;
+        }
         Mode::WaitHttp { url, timeout } => {
             let target = Target::parse(&url, "")?;
             server::wait_http(&target, secs(timeout)).await?;

@@ -40,6 +40,8 @@
 //!                    replicas as one bridge
 //! outbox             pending log, writer (dedup, group commit), store, relay
 //! trace              the per-task trace (GET /admin/tasks/{id}, `trace`)
+//! telemetry          logs; OpenTelemetry spans (receive, store, publish) over
+//!                    OTLP, off unless telemetry.otlp_endpoint is set
 //! config             layering, validation; maps publish's (key, reason) errors
 //! publish            Publisher + kafka, nats, file; publish::config (its
 //!                    settings) and publish::names (topic/subject checks)

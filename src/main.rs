@@ -60,11 +60,17 @@ async fn main() -> anyhow::Result<ExitCode> {
             );
         }
         Command::Run => {
-            hookbridge::telemetry::init(&config.log);
-            App::build(config)
-                .await?
-                .run(hookbridge::shutdown_signal())
-                .await?
+            let telemetry =
+                hookbridge::telemetry::init_with_traces(&config.log, &config.telemetry)?;
+            let ran = match App::build(config).await {
+                Ok(app) => app.run(hookbridge::shutdown_signal()).await,
+                Err(e) => Err(e),
+            };
+            // After the relay's last batch: its spans are in the queue.
+            tokio::task::spawn_blocking(move || telemetry.shutdown())
+                .await
+                .context("flushing the last spans panicked")?;
+            ran?
         }
     }
     Ok(ExitCode::SUCCESS)

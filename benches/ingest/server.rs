@@ -160,3 +160,54 @@ pub async fn wait_http(target: &Target, timeout: Duration) -> anyhow::Result<()>
     }
     bail!("{target} did not answer 200 within {timeout:?}")
 }
+
+/// Answers every `POST /v1/traces` on `listen` (a loopback address) 200 and
+/// drops the body, for `duration`; then prints what it received.
+pub async fn otlp_sink(listen: std::net::SocketAddr, duration: Duration) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    if !listen.ip().is_loopback() {
+        bail!("otlp-sink listens on loopback only, not {listen}");
+    }
+    let received = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let counted = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: Bytes| {
+            let counted = counted.clone();
+            async move {
+                counted.0.fetch_add(1, Ordering::Relaxed);
+                counted.1.fetch_add(body.len() as u64, Ordering::Relaxed);
+                [(CONTENT_TYPE, "application/x-protobuf")]
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    println!("otlp-sink: listening on {listen}");
+    // Ends after `duration`, or on SIGTERM or Ctrl-C, and reports.
+    let stop = async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    term.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+    };
+    let served = axum::serve(listener, app).with_graceful_shutdown(stop);
+    served.await.context("otlp-sink failed")?;
+    println!(
+        "otlp-sink: {} export requests, {} bytes",
+        received.0.load(Ordering::Relaxed),
+        received.1.load(Ordering::Relaxed)
+    );
+    Ok(())
+}

@@ -43,6 +43,14 @@ fn text(v: &Value) -> String {
     v.as_str().map_or_else(String::new, str::to_owned)
 }
 
+/// The OpenTelemetry trace id of an entry (telemetry on), at the end of
+/// its detail.
+fn trace_id(entry: &Value, detail: &mut String) {
+    if let Some(id) = entry["traceId"].as_str() {
+        detail.push_str(&format!(" (trace {id})"));
+    }
+}
+
 /// One line per callback and per publication, in time order.
 fn timeline(trace: &Value) -> String {
     let empty = Vec::new();
@@ -58,6 +66,7 @@ fn timeline(trace: &Value) -> String {
         if let Some(reason) = c["reason"].as_str() {
             detail.push_str(&format!(": {reason}"));
         }
+        trace_id(c, &mut detail);
         rows.push(vec![
             text(&c["receivedAt"]),
             "callback".into(),
@@ -80,6 +89,7 @@ fn timeline(trace: &Value) -> String {
         if let (Some(stream), Some(seq)) = (p["stream"].as_str(), p["sequence"].as_u64()) {
             detail.push_str(&format!(" stream {stream} sequence {seq}"));
         }
+        trace_id(p, &mut detail);
         rows.push(vec![
             text(&p["at"]),
             "published".into(),

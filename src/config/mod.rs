@@ -23,6 +23,7 @@ mod provider;
 mod ranges;
 mod server;
 mod show;
+mod telemetry;
 pub use crate::publish::config::{
     librdkafka_key, FileConfig, KafkaConfig, NatsConfig, PublisherConfig, StreamConfig,
     KAFKA_DEFAULT_MESSAGE_MAX_BYTES, KAFKA_MESSAGE_OVERHEAD, MAX_BODY_LIMIT,
@@ -32,6 +33,7 @@ pub use cluster::ClusterConfig;
 pub use provider::{ProviderConfig, ReconcileConfig};
 pub use server::{AdminConfig, Cidr, ForwardedHeader, RateLimitConfig, ServerConfig, TlsConfig};
 pub use show::is_secret_option;
+pub use telemetry::TelemetryConfig;
 
 /// The whole configuration of one hookbridge process.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -60,6 +62,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// The per-task trace (`GET /admin/tasks/{taskId}`, `hookbridge trace`).
     pub trace: crate::trace::TraceConfig,
+    /// OpenTelemetry traces over OTLP (off unless `otlp_endpoint` is set).
+    pub telemetry: TelemetryConfig,
 }
 /// Supervision of the background workers and the readiness check.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -267,6 +271,7 @@ impl Config {
         self.validate_server()?;
         self.validate_provider()?;
         self.validate_cluster()?;
+        self.telemetry.check()?;
         crate::publish::check_settings(&self.publisher, self.server.body_limit_bytes)?;
         Ok(())
     }

@@ -104,6 +104,12 @@ fn ranges(c: &Config) -> Vec<Range> {
         r("health.stall_secs", h.stall_secs, 1, SEC_PER_DAY),
         r("trace.max_bytes", c.trace.max_bytes, MIB, 16 * 1024 * MIB),
         r("trace.max_per_task", c.trace.max_per_task, 1, 1_000),
+        r(
+            "telemetry.export_timeout_ms",
+            c.telemetry.export_timeout_ms,
+            100,
+            60_000,
+        ),
         r("health.restart_backoff_ms", h.restart_backoff_ms, 1, 30_000),
         r("health.max_restarts", h.max_restarts, 0, 10_000),
         r(

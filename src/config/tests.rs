@@ -411,3 +411,35 @@ fn every_secret_bearing_kafka_option_is_masked() {
     assert!(!printed.contains("sk-hidden-value"), "{printed}");
     assert!(printed.contains("sasl.oauthbearer.extensions"), "{printed}");
 }
+
+#[test]
+fn telemetry_is_off_by_default_and_its_settings_are_checked() {
+    let config = Config::from_toml("").unwrap();
+    assert_eq!(config.telemetry.endpoint(), None);
+    let on = Config::from_toml("[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n").unwrap();
+    assert_eq!(on.telemetry.endpoint(), Some("http://127.0.0.1:4318"));
+    for bad in [
+        "otlp_endpoint = \"127.0.0.1:4318\"",
+        "otlp_endpoint = \"grpc://collector:4317\"",
+        "otlp_endpoint = \"http://user:pw@collector:4318\"",
+    ] {
+        refused(&format!("[telemetry]\n{bad}\n"), "telemetry.otlp_endpoint");
+    }
+    refused(
+        "[telemetry]\nsample_ratio = 1.5\n",
+        "telemetry.sample_ratio",
+    );
+    refused(
+        "[telemetry]\nsample_ratio = -0.1\n",
+        "telemetry.sample_ratio",
+    );
+    refused(
+        "[telemetry]\nservice_name = \" \"\n",
+        "telemetry.service_name",
+    );
+    refused(
+        "[telemetry]\nexport_timeout_ms = 10\n",
+        "telemetry.export_timeout_ms",
+    );
+    refused("[telemetry]\nendpoint = \"http://x:1\"\n", "endpoint");
+}

@@ -15,6 +15,10 @@ pub struct EventMeta {
     pub state: State,
     pub update_time: Option<i64>,
     pub received_at: i64,
+    /// The W3C `traceparent` of the span that stored the event, when
+    /// telemetry was on: the publish span continues it, and the message's
+    /// `traceparent` header carries it on (see `crate::telemetry`).
+    pub traceparent: Option<String>,
 }
 
 impl EventMeta {
@@ -26,6 +30,7 @@ impl EventMeta {
             state: event.state,
             update_time: event.update_time,
             received_at: event.received_at,
+            traceparent: event.traceparent.clone(),
         }
     }
 }

@@ -202,6 +202,10 @@ pub struct TaskEvent {
     /// Set by the per-task state guard, never by the parser.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conflicts_with: Option<State>,
+    /// The W3C `traceparent` of the span that stored the event (telemetry
+    /// on): kept with it in the outbox ([`EventMeta`]), never in its JSON.
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }
 
 /// The provider's error, with a numeric code turned into its decimal string.
@@ -678,6 +682,7 @@ impl<'a> Record<'a> {
             source,
             warnings,
             conflicts_with: None,
+            traceparent: None,
         })
     }
 

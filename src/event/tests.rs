@@ -111,6 +111,7 @@ fn documented_success_example() {
             source: Source::Webhook,
             warnings: vec![],
             conflicts_with: None,
+            traceparent: None,
         }
     );
 }

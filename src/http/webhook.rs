@@ -3,6 +3,10 @@
 //! The answer is 200 only once the event (or the decision that it is a
 //! duplicate or stale) is on disk; the broker is never on this path.
 //!
+//! With telemetry on, the request runs in a `receive` span (continuing an
+//! incoming `traceparent`) and the append in a `store` span, whose context
+//! is stored with the event (see `crate::telemetry`).
+//!
 //! Registered tasks: a task created through `POST /tasks` must send its
 //! `?token=` (else nothing is stored, answered 200 all the same: see
 //! `tasks::check_callback_token`). In verify mode the callback is only
@@ -12,9 +16,11 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Extension, FromRequestParts, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
 
 use super::{tasks, ApiError, AppState, ClientInfo};
 use crate::clock::now_ms;
@@ -43,8 +49,33 @@ fn ok() -> Response {
         .into_response()
 }
 
+/// The `receive` span of a callback, made from its headers only when
+/// telemetry is on (the headers are not even looked at otherwise).
+pub struct Received(Option<tracing::Span>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Received {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(crate::telemetry::receive_span(&parts.headers)))
+    }
+}
+
 pub async fn kinovi(
     State(state): State<AppState>,
+    Received(span): Received,
+    client: Option<Extension<ClientInfo>>,
+    query: Result<Query<CallbackQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    match span {
+        Some(span) => receive(state, client, query, body).instrument(span).await,
+        None => receive(state, client, query, body).await,
+    }
+}
+
+async fn receive(
+    state: AppState,
     client: Option<Extension<ClientInfo>>,
     query: Result<Query<CallbackQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
@@ -140,7 +171,16 @@ pub async fn kinovi(
     let ids = tracing::enabled!(tracing::Level::DEBUG)
         .then(|| (event.task_id.clone(), event.event_id.clone()));
     let trusted = task == tasks::CallbackTask::Registered;
-    let outcome = state.outbox.append_from(event, trusted, caller).await?;
+    let append = |event| state.outbox.append_from(event, trusted, caller);
+    let outcome = match crate::telemetry::store_span(&event.task_id) {
+        Some((span, traceparent)) => {
+            tracing::Span::current().record("task.id", event.task_id.as_str());
+            let mut event = event;
+            event.traceparent = traceparent;
+            append(event).instrument(span).await?
+        }
+        None => append(event).await?,
+    };
     if let Some((task_id, event_id)) = ids {
         match outcome {
             Appended::New { .. } | Appended::Conflict { .. } => {

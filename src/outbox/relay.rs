@@ -24,6 +24,11 @@
 //! from zero) and are bounded: past [`MAX_HELD_PER_BATCH`] batches' worth,
 //! no new event is read until some are due.
 //!
+//! With telemetry on, each event that was stored with a trace context is
+//! published in a `publish` span, a child of that context (its `store`
+//! span, maybe before a restart or on another replica); the message's
+//! `traceparent` header then names the publish span. A retry is a new span.
+//!
 //! Memory is bounded in bytes: a step reads at most `outbox.relay_batch`
 //! events and `outbox.relay_batch_bytes` of their JSON (one larger event
 //! goes alone), and the payload is shared, never copied, from the read to
@@ -83,6 +88,32 @@ pub struct Relay {
 
 /// The longest sleep of an idle relay.
 const IDLE_LOOK: Duration = Duration::from_secs(1);
+
+/// The `publish` spans of the events of `ready` stored with a trace
+/// context (telemetry on), by sequence number; each event's traceparent
+/// becomes its span's, for the message's headers. Empty with telemetry off.
+fn publish_spans(ready: &mut [Outgoing]) -> Vec<(u64, tracing::Span)> {
+    if !crate::telemetry::enabled() {
+        return Vec::new();
+    }
+    let mut spans = Vec::new();
+    for o in ready {
+        let Some(stored) = o.meta.traceparent.as_deref() else {
+            continue;
+        };
+        if let Some((span, traceparent)) = crate::telemetry::publish_span(stored, &o.meta.task_id) {
+            o.meta.traceparent = Some(traceparent);
+            spans.push((o.seq, span));
+        }
+    }
+    spans
+}
+
+/// The span of `seq` among `spans` (in sequence order).
+fn span_of(spans: &[(u64, tracing::Span)], seq: u64) -> Option<&tracing::Span> {
+    let at = spans.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+    Some(&spans[at].1)
+}
 
 /// Encodes one event, turning an error or a panic into the reason it is
 /// dead-lettered.
@@ -200,7 +231,7 @@ impl Relay {
     /// this.
     pub async fn run_once(&mut self) -> Result<RelayStep, OutboxError> {
         let now = Instant::now();
-        let batch = self.next_batch(now).await?;
+        let mut batch = self.next_batch(now).await?;
         let stats = self.outbox.stats().clone();
         if batch.ready.is_empty() && batch.unreadable.is_empty() {
             // Held events are pending but not moving: that is no progress.
@@ -215,10 +246,16 @@ impl Relay {
             dead.push((seq, reason));
         }
         let undecodable = dead.len();
+        let spans = publish_spans(&mut batch.ready);
         let mut encoded = Vec::with_capacity(batch.ready.len());
         for o in &batch.ready {
             match encode(&*self.publisher, o) {
-                Ok(m) => encoded.push(m),
+                Ok(m) => {
+                    if let Some(span) = span_of(&spans, m.seq) {
+                        span.record("messaging.destination.name", m.destination.as_str());
+                    }
+                    encoded.push(m)
+                }
                 Err(reason) => {
                     tracing::error!(task_id = %o.meta.task_id, event_id = %o.meta.event_id, %reason, "dead-lettered");
                     dead.push((o.seq, reason));
@@ -241,6 +278,15 @@ impl Relay {
         );
         self.isolate_permanent_failures(&encoded, &mut results)
             .await;
+        for (m, result) in encoded.iter().zip(&results) {
+            if let (Some(span), Err(e)) = (span_of(&spans, m.seq), result) {
+                // On the span only: the relay logs failures once per step.
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", e.to_string().as_str());
+            }
+        }
+        // The publish spans end here, with the broker's answer.
+        drop(spans);
         let went_through = results.iter().any(Result::is_ok);
         let (landed, mut step) = self.settle(&encoded, results, now, &mut dead);
         self.trace(&batch.ready, &encoded, &landed);
@@ -307,7 +353,12 @@ impl Relay {
                     broker,
                     topic: name,
                     receipt: receipt.clone(),
-                    trace_id: None,
+                    trace_id: o
+                        .meta
+                        .traceparent
+                        .as_deref()
+                        .and_then(crate::telemetry::trace_id_of)
+                        .map(str::to_string),
                 },
             );
         }

@@ -241,6 +241,7 @@ pub(crate) fn synthetic_pending(task_id: &str, now_ms: i64) -> TaskEvent {
         source: Source::Poll,
         warnings: Vec::new(),
         conflicts_with: None,
+        traceparent: None,
     }
 }
 

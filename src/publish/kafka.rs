@@ -29,7 +29,8 @@ use super::{
 };
 
 /// The record headers, in [`CloudEvent::headers`]' order: CloudEvents
-/// binary mode (`ce_` prefix) plus `event-id` and `schema-version`.
+/// binary mode (`ce_` prefix) plus `event-id` and `schema-version`; then,
+/// with telemetry on, `traceparent` and `ce_traceparent`.
 const HEADERS: HeaderNames = [
     "content-type",
     "event-id",
@@ -268,7 +269,8 @@ pub struct EncodedRecord {
 pub fn encode(o: &Outgoing, config: &KafkaConfig) -> Result<EncodedRecord, EncodeError> {
     let topic = destination(&config.topic, &o.meta, &config.models, check_topic)?;
     // Kafka header values and keys are plain bytes: any string is a valid one.
-    let headers = CloudEvent::of(&o.meta).headers(HEADERS);
+    let mut headers = CloudEvent::of(&o.meta).headers(HEADERS);
+    super::trace_headers(&o.meta, "ce_traceparent", &mut headers);
     Ok(EncodedRecord {
         topic,
         key: o.meta.task_id.clone(),

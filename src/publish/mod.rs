@@ -270,6 +270,25 @@ impl CloudEvent {
     }
 }
 
+/// The W3C `traceparent` header, the name OpenTelemetry's messaging
+/// instrumentations read.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Adds the event's trace context, when it has one (telemetry on), under
+/// the plain `traceparent` and the CloudEvents distributed-tracing
+/// extension's binary-mode name `ce_name` (`ce_traceparent` on Kafka,
+/// `ce-traceparent` on NATS): a consumer's span joins the same trace.
+pub fn trace_headers(
+    event: &EventMeta,
+    ce_name: &'static str,
+    headers: &mut Vec<(&'static str, String)>,
+) {
+    if let Some(traceparent) = &event.traceparent {
+        headers.push((TRACEPARENT, traceparent.clone()));
+        headers.push((ce_name, traceparent.clone()));
+    }
+}
+
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for milliseconds since the epoch, clamped to
 /// `0..=MAX_TIME_MS` (the range in which RFC 3339 has four-digit years).
 pub fn rfc3339_millis(ms: i64) -> String {

@@ -26,7 +26,8 @@ use super::{
 const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
 /// The message headers, in [`CloudEvent::headers`]' order: CloudEvents
-/// binary mode (`ce-` prefix) plus `Event-Id` and `Schema-Version`.
+/// binary mode (`ce-` prefix) plus `Event-Id` and `Schema-Version`; then
+/// `Nats-Msg-Id` and, with telemetry on, `traceparent` and `ce-traceparent`.
 const HEADERS: HeaderNames = [
     "Content-Type",
     "Event-Id",
@@ -314,6 +315,7 @@ pub fn encode(o: &Outgoing, config: &NatsConfig) -> Result<EncodedMessage, Encod
     let subject = destination(&config.subject, &o.meta, &config.models, check_subject)?;
     let mut headers = CloudEvent::of(&o.meta).headers(HEADERS);
     headers.push((NATS_MSG_ID, o.meta.event_id.clone()));
+    super::trace_headers(&o.meta, "ce-traceparent", &mut headers);
     if let Some(&(name, _)) = headers
         .iter()
         .find(|(_, value)| value.parse::<HeaderValue>().is_err())

@@ -325,3 +325,50 @@ fn destinations_are_every_listed_model_and_unknown_in_every_state() {
     assert!(all.contains(&"t.unknown.fail".to_string()));
     assert_eq!(destinations("fixed", &[]), ["fixed"]);
 }
+
+#[test]
+fn a_stored_traceparent_goes_out_under_both_header_names() {
+    let kafka = KafkaConfig {
+        brokers: "x".into(),
+        topic: "kinovi.{state}".into(),
+        message_timeout_ms: 1,
+        options: Default::default(),
+        models: Vec::new(),
+    };
+    let nats = NatsConfig {
+        url: "x".into(),
+        subject: "kinovi.{state}".into(),
+        jetstream: true,
+        ack_timeout_ms: 1,
+        token: None,
+        stream: None,
+        models: Vec::new(),
+    };
+    let header = |headers: &[(&'static str, String)], name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut o = outgoing(event("m"));
+    // Telemetry off: no trace header at all.
+    let record = kafka::encode(&o, &kafka).unwrap();
+    let message = nats::encode(&o, &nats).unwrap();
+    assert_eq!(header(&record.headers, "traceparent"), None);
+    assert_eq!(header(&message.headers, "traceparent"), None);
+
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    o.meta.traceparent = Some(tp.into());
+    let record = kafka::encode(&o, &kafka).unwrap();
+    assert_eq!(header(&record.headers, "traceparent").as_deref(), Some(tp));
+    assert_eq!(
+        header(&record.headers, "ce_traceparent").as_deref(),
+        Some(tp)
+    );
+    let message = nats::encode(&o, &nats).unwrap();
+    assert_eq!(header(&message.headers, "traceparent").as_deref(), Some(tp));
+    assert_eq!(
+        header(&message.headers, "ce-traceparent").as_deref(),
+        Some(tp)
+    );
+}

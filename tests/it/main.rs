@@ -27,6 +27,7 @@ mod readme;
 mod refusals;
 mod storage;
 mod supervise;
+mod telemetry;
 mod trace;
 mod tracked;
 mod verify;

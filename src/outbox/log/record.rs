@@ -52,6 +52,14 @@ pub(in crate::outbox) enum Record<'a> {
     },
 }
 
+/// The meta flag of a head: no meta, the meta, the meta and a
+/// `traceparent` (telemetry on). A head without a traceparent is written
+/// exactly as before it existed, and a record written before reads as one
+/// without.
+const NO_META: u8 = 0;
+const META: u8 = 1;
+const META_TRACED: u8 = 2;
+
 /// An append's task id and the event's [`EventMeta`] (`None` for an event
 /// moved here from an older version's store: its JSON says it all).
 pub(super) fn encode_head(buf: &mut Vec<u8>, task_id: &str, meta: Option<&EventMeta>) {
@@ -74,10 +82,19 @@ pub(super) fn encode_head(buf: &mut Vec<u8>, task_id: &str, meta: Option<&EventM
             && m.model.as_ref().is_none_or(|m| m.len() <= MAX_HEAD_TEXT)
     };
     let Some(meta) = meta.filter(whole) else {
-        buf.push(0);
+        buf.push(NO_META);
         return;
     };
-    buf.push(1);
+    // Only ever one hookbridge wrote: anything else is left out.
+    let traceparent = meta
+        .traceparent
+        .as_deref()
+        .filter(|t| crate::telemetry::is_traceparent(t));
+    buf.push(if traceparent.is_some() {
+        META_TRACED
+    } else {
+        META
+    });
     text(buf, &meta.event_id);
     buf.push(state_slot(meta.state) as u8);
     match &meta.model {
@@ -93,6 +110,9 @@ pub(super) fn encode_head(buf: &mut Vec<u8>, task_id: &str, meta: Option<&EventM
             buf.extend_from_slice(&at.to_le_bytes());
         }
         None => buf.push(0),
+    }
+    if let Some(traceparent) = traceparent {
+        text(buf, traceparent);
     }
 }
 
@@ -120,7 +140,8 @@ pub(in crate::outbox) fn decode_head(
     }
     let mut c = Cursor(head, 0);
     let task_id = c.text()?;
-    if c.byte()? == 0 {
+    let flag = c.byte()?;
+    if flag == NO_META {
         return Some((task_id, None, c.1));
     }
     let event_id = c.text()?.to_string();
@@ -133,6 +154,10 @@ pub(in crate::outbox) fn decode_head(
         0 => None,
         _ => Some(i64::from_le_bytes(c.take(8)?.try_into().ok()?)),
     };
+    let traceparent = match flag {
+        META_TRACED => Some(c.text()?.to_string()),
+        _ => None,
+    };
     let meta = EventMeta {
         event_id,
         task_id: task_id.to_string(),
@@ -140,6 +165,7 @@ pub(in crate::outbox) fn decode_head(
         state,
         update_time,
         received_at,
+        traceparent,
     };
     Some((task_id, Some(meta), c.1))
 }

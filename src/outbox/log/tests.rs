@@ -53,6 +53,9 @@ fn meta(seq: u64) -> EventMeta {
         state: STATES[seq as usize % STATES.len()],
         update_time: seq.is_multiple_of(3).then_some(-(seq as i64)),
         received_at: seq as i64,
+        traceparent: seq
+            .is_multiple_of(5)
+            .then(|| format!("00-{:032x}-{:016x}-01", seq + 1, seq + 1)),
     }
 }
 
@@ -530,4 +533,54 @@ fn a_segment_goes_only_once_nothing_in_it_is_pending_or_unstored() {
         [3],
         "its ack was never written"
     );
+}
+
+#[test]
+fn a_head_keeps_its_traceparent_and_an_older_head_reads_without_one() {
+    let text = |buf: &mut Vec<u8>, s: &str| {
+        buf.extend_from_slice(&(s.len() as u16).to_le_bytes());
+        buf.extend_from_slice(s.as_bytes());
+    };
+    // A head as written before traceparents were stored: task, meta flag 1,
+    // event id, state, no model, no update time; then the event's JSON.
+    let mut old = Vec::new();
+    text(&mut old, "t1");
+    old.push(1);
+    text(&mut old, "e1");
+    old.push(state_slot(State::Success) as u8);
+    old.extend_from_slice(&[0, 0]);
+    let json = br#"{"taskId":"t1"}"#;
+    let record = [old.clone(), json.to_vec()].concat();
+    let (task, stored, head) = decode_head(&record, 7).unwrap();
+    let mut meta = EventMeta {
+        event_id: "e1".into(),
+        task_id: "t1".into(),
+        model: None,
+        state: State::Success,
+        update_time: None,
+        received_at: 7,
+        traceparent: None,
+    };
+    assert_eq!((task, stored.as_ref()), ("t1", Some(&meta)));
+    assert_eq!(&record[head..], json, "the payload starts where it did");
+
+    // Without a traceparent (telemetry off) a head is written as before.
+    let mut now = Vec::new();
+    encode_head(&mut now, "t1", Some(&meta));
+    assert_eq!(now, old);
+
+    // With one, it reads back, and so does the payload after it.
+    meta.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    let mut traced = Vec::new();
+    encode_head(&mut traced, "t1", Some(&meta));
+    traced.extend_from_slice(json);
+    let (_, stored, head) = decode_head(&traced, 7).unwrap();
+    assert_eq!(stored.as_ref(), Some(&meta));
+    assert_eq!(&traced[head..], json);
+
+    // Anything that is not a traceparent hookbridge writes is left out.
+    meta.traceparent = Some("00-x\r\nevil: 1".into());
+    let mut bad = Vec::new();
+    encode_head(&mut bad, "t1", Some(&meta));
+    assert_eq!(bad, old);
 }
