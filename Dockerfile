@@ -20,14 +20,16 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin benches tests/it examples \
     && echo 'fn main() {}' > src/main.rs && echo 'fn main() {}' > src/bin/kinovi-sim.rs \
-    && touch src/lib.rs && echo 'fn main() {}' > benches/ingest.rs && echo 'fn main() {}' > benches/fuzz.rs && echo 'fn main() {}' > tests/it/main.rs \
+    && touch src/lib.rs && echo 'fn main() {}' > tests/it/main.rs \
+    && for b in $(sed -n '/^\[\[bench\]\]/{n;s/^name = "\(.*\)"/\1/p;}' Cargo.toml); do echo 'fn main() {}' > benches/$b.rs; done \
     && for e in $(sed -n 's/^name = "\(.*_consumer\)"/\1/p' Cargo.toml); do echo 'fn main() {}' > examples/$e.rs; done \
     && cargo build --release --locked --features sim --bin hookbridge --bin kinovi-sim \
     && rm -rf src benches tests examples
 # Only what the binaries are built from, so edits elsewhere (docs, tests, scripts) reuse
 # this stage. The test and bench targets stay stubs: cargo wants their files to exist.
 RUN mkdir -p benches tests/it examples \
-    && echo 'fn main() {}' > benches/ingest.rs && echo 'fn main() {}' > benches/fuzz.rs && echo 'fn main() {}' > tests/it/main.rs \
+    && echo 'fn main() {}' > tests/it/main.rs \
+    && for b in $(sed -n '/^\[\[bench\]\]/{n;s/^name = "\(.*\)"/\1/p;}' Cargo.toml); do echo 'fn main() {}' > benches/$b.rs; done \
     && for e in $(sed -n 's/^name = "\(.*_consumer\)"/\1/p' Cargo.toml); do echo 'fn main() {}' > examples/$e.rs; done
 COPY src src
 COPY schema schema
