@@ -1,6 +1,7 @@
 //! `hookbridge trace TASK_ID`: `/admin/tasks/{taskId}` as a timeline, the
 //! callbacks and the publications of the task in time order.
 
+use hookbridge::http::console::html::url_encode as encode_segment;
 use hookbridge::Config;
 use serde_json::Value;
 
@@ -24,19 +25,6 @@ pub async fn run(task_id: &str, remote: &Remote, config: &Config) -> Result<(), 
     }
     println!("{}", timeline(&trace));
     Ok(())
-}
-
-/// A path segment with every byte but the unreserved ones percent-encoded.
-fn encode_segment(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn text(v: &Value) -> String {
